@@ -1,0 +1,65 @@
+"""``linft extract``: pooled φ-block features of a dataset into an HDF5 cache."""
+
+from __future__ import annotations
+
+import click
+
+from linft.data import DOMAINBED_DATASETS, find_dataset
+from linft.features import extract_features
+
+
+@click.command()
+@click.argument("dataset")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help="Folder holding DomainBed's datasets, when DATASET is a name "
+                   f"({', '.join(DOMAINBED_DATASETS)}). Default: $LINFT_DATA_ROOT, then ./data.")
+@click.option("--backbone", default="resnet50", show_default=True,
+              help="torchvision ResNet-family model (resnet18 ... resnet152, wide_resnet50_2, resnext50_32x4d, ...).")
+@click.option("--weights", default="IMAGENET1K_V2", show_default=True,
+              help='torchvision weight name (IMAGENET1K_V1 = "ResNet #1", IMAGENET1K_V2 = "ResNet #2", DEFAULT), '
+                   "a local state_dict file, or none (seeded random init).")
+@click.option("--blocks", "num_blocks", type=int, default=None,
+              help="Keep the last K residual blocks of the last stage. Default: all of them (3 for ResNet-50).")
+@click.option("--image-size", type=int, default=224, show_default=True, help="Images are resized to S x S.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--workers", type=int, default=None, help="DataLoader worker processes. Default: min(8, CPU count).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage type of the features (the computation is float32, or float16 autocast on CUDA).")
+@click.option("--no-amp", is_flag=True, help="On CUDA, compute in float32 instead of float16 autocast.")
+@click.option("--skip-bad-images", is_flag=True,
+              help="Record unreadable images in the cache (zero features, valid=False) instead of failing.")
+@click.option("--force", is_flag=True,
+              help="Replace a cache (or discard an unfinished one) of different provenance at --out.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Cache file. Default: features_cache/<dataset>_<backbone>_<weights>.h5")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def extract(dataset, data_root, backbone, weights, num_blocks, image_size, batch_size, workers, device,
+            dtype, no_amp, skip_bad_images, force, out, quiet):
+    """Cache the average-pooled outputs of the last residual blocks for every image of DATASET.
+
+    DATASET is a folder laid out DATASET/<domain>/<class>/<image>, or a DomainBed
+    name looked up under --data-root. The file is written as OUT.partial and
+    renamed when complete; if the command is interrupted, run it again to resume.
+
+    \b
+    Example:
+      linft extract PACS --data-root ~/data --backbone resnet50 --weights IMAGENET1K_V2 \\
+          --out features_cache/pacs_r50v2.h5
+    """
+    ds = find_dataset(dataset, data_root)
+    click.echo(f"{ds.name or ds.root}: {len(ds)} images, {len(ds.domains)} domains "
+               f"({', '.join(f'{d} {c}' for d, c in ds.counts.items())}), {len(ds.classes)} classes", err=True)
+    result = extract_features(
+        ds, out, backbone=backbone, weights=weights, num_blocks=num_blocks, image_size=image_size,
+        batch_size=batch_size, workers=workers, device=device, dtype=dtype, amp=not no_amp,
+        skip_bad_images=skip_bad_images, force=force, progress=not quiet,
+    )
+    if result.status == "up-to-date":
+        click.echo(f"{result.path} is already complete with the same provenance; nothing to do")
+        return
+    click.echo(f"{result.status} {result.num_extracted} images in {result.seconds:.1f} s "
+               f"({result.images_per_second:,.1f} img/s) -> {result.path}")
+    if result.skipped_paths:
+        click.echo(f"skipped {len(result.skipped_paths)} unreadable images (recorded in the cache): "
+                   f"{', '.join(result.skipped_paths[:5])}", err=True)

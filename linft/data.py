@@ -1,0 +1,262 @@
+"""Multi-domain image datasets laid out DomainBed-style, and DomainBed's exact split.
+
+A dataset is a folder ``root/<domain>/<class>/<image>``. Domains are the sorted
+sub-folders of ``root``; inside a domain the examples are ordered exactly as
+torchvision's ``ImageFolder`` orders them (classes sorted, then the sorted walk
+of each class folder), because DomainBed's in/out split is defined on that
+order. The class set must be identical across domains.
+
+The DomainBed benchmarks can also be named (``PACS``, ``VLCS``, ``OfficeHome``,
+``TerraIncognita``, ``DomainNet``) and are then looked up under a data root in
+DomainBed's own folder names (``office_home``, ``terra_incognita``,
+``domain_net``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from linft.errors import LinftError
+
+#: File extensions that count as images: torchvision ``ImageFolder``'s list, so
+#: that the per-domain example order (and so DomainBed's split) is the same.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+#: ImageNet normalisation used by DomainBed's transforms.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DomainBedSpec:
+    """Where DomainBed keeps a benchmark under its data root, and what it holds."""
+
+    folder: str
+    domains: tuple[str, ...]
+    num_classes: int
+
+
+#: The DomainBed benchmarks of the paper, by the names users type.
+DOMAINBED_DATASETS: dict[str, DomainBedSpec] = {
+    "PACS": DomainBedSpec("PACS", ("art_painting", "cartoon", "photo", "sketch"), 7),
+    "VLCS": DomainBedSpec("VLCS", ("Caltech101", "LabelMe", "SUN09", "VOC2007"), 5),
+    "OfficeHome": DomainBedSpec("office_home", ("Art", "Clipart", "Product", "Real World"), 65),
+    "TerraIncognita": DomainBedSpec(
+        "terra_incognita", ("location_100", "location_38", "location_43", "location_46"), 10
+    ),
+    "DomainNet": DomainBedSpec(
+        "domain_net", ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"), 345
+    ),
+}
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def seed_hash(*args) -> int:
+    """DomainBed's ``misc.seed_hash``: an int seed in [0, 2**31) from any printable arguments."""
+    return int(hashlib.md5(str(args).encode("utf-8")).hexdigest(), 16) % (2**31)
+
+
+def split_indices(
+    num_examples: int, trial_seed: int, env_index: int, holdout_fraction: float = 0.2
+) -> tuple[np.ndarray, np.ndarray]:
+    """DomainBed's in/out split of one domain: ``(in_indices, out_indices)``.
+
+    ``range(num_examples)`` is shuffled with
+    ``numpy.random.RandomState(seed_hash(trial_seed, env_index))``; the first
+    ``int(num_examples * holdout_fraction)`` shuffled indices are "out", the rest
+    "in". Both are returned in that shuffled order, as DomainBed uses them.
+    Indices are positions inside the domain (see :meth:`MultiDomainDataset.domain_indices`).
+    """
+    if num_examples < 0:
+        raise LinftError(f"num_examples must be >= 0, got {num_examples}")
+    if not 0.0 <= holdout_fraction <= 1.0:
+        raise LinftError(f"holdout_fraction must lie in [0, 1], got {holdout_fraction}")
+    keys = list(range(num_examples))
+    np.random.RandomState(seed_hash(trial_seed, env_index)).shuffle(keys)
+    n_out = int(num_examples * holdout_fraction)
+    keys = np.asarray(keys, dtype=np.int64)
+    return keys[n_out:], keys[:n_out]
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _sorted_subdirs(folder: Path) -> list[str]:
+    with os.scandir(folder) as it:
+        return sorted(entry.name for entry in it if entry.is_dir())
+
+
+def _class_images(class_dir: Path) -> list[str]:
+    """Image files under one class folder, in ``ImageFolder``'s order, relative to it."""
+    found = []
+    for dirpath, _dirnames, filenames in sorted(os.walk(class_dir, followlinks=True)):
+        rel = os.path.relpath(dirpath, class_dir)
+        for name in sorted(filenames):
+            if _is_image(name):
+                found.append(name if rel == "." else f"{Path(rel).as_posix()}/{name}")
+    return found
+
+
+def file_list_sha256(paths) -> str:
+    """sha256 of the sorted relative file list (one posix path per line): the dataset's identity."""
+    digest = hashlib.sha256()
+    for p in sorted(paths):
+        digest.update(p.encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+@dataclass
+class MultiDomainDataset:
+    """The example list of a DomainBed-style folder: paths, labels and domains, in DomainBed's order.
+
+    ``paths`` are posix paths relative to ``root`` (``domain/class/file``);
+    examples are grouped by domain in ``domains`` order.
+    """
+
+    root: Path
+    domains: list[str]
+    classes: list[str]
+    paths: list[str]
+    labels: np.ndarray
+    domain_ids: np.ndarray
+    name: str | None = None
+    _sha: str | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Number of images per domain."""
+        per = np.bincount(self.domain_ids, minlength=len(self.domains))
+        return {d: int(n) for d, n in zip(self.domains, per)}
+
+    @property
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """Number of images per domain and class."""
+        out = {}
+        for i, d in enumerate(self.domains):
+            per = np.bincount(self.labels[self.domain_ids == i], minlength=len(self.classes))
+            out[d] = {c: int(n) for c, n in zip(self.classes, per)}
+        return out
+
+    @property
+    def file_list_sha256(self) -> str:
+        """sha256 of the sorted relative file list (see :func:`file_list_sha256`)."""
+        if self._sha is None:
+            self._sha = file_list_sha256(self.paths)
+        return self._sha
+
+    def domain_indices(self, domain: int | str) -> np.ndarray:
+        """Global example indices of one domain, in the domain's own order (what splits index)."""
+        i = self.domains.index(domain) if isinstance(domain, str) else int(domain)
+        return np.flatnonzero(self.domain_ids == i)
+
+
+def load_image_folder(root: str | os.PathLike, name: str | None = None) -> MultiDomainDataset:
+    """List a ``root/<domain>/<class>/<image>`` folder, checking the layout.
+
+    Raises :class:`LinftError` for a missing or empty folder, a domain or a
+    class folder without images, and class sets that differ across domains
+    (the message lists the differences).
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise LinftError(
+            f"dataset folder {root} does not exist; pass a folder laid out "
+            f"<dataset>/<domain>/<class>/<image>, or a DomainBed name ({', '.join(DOMAINBED_DATASETS)}) "
+            f"with --data-root"
+        )
+    if not root.is_dir():
+        raise LinftError(f"dataset path {root} is not a folder; pass the folder that holds the domain folders")
+    domains = _sorted_subdirs(root)
+    if not domains:
+        raise LinftError(f"dataset folder {root} has no domain sub-folders; expected {root}/<domain>/<class>/<image>")
+
+    per_domain_classes = {d: _sorted_subdirs(root / d) for d in domains}
+    for d, cls in per_domain_classes.items():
+        if not cls:
+            raise LinftError(
+                f"domain '{d}' in {root} has no images (no class sub-folders); "
+                f"add {root / d}/<class>/<image> files or remove the folder"
+            )
+    union = sorted(set().union(*map(set, per_domain_classes.values())))
+    differences = []
+    for d, cls in per_domain_classes.items():
+        missing = sorted(set(union) - set(cls))
+        if missing:
+            differences.append(f"'{d}' lacks {', '.join(missing)}")
+    if differences:
+        raise LinftError(
+            "class sets differ across domains: " + "; ".join(differences)
+            + "; every domain needs the same class folders"
+        )
+    classes = union
+
+    paths: list[str] = []
+    labels: list[int] = []
+    domain_ids: list[int] = []
+    for di, d in enumerate(domains):
+        n_domain = 0
+        for ci, c in enumerate(classes):
+            files = _class_images(root / d / c)
+            if not files:
+                raise LinftError(
+                    f"class '{c}' of domain '{d}' has no images ({', '.join(IMG_EXTENSIONS)}); "
+                    f"add images to {root / d / c} or remove that class from every domain"
+                )
+            paths.extend(f"{d}/{c}/{f}" for f in files)
+            labels.extend([ci] * len(files))
+            n_domain += len(files)
+        domain_ids.extend([di] * n_domain)
+    return MultiDomainDataset(
+        root=root,
+        domains=domains,
+        classes=classes,
+        paths=paths,
+        labels=np.asarray(labels, dtype=np.int64),
+        domain_ids=np.asarray(domain_ids, dtype=np.int64),
+        name=name,
+    )
+
+
+def find_dataset(dataset: str | os.PathLike, data_root: str | os.PathLike | None = None) -> MultiDomainDataset:
+    """A dataset by folder path, or by DomainBed name under ``data_root``.
+
+    A name (``PACS``, ``officehome``, ... case-insensitive) is looked up as
+    ``data_root/<DomainBed folder>``; ``data_root`` defaults to the
+    ``LINFT_DATA_ROOT`` environment variable, then ``./data``. For a named
+    benchmark the domain folders must be DomainBed's.
+    """
+    text = os.fspath(dataset)
+    spec_name = next((k for k in DOMAINBED_DATASETS if k.lower() == text.lower()), None)
+    if spec_name is None or Path(text).exists():
+        return load_image_folder(text, name=Path(text).name or None)
+    spec = DOMAINBED_DATASETS[spec_name]
+    base = Path(data_root or os.environ.get("LINFT_DATA_ROOT") or "data").expanduser()
+    folder = base / spec.folder
+    if not folder.is_dir():
+        raise LinftError(
+            f"{spec_name} not found at {folder}; download it with DomainBed's "
+            f"domainbed/scripts/download.py into {base}, or pass --data-root"
+        )
+    ds = load_image_folder(folder, name=spec_name)
+    missing = sorted(set(spec.domains) - set(ds.domains))
+    if missing:
+        raise LinftError(
+            f"{folder} lacks the {spec_name} domain folders {', '.join(missing)} "
+            f"(found {', '.join(ds.domains)}); check the download"
+        )
+    return ds

@@ -1,0 +1,227 @@
+"""A procedural domain-shift benchmark written as real image files in the DomainBed layout.
+
+Every image shows one shape (the class) drawn in one rendering style (the
+domain), the way PACS differs by style:
+
+* ``photo``    shaded, lit object over a textured background;
+* ``sketch``   a grey pencil outline on paper, no fill;
+* ``cartoon``  flat saturated fill with a thick black outline on a plain colour;
+* ``painting`` blurred colour with brush-stroke blobs and strong noise.
+
+Position, size, rotation, colours and lighting vary per image. Each image is
+drawn from its own generator seeded by ``(seed, domain, class, index)``, so
+the same seed gives the same files whatever the order or parallelism. Nothing
+here is tuned to favour any fine-tuning method; the styles are simply distinct.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from linft.errors import LinftError
+
+DEMO_CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "crescent")
+DEMO_STYLES = ("photo", "sketch", "cartoon", "painting")
+
+
+# --------------------------------------------------------------------------- shapes
+# Each shape is an implicit function f(u, v) in object coordinates (object radius ~1):
+# inside where f < 0. Outlines are drawn where |f| is small.
+
+
+def _shape_field(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    r = np.hypot(u, v)
+    theta = np.arctan2(v, u)
+    if shape == "circle":
+        return r - 0.85
+    if shape == "square":
+        return np.maximum(np.abs(u), np.abs(v)) - 0.7
+    if shape == "triangle":
+        normals = [(np.cos(a), np.sin(a)) for a in (np.pi / 2, np.pi / 2 + 2 * np.pi / 3, np.pi / 2 + 4 * np.pi / 3)]
+        return np.max([nx * u + ny * v for nx, ny in normals], axis=0) - 0.45
+    if shape == "star":
+        return r - (0.55 + 0.35 * np.cos(5 * theta))
+    if shape == "cross":
+        return np.minimum(np.maximum(np.abs(u) - 0.28, np.abs(v) - 0.9), np.maximum(np.abs(u) - 0.9, np.abs(v) - 0.28))
+    if shape == "ring":
+        return np.abs(r - 0.65) - 0.22
+    if shape == "crescent":
+        return np.maximum(r - 0.9, 0.72 - np.hypot(u - 0.45, v))
+    if shape == "heart":
+        return (u**2 + (1.2 * v - np.sqrt(np.abs(u)) * 0.7) ** 2) - 0.55
+    if shape == "diamond":
+        return np.abs(u) * 0.8 + np.abs(v) * 1.2 - 0.85
+    if shape == "hexagon":
+        return np.max([np.abs(np.cos(a) * u + np.sin(a) * v) for a in (0, np.pi / 3, 2 * np.pi / 3)], axis=0) - 0.7
+    if shape == "arrow":
+        head = np.maximum(np.abs(v) * 1.0 + u - 0.9, -u - 0.05)
+        shaft = np.maximum(np.abs(v) - 0.2, np.abs(u + 0.45) - 0.45)
+        return np.minimum(head, shaft)
+    if shape == "plus_ring":
+        return np.minimum(np.abs(r - 0.75) - 0.12, np.minimum(np.maximum(np.abs(u) - 0.12, r - 0.75), np.maximum(np.abs(v) - 0.12, r - 0.75)))
+    if shape == "bar":
+        return np.maximum(np.abs(u) - 0.9, np.abs(v) - 0.25)
+    if shape == "dots":
+        return np.min([np.hypot(u - cx, v - cy) - 0.3 for cx, cy in ((-0.5, -0.4), (0.5, -0.4), (0, 0.5))], axis=0)
+    if shape == "moon_pair":
+        return np.minimum(np.hypot(u + 0.45, v) - 0.4, np.hypot(u - 0.45, v) - 0.4)
+    if shape == "spiral":
+        return np.abs(np.sin(3 * theta + 6 * r)) * 0.5 + np.maximum(r - 0.9, 0) - 0.2
+    raise LinftError(f"unknown shape '{shape}'")
+
+
+def _grid(size: int, rng: np.random.Generator, *, min_scale=0.45, max_scale=0.75):
+    """Object coordinates for a random similarity transform of the image plane."""
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+    x = (xs + 0.5) / size * 2 - 1
+    y = (ys + 0.5) / size * 2 - 1
+    scale = rng.uniform(min_scale, max_scale)
+    cx, cy = rng.uniform(-1 + scale, 1 - scale, size=2)
+    a = rng.uniform(0, 2 * np.pi)
+    dx, dy = (x - cx) / scale, (y - cy) / scale
+    u = np.cos(a) * dx + np.sin(a) * dy
+    v = -np.sin(a) * dx + np.cos(a) * dy
+    return u, v, x, y, 1.0 / (scale * size / 2)  # last: object units per pixel
+
+
+def _smooth_noise(size: int, rng: np.random.Generator, cells: int) -> np.ndarray:
+    """Value noise in [0, 1]: a random cells x cells grid upsampled bilinearly."""
+    coarse = rng.random((cells + 1, cells + 1)).astype(np.float32)
+    t = np.linspace(0, cells, size, dtype=np.float32)
+    i = np.minimum(t.astype(int), cells - 1)
+    f = t - i
+    rows = coarse[i] * (1 - f)[:, None] + coarse[i + 1] * f[:, None]
+    return rows[:, i] * (1 - f)[None, :] + rows[:, i + 1] * f[None, :]
+
+
+def _random_color(rng, saturation=(0.5, 1.0), value=(0.5, 1.0)) -> np.ndarray:
+    h = rng.random()
+    s = rng.uniform(*saturation)
+    v = rng.uniform(*value)
+    k = (np.array([5, 3, 1]) + h * 6) % 6
+    return (v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1)).astype(np.float32)
+
+
+def _blur(img: np.ndarray, passes: int) -> np.ndarray:
+    for _ in range(passes):
+        img = (img + np.roll(img, 1, 0) + np.roll(img, -1, 0) + np.roll(img, 1, 1) + np.roll(img, -1, 1)) / 5
+    return img
+
+
+def render(shape: str, style: str, rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """One ``size`` x ``size`` RGB uint8 image of ``shape`` drawn in ``style``."""
+    u, v, x, y, px = _grid(size, rng)
+    f = _shape_field(shape, u, v)
+    inside = (f < 0).astype(np.float32)
+    soft = np.clip(0.5 - f / (2 * px), 0, 1)[..., None]  # anti-aliased coverage
+    if style == "photo":
+        bg = _smooth_noise(size, rng, 4)[..., None] * _random_color(rng, (0.1, 0.4), (0.4, 0.9))
+        bg = bg + 0.15 * _smooth_noise(size, rng, 16)[..., None]
+        light = rng.uniform(-1, 1, size=2)
+        shade = np.clip(0.65 + 0.35 * (light[0] * u + light[1] * v) / 1.2, 0.2, 1.0)[..., None]
+        texture = 0.85 + 0.3 * _smooth_noise(size, rng, 12)[..., None]
+        fg = _random_color(rng) * shade * texture
+        shadow = np.clip(0.5 - _shape_field(shape, u - 0.15, v - 0.15) / (2 * px), 0, 1)[..., None]
+        img = bg * (1 - 0.4 * shadow)
+        img = img * (1 - soft) + fg * soft
+    elif style == "sketch":
+        paper = 0.92 + 0.06 * _smooth_noise(size, rng, 8)[..., None]
+        width = rng.uniform(0.7, 1.6) * px
+        jitter = 0.6 * px * (_smooth_noise(size, rng, 10) - 0.5)
+        line = np.clip(1 - np.abs(f + jitter) / width, 0, 1)[..., None]
+        ink = rng.uniform(0.05, 0.35)
+        hatch = (np.sin((x + y) * size * 0.9) > 0.6).astype(np.float32)[..., None] * inside[..., None] * rng.uniform(0, 0.25)
+        img = paper * (1 - line) + ink * line
+        img = img * (1 - hatch) + ink * hatch
+        img = np.repeat(img.mean(-1, keepdims=True), 3, -1)
+    elif style == "cartoon":
+        bg = _random_color(rng, (0.2, 0.6), (0.7, 1.0))
+        fg = _random_color(rng, (0.8, 1.0), (0.8, 1.0))
+        outline = np.clip(1 - np.abs(f) / rng.uniform(2.0, 3.5) / px, 0, 1)[..., None] > 0.3
+        img = np.where(soft > 0.5, fg, bg)
+        img = np.where(outline, 0.0, img)
+    elif style == "painting":
+        base = _random_color(rng, (0.3, 0.8), (0.4, 0.9))
+        bg = base * (0.6 + 0.8 * _smooth_noise(size, rng, 6)[..., None])
+        fg = _random_color(rng, (0.5, 1.0), (0.6, 1.0)) * (0.7 + 0.6 * _smooth_noise(size, rng, 8)[..., None])
+        img = bg * (1 - soft) + fg * soft
+        for _ in range(int(rng.integers(6, 12))):  # brush-stroke blobs
+            bx, by = rng.uniform(-1, 1, size=2)
+            blob = np.exp(-(((x - bx) / rng.uniform(0.1, 0.3)) ** 2 + ((y - by) / rng.uniform(0.05, 0.15)) ** 2))
+            img = img * (1 - 0.5 * blob[..., None]) + 0.5 * blob[..., None] * _random_color(rng)
+        img = _blur(img, 2) + rng.normal(0, 0.08, img.shape).astype(np.float32)
+    elif style == "mosaic":  # extra styles for the pretraining source
+        cells = int(rng.integers(6, 12))
+        grid = _smooth_noise(size, rng, cells)
+        fg, bg = _random_color(rng), _random_color(rng)
+        q = np.floor(grid * 4)[..., None] / 4
+        img = (bg * (1 - soft) + fg * soft) * (0.7 + 0.6 * q)
+    elif style == "neon":
+        glow = np.exp(-np.abs(f) / (3 * px))[..., None]
+        img = 0.05 + glow * _random_color(rng, (0.8, 1.0), (0.9, 1.0))
+    elif style == "silhouette":
+        bg = np.linspace(0.3, 1.0, size, dtype=np.float32)[:, None, None] * _random_color(rng, (0.3, 0.8), (0.7, 1.0))
+        img = bg * (1 - soft)
+    elif style == "halftone":
+        period = rng.uniform(3, 5)
+        dots = ((np.sin(x * size * np.pi / period) * np.sin(y * size * np.pi / period)) > 0.0).astype(np.float32)[..., None]
+        ink = _random_color(rng, (0.6, 1.0), (0.3, 0.8))
+        img = 1.0 - soft * dots * (1 - ink)
+    else:
+        raise LinftError(f"unknown style '{style}'")
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _write_one_folder(args) -> int:
+    out, seed, style_index, style, class_index, shape, count, size, seed_tag = args
+    folder = Path(out) / style / shape
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        rng = np.random.default_rng([seed_tag, seed, style_index, class_index, i])
+        Image.fromarray(render(shape, style, rng, size)).save(folder / f"{i:05d}.png", optimize=False)
+    return count
+
+
+def write_shapes_dataset(
+    out: str | os.PathLike,
+    *,
+    classes=DEMO_CLASSES,
+    styles=DEMO_STYLES,
+    per_class: int = 150,
+    size: int = 64,
+    seed: int = 0,
+    seed_tag: int = 0,
+    workers: int | None = None,
+) -> Path:
+    """Write ``out/<style>/<shape>/<index>.png`` for every style and shape; returns ``out``.
+
+    ``seed_tag`` separates families of images that use the same seed (the demo
+    benchmark uses 0, the pretraining source 1), so they never share an image.
+    """
+    if size > 64 or size < 16:
+        raise LinftError(f"image size {size} is out of range; use 16 to 64 pixels")
+    out = Path(out)
+    jobs = [(str(out), seed, si, st, ci, sh, per_class, size, seed_tag)
+            for si, st in enumerate(styles) for ci, sh in enumerate(classes)]
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_one_folder, jobs))
+    else:
+        for job in jobs:
+            _write_one_folder(job)
+    return out
+
+
+def write_demo_data(out: str | os.PathLike, seed: int = 0, per_class: int = 150, size: int = 64) -> Path:
+    """The demo benchmark: 4 style domains x 7 shape classes, ``per_class`` images each (1,050 per domain)."""
+    return write_shapes_dataset(out, classes=DEMO_CLASSES, styles=DEMO_STYLES, per_class=per_class,
+                                size=size, seed=seed, seed_tag=0)
