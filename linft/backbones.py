@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +108,7 @@ def _enum_state_dict(name: str, weights_name: str):
             f"weights {name}/{weights_name} are not available (no download: {getattr(exc, 'reason', exc)}); "
             f"put {filename} ({weights.url}) in {folder}, or pass --weights PATH to a local state_dict"
         ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
         raise LinftError(
             f"cannot read {folder / filename} ({exc.__class__.__name__}); "
             f"delete it and put a good copy of {weights.url} there"

@@ -1,0 +1,160 @@
+import os
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from linft.backbones import (
+    PooledBlockFeatures, load_backbone, phi_block_names, resnet_family_names, state_dict_sha256,
+)
+from linft.errors import LinftError
+
+
+def _hooked_pooled_blocks(model, names, x):
+    """Independent computation: forward hooks on the blocks, pooled with mean over H, W."""
+    got = {}
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: got.__setitem__(n, o.mean((2, 3))))
+               for n in names]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return torch.stack([got[n] for n in names], 1)
+
+
+def test_family_names():
+    names = resnet_family_names()
+    for n in ("resnet18", "resnet50", "resnet152", "wide_resnet50_2", "resnext50_32x4d"):
+        assert n in names
+    assert "fcn_resnet50" not in names and "quantized_resnet50" not in names
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("resnet18", ["layer4.0", "layer4.1"]),
+    ("resnet50", ["layer4.0", "layer4.1", "layer4.2"]),
+    ("resnet101", ["layer4.0", "layer4.1", "layer4.2"]),
+])
+def test_phi_blocks_are_the_last_stage(name, expected):
+    model = torchvision.models.get_model(name)
+    assert phi_block_names(model) == expected
+    assert phi_block_names(model, 1) == expected[-1:]
+    with pytest.raises(LinftError, match=f"has {len(expected)} residual blocks"):
+        phi_block_names(model, len(expected) + 1)
+    with pytest.raises(LinftError, match="out of range"):
+        phi_block_names(model, 0)
+
+
+def test_phi_blocks_refuse_a_non_resnet():
+    with pytest.raises(LinftError, match="no residual blocks"):
+        phi_block_names(nn.Sequential(nn.Conv2d(3, 4, 3)))
+
+
+def test_pooled_last_block_equals_the_models_own_avgpool():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    names = phi_block_names(model)
+    x = torch.randn(4, 3, 64, 64)
+    feats = PooledBlockFeatures(model, names).eval()(x)
+    assert feats.shape == (4, 2, 512)
+    model.fc = nn.Identity()
+    with torch.no_grad():
+        penultimate = model(x)
+    torch.testing.assert_close(feats[:, -1], penultimate, rtol=0, atol=0)
+    torch.testing.assert_close(feats, _hooked_pooled_blocks(model, names, x), rtol=1e-5, atol=1e-6)
+
+
+def test_weights_none_is_deterministic():
+    a, b = load_backbone("resnet18", "none"), load_backbone("resnet18", None)
+    assert a.weights == "none" and a.weights_sha256 == b.weights_sha256
+    assert not a.model.training
+
+
+def test_state_dict_hash_sees_every_byte():
+    sd = {"w": torch.zeros(3), "n": torch.tensor(0)}
+    h = state_dict_sha256(sd)
+    sd2 = {"w": torch.tensor([0.0, 0.0, 1e-30]), "n": torch.tensor(0)}
+    assert h != state_dict_sha256(sd2)
+    assert h == state_dict_sha256(dict(reversed(list(sd.items()))))
+
+
+def test_local_state_dict_any_head_size(tmp_path):
+    torch.manual_seed(1)
+    model = torchvision.models.resnet18(num_classes=10)
+    path = tmp_path / "r18.pt"
+    torch.save(model.state_dict(), path)
+    bb = load_backbone("resnet18", path)
+    assert bb.weights == str(path.resolve())
+    assert bb.weights_sha256 == state_dict_sha256(model.state_dict())
+    # linft's checkpoint format: a dict with state_dict and metadata
+    torch.save({"state_dict": model.state_dict(), "metadata": {"seed": 1}}, tmp_path / "ck.pt")
+    assert load_backbone("resnet18", tmp_path / "ck.pt").weights_sha256 == bb.weights_sha256
+
+
+def test_local_state_dict_of_another_architecture(tmp_path):
+    path = tmp_path / "r34.pt"
+    torch.save(torchvision.models.resnet34().state_dict(), path)
+    with pytest.raises(LinftError, match=r"do not fit resnet18: unexpected layer1\.2"):
+        load_backbone("resnet18", path)
+    sd = torchvision.models.resnet18().state_dict()
+    sd["conv1.weight"] = torch.zeros(8, 3, 7, 7)
+    torch.save(sd, path)
+    with pytest.raises(LinftError, match="size mismatch"):
+        load_backbone("resnet18", path)
+
+
+def test_bad_weights_files(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(LinftError, match="cannot load weights file"):
+        load_backbone("resnet18", junk)
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(LinftError, match="holds no state_dict"):
+        load_backbone("resnet18", tmp_path / "list.pt")
+    with pytest.raises(LinftError, match=r"neither a weight name of resnet18 \(IMAGENET1K_V1, DEFAULT\)"):
+        load_backbone("resnet18", tmp_path / "missing.pt")
+
+
+def test_unknown_backbone():
+    with pytest.raises(LinftError, match="unknown backbone 'vgg16'; choose one of: .*resnet50"):
+        load_backbone("vgg16", "none")
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    return tmp_path / "torch_home" / "hub" / "checkpoints"
+
+
+def test_enum_weights_unavailable_names_file_and_folder(torch_home, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(LinftError) as err:
+        load_backbone("resnet50", "IMAGENET1K_V2")
+    msg = str(err.value)
+    assert "resnet50-11ad3fa6.pth" in msg and str(torch_home) in msg and "\n" not in msg
+
+
+def test_enum_weights_load_through_torchvision_cache(torch_home):
+    torch_home.mkdir(parents=True)
+    torch.manual_seed(2)
+    sd = torchvision.models.resnet18().state_dict()
+    filename = os.path.basename(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url)
+    torch.save(sd, torch_home / filename)
+    bb = load_backbone("resnet18", "DEFAULT")
+    assert bb.weights == "IMAGENET1K_V1" and bb.weights_label == "ResNet #1"
+    assert bb.weights_sha256 == state_dict_sha256(sd)
+    assert load_backbone("resnet18", "imagenet1k_v1").weights_sha256 == bb.weights_sha256
+
+
+def test_corrupt_enum_weights_file(torch_home):
+    torch_home.mkdir(parents=True)
+    filename = os.path.basename(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url)
+    (torch_home / filename).write_bytes(b"\x00" * 100)
+    with pytest.raises(LinftError, match="delete it and put a good copy"):
+        load_backbone("resnet18", "IMAGENET1K_V1")

@@ -1,0 +1,113 @@
+"""The command line: real examples, and one-line errors with a non-zero exit and no traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from linft.cli.main import main
+
+from conftest import make_image_folder
+
+SMALL = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "8",
+         "--workers", "0", "--device", "cpu", "--quiet"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_help_for_every_command():
+    for args in ([], ["extract"], ["cache"], ["cache", "info"], ["cache", "verify"], ["demo"], ["demo-data"]):
+        result = run(*args, "--help")
+        assert result.exit_code == 0 and "Usage:" in result.output
+        assert "Example" in result.output or args in ([], ["cache"])
+
+
+def test_installed_entry_point_runs_from_anywhere(tmp_path):
+    exe = [sys.executable, "-m", "linft.cli.main", "--version"]
+    out = subprocess.run(exe, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0 and "linft" in out.stdout
+
+
+def test_extract_info_verify(image_folder, tmp_path):
+    out = tmp_path / "c.h5"
+    result = run("extract", image_folder, "--out", out, *SMALL)
+    assert result.exit_code == 0, result.output
+    assert "extracted 18 images" in result.output
+    result = run("extract", image_folder, "--out", out, *SMALL)
+    assert result.exit_code == 0 and "already complete" in result.output
+    info = run("cache", "info", out)
+    assert info.exit_code == 0 and "layer4.0, layer4.1" in info.output and "complete" in info.output
+    data = json.loads(run("cache", "info", out, "--json").output)
+    assert data["num_examples"] == 18 and data["datasets"]["features"]["shape"] == [18, 2, 512]
+    ok = run("cache", "verify", out, "--data", image_folder)
+    assert ok.exit_code == 0 and "verified" in ok.output
+    make_image_folder(image_folder, domains=("domB",), classes=("dog",), per_class=5, seed=3, ext=".jpg")
+    bad = run("cache", "verify", out, "--data", image_folder, "--json")
+    assert bad.exit_code == 1 and json.loads(bad.output)["ok"] is False
+
+
+def test_extract_by_domainbed_name(tmp_path):
+    make_image_folder(tmp_path / "PACS", domains=("art_painting", "cartoon", "photo", "sketch"),
+                      classes=("dog", "horse"), per_class=1)
+    out = tmp_path / "p.h5"
+    result = run("extract", "pacs", "--data-root", tmp_path, "--out", out, *SMALL)
+    assert result.exit_code == 0, result.output
+    assert json.loads(run("cache", "info", out, "--json").output)["dataset_name"] == "PACS"
+
+
+def small(**overrides):
+    """The small extraction options of SMALL with some replaced (``blocks=5`` -> ``--blocks 5``)."""
+    opts = {"backbone": "resnet18", "weights": "none", "image-size": 32, "batch-size": 8, "workers": 0,
+            "device": "cpu", **{k.replace("_", "-"): v for k, v in overrides.items()}}
+    return [x for k, v in opts.items() for x in (f"--{k}", str(v))] + ["--quiet"]
+
+
+@pytest.mark.parametrize("make,args,fragments", [
+    (None, ["extract", "{tmp}/nowhere", *small()], ["does not exist"]),
+    ("empty", ["extract", "{tmp}/empty", *small()], ["no domain sub-folders"]),
+    ("mismatch", ["extract", "{tmp}/mm", *small()], ["class sets differ", "'b' lacks dog"]),
+    ("ok", ["extract", "{tmp}/ok", *small(backbone="vgg16")], ["unknown backbone 'vgg16'"]),
+    ("ok", ["extract", "{tmp}/ok", *small(blocks=5)], ["--blocks 5 is out of range"]),
+    ("ok", ["extract", "{tmp}/ok", *small(weights="{tmp}/no.pt")], ["neither a weight name"]),
+    ("ok", ["extract", "{tmp}/ok", *small(device="cuda:7" )], ["cuda:7"]),
+    (None, ["cache", "info", "{tmp}/none.h5"], ["does not exist"]),
+    (None, ["cache", "verify", "{tmp}/none.h5"], ["does not exist"]),
+])
+def test_bad_input_gets_a_one_line_error(tmp_path, make, args, fragments):
+    if make == "empty":
+        (tmp_path / "empty").mkdir()
+    elif make == "mismatch":
+        make_image_folder(tmp_path / "mm", domains=("a",), classes=("cat", "dog"), per_class=1)
+        make_image_folder(tmp_path / "mm", domains=("b",), classes=("cat",), per_class=1)
+    elif make == "ok":
+        make_image_folder(tmp_path / "ok", domains=("a", "b"), classes=("cat",), per_class=1)
+    assert_one_line_error(run(*[a.format(tmp=tmp_path) for a in args]), *fragments)
+
+
+def test_corrupt_image_error_keeps_existing_cache(image_folder, tmp_path):
+    out = tmp_path / "c.h5"
+    assert run("extract", image_folder, "--out", out, *SMALL).exit_code == 0
+    before = out.read_bytes()
+    (image_folder / "domA" / "cat" / "img00.png").write_bytes(b"broken")
+    result = run("extract", image_folder, "--out", out, *SMALL)
+    assert result.exit_code == 0 and "already complete" in result.output  # same file list, same provenance
+    (image_folder / "domA" / "cat" / "img00.png").rename(image_folder / "domA" / "cat" / "img00b.png")
+    result = run("extract", image_folder, "--out", out, *SMALL)
+    assert_one_line_error(result, "different provenance (file_list_sha256)", "--force")
+    assert out.read_bytes() == before
+    result = run("extract", image_folder, "--out", out, "--force", *SMALL)
+    assert_one_line_error(result, "cannot read image", "img00b.png", "--skip-bad-images")
+    assert out.read_bytes() == before

@@ -1,0 +1,264 @@
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from torchvision import transforms
+
+from linft.backbones import load_backbone
+from linft.data import load_image_folder
+from linft.errors import LinftError
+from linft.features import (
+    cache_info, default_cache_path, extract_features, open_cache, provenance_sha256, verify_cache,
+)
+
+from conftest import make_image_folder
+
+SMALL = dict(backbone="resnet18", weights="none", image_size=32, batch_size=4, workers=0,
+             device="cpu", progress=False)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _independent_features(root: Path, paths, image_size):
+    """DomainBed's eval transform (torchvision Compose) + forward hooks, pooled with mean."""
+    tf = transforms.Compose([
+        transforms.Resize((image_size, image_size)), transforms.ToTensor(),
+        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ])
+    model = load_backbone("resnet18", "none").model
+    x = torch.stack([tf(Image.open(root / p).convert("RGB")) for p in paths])
+    got = {}
+    for n in ("layer4.0", "layer4.1"):
+        dict(model.named_modules())[n].register_forward_hook(lambda m, i, o, n=n: got.__setitem__(n, o.mean((2, 3))))
+    with torch.no_grad():
+        model(x)
+    return torch.stack([got["layer4.0"], got["layer4.1"]], 1).numpy()
+
+
+def test_round_trip_matches_an_independent_computation(image_folder, tmp_path):
+    out = tmp_path / "c.h5"
+    res = extract_features(image_folder, out, dtype="float32", **SMALL)
+    assert res.status == "extracted" and res.num_extracted == 18
+    cache = open_cache(out)
+    ds = load_image_folder(image_folder)
+    assert cache.features.shape == (18, 2, 512) and cache.features.dtype == np.float32
+    assert cache.paths == ds.paths
+    np.testing.assert_array_equal(cache.labels, ds.labels)
+    np.testing.assert_array_equal(cache.domains, ds.domain_ids)
+    assert cache.valid.all()
+    assert cache.domain_names == ["dom C", "domA", "domB"] and cache.class_names == ["cat", "dog"]
+    assert cache.block_names == ["layer4.0", "layer4.1"]
+    np.testing.assert_allclose(cache.features, _independent_features(image_folder, ds.paths, 32), rtol=1e-4, atol=1e-5)
+    meta = cache.meta
+    for key in ("backbone", "weights", "weights_sha256", "blocks", "image_size", "transform", "dtype",
+                "dataset_root", "per_domain", "file_list_sha256", "linft_version", "torch_version",
+                "torchvision_version", "created", "complete"):
+        assert key in meta
+    assert meta["per_domain"]["domA"] == {"count": 6, "classes": {"cat": 3, "dog": 3}}
+    assert meta["weights_sha256"] == load_backbone("resnet18", "none").weights_sha256
+    assert meta["provenance_sha256"] == provenance_sha256(meta)
+    np.testing.assert_array_equal(cache.domain_indices("domA"), np.arange(6, 12))
+
+
+def test_float16_storage_and_readable_by_plain_h5py(image_folder, tmp_path):
+    extract_features(image_folder, tmp_path / "a.h5", dtype="float32", **SMALL)
+    extract_features(image_folder, tmp_path / "b.h5", **SMALL)  # default float16
+    with h5py.File(tmp_path / "b.h5", "r") as f:
+        assert f["features"].dtype == np.float16
+        assert bool(f.attrs["complete"]) and json.loads(f.attrs["blocks"]) == ["layer4.0", "layer4.1"]
+        half = f["features"][...]
+    np.testing.assert_allclose(half, open_cache(tmp_path / "a.h5").features, rtol=2e-3, atol=2e-3)
+
+
+def test_identical_rerun_returns_at_once_and_leaves_file(image_folder, tmp_path):
+    out = tmp_path / "c.h5"
+    extract_features(image_folder, out, **SMALL)
+    before = sha(out), out.stat().st_mtime_ns
+    res = extract_features(image_folder, out, **{**SMALL, "batch_size": 7})
+    assert res.status == "up-to-date" and res.num_extracted == 0
+    assert (sha(out), out.stat().st_mtime_ns) == before
+
+
+def test_different_provenance_is_refused_unless_forced(image_folder, tmp_path):
+    out = tmp_path / "c.h5"
+    extract_features(image_folder, out, **SMALL)
+    before = sha(out)
+    with pytest.raises(LinftError, match=r"different provenance \(blocks.*--force"):
+        extract_features(image_folder, out, num_blocks=1, **SMALL)
+    assert sha(out) == before
+    other = tmp_path / "notes.h5"
+    other.write_text("my notes")
+    with pytest.raises(LinftError, match="is not a linft feature cache"):
+        extract_features(image_folder, other, **SMALL)
+    assert other.read_text() == "my notes"
+    res = extract_features(image_folder, out, num_blocks=1, force=True, **SMALL)
+    assert res.status == "extracted" and open_cache(out).features.shape == (18, 1, 512)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(k):
+    def on_batch(done, total):
+        if done >= k:
+            raise _Stop
+    return on_batch
+
+
+def test_interrupted_extraction_resumes_to_the_same_file_content(image_folder, tmp_path):
+    ref = tmp_path / "ref.h5"
+    extract_features(image_folder, ref, **SMALL)
+    out = tmp_path / "c.h5"
+    with pytest.raises(_Stop):
+        extract_features(image_folder, out, on_batch=_stop_after(8), **SMALL)
+    partial = tmp_path / "c.h5.partial"
+    assert not out.exists() and partial.exists()
+    info = cache_info(partial)
+    assert info["complete"] is False and info["num_done"] == 8
+    with pytest.raises(LinftError, match="unfinished extraction"):
+        open_cache(partial)
+    with pytest.raises(LinftError, match="does not exist .*unfinished extraction"):
+        open_cache(out)
+    assert not verify_cache(partial).ok
+    seen = []
+    res = extract_features(image_folder, out, on_batch=lambda d, n: seen.append(d), **SMALL)
+    assert res.status == "resumed" and res.num_extracted == 10 and seen[0] == 12
+    assert not partial.exists()
+    a, b = open_cache(ref), open_cache(out)
+    np.testing.assert_array_equal(a.features, b.features)
+    assert a.provenance_sha256 == b.provenance_sha256
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from linft.features import extract_features
+    def on_batch(done, total):
+        if done >= int(sys.argv[3]):
+            os.kill(os.getpid(), signal.SIGKILL)
+    extract_features(sys.argv[1], sys.argv[2], backbone="resnet18", weights="none", image_size=32,
+                     batch_size=4, workers=int(sys.argv[4]), device="cpu", progress=False, on_batch=on_batch)
+""")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_then_resume_equals_uninterrupted(image_folder, tmp_path, workers):
+    ref, out = tmp_path / "ref.h5", tmp_path / "c.h5"
+    extract_features(image_folder, ref, **SMALL)
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(image_folder), str(out), "12", str(workers)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not out.exists() and cache_info(str(out) + ".partial")["num_done"] == 12
+    cli = subprocess.run([sys.executable, "-m", "linft.cli.main", "extract", str(image_folder), "--out", str(out),
+                          "--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "4",
+                          "--device", "cpu", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    assert "resumed 6 images" in cli.stdout
+    np.testing.assert_array_equal(open_cache(ref).features, open_cache(out).features)
+
+
+def test_unreadable_partial_file_is_discarded_with_a_warning(image_folder, tmp_path):
+    out = tmp_path / "c.h5"
+    Path(str(out) + ".partial").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)  # torn write
+    with pytest.warns(UserWarning, match="discarding unreadable partial file"):
+        res = extract_features(image_folder, out, **SMALL)
+    assert res.status == "extracted" and verify_cache(out).ok
+
+
+def test_partial_of_other_settings_is_refused_unless_forced(image_folder, tmp_path):
+    out = tmp_path / "c.h5"
+    with pytest.raises(_Stop):
+        extract_features(image_folder, out, num_blocks=1, on_batch=_stop_after(4), **SMALL)
+    partial = Path(str(out) + ".partial")
+    before = sha(partial)
+    with pytest.raises(LinftError, match="unfinished extraction with different settings \\(blocks"):
+        extract_features(image_folder, out, **SMALL)
+    assert sha(partial) == before
+    assert extract_features(image_folder, out, force=True, **SMALL).status == "extracted"
+
+
+def test_corrupt_image_fails_by_name_or_is_skipped(image_folder, tmp_path):
+    bad = image_folder / "domA" / "dog" / "img01.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out = tmp_path / "c.h5"
+    with pytest.raises(LinftError, match=r"cannot read image .*domA/dog/img01\.png.*--skip-bad-images"):
+        extract_features(image_folder, out, **SMALL)
+    assert not out.exists()
+    res = extract_features(image_folder, out, skip_bad_images=True, **{**SMALL, "workers": 2})
+    assert res.skipped_paths == ["domA/dog/img01.png"]
+    cache = open_cache(out)
+    i = cache.paths.index("domA/dog/img01.png")
+    assert not cache.valid[i] and cache.valid.sum() == 17
+    assert (cache.features[i] == 0).all() and (cache.features[cache.valid] != 0).any()
+    assert cache.meta["skipped_paths"] == ["domA/dog/img01.png"]
+
+
+def test_unwritable_and_full_locations(image_folder, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(LinftError, match="cannot create folder"):
+        extract_features(image_folder, blocker / "c.h5", **SMALL)
+    import linft.features as features_mod
+
+    class Usage:
+        free = 1000
+
+    monkeypatch.setattr(features_mod.shutil, "disk_usage", lambda p: Usage)
+    with pytest.raises(LinftError, match="not enough disk space"):
+        extract_features(image_folder, tmp_path / "c.h5", **SMALL)
+    assert not (tmp_path / "c.h5").exists() and not (tmp_path / "c.h5.partial").exists()
+
+
+def test_verify_detects_tampering_and_folder_changes(image_folder, tmp_path):
+    out = tmp_path / "c.h5"
+    extract_features(image_folder, out, **SMALL)
+    report = verify_cache(out, image_folder)
+    assert report.ok, report.checks
+    make_image_folder(image_folder, domains=("domA",), classes=("cat",), per_class=4, seed=5, ext=".jpg")
+    report = verify_cache(out, image_folder)
+    assert not report.ok
+    assert any(name == "dataset folder" and "4 added" in detail and "domA/cat/img00.jpg" in detail
+               for name, _, detail in report.checks)
+    with h5py.File(out, "r+") as f:
+        f.attrs["image_size"] = 64
+        f["features"][0, 0, 0] = np.nan
+    failed = {name for name, ok, _ in verify_cache(out).checks if not ok}
+    assert failed == {"provenance", "finite"}
+
+
+def test_open_cache_refuses_foreign_files(tmp_path):
+    with pytest.raises(LinftError, match="does not exist"):
+        open_cache(tmp_path / "none.h5")
+    (tmp_path / "t.h5").write_text("text")
+    with pytest.raises(LinftError, match="not a readable HDF5 file"):
+        open_cache(tmp_path / "t.h5")
+    with h5py.File(tmp_path / "o.h5", "w") as f:
+        f["x"] = [1]
+    with pytest.raises(LinftError, match="not a linft feature cache"):
+        open_cache(tmp_path / "o.h5")
+
+
+def test_default_cache_path(image_folder):
+    ds = load_image_folder(image_folder, name="PACS")
+    assert default_cache_path(ds, "resnet50", "IMAGENET1K_V2") == Path("features_cache/PACS_resnet50_IMAGENET1K_V2.h5")
+    assert default_cache_path(ds, "resnet50", "/x/my ckpt.pt").name == "PACS_resnet50_my ckpt.h5"
+
+
+def test_bad_arguments(image_folder, tmp_path):
+    with pytest.raises(LinftError, match="unknown --dtype"):
+        extract_features(image_folder, tmp_path / "c.h5", **dict(SMALL, dtype="int8"))
+    with pytest.raises(LinftError, match="CUDA is not available|unknown device"):
+        extract_features(image_folder, tmp_path / "c.h5", **dict(SMALL, device="cuda" if not torch.cuda.is_available() else "tpu"))
