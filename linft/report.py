@@ -1,0 +1,266 @@
+"""Tables and plots from run records only (no model, no GPU): the analysis half of linft.
+
+* :func:`run_results` selects one step per run (best i.i.d. by default);
+* :func:`domainbed_table` is DomainBed's table: per seed the grid point with
+  the best i.i.d. accuracy, then mean ± standard error over seeds, per held-out
+  domain and on average;
+* :func:`cloud_tables` and :func:`linft.protocol.cloud_points` give the
+  paper's i.i.d.-vs-o.o.d. clouds (Figure 2), drawn by :func:`plot_clouds`;
+* :func:`write_report` writes all of it as markdown, CSV and PNG.
+
+Diverged runs are never averaged in: they are counted and listed.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from linft.errors import LinftError
+from linft.protocol import SELECTIONS, cloud_points, group_runs, iid_accuracy, mean_and_se, ood_accuracy
+from linft.records import read_records
+
+MARKERS = ("o", "D", "^", "*", "s", "v", "P", "X", "h", "<", ">")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One run at its selected step."""
+
+    label: str
+    dataset: str
+    test_domain: str
+    seed: int
+    grid: tuple
+    step: int
+    iid: float
+    ood: float
+    status: str  # ok, diverged, unfinished
+    dropout: float | None
+    source: str
+
+
+def run_results(records: list[dict], selection: str = "iid") -> list[RunResult]:
+    """One :class:`RunResult` per run, at the step chosen by ``selection`` (``iid`` or ``oracle``)."""
+    if selection not in SELECTIONS:
+        raise LinftError(f"unknown selection '{selection}'; use one of {', '.join(SELECTIONS)}")
+    select = SELECTIONS[selection]
+    results = []
+    sources: dict[tuple, set] = defaultdict(set)
+    for run_records in group_runs(records).values():
+        last = run_records[-1]
+        status = last.get("status", "ok")
+        if status == "ok" and not last.get("final"):
+            status = "unfinished"
+        usable = [r for r in run_records if r.get("status", "ok") == "ok"]
+        chosen = select(usable) if usable else last
+        key = (last["label"], last.get("dataset") or "")
+        sources[key].add(last.get("cache_provenance") or last.get("source") or "")
+        results.append(RunResult(
+            label=last["label"], dataset=last.get("dataset") or "", test_domain=last["test_domain"],
+            seed=int(last["seed"]), grid=tuple(sorted(last.get("grid", {}).items())), step=int(chosen["step"]),
+            iid=iid_accuracy(chosen) if usable else float("nan"), ood=ood_accuracy(chosen) if usable else float("nan"),
+            status=status, dropout=last.get("hparams", {}).get("dropout"), source=next(iter(sources[key])),
+        ))
+    mixed = [f"{label} on {ds}" for (label, ds), s in sources.items() if len(s) > 1]
+    if mixed:
+        raise LinftError(f"records of {', '.join(mixed)} come from different feature caches; "
+                         f"report each cache's records separately")
+    return results
+
+
+def _ok(results):
+    return [r for r in results if r.status == "ok"]
+
+
+def domainbed_table(results: list[RunResult]) -> dict:
+    """``{(dataset, label): {test_domain | "average": {"iid": (mean, se), "ood": (mean, se), "n": seeds}}}``.
+
+    Per seed and held-out domain the grid point with the best i.i.d. accuracy
+    is chosen (training-domain validation); then mean ± SE over seeds. The
+    average is taken per seed over the held-out domains, then over seeds.
+    """
+    chosen: dict[tuple, dict[str, dict[int, RunResult]]] = defaultdict(lambda: defaultdict(dict))
+    for r in _ok(results):
+        cur = chosen[(r.dataset, r.label)][r.test_domain].get(r.seed)
+        if cur is None or r.iid > cur.iid or (r.iid == cur.iid and r.grid < cur.grid):  # ties: first grid point
+            chosen[(r.dataset, r.label)][r.test_domain][r.seed] = r
+    table = {}
+    for key, per_domain in chosen.items():
+        row = {}
+        for d in sorted(per_domain):
+            runs = list(per_domain[d].values())
+            row[d] = {"iid": mean_and_se(r.iid for r in runs), "ood": mean_and_se(r.ood for r in runs), "n": len(runs)}
+        domains = sorted(per_domain)
+        seeds = sorted(set.intersection(*(set(per_domain[d]) for d in domains)))
+        row["average"] = {
+            "iid": mean_and_se(np.mean([per_domain[d][s].iid for d in domains]) for s in seeds),
+            "ood": mean_and_se(np.mean([per_domain[d][s].ood for d in domains]) for s in seeds),
+            "n": len(seeds),
+        }
+        table[key] = row
+    return table
+
+
+def cloud_tables(results: list[RunResult]) -> dict:
+    """``{(dataset, label): {test_domain: {grid: (iid, ood)}}}``, seeds averaged; grid points with a
+    diverged or unfinished seed are left out (they would bias the average)."""
+    bad = {(r.dataset, r.label, r.test_domain, r.grid) for r in results if r.status != "ok"}
+    acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in _ok(results):
+        if (r.dataset, r.label, r.test_domain, r.grid) not in bad:
+            acc[(r.dataset, r.label)][r.test_domain][r.grid].append((r.iid, r.ood))
+    return {k: {d: {g: tuple(np.mean(v, axis=0)) for g, v in grids.items()} for d, grids in per.items()}
+            for k, per in acc.items()}
+
+
+def _fmt(ms) -> str:
+    m, se = ms
+    return "—" if math.isnan(m) else f"{100 * m:.1f} ± {100 * se:.1f}"
+
+
+def table_markdown(table: dict, metric: str) -> str:
+    """One markdown table per dataset: rows = method labels, columns = held-out domains and average."""
+    out = []
+    for dataset in sorted({k[0] for k in table}):
+        keys = sorted(k for k in table if k[0] == dataset)
+        domains = sorted({d for k in keys for d in table[k] if d != "average"})
+        out.append(f"**{dataset or 'dataset'}: {metric} accuracy (%), mean ± SE over seeds**\n")
+        out.append("| method | " + " | ".join(domains) + " | average |")
+        out.append("|---" * (len(domains) + 2) + "|")
+        for k in keys:
+            cells = [_fmt(table[k][d][metric]) if d in table[k] else "—" for d in domains + ["average"]]
+            out.append(f"| {k[1]} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot_clouds(clouds: dict, path: Path) -> Path:
+    """i.i.d.-vs-o.o.d. clouds with convex hulls, one panel per dataset, one marker per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.spatial import ConvexHull, QhullError
+
+    datasets = sorted({k[0] for k in clouds})
+    fig, axes = plt.subplots(1, max(1, len(datasets)), figsize=(5 * max(1, len(datasets)), 4.2), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        labels = sorted(k[1] for k in clouds if k[0] == dataset)
+        for i, label in enumerate(labels):
+            pts, exact = cloud_points(clouds[(dataset, label)])
+            color = f"C{i % 10}"
+            ax.scatter(pts[:, 0], pts[:, 1], s=12, marker=MARKERS[i % len(MARKERS)], color=color, alpha=0.5,
+                       label=f"{label} ({len(pts)}{'' if exact else ' sampled'})")
+            if len(pts) >= 3:
+                try:
+                    hull = ConvexHull(pts)
+                    ring = np.append(hull.vertices, hull.vertices[0])
+                    ax.plot(pts[ring, 0], pts[ring, 1], color=color, lw=1)
+                except QhullError:  # collinear points: no hull to draw
+                    pass
+        ax.set_title(dataset or "dataset")
+        ax.set_xlabel("iid acc")
+        ax.set_ylabel("ood acc")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_dropout(results: list[RunResult], path: Path) -> Path | None:
+    """Mean o.o.d. and i.i.d. accuracy (selected steps, all grid points and seeds) against the dropout rate."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in _ok(results) if r.dropout is not None and not r.label.startswith("linear probe")]
+    by_method = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        method = r.label.split(", dropout")[0]
+        by_method[(r.dataset, method)][r.dropout].append(r)
+    by_method = {k: v for k, v in by_method.items() if len(v) >= 2}
+    if not by_method:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for i, ((dataset, method), per_rate) in enumerate(sorted(by_method.items())):
+        rates = sorted(per_rate)
+        for ax, metric in zip(axes, ("ood", "iid")):
+            stats = [mean_and_se(getattr(r, metric) for r in per_rate[p]) for p in rates]
+            ax.errorbar(rates, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], marker="o",
+                        color=f"C{i}", label=f"{dataset} {method}", capsize=3)
+            ax.set_xlabel("dropout rate")
+            ax.set_ylabel(f"{metric} acc (%)")
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(record_paths, out_dir, selection: str = "iid") -> dict:
+    """Write ``summary.md``, ``table.csv``, ``runs.csv``, ``clouds.csv``, ``clouds.png`` and
+    ``dropout.png`` (when several dropout rates exist) into ``out_dir``; return their paths."""
+    records = read_records(record_paths)
+    if not records:
+        raise LinftError(f"the run records in {', '.join(map(str, record_paths))} are empty; train something first")
+    results = run_results(records, selection)
+    table = domainbed_table(results)
+    clouds = cloud_tables(results)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+
+    with open(out / "runs.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["dataset", "label", "test_domain", "seed", "grid", "step", "iid", "ood", "status"])
+        for r in sorted(results, key=lambda r: (r.dataset, r.label, r.test_domain, r.grid, r.seed)):
+            w.writerow([r.dataset, r.label, r.test_domain, r.seed, dict(r.grid), r.step, r.iid, r.ood, r.status])
+    paths["runs"] = out / "runs.csv"
+    with open(out / "table.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["dataset", "label", "test_domain", "iid_mean", "iid_se", "ood_mean", "ood_se", "seeds"])
+        for (dataset, label), row in sorted(table.items()):
+            for d, cell in row.items():
+                w.writerow([dataset, label, d, *cell["iid"], *cell["ood"], cell["n"]])
+    paths["table"] = out / "table.csv"
+    with open(out / "clouds.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["dataset", "label", "iid", "ood", "exact"])
+        for (dataset, label), tab in sorted(clouds.items()):
+            pts, exact = cloud_points(tab)
+            for x, y in pts:
+                w.writerow([dataset, label, x, y, exact])
+    paths["clouds_csv"] = out / "clouds.csv"
+    if clouds:
+        paths["clouds_png"] = plot_clouds(clouds, out / "clouds.png")
+    dropout_png = plot_dropout(results, out / "dropout.png")
+    if dropout_png:
+        paths["dropout_png"] = dropout_png
+
+    counts = defaultdict(lambda: defaultdict(int))
+    for r in results:
+        counts[(r.dataset, r.label)][r.status] += 1
+    lines = [f"# linft report\n", f"Selection: {'best i.i.d. step (training-domain validation)' if selection == 'iid' else 'oracle (best o.o.d. step)'}; "
+             f"per seed the grid point with the best i.i.d. accuracy. Records: {', '.join(map(str, record_paths))}.\n",
+             table_markdown(table, "ood"), table_markdown(table, "iid"), "**Runs**\n",
+             "| dataset | method | ok | diverged | unfinished | cloud points |", "|---|---|---|---|---|---|"]
+    for key in sorted(counts):
+        c = counts[key]
+        n_cloud = len(cloud_points(clouds[key])[0]) if key in clouds else 0
+        lines.append(f"| {key[0]} | {key[1]} | {c['ok']} | {c['diverged']} | {c['unfinished']} | {n_cloud} |")
+    diverged = [r for r in results if r.status == "diverged"]
+    if diverged:
+        lines.append("\nDiverged runs (not averaged in): " + "; ".join(
+            f"{r.label} {r.test_domain} seed {r.seed} {dict(r.grid)}" for r in diverged[:20]))
+    lines.append("\nFiles: " + ", ".join(p.name for p in paths.values()))
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    paths["summary"] = out / "summary.md"
+    return paths
