@@ -41,12 +41,17 @@ def main():
 
 
 def _register():
-    from linft.cli import cache, demo, extract
+    from linft.cli import cache, demo, extract, report, train_linear
+    from linft.cli import pretrain
 
     main.add_command(extract.extract)
     main.add_command(cache.cache)
     main.add_command(demo.demo_data)
     main.add_command(demo.demo)
+    main.add_command(pretrain.pretrain_source)
+    main.add_command(pretrain.pretrain_command)
+    main.add_command(train_linear.train_linear_cmd)
+    main.add_command(report.report)
 
 
 _register()

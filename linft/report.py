@@ -33,6 +33,7 @@ class RunResult:
     """One run at its selected step."""
 
     label: str
+    method: str
     dataset: str
     test_domain: str
     seed: int
@@ -62,7 +63,7 @@ def run_results(records: list[dict], selection: str = "iid") -> list[RunResult]:
         key = (last["label"], last.get("dataset") or "")
         sources[key].add(last.get("cache_provenance") or last.get("source") or "")
         results.append(RunResult(
-            label=last["label"], dataset=last.get("dataset") or "", test_domain=last["test_domain"],
+            label=last["label"], method=last.get("method", last["label"]), dataset=last.get("dataset") or "", test_domain=last["test_domain"],
             seed=int(last["seed"]), grid=tuple(sorted(last.get("grid", {}).items())), step=int(chosen["step"]),
             iid=iid_accuracy(chosen) if usable else float("nan"), ood=ood_accuracy(chosen) if usable else float("nan"),
             status=status, dropout=last.get("hparams", {}).get("dropout"), source=next(iter(sources[key])),
@@ -180,11 +181,10 @@ def plot_dropout(results: list[RunResult], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in _ok(results) if r.dropout is not None and not r.label.startswith("linear probe")]
     by_method = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        method = r.label.split(", dropout")[0]
-        by_method[(r.dataset, method)][r.dropout].append(r)
+    for r in _ok(results):
+        if r.dropout is not None:
+            by_method[(r.dataset, r.method)][r.dropout].append(r)
     by_method = {k: v for k, v in by_method.items() if len(v) >= 2}
     if not by_method:
         return None

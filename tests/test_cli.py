@@ -111,3 +111,40 @@ def test_corrupt_image_error_keeps_existing_cache(image_folder, tmp_path):
     result = run("extract", image_folder, "--out", out, "--force", *SMALL)
     assert_one_line_error(result, "cannot read image", "img00b.png", "--skip-bad-images")
     assert out.read_bytes() == before
+
+
+def test_train_linear_then_report(image_folder, tmp_path):
+    cache = tmp_path / "c.h5"
+    assert run("extract", image_folder, "--out", cache, *SMALL).exit_code == 0
+    args = ["train-linear", cache, "--dropout", "0", "--dropout", "0.9", "--probe", "--lr", "0.01",
+            "--weight-decay", "0", "--seeds", "2", "--steps", "7", "--eval-every", "3", "--batch-size", "2",
+            "--device", "cpu", "--quiet", "--out", tmp_path / "runs"]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert "trained 18 runs, 0 already finished" in result.output and "| linear FT, dropout 0.9 |" in result.output
+    again = run(*args, "--json")
+    assert again.exit_code == 0 and "trained 0 runs, 18 already finished" in again.output
+    rows = json.loads(again.output[again.output.index("["):])
+    assert {r["label"] for r in rows} == {"linear probe", "linear FT, dropout 0", "linear FT, dropout 0.9"}
+    rep = run("report", tmp_path / "runs", "--out", tmp_path / "rep")
+    assert rep.exit_code == 0 and (tmp_path / "rep" / "clouds.png").exists()
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--test-domains", "nowhere"], "held-out domain 'nowhere' is not in the cache"),
+    (["--dropout", "1.0"], "outside [0, 1)"),
+])
+def test_train_linear_bad_input(image_folder, tmp_path, extra, fragment):
+    cache = tmp_path / "c.h5"
+    assert run("extract", image_folder, "--out", cache, *SMALL).exit_code == 0
+    assert_one_line_error(run("train-linear", cache, "--steps", "2", "--quiet", "--out", tmp_path / "r", *extra), fragment)
+
+
+def test_train_linear_refuses_unfinished_cache(tmp_path):
+    import h5py
+
+    with h5py.File(tmp_path / "p.h5", "w") as f:
+        f.attrs["provenance_sha256"] = "x"
+        f.attrs["complete"] = False
+        f.attrs["num_examples"] = 10
+    assert_one_line_error(run("train-linear", tmp_path / "p.h5", "--quiet"), "unfinished extraction")
