@@ -41,6 +41,8 @@ def info(path, as_json):
         ("blocks", ", ".join(meta["blocks"])),
         ("features", f"{tuple(feats['shape'])} {feats['dtype']}, computed in {meta['compute']}"),
         ("transform", meta["transform"]),
+        *([("views", f"{meta['views']} augmented views per image: {meta['views_transform']}, seed {meta['views_seed']}")]
+          if meta.get("views") else []),
         ("file list", f"sha256 {meta['file_list_sha256'][:16]}"),
         ("provenance", meta["provenance_sha256"]),
         ("made with", f"linft {meta['linft_version']}, torch {meta['torch_version']}, "

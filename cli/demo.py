@@ -40,4 +40,6 @@ def demo(out, seed, quiet):
       linft demo --out demo_out
     """
     result = run_demo(out, seed=seed, progress=not quiet, say=click.echo)
-    click.echo(f"demo finished: data in {result.data}, features in {result.cache}")
+    click.echo((result.report / "summary.md").read_text())
+    click.echo(f"demo finished: report in {result.report}/ (summary.md, clouds.png, dropout.png, CSV), "
+               f"run records in {result.out / 'runs'}")

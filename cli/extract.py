@@ -29,13 +29,17 @@ from linft.features import extract_features
 @click.option("--no-amp", is_flag=True, help="On CUDA, compute in float32 instead of float16 autocast.")
 @click.option("--skip-bad-images", is_flag=True,
               help="Record unreadable images in the cache (zero features, valid=False) instead of failing.")
+@click.option("--views", type=int, default=0, show_default=True,
+              help="Also store N augmented views of every image (DomainBed's training augmentation); "
+                   "train-linear then samples one view per step, bringing the augmentation back.")
+@click.option("--views-seed", type=int, default=0, show_default=True, help="Seed of the augmented views.")
 @click.option("--force", is_flag=True,
               help="Replace a cache (or discard an unfinished one) of different provenance at --out.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Cache file. Default: features_cache/<dataset>_<backbone>_<weights>.h5")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(dataset, data_root, backbone, weights, num_blocks, image_size, batch_size, workers, device,
-            dtype, no_amp, skip_bad_images, force, out, quiet):
+            dtype, no_amp, skip_bad_images, views, views_seed, force, out, quiet):
     """Cache the average-pooled outputs of the last residual blocks for every image of DATASET.
 
     DATASET is a folder laid out DATASET/<domain>/<class>/<image>, or a DomainBed
@@ -53,7 +57,7 @@ def extract(dataset, data_root, backbone, weights, num_blocks, image_size, batch
     result = extract_features(
         ds, out, backbone=backbone, weights=weights, num_blocks=num_blocks, image_size=image_size,
         batch_size=batch_size, workers=workers, device=device, dtype=dtype, amp=not no_amp,
-        skip_bad_images=skip_bad_images, force=force, progress=not quiet,
+        skip_bad_images=skip_bad_images, views=views, views_seed=views_seed, force=force, progress=not quiet,
     )
     if result.status == "up-to-date":
         click.echo(f"{result.path} is already complete with the same provenance; nothing to do")

@@ -6,7 +6,9 @@ into memory for training; :func:`cache_info` and :func:`verify_cache` inspect it
 
 File layout (readable with ``h5ls``/``h5dump``):
 
-* datasets ``features`` (N, K, D) float16/float32, ``labels`` (N,) int64,
+* datasets ``features`` (N, K, D) float16/float32, optionally ``views``
+  (N, V, K, D): the same features of V augmented views of every image
+  (DomainBed's training augmentation, ``extract --views V``), ``labels`` (N,) int64,
   ``domains`` (N,) int64, ``paths`` (N,) utf-8 (``domain/class/file``),
   ``valid`` (N,) bool (False for images skipped with ``skip_bad_images``;
   their features are zero);
@@ -44,7 +46,9 @@ from PIL import Image
 
 import linft
 from linft.backbones import PooledBlockFeatures, load_backbone, phi_block_names
-from linft.data import IMAGENET_MEAN, IMAGENET_STD, MultiDomainDataset, file_list_sha256, load_image_folder
+from linft.data import (
+    IMAGENET_MEAN, IMAGENET_STD, MultiDomainDataset, file_list_sha256, load_image_folder, seed_hash,
+)
 from linft.errors import LinftError
 from linft.progress import progress_bar
 
@@ -77,6 +81,35 @@ def load_image_uint8(path: str | os.PathLike, image_size: int) -> torch.Tensor:
         return TF.pil_to_tensor(img)
 
 
+def train_transform(image_size: int) -> str:
+    """Text of DomainBed's training augmentation at ``image_size`` (the transform of augmented views)."""
+    return (f"RandomResizedCrop({image_size}, scale=(0.7, 1.0)), RandomHorizontalFlip, "
+            f"ColorJitter(0.3, 0.3, 0.3, 0.3), RandomGrayscale, ToTensor, Normalize(ImageNet)")
+
+
+def augmented_views_uint8(path: str | os.PathLike, image_size: int, num_views: int, seed: int) -> torch.Tensor:
+    """``num_views`` DomainBed training augmentations of one image, uint8 (V, 3, S, S).
+
+    View ``j`` is drawn with torch's RNG seeded by ``seed_hash(seed, j)``
+    (the caller passes a per-image seed), so it is the same in any worker and
+    on any resume.
+    """
+    from torchvision import transforms
+
+    augment = transforms.Compose([
+        transforms.RandomResizedCrop(image_size, scale=(0.7, 1.0)), transforms.RandomHorizontalFlip(),
+        transforms.ColorJitter(0.3, 0.3, 0.3, 0.3), transforms.RandomGrayscale(), transforms.PILToTensor(),
+    ])
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        out = []
+        with torch.random.fork_rng(devices=[]):
+            for j in range(num_views):
+                torch.manual_seed(seed_hash(seed, j))
+                out.append(augment(img))
+    return torch.stack(out)
+
+
 def normalize_uint8(batch: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, S, S) -> float32, scaled to [0, 1] and ImageNet-normalised (= ToTensor + Normalize)."""
     mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1)
@@ -87,17 +120,23 @@ def normalize_uint8(batch: torch.Tensor) -> torch.Tensor:
 class _ImageFiles(torch.utils.data.Dataset):
     """Decodes images in DataLoader workers; a bad image comes back flagged, never raised."""
 
-    def __init__(self, root: Path, paths: list[str], image_size: int):
+    def __init__(self, root: Path, paths: list[str], image_size: int, views: int = 0, views_seed: int = 0):
         self.root, self.paths, self.size = root, paths, image_size
+        self.views, self.views_seed = views, views_seed
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
+        path = self.root / self.paths[i]
         try:
-            return load_image_uint8(self.root / self.paths[i], self.size), i, True, ""
+            plain = load_image_uint8(path, self.size)
+            views = augmented_views_uint8(path, self.size, self.views, seed_hash("views", self.views_seed, i)) \
+                if self.views else torch.zeros(0, 3, self.size, self.size, dtype=torch.uint8)
+            return plain, views, i, True, ""
         except Exception as exc:  # any decoder failure is reported by path, below
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), i, False, f"{type(exc).__name__}: {exc}"
+            zeros = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+            return zeros, zeros.expand(self.views, -1, -1, -1).clone(), i, False, f"{type(exc).__name__}: {exc}"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -123,8 +162,14 @@ def default_cache_path(dataset: MultiDomainDataset, backbone: str, weights: str,
 
 
 def provenance_sha256(attrs: dict) -> str:
-    """Hash of the identity attributes (:data:`IDENTITY_ATTRS`): equal hashes mean the same content."""
+    """Hash of the identity attributes (:data:`IDENTITY_ATTRS`): equal hashes mean the same content.
+
+    Augmented views count only when present, so caches without them keep the
+    hash they had before views existed.
+    """
     identity = {k: attrs[k] for k in IDENTITY_ATTRS}
+    if attrs.get("views"):
+        identity.update(views=attrs["views"], views_transform=attrs["views_transform"], views_seed=attrs["views_seed"])
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -202,6 +247,8 @@ def extract_features(
     dtype: str = "float16",
     amp: bool = True,
     skip_bad_images: bool = False,
+    views: int = 0,
+    views_seed: int = 0,
     force: bool = False,
     progress: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
@@ -212,6 +259,9 @@ def extract_features(
     them). On CUDA the forward runs under float16 autocast (``amp``) and in
     channels_last; on CPU in float32. Features are stored as ``dtype``.
     ``on_batch(num_done, num_examples)`` is called after each batch is on disk.
+    ``views`` > 0 also stores that many augmented views of every image
+    (DomainBed's training augmentation, seeded per image by ``views_seed``)
+    in a ``views`` dataset; linear fine-tuning then samples one per step.
 
     Re-running with the same arguments on a complete cache returns at once;
     on an interrupted one it resumes. A cache or partial file of different
@@ -226,6 +276,8 @@ def extract_features(
         raise LinftError(f"--image-size {image_size} is too small; use at least 16 (DomainBed uses 224)")
     if batch_size < 1:
         raise LinftError(f"--batch-size must be at least 1, got {batch_size}")
+    if views < 0:
+        raise LinftError(f"--views must be 0 or more, got {views}")
     dev = resolve_device(device)
     use_amp = bool(amp and dev.type == "cuda")
 
@@ -267,6 +319,9 @@ def extract_features(
         "h5py_version": h5py.__version__,
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         "created": t0.isoformat(timespec="seconds"),
+        "views": int(views),
+        "views_transform": train_transform(image_size) if views else "",
+        "views_seed": int(views_seed),
     }
     attrs["provenance_sha256"] = provenance_sha256(attrs)
 
@@ -307,7 +362,7 @@ def extract_features(
     if not os.access(out.parent, os.W_OK):
         raise LinftError(f"cannot write to {out.parent} (permission denied); choose another --out")
     itemsize = np.dtype(_DTYPES[dtype]).itemsize
-    _check_space(out.parent, (n - num_done) * len(blocks) * dim * itemsize + (0 if num_done else n * 120))
+    _check_space(out.parent, (n - num_done) * (1 + views) * len(blocks) * dim * itemsize + (0 if num_done else n * 120))
 
     # 3. create or reopen the partial file
     try:
@@ -320,6 +375,9 @@ def extract_features(
             f.create_dataset("domains", data=ds.domain_ids.astype(np.int64))
             f.create_dataset("paths", data=ds.paths, dtype=h5py.string_dtype("utf-8"))
             f.create_dataset("valid", shape=(n,), dtype=bool, fillvalue=False)
+            if views:
+                f.create_dataset("views", shape=(n, views, len(blocks), dim), dtype=_DTYPES[dtype],
+                                 chunks=(max(1, rows // views), views, len(blocks), dim))
             _write_attrs(f, attrs)
             f.attrs["complete"] = False
             f.attrs["num_done"] = 0
@@ -333,7 +391,7 @@ def extract_features(
     extracted = 0
     try:
         extracted = _run_extraction(f, ds, extractor, dev, use_amp, image_size, batch_size, workers,
-                                    num_done, skip_bad_images, progress, on_batch, partial)
+                                    num_done, skip_bad_images, progress, on_batch, views, views_seed)
         valid = f["valid"][...]
         skipped = [ds.paths[i] for i in np.flatnonzero(~valid)]
         f.attrs["skipped_paths"] = json.dumps(skipped)
@@ -352,20 +410,21 @@ def extract_features(
 
 
 def _run_extraction(f, ds, extractor, dev, use_amp, image_size, batch_size, workers,
-                    num_done, skip_bad_images, progress, on_batch, partial) -> int:
+                    num_done, skip_bad_images, progress, on_batch, views, views_seed) -> int:
     """The batched loop: decode in workers, forward on ``dev``, write and flush one batch behind."""
     n = len(ds)
     if num_done >= n:
         return 0
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
-    files = _ImageFiles(ds.root, ds.paths, image_size)
+    files = _ImageFiles(ds.root, ds.paths, image_size, views, views_seed)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(files, range(num_done, n)),
         batch_size=batch_size, shuffle=False, num_workers=workers,
         pin_memory=dev.type == "cuda", prefetch_factor=4 if workers > 0 else None,
     )
     feats_ds, valid_ds = f["features"], f["valid"]
+    views_ds = f["views"] if views else None
     np_dtype = feats_ds.dtype
 
     def write(pending):
@@ -375,7 +434,10 @@ def _run_extraction(f, ds, extractor, dev, use_amp, image_size, batch_size, work
         if isinstance(host, tuple):  # (tensor, cuda event)
             host[1].synchronize()
             host = host[0]
-        feats_ds[a:b] = host.numpy().astype(np_dtype, copy=False)
+        host = host.numpy().astype(np_dtype, copy=False)
+        feats_ds[a:b] = host[:, 0]
+        if views_ds is not None:
+            views_ds[a:b] = host[:, 1:]
         valid_ds[a:b] = ok
         f.attrs["num_done"] = b
         f.flush()
@@ -386,7 +448,7 @@ def _run_extraction(f, ds, extractor, dev, use_amp, image_size, batch_size, work
     done = num_done
     with progress_bar(n, "extracting", unit="img", enabled=progress, initial=num_done) as update, \
             torch.inference_mode():
-        for images, index, ok, errors in loader:
+        for images, view_images, index, ok, errors in loader:
             ok = ok.numpy()
             if not ok.all() and not skip_bad_images:
                 write(pending)
@@ -394,11 +456,14 @@ def _run_extraction(f, ds, extractor, dev, use_amp, image_size, batch_size, work
                 bad = ds.paths[int(index[j])]
                 raise LinftError(f"cannot read image {ds.root / bad} ({errors[j]}); fix or remove it, "
                                  f"or pass --skip-bad-images to record and skip it")
-            x = normalize_uint8(images.to(dev, non_blocking=True))
+            # one forward for the plain images and their views: (B, 1 + V, 3, S, S)
+            x = torch.cat([images[:, None], view_images], 1).flatten(0, 1)
+            x = normalize_uint8(x.to(dev, non_blocking=True))
             if dev.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
                 feats = extractor(x)
+            feats = feats.view(len(ok), 1 + views, *feats.shape[1:])
             feats[torch.from_numpy(~ok).to(dev)] = 0.0
             if dev.type == "cuda":
                 host = feats.to("cpu", non_blocking=True)
@@ -429,6 +494,7 @@ class FeatureCache:
     paths: list[str]
     valid: np.ndarray  # (N,) bool
     meta: dict
+    views: np.ndarray | None = None  # (N, V, K, D) augmented views, when extracted with views
 
     @property
     def domain_names(self) -> list[str]:
@@ -498,6 +564,7 @@ def open_cache(path: str | os.PathLike) -> FeatureCache:
             paths=[p.decode() if isinstance(p, bytes) else p for p in f["paths"][...]],
             valid=f["valid"][...],
             meta=meta,
+            views=f["views"][...] if "views" in f else None,
         )
 
 
@@ -536,6 +603,8 @@ def verify_cache(path: str | os.PathLike, data: str | os.PathLike | None = None,
         shapes = {k: f[k].shape for k in ("features", "labels", "domains", "paths", "valid")}
         want_feat = (n, len(meta["blocks"]), int(meta["feature_dim"]))
         shape_ok = shapes["features"] == want_feat and all(shapes[k] == (n,) for k in ("labels", "domains", "paths", "valid"))
+        if meta.get("views"):
+            shape_ok = shape_ok and "views" in f and f["views"].shape == (n, meta["views"], *want_feat[1:])
         checks.append(("shapes", shape_ok, f"features {shapes['features']}, expected {want_feat}"))
         paths = [p.decode() if isinstance(p, bytes) else p for p in f["paths"][...]]
         sha = file_list_sha256(paths)
@@ -552,10 +621,11 @@ def verify_cache(path: str | os.PathLike, data: str | os.PathLike | None = None,
                        if label_ok and consistent else "labels or domains disagree with paths"))
         done = n if meta.get("complete") else int(meta.get("num_done", 0))
         bad_rows = 0
-        feats = f["features"]
-        for a in range(0, done, chunk_rows):
-            block = feats[a:min(done, a + chunk_rows)]
-            bad_rows += int((~np.isfinite(block.reshape(len(block), -1)).all(axis=1)).sum())
+        for name in ("features", "views") if "views" in f else ("features",):
+            feats = f[name]
+            for a in range(0, done, chunk_rows):
+                block = feats[a:min(done, a + chunk_rows)]
+                bad_rows += int((~np.isfinite(block.reshape(len(block), -1)).all(axis=1)).sum())
         checks.append(("finite", bad_rows == 0, f"{bad_rows} rows with NaN/inf" if bad_rows else f"{done} rows finite"))
         skipped = meta.get("skipped_paths", [])
         if skipped:

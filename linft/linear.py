@@ -64,7 +64,7 @@ def linear_ft_logits(phi, v, V, b, keep=None, rate=0.0) -> torch.Tensor:
 
 
 def initial_parameters(num_blocks: int, dim: int, num_classes: int, generator: torch.Generator,
-                       v_init: str = "normal", probe: bool = False, device="cpu"):
+                       v_init: str = "last", probe: bool = False, device="cpu"):
     """``(v, V, b)`` of one run: V, b as ``nn.Linear`` initialises them (U(±1/√D));
     v ~ N(0, 1) (``normal``, the official code) or the last block's ``1`` (``last``, and always for a probe)."""
     if v_init not in V_INITS:
@@ -117,6 +117,11 @@ def draw_batch(pools: list[torch.Tensor], batch_size: int, generator: torch.Gene
                       for pool in pools])
 
 
+def draw_views(num_rows: int, num_views: int, generator: torch.Generator, device) -> torch.Tensor:
+    """Which cached augmented view each batch row uses this step (uniform)."""
+    return torch.randint(num_views, (num_rows,), generator=generator, device=device)
+
+
 def draw_noise(num_rows: int, dim: int, generator: torch.Generator, device) -> torch.Tensor:
     """Uniform noise for the dropout masks of one step (shared by the runs of a group)."""
     return torch.rand(num_rows, dim, generator=generator, device=device)
@@ -155,7 +160,7 @@ class LinearGridConfig:
     batch_size: int = 32
     eval_every: int = 300
     momentum: float = 0.9
-    v_init: str = "normal"
+    v_init: str = "last"
     lr_milestones: tuple[float, ...] = (0.5,)  # fractions of ``steps``
     eval_chunk: int = 4096
     extra: dict = field(default_factory=dict)
@@ -174,6 +179,7 @@ def train_linear_grid(
     config: LinearGridConfig = LinearGridConfig(),
     on_eval: Callable[[EvalPoint], None] | None = None,
     on_step: Callable[[int], None] | None = None,
+    views: torch.Tensor | None = None,
 ):
     """Train every run of ``groups`` (same grid points in every group) as one stacked computation.
 
@@ -224,7 +230,11 @@ def train_linear_grid(
     for step in range(config.steps):
         rows = torch.stack([draw_batch(g.train_pools, config.batch_size, gen) for g, gen in zip(groups, batch_gens)])
         B = rows.shape[1]
-        phi = features[rows].float()  # (G, B, K, D)
+        if views is None:
+            phi = features[rows].float()  # (G, B, K, D)
+        else:
+            which = torch.stack([draw_views(B, views.shape[1], gen, device) for gen in batch_gens])
+            phi = views[rows, which].float()
         y = labels[rows]  # (G, B)
         u = torch.stack([draw_noise(B, D, gen, device) for gen in batch_gens])  # (G, B, D)
         keep = u[:, None] >= rate  # (G, H, B, D)
@@ -356,6 +366,7 @@ def train_linear(
         points += [GridPoint(float(lr), float(wd), 0.0, True) for lr in lrs for wd in weight_decays]
 
     dev = resolve_device(device)
+    num_views = 0 if cache.views is None else int(cache.views.shape[1])
     out_dir = Path(out_dir)
     records_path = out_dir / RECORDS_FILE
     done = finished_run_ids([records_path])
@@ -365,7 +376,7 @@ def train_linear(
         return {"lr": p.lr, "weight_decay": p.weight_decay, "dropout": p.dropout, "probe": p.probe,
                 "v_init": "last" if p.probe else config.v_init, "batch_size": config.batch_size,
                 "steps": config.steps, "eval_every": config.eval_every, "momentum": config.momentum,
-                "lr_milestones": list(config.milestone_steps())}
+                "lr_milestones": list(config.milestone_steps()), "train_views": num_views}
 
     def rid(e: int, s: int, p: GridPoint) -> str:
         return run_id(method=linear_method(p.probe), source=provenance, test_domain=names[e], hparams=hparams(p), seed=s)
@@ -384,6 +395,7 @@ def train_linear(
         return LinearProtocolResult(records_path, 0, skipped, 0)
 
     features = torch.from_numpy(cache.features).to(dev)
+    views = torch.from_numpy(cache.views).to(dev) if num_views else None
     labels = torch.from_numpy(cache.labels).to(dev)
     split_names = [f"{d}_{part}" for d in names for part in ("in", "out")]
     split_rows = {}
@@ -438,5 +450,5 @@ def train_linear(
                         })
 
             train_linear_grid(features, labels, split_rows, len(split_names), groups, len(cache.class_names),
-                              config, on_eval=on_eval, on_step=lambda step: update(1))
+                              config, on_eval=on_eval, on_step=lambda step: update(1), views=views)
     return LinearProtocolResult(records_path, trained, skipped, diverged_runs)

@@ -262,3 +262,32 @@ def test_bad_arguments(image_folder, tmp_path):
         extract_features(image_folder, tmp_path / "c.h5", **dict(SMALL, dtype="int8"))
     with pytest.raises(LinftError, match="CUDA is not available|unknown device"):
         extract_features(image_folder, tmp_path / "c.h5", **dict(SMALL, device="cuda" if not torch.cuda.is_available() else "tpu"))
+
+
+def test_augmented_views_are_deterministic_resumable_and_match_their_transform(image_folder, tmp_path):
+    from linft.data import seed_hash
+    from linft.features import augmented_views_uint8, normalize_uint8
+    from linft.backbones import PooledBlockFeatures
+
+    ref = tmp_path / "ref.h5"
+    extract_features(image_folder, ref, views=2, dtype="float32", **SMALL)
+    cache = open_cache(ref)
+    assert cache.views.shape == (18, 2, 2, 512) and cache.meta["views"] == 2
+    assert not np.allclose(cache.views[:, 0], cache.features) and not np.allclose(cache.views[:, 0], cache.views[:, 1])
+    # an independent computation of row 7's views
+    model = load_backbone("resnet18", "none").model
+    x = augmented_views_uint8(image_folder / cache.paths[7], 32, 2, seed_hash("views", 0, 7))
+    with torch.no_grad():
+        expected = PooledBlockFeatures(model, ["layer4.0", "layer4.1"])(normalize_uint8(x)).numpy()
+    np.testing.assert_allclose(cache.views[7], expected, rtol=1e-4, atol=1e-5)
+    # interrupted, resumed with workers: the same file content
+    out = tmp_path / "c.h5"
+    with pytest.raises(_Stop):
+        extract_features(image_folder, out, views=2, dtype="float32", on_batch=_stop_after(8), **SMALL)
+    extract_features(image_folder, out, views=2, dtype="float32", **dict(SMALL, workers=2))
+    np.testing.assert_array_equal(open_cache(out).views, cache.views)
+    assert verify_cache(out).ok
+    # views change the provenance; none keeps the old hash scheme
+    plain = tmp_path / "plain.h5"
+    extract_features(image_folder, plain, dtype="float32", **SMALL)
+    assert open_cache(plain).provenance_sha256 != cache.provenance_sha256 and open_cache(plain).views is None

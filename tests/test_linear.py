@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from linft.errors import LinftError
 from linft.features import FeatureCache
 from linft.linear import (
-    GridPoint, Group, LinearGridConfig, draw_batch, draw_noise, eval_steps, group_generator, initial_parameters,
+    GridPoint, Group, LinearGridConfig, draw_batch, draw_noise, draw_views, eval_steps, group_generator, initial_parameters,
     inverted_dropout, linear_ft_logits, lr_at, train_linear, train_linear_grid,
 )
 from linft.protocol import domain_split_rows, iid_accuracy, ood_accuracy
@@ -36,7 +36,7 @@ def split_ids(domains, seed):
     return torch.from_numpy(ids)
 
 
-def plain_run(feats, labels, domains, test_domain, seed, point, config):
+def plain_run(feats, labels, domains, test_domain, seed, point, config, views=None):
     """One run as people write it: nn-style parameters, torch.optim.SGD, a loop over steps."""
     gen_init = group_generator(seed, test_domain, "init", "cpu")
     v, V, b = (t.clone().requires_grad_(True) for t in initial_parameters(K, D, C, gen_init, config.v_init, point.probe))
@@ -51,8 +51,9 @@ def plain_run(feats, labels, domains, test_domain, seed, point, config):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, point.lr, config.milestone_steps())
         rows = draw_batch(pools, config.batch_size, gen)
+        phi = X[rows] if views is None else views[rows, draw_views(len(rows), views.shape[1], gen, "cpu")]
         keep = draw_noise(len(rows), D, gen, "cpu") >= point.dropout
-        loss = F.cross_entropy(linear_ft_logits(X[rows], v, V, b, keep, point.dropout), Y[rows])
+        loss = F.cross_entropy(linear_ft_logits(phi, v, V, b, keep, point.dropout), Y[rows])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -69,9 +70,10 @@ def plain_run(feats, labels, domains, test_domain, seed, point, config):
 POINTS = [GridPoint(0.05, 1e-3, 0.0), GridPoint(0.02, 1e-2, 0.5), GridPoint(0.05, 0.0, 0.9), GridPoint(0.05, 1e-3, 0.0, True)]
 
 
-@pytest.mark.parametrize("v_init", ["normal", "last"])
-def test_batched_engine_equals_one_by_one_sgd(v_init):
+@pytest.mark.parametrize("v_init,with_views", [("normal", False), ("last", False), ("last", True)])
+def test_batched_engine_equals_one_by_one_sgd(v_init, with_views):
     feats, labels, domains = synthetic()
+    views = torch.from_numpy(feats)[:, None] * torch.tensor([0.5, 1.5]).view(1, 2, 1, 1) if with_views else None
     config = LinearGridConfig(steps=40, batch_size=5, eval_every=15, v_init=v_init, lr_milestones=(0.5,))
     splits = {s: split_ids(domains, s) for s in (0, 1)}
     groups = []
@@ -80,11 +82,11 @@ def test_batched_engine_equals_one_by_one_sgd(v_init):
         groups.append(Group(e, s, [torch.from_numpy(rows_of[(d, "in")]) for d in range(NDOM) if d != e], POINTS))
     seen = {}
     v, V, b = train_linear_grid(torch.from_numpy(feats), torch.from_numpy(labels), splits, 2 * NDOM, groups, C,
-                                config, on_eval=lambda ev: seen.__setitem__(ev.step, ev))
+                                config, on_eval=lambda ev: seen.__setitem__(ev.step, ev), views=views)
     assert sorted(seen) == [0, 15, 30, 39]
     for gi, g in enumerate(groups):
         for hi, p in enumerate(POINTS):
-            rv, rV, rb, traj = plain_run(feats, labels, domains, g.test_domain, g.seed, p, config)
+            rv, rV, rb, traj = plain_run(feats, labels, domains, g.test_domain, g.seed, p, config, views)
             torch.testing.assert_close(v[gi, hi], rv, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(V[gi, hi], rV, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(b[gi, hi], rb, rtol=1e-4, atol=1e-5)
@@ -203,3 +205,19 @@ def test_bad_input(tmp_path, kwargs, match):
     args.update(kwargs)
     with pytest.raises(LinftError, match=match):
         train_linear(make_cache(tmp_path), tmp_path / "runs", **args)
+
+
+def test_protocol_samples_cached_views_when_present(tmp_path):
+    cache = make_cache(tmp_path)
+    config = LinearGridConfig(steps=8, batch_size=4, eval_every=4)
+    kwargs = dict(dropouts=(0.0,), lrs=(0.05,), weight_decays=(0.0,), seeds=1, test_domains=["a"], config=config,
+                  device="cpu", progress=False)
+    train_linear(cache, tmp_path / "plain", **kwargs)
+    cache.views = np.stack([cache.features * 0.0, cache.features * 0.0], 1)  # views that carry no signal
+    train_linear(cache, tmp_path / "views", **kwargs)
+    plain, views = read_records([tmp_path / "plain"]), read_records([tmp_path / "views"])
+    assert views[0]["hparams"]["train_views"] == 2 and plain[0]["hparams"]["train_views"] == 0
+    assert views[0]["run_id"] != plain[0]["run_id"]
+    # zero views give zero gradients to v and V: only b moves, so predictions are constant
+    assert len({tuple(r["splits"]["b_in"]) for r in views}) >= 1
+    assert [r["splits"] for r in views] != [r["splits"] for r in plain]
