@@ -218,6 +218,4 @@ def test_protocol_samples_cached_views_when_present(tmp_path):
     plain, views = read_records([tmp_path / "plain"]), read_records([tmp_path / "views"])
     assert views[0]["hparams"]["train_views"] == 2 and plain[0]["hparams"]["train_views"] == 0
     assert views[0]["run_id"] != plain[0]["run_id"]
-    # zero views give zero gradients to v and V: only b moves, so predictions are constant
-    assert len({tuple(r["splits"]["b_in"]) for r in views}) >= 1
     assert [r["splits"] for r in views] != [r["splits"] for r in plain]
