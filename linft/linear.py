@@ -203,7 +203,9 @@ def train_linear_grid(
 
     lr = torch.tensor([p.lr for p in points], **f32).expand(G, H)
     wd = torch.tensor([p.weight_decay for p in points], **f32).expand(G, H)
-    rate = torch.tensor([p.dropout for p in points], **f32).view(1, H, 1, 1)
+    rates = sorted({p.dropout for p in points})
+    rate_groups = [(r, torch.tensor([h for h, p in enumerate(points) if p.dropout == r], device=device))
+                   for r in rates]
     train_v = torch.tensor([0.0 if p.probe else 1.0 for p in points], **f32).view(1, H, 1, 1).expand(G, H, 1, 1)
 
     v = torch.empty(G, H, K, D, **f32)
@@ -237,10 +239,7 @@ def train_linear_grid(
             phi = views[rows, which].float()
         y = labels[rows]  # (G, B)
         u = torch.stack([draw_noise(B, D, gen, device) for gen in batch_gens])  # (G, B, D)
-        keep = u[:, None] >= rate  # (G, H, B, D)
-        rep = torch.einsum("gbkd,ghkd->ghbd", phi, v)
-        rep = rep * keep / (1.0 - rate)
-        logits = torch.einsum("ghbd,ghcd->ghbc", rep, V) + b[:, :, None, :]
+        logits = _train_logits(phi, u, v, V, b, rate_groups)  # (G, H, B, C)
         loss = F.cross_entropy(logits.reshape(G * H * B, C), y[:, None, :].expand(G, H, B).reshape(-1),
                                reduction="none").view(G, H, B).mean(-1)
         finite = torch.isfinite(loss)
@@ -270,6 +269,34 @@ def train_linear_grid(
                 on_eval(EvalPoint(step=step, correct=correct, total=totals, loss=loss.detach().cpu().numpy(),
                                   diverged=diverged.cpu().numpy(), final=step == config.steps - 1))
     return v.detach(), V.detach(), b.detach()
+
+
+def _train_logits(phi, u, v, V, b, rate_groups):
+    """Training logits (G, H, B, C) of every run, with each run's dropout mask.
+
+    ``V · (m ⊙ Σ_k v_k ⊙ φ_k) / (1-λ) = Σ_k (V ⊙ v_k) · (m ⊙ φ_k) / (1-λ)``: the
+    mask ``m = u ≥ λ`` depends only on the group's noise and the rate, so
+    runs of one rate share the masked features and one batched matmul
+    (B x K·D by K·D x H·C per group) serves them all. This avoids
+    materialising a (G, H, B, D) adapted representation, which is what makes
+    stacking runs pay off on a CPU.
+    """
+    G, B, K, D = phi.shape
+    H, C = V.shape[1], V.shape[2]
+    W = (V.unsqueeze(3) * v.unsqueeze(2)).reshape(G, H, C, K * D)  # (G, H, C, K·D)
+    parts, order = [], []
+    for rate, hidx in rate_groups:
+        if rate > 0:
+            psi = phi * ((u >= rate).unsqueeze(2) / (1.0 - rate))
+        else:
+            psi = phi
+        Wr = W.index_select(1, hidx).reshape(G, len(hidx) * C, K * D)
+        parts.append(torch.bmm(psi.reshape(G, B, K * D), Wr.transpose(1, 2)).view(G, B, len(hidx), C))
+        order.append(hidx)
+    logits = torch.cat(parts, 2) if len(parts) > 1 else parts[0]
+    if len(parts) > 1:
+        logits = logits.index_select(2, torch.argsort(torch.cat(order)))
+    return logits.permute(0, 2, 1, 3) + b[:, :, None, :]
 
 
 def _evaluate(features, labels, seed_split, v, V, b, num_splits, chunk):
