@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 import click
@@ -21,7 +23,12 @@ class LinftGroup(click.Group):
         try:
             return super().invoke(ctx)
         except LinftError as exc:
-            raise click.ClickException(str(exc)) from None
+            click.echo(f"Error: {exc}", err=True)
+            if exc.exit_at_once:  # see LinftError: HDF5 would crash at interpreter exit
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(2)
+            ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted; re-run the same command to resume", err=True)
             ctx.exit(130)

@@ -27,6 +27,7 @@ refuse files not marked complete. An existing cache is never replaced unless
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -192,6 +193,10 @@ def _write_attrs(f: h5py.File, attrs: dict) -> None:
         f.attrs[k] = json.dumps(v) if k in JSON_ATTRS else (str(v) if isinstance(v, str) else v)
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def _differences(a: dict, b: dict) -> list[str]:
     return [k for k in IDENTITY_ATTRS if a.get(k) != b.get(k)]
 
@@ -218,9 +223,9 @@ def _open_existing(path: Path) -> dict | None:
         with h5py.File(path, "r") as f:
             attrs = _read_attrs(f)
     except OSError as exc:
-        if "lock" in str(exc).lower():
+        if exc.errno == errno.EAGAIN or "unable to lock file" in str(exc).lower():
             raise LinftError(f"{path} is open for writing in another process; wait for it to finish") from None
-        return None
+        return None  # truncated or foreign: not a usable cache
     return attrs if "provenance_sha256" in attrs else None
 
 
@@ -278,6 +283,8 @@ def extract_features(
         raise LinftError(f"--batch-size must be at least 1, got {batch_size}")
     if views < 0:
         raise LinftError(f"--views must be 0 or more, got {views}")
+    if workers is not None and workers < 0:
+        raise LinftError(f"--workers must be 0 or more, got {workers}")
     dev = resolve_device(device)
     use_amp = bool(amp and dev.type == "cuda")
 
@@ -384,8 +391,8 @@ def extract_features(
             f.flush()
         else:
             f = h5py.File(partial, "r+")
-    except OSError as exc:
-        raise LinftError(f"cannot write {partial} ({exc}); check the location or choose another --out") from None
+    except (OSError, RuntimeError) as exc:  # h5py reports some write failures as RuntimeError
+        raise LinftError(f"cannot write {partial} ({_first_line(exc)}); check the location or choose another --out") from None
 
     status = "resumed" if num_done else "extracted"
     extracted = 0
@@ -398,11 +405,14 @@ def extract_features(
         f.attrs["completed"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         f.attrs["complete"] = True
         f.flush()
-    except OSError as exc:
-        raise LinftError(f"writing {partial} failed ({exc}); free space or fix the location, "
-                         f"then re-run the same command to resume") from None
+    except (OSError, RuntimeError) as exc:  # a full disk or file-size limit surfaces as either
+        raise LinftError(f"writing {partial} failed ({_first_line(exc)}); free space or fix the location, "
+                         f"then re-run the same command to resume", exit_at_once=True) from None
     finally:
-        f.close()
+        try:
+            f.close()
+        except (OSError, RuntimeError):  # the write failure above is the message that matters
+            pass
     with open(partial, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(partial, out)

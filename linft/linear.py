@@ -383,8 +383,8 @@ def train_linear(
             raise LinftError(f"dropout rate {p} is outside [0, 1); use e.g. 0.9")
     if seeds < 1 or not lrs or not weight_decays or (not dropouts and not probe):
         raise LinftError("the grid is empty: give at least one seed, lr, weight decay and dropout rate (or --probe)")
-    if config.steps < 1 or config.eval_every < 1:
-        raise LinftError("--steps and the evaluation interval must be at least 1")
+    if config.steps < 1 or config.eval_every < 1 or config.batch_size < 1:
+        raise LinftError("--steps, --batch-size and the evaluation interval must be at least 1")
     if config.v_init not in V_INITS:
         raise LinftError(f"unknown v init '{config.v_init}'; use one of {', '.join(V_INITS)}")
 
@@ -425,10 +425,11 @@ def train_linear(
     views = torch.from_numpy(cache.views).to(dev) if num_views else None
     labels = torch.from_numpy(cache.labels).to(dev)
     split_names = [f"{d}_{part}" for d in names for part in ("in", "out")]
-    split_rows = {}
+    split_rows, rows_by_seed = {}, {}
     for s in range(seeds):
+        rows_by_seed[s] = domain_split_rows(cache.domains, len(names), s, cache.valid)
         ids = np.full(len(cache.labels), -1, dtype=np.int64)
-        for (d, part), rows in domain_split_rows(cache.domains, len(names), s, cache.valid).items():
+        for (d, part), rows in rows_by_seed[s].items():
             ids[rows] = 2 * d + (part == "out")
         split_rows[s] = torch.from_numpy(ids).to(dev)
     attempt = uuid.uuid4().hex[:12]
@@ -441,11 +442,12 @@ def train_linear(
             groups = []
             for e, s in pairs:
                 train = [d for d in range(len(names)) if d != e]
-                pools = [torch.from_numpy(domain_split_rows(cache.domains, len(names), s, cache.valid)[(d, "in")]).to(dev)
-                         for d in train]
-                if any(len(pool) == 0 for pool in pools):
-                    raise LinftError(f"a training domain of held-out {names[e]} has an empty 'in' split; "
-                                     f"each domain needs at least 2 valid images")
+                pools = [torch.from_numpy(rows_by_seed[s][(d, "in")]).to(dev) for d in train]
+                small = [names[d] for d in train if len(rows_by_seed[s][(d, "in")]) == 0
+                         or len(rows_by_seed[s][(d, "out")]) == 0]
+                if small:
+                    raise LinftError(f"domain {', '.join(small)} has an empty 'in' or 'out' split (20% held out); "
+                                     f"each training domain needs at least 5 valid images")
                 groups.append(Group(e, s, pools, list(bucket_points)))
             flagged: set[tuple[int, int]] = set()
 

@@ -31,6 +31,22 @@ def run_id(**identity) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+REQUIRED_FIELDS = ("run_id", "label", "test_domain", "train_domains", "seed", "step", "splits")
+
+
+def _drop_torn_last_line(path: Path) -> None:
+    """Cut an unterminated last line (a writer killed mid-line) so that appends start on a new line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as fh:
+        fh.seek(-1, os.SEEK_END)
+        if fh.read(1) == b"\n":
+            return
+        fh.seek(0)
+        data = fh.read()
+        fh.truncate(data.rfind(b"\n") + 1)
+
+
 class RecordWriter:
     """Appends records to ``path`` (JSON lines), one flushed line each."""
 
@@ -38,6 +54,7 @@ class RecordWriter:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _drop_torn_last_line(self.path)
             self._fh = open(self.path, "a", encoding="utf-8")
         except OSError as exc:
             raise LinftError(f"cannot write run records to {self.path} ({exc.strerror}); choose another --out") from None
@@ -81,11 +98,15 @@ def read_records(paths) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
-                if i >= len(lines) - 2:  # the last, unterminated line of a killed writer
+                if i == len(lines) - 1:  # the last, unterminated line of a killed writer
                     continue
                 raise LinftError(f"{path} line {i + 1} is not JSON; it is not a linft record file") from None
+            if not isinstance(record, dict) or any(k not in record for k in REQUIRED_FIELDS):
+                raise LinftError(f"{path} line {i + 1} is not a linft run record (needs {', '.join(REQUIRED_FIELDS)}); "
+                                 f"pass only linft record files or folders")
+            records.append(record)
     return records
 
 

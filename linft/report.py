@@ -44,6 +44,7 @@ class RunResult:
     status: str  # ok, diverged, unfinished
     dropout: float | None
     source: str
+    domains: tuple  # every domain of the dataset (training and held-out)
 
 
 def run_results(records: list[dict], selection: str = "iid") -> list[RunResult]:
@@ -67,6 +68,7 @@ def run_results(records: list[dict], selection: str = "iid") -> list[RunResult]:
             seed=int(last["seed"]), grid=tuple(sorted(last.get("grid", {}).items())), step=int(chosen["step"]),
             iid=iid_accuracy(chosen) if usable else float("nan"), ood=ood_accuracy(chosen) if usable else float("nan"),
             status=status, dropout=last.get("hparams", {}).get("dropout"), source=next(iter(sources[key])),
+            domains=tuple(sorted(set(last["train_domains"]) | {last["test_domain"]})),
         ))
     mixed = [f"{label} on {ds}" for (label, ds), s in sources.items() if len(s) > 1]
     if mixed:
@@ -79,26 +81,45 @@ def _ok(results):
     return [r for r in results if r.status == "ok"]
 
 
-def domainbed_table(results: list[RunResult]) -> dict:
+def _expected_domains(results) -> dict[tuple, set]:
+    out: dict[tuple, set] = defaultdict(set)
+    for r in results:
+        out[(r.dataset, r.label)].update(r.domains)
+    return out
+
+
+def missing_domains(results: list[RunResult]) -> dict[tuple, list[str]]:
+    """Per (dataset, label), the held-out domains without any finished, non-diverged run."""
+    have: dict[tuple, set] = defaultdict(set)
+    for r in _ok(results):
+        have[(r.dataset, r.label)].add(r.test_domain)
+    return {k: sorted(v - have[k]) for k, v in _expected_domains(results).items() if v - have[k]}
+
+
+def domainbed_table(results: list[RunResult], selection: str = "iid") -> dict:
     """``{(dataset, label): {test_domain | "average": {"iid": (mean, se), "ood": (mean, se), "n": seeds}}}``.
 
-    Per seed and held-out domain the grid point with the best i.i.d. accuracy
-    is chosen (training-domain validation); then mean ± SE over seeds. The
-    average is taken per seed over the held-out domains, then over seeds.
+    Per seed and held-out domain one grid point is chosen: the best i.i.d.
+    accuracy (training-domain validation), or with ``selection="oracle"`` the
+    best o.o.d. accuracy; then mean ± SE over seeds. The average is taken per
+    seed over *all* the dataset's domains, then over seeds; when a domain has
+    no usable run the average is NaN (shown as —), never an average of the rest.
     """
+    score = (lambda r: r.ood) if selection == "oracle" else (lambda r: r.iid)
     chosen: dict[tuple, dict[str, dict[int, RunResult]]] = defaultdict(lambda: defaultdict(dict))
     for r in _ok(results):
         cur = chosen[(r.dataset, r.label)][r.test_domain].get(r.seed)
-        if cur is None or r.iid > cur.iid or (r.iid == cur.iid and r.grid < cur.grid):  # ties: first grid point
+        if cur is None or score(r) > score(cur) or (score(r) == score(cur) and r.grid < cur.grid):  # ties: first grid
             chosen[(r.dataset, r.label)][r.test_domain][r.seed] = r
+    expected = _expected_domains(results)
     table = {}
     for key, per_domain in chosen.items():
         row = {}
         for d in sorted(per_domain):
             runs = list(per_domain[d].values())
             row[d] = {"iid": mean_and_se(r.iid for r in runs), "ood": mean_and_se(r.ood for r in runs), "n": len(runs)}
-        domains = sorted(per_domain)
-        seeds = sorted(set.intersection(*(set(per_domain[d]) for d in domains)))
+        domains = sorted(expected[key])
+        seeds = sorted(set.intersection(*(set(per_domain.get(d, {})) for d in domains)))
         row["average"] = {
             "iid": mean_and_se(np.mean([per_domain[d][s].iid for d in domains]) for s in seeds),
             "ood": mean_and_se(np.mean([per_domain[d][s].ood for d in domains]) for s in seeds),
@@ -110,14 +131,16 @@ def domainbed_table(results: list[RunResult]) -> dict:
 
 def cloud_tables(results: list[RunResult]) -> dict:
     """``{(dataset, label): {test_domain: {grid: (iid, ood)}}}``, seeds averaged; grid points with a
-    diverged or unfinished seed are left out (they would bias the average)."""
+    diverged or unfinished seed are left out (they would bias the average), and so are methods
+    missing a held-out domain (see :func:`missing_domains`): their cloud would mix other domains."""
     bad = {(r.dataset, r.label, r.test_domain, r.grid) for r in results if r.status != "ok"}
     acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in _ok(results):
         if (r.dataset, r.label, r.test_domain, r.grid) not in bad:
             acc[(r.dataset, r.label)][r.test_domain][r.grid].append((r.iid, r.ood))
+    expected = _expected_domains(results)
     return {k: {d: {g: tuple(np.mean(v, axis=0)) for g, v in grids.items()} for d, grids in per.items()}
-            for k, per in acc.items()}
+            for k, per in acc.items() if set(per) == expected[k]}
 
 
 def _fmt(ms) -> str:
@@ -175,14 +198,15 @@ def plot_clouds(clouds: dict, path: Path) -> Path:
     return path
 
 
-def plot_dropout(results: list[RunResult], path: Path) -> Path | None:
-    """Mean o.o.d. and i.i.d. accuracy (selected steps, all grid points and seeds) against the dropout rate."""
+def plot_dropout(results: list[RunResult], path: Path, selection: str = "iid") -> Path | None:
+    """Average o.o.d. and i.i.d. accuracy (the table's average column: grid point selected per seed,
+    mean ± SE over seeds) against the dropout rate, for each method with several rates."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     by_method = defaultdict(lambda: defaultdict(list))
-    for r in _ok(results):
+    for r in results:
         if r.dropout is not None:
             by_method[(r.dataset, r.method)][r.dropout].append(r)
     by_method = {k: v for k, v in by_method.items() if len(v) >= 2}
@@ -191,12 +215,15 @@ def plot_dropout(results: list[RunResult], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     for i, ((dataset, method), per_rate) in enumerate(sorted(by_method.items())):
         rates = sorted(per_rate)
+        cells = [next(iter(domainbed_table(per_rate[p], selection).values()), {}).get("average") for p in rates]
         for ax, metric in zip(axes, ("ood", "iid")):
-            stats = [mean_and_se(getattr(r, metric) for r in per_rate[p]) for p in rates]
-            ax.errorbar(rates, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], marker="o",
-                        color=f"C{i}", label=f"{dataset} {method}", capsize=3)
+            pts = [(p, c[metric]) for p, c in zip(rates, cells) if c is not None and not np.isnan(c[metric][0])]
+            if not pts:
+                continue
+            ax.errorbar([p for p, _ in pts], [100 * m for _, (m, _) in pts], yerr=[100 * se for _, (_, se) in pts],
+                        marker="o", color=f"C{i}", label=f"{dataset} {method}", capsize=3)
             ax.set_xlabel("dropout rate")
-            ax.set_ylabel(f"{metric} acc (%)")
+            ax.set_ylabel(f"{metric} acc (%), average over held-out domains")
             ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -212,9 +239,16 @@ def write_report(record_paths, out_dir, selection: str = "iid") -> dict:
     if not records:
         raise LinftError(f"the run records in {', '.join(map(str, record_paths))} are empty; train something first")
     results = run_results(records, selection)
-    table = domainbed_table(results)
+    try:
+        return _write_report(results, record_paths, Path(out_dir), selection)
+    except OSError as exc:
+        raise LinftError(f"cannot write the report to {out_dir} ({exc.strerror or exc}); choose another --out") from None
+
+
+def _write_report(results, record_paths, out: Path, selection: str) -> dict:
+    table = domainbed_table(results, selection)
     clouds = cloud_tables(results)
-    out = Path(out_dir)
+    missing = missing_domains(results)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
 
@@ -241,21 +275,26 @@ def write_report(record_paths, out_dir, selection: str = "iid") -> dict:
     paths["clouds_csv"] = out / "clouds.csv"
     if clouds:
         paths["clouds_png"] = plot_clouds(clouds, out / "clouds.png")
-    dropout_png = plot_dropout(results, out / "dropout.png")
+    dropout_png = plot_dropout(results, out / "dropout.png", selection)
     if dropout_png:
         paths["dropout_png"] = dropout_png
 
     counts = defaultdict(lambda: defaultdict(int))
     for r in results:
         counts[(r.dataset, r.label)][r.status] += 1
-    lines = [f"# linft report\n", f"Selection: {'best i.i.d. step (training-domain validation)' if selection == 'iid' else 'oracle (best o.o.d. step)'}; "
-             f"per seed the grid point with the best i.i.d. accuracy. Records: {', '.join(map(str, record_paths))}.\n",
+    rule = ("best i.i.d. step of each run, and per seed the grid point with the best i.i.d. accuracy "
+            "(training-domain validation)" if selection == "iid" else
+            "oracle: best o.o.d. step of each run, and per seed the grid point with the best o.o.d. accuracy")
+    lines = [f"# linft report\n", f"Selection: {rule}. Records: {', '.join(map(str, record_paths))}.\n",
              table_markdown(table, "ood"), table_markdown(table, "iid"), "**Runs**\n",
              "| dataset | method | ok | diverged | unfinished | cloud points |", "|---|---|---|---|---|---|"]
     for key in sorted(counts):
         c = counts[key]
         n_cloud = len(cloud_points(clouds[key])[0]) if key in clouds else 0
         lines.append(f"| {key[0]} | {key[1]} | {c['ok']} | {c['diverged']} | {c['unfinished']} | {n_cloud} |")
+    for (dataset, label), domains in sorted(missing.items()):
+        lines.append(f"\n{label} on {dataset}: no usable run for held-out {', '.join(domains)}; "
+                     f"its average and cloud are left out.")
     diverged = [r for r in results if r.status == "diverged"]
     if diverged:
         lines.append("\nDiverged runs (not averaged in): " + "; ".join(

@@ -152,9 +152,10 @@ def test_enum_weights_load_through_torchvision_cache(torch_home):
     assert load_backbone("resnet18", "imagenet1k_v1").weights_sha256 == bb.weights_sha256
 
 
-def test_corrupt_enum_weights_file(torch_home):
+@pytest.mark.parametrize("garbage", [b"\x00" * 100, b"PK\x03\x04" + b"junk" * 50, b"not a checkpoint at all", b""])
+def test_corrupt_enum_weights_file(torch_home, garbage):
     torch_home.mkdir(parents=True)
     filename = os.path.basename(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url)
-    (torch_home / filename).write_bytes(b"\x00" * 100)
+    (torch_home / filename).write_bytes(garbage)
     with pytest.raises(LinftError, match="delete it and put a good copy"):
         load_backbone("resnet18", "IMAGENET1K_V1")

@@ -291,3 +291,46 @@ def test_augmented_views_are_deterministic_resumable_and_match_their_transform(i
     plain = tmp_path / "plain.h5"
     extract_features(image_folder, plain, dtype="float32", **SMALL)
     assert open_cache(plain).provenance_sha256 != cache.provenance_sha256 and open_cache(plain).views is None
+
+
+def test_truncated_partial_is_discarded_and_extraction_restarts(image_folder, tmp_path):
+    ref = tmp_path / "ref.h5"
+    extract_features(image_folder, ref, **SMALL)
+    out = tmp_path / "c.h5"
+    with pytest.raises(_Stop):
+        extract_features(image_folder, out, on_batch=_stop_after(8), **SMALL)
+    partial = Path(str(out) + ".partial")
+    data = partial.read_bytes()
+    partial.write_bytes(data[: len(data) - 4096])  # what a full disk or power loss leaves
+    with pytest.warns(UserWarning, match="discarding unreadable partial file"):
+        assert extract_features(image_folder, out, **SMALL).status == "extracted"
+    np.testing.assert_array_equal(open_cache(ref).features, open_cache(out).features)
+
+
+WRITE_LIMIT_SCRIPT = textwrap.dedent("""
+    import resource, sys
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
+    from linft.cli.main import main
+    main(sys.argv[2:])
+""")
+
+
+def test_a_write_failure_is_one_line_and_resumable(image_folder, tmp_path):
+    out = tmp_path / "c.h5"
+    args = ["extract", str(image_folder), "--out", str(out), "--backbone", "resnet18", "--weights", "none",
+            "--image-size", "32", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--dtype", "float32",
+            "--quiet"]
+    proc = subprocess.run([sys.executable, "-c", WRITE_LIMIT_SCRIPT, "30000", *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert "Traceback" not in proc.stderr and len(errors) == 1 and "re-run the same command to resume" in errors[0]
+    assert not out.exists()
+    done = subprocess.run([sys.executable, "-m", "linft.cli.main", *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert verify_cache(out).ok
+
+
+def test_negative_workers_refused(image_folder, tmp_path):
+    with pytest.raises(LinftError, match="--workers must be 0 or more"):
+        extract_features(image_folder, tmp_path / "c.h5", **dict(SMALL, workers=-1))

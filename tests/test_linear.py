@@ -198,6 +198,7 @@ def test_diverged_runs_are_flagged(tmp_path):
     (dict(dropouts=(-0.1,)), r"outside \[0, 1\)"),
     (dict(lrs=()), "grid is empty"),
     (dict(seeds=0), "grid is empty"),
+    (dict(config=LinearGridConfig(steps=2, batch_size=0)), "--batch-size"),
 ])
 def test_bad_input(tmp_path, kwargs, match):
     args = dict(dropouts=(0.9,), lrs=(0.01,), weight_decays=(0.0,), seeds=1,
@@ -219,3 +220,10 @@ def test_protocol_samples_cached_views_when_present(tmp_path):
     assert views[0]["hparams"]["train_views"] == 2 and plain[0]["hparams"]["train_views"] == 0
     assert views[0]["run_id"] != plain[0]["run_id"]
     assert [r["splits"] for r in views] != [r["splits"] for r in plain]
+
+
+def test_training_domains_need_an_out_split(tmp_path):
+    cache = make_cache(tmp_path, n_per_domain=4)  # int(0.2 * 4) = 0 held-out images per domain
+    with pytest.raises(LinftError, match="empty 'in' or 'out' split"):
+        train_linear(cache, tmp_path / "runs", dropouts=(0.0,), lrs=(0.1,), weight_decays=(0.0,), seeds=1,
+                     config=LinearGridConfig(steps=2), device="cpu", progress=False)

@@ -82,6 +82,13 @@ def test_records_round_trip_torn_line_and_attempts(tmp_path):
     assert [r["step"] for r in runs["r1"]] == [0, 5] and all(r["attempt"] == "new" for r in runs["r1"])
     assert finished_run_ids([path]) == {"r1"}
     assert finished_run_ids([tmp_path / "missing.jsonl"]) == set()
+    with RecordWriter(path) as w:  # appending after a torn line keeps the file readable
+        w.write(rec(9, 1, 1, 1, 1, attempt="later", run_id="r2", final=True))
+    assert [r["run_id"] for r in read_records([path])] == ["r1", "r1", "r1", "r2"]
+    (tmp_path / "other.jsonl").write_text('{"some": "log"}\n')
+    with pytest.raises(LinftError, match="is not a linft run record"):
+        read_records([tmp_path])
+    (tmp_path / "other.jsonl").unlink()
     (tmp_path / "bad.jsonl").write_text("not json\n{}\n")
     with pytest.raises(LinftError, match="line 1 is not JSON"):
         read_records([tmp_path / "bad.jsonl"])
@@ -97,22 +104,40 @@ def _grid_records():
     return out
 
 
+def _held_out(r, test):
+    """The same record with ``test`` held out: a's and b's roles go to the other two domains, c's to ``test``."""
+    x, y = [d for d in "abc" if d != test]
+    sp = r["splits"]
+    splits = {f"{x}_in": sp["a_in"], f"{x}_out": sp["a_out"], f"{y}_in": sp["b_in"], f"{y}_out": sp["b_out"],
+              f"{test}_in": sp["c_in"], f"{test}_out": sp["c_out"]}
+    return {**r, "test_domain": test, "train_domains": [x, y], "splits": splits, "run_id": test + r["run_id"]}
+
+
+def _full_grid_records():
+    return [_held_out(r, t) for t in "abc" for r in _grid_records()]
+
+
 def test_domainbed_table_selects_per_seed_by_iid():
     table = domainbed_table(run_results(_grid_records()))
     cell = table[("toy", "m")]["c"]
     # seed 0: grid 2 (iid .7) beats grid 1 (.6) -> ood 25/50; seed 1: grid 1 (.8) beats grid 2 (.5) -> 30/50
     assert cell["iid"][0] == pytest.approx(0.75) and cell["ood"][0] == pytest.approx(0.55)
     assert cell["ood"][1] == pytest.approx(np.std([0.5, 0.6], ddof=1) / np.sqrt(2))
-    assert table[("toy", "m")]["average"]["ood"][0] == pytest.approx(0.55)
+    # a and b were never held out: no average over the dataset's domains can be given
+    assert np.isnan(table[("toy", "m")]["average"]["ood"][0])
+    only_c = domainbed_table([r for r in run_results(_grid_records()) if True], "iid")
+    assert only_c[("toy", "m")]["average"]["n"] == 0
 
 
 def test_cloud_tables_average_seeds_and_drop_diverged():
-    records = _grid_records()
+    records = _full_grid_records()
     clouds = cloud_tables(run_results(records))
     assert clouds[("toy", "m")]["c"][(("lr", 1),)] == pytest.approx((0.7, 0.5))
-    records[3]["status"] = "diverged"
+    assert cloud_points(clouds[("toy", "m")])[0].shape == (8, 2)  # 2 grid points ^ 3 domains
+    assert domainbed_table(run_results(records))[("toy", "m")]["average"]["ood"][0] == pytest.approx(0.55)
+    records[3]["status"] = "diverged"  # held-out a, grid 2, seed 1
     clouds = cloud_tables(run_results(records))
-    assert list(clouds[("toy", "m")]["c"]) == [(("lr", 1),)]
+    assert list(clouds[("toy", "m")]["a"]) == [(("lr", 1),)] and len(clouds[("toy", "m")]["c"]) == 2
 
 
 def test_records_of_different_caches_never_mix():
@@ -124,16 +149,41 @@ def test_records_of_different_caches_never_mix():
 
 def test_write_report_and_cli(tmp_path):
     with RecordWriter(tmp_path / "runs" / "records.jsonl") as w:
-        for r in _grid_records():
+        for r in _full_grid_records():
             w.write(r)
-        for r in _grid_records():
+        for r in _full_grid_records():
             w.write({**r, "label": "other", "run_id": "o" + r["run_id"], "hparams": {"dropout": 0.9}})
+        for r in _grid_records():  # a method run on one held-out domain only
+            w.write({**r, "label": "partial", "run_id": "p" + r["run_id"]})
     paths = write_report([tmp_path / "runs"], tmp_path / "rep")
     for name in ("summary", "table", "runs", "clouds_csv", "clouds_png", "dropout_png"):
         assert paths[name].exists()
     summary = paths["summary"].read_text()
-    assert "| m | 55.0 ± 5.0 | 55.0 ± 5.0 |" in summary and "| other |" in summary
+    assert "| m | 55.0 ± 5.0 | 55.0 ± 5.0 | 55.0 ± 5.0 | 55.0 ± 5.0 |" in summary and "| other |" in summary
+    assert "| partial | — | — | 55.0 ± 5.0 | — |" in summary
+    assert "partial on toy: no usable run for held-out a, b" in summary
     result = CliRunner().invoke(main, ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep2"), "--json"])
     assert result.exit_code == 0 and json.loads(result.output)["summary"].endswith("summary.md")
     bad = CliRunner().invoke(main, ["report", str(tmp_path / "none")])
     assert bad.exit_code != 0 and "does not exist" in bad.output and "Traceback" not in bad.output
+
+
+def test_a_domain_without_usable_runs_blanks_the_average_and_the_cloud():
+    records = _grid_records()
+    for d, other in (("a", "c"),):
+        for r in _grid_records():  # held-out a, all diverged
+            r = {**r, "test_domain": d, "train_domains": ["b", other], "run_id": "a" + r["run_id"], "status": "diverged"}
+            r["splits"] = {**r["splits"], "a_in": [0, 40], "a_out": [0, 10], "c_out": [5, 10]}
+            records.append(r)
+    results = run_results(records)
+    table = domainbed_table(results)
+    assert np.isnan(table[("toy", "m")]["average"]["ood"][0])
+    assert ("toy", "m") not in cloud_tables(results)
+    from linft.report import missing_domains
+    assert missing_domains(results) == {("toy", "m"): ["a", "b"]}
+
+
+def test_oracle_selects_grid_points_by_ood():
+    table = domainbed_table(run_results(_grid_records(), "oracle"), "oracle")
+    # per seed the grid point with the best o.o.d.: seed 0 -> 25/50 (grid 2), seed 1 -> 40/50 (grid 2)
+    assert table[("toy", "m")]["c"]["ood"][0] == pytest.approx(0.65)
