@@ -22,6 +22,7 @@ import hashlib
 import os
 import pickle
 import urllib.error
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -107,7 +108,10 @@ def _enum_state_dict(name: str, weights_name: str):
             f"weights {name}/{weights_name} are not available (no download: {getattr(exc, 'reason', exc)}); "
             f"put {filename} ({weights.url}) in {folder}, or pass --weights PATH to a local state_dict"
         ) from None
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+    except PermissionError as exc:
+        raise LinftError(f"cannot read {exc.filename or folder} (permission denied); fix its permissions "
+                         f"or set TORCH_HOME to a folder you can read") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
         raise LinftError(
             f"cannot read {folder / filename} ({exc.__class__.__name__}); "
             f"delete it and put a good copy of {weights.url} there"
@@ -285,3 +289,11 @@ class PooledBlockFeatures(nn.Module):
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def _register_demo_resnet():
+    from linft.pretrain import demo_resnet, SHIPPED_CHECKPOINT
+    register_backbone("demo-resnet", demo_resnet, str(SHIPPED_CHECKPOINT))
+
+
+_register_demo_resnet()
