@@ -48,8 +48,7 @@ def main():
 
 
 def _register():
-    from linft.cli import cache, demo, extract, report, train_linear
-    from linft.cli import pretrain
+    from linft.cli import cache, demo, extract, finetune, pretrain, report, train_linear
 
     main.add_command(extract.extract)
     main.add_command(cache.cache)
@@ -58,6 +57,7 @@ def _register():
     main.add_command(pretrain.pretrain_source)
     main.add_command(pretrain.pretrain_command)
     main.add_command(train_linear.train_linear_cmd)
+    main.add_command(finetune.finetune_cmd)
     main.add_command(report.report)
 
 

@@ -9,7 +9,7 @@ import click
 
 from linft.linear import V_INITS, LinearGridConfig, train_linear
 from linft.records import read_records
-from linft.report import domainbed_table, run_results, table_markdown
+from linft.report import domainbed_table, run_results, table_markdown, table_rows
 
 
 @click.command("train-linear")
@@ -58,9 +58,7 @@ def train_linear_cmd(cache, dropouts, probe, probe_only, lrs, weight_decays, see
     results = run_results(read_records([result.records]))
     table = domainbed_table(results)
     if as_json:
-        click.echo(json.dumps([{"dataset": k[0], "label": k[1], "test_domain": d, "iid": cell["iid"],
-                                "ood": cell["ood"], "seeds": cell["n"]}
-                               for k, row in sorted(table.items()) for d, cell in row.items()], indent=2))
+        click.echo(json.dumps(table_rows(table), indent=2))
     else:
         click.echo(table_markdown(table, "ood"))
         click.echo(table_markdown(table, "iid"))

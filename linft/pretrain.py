@@ -16,8 +16,9 @@
   state_dict with metadata (:data:`SHIPPED_CHECKPOINT` was made this way; its
   metadata holds the exact command).
 
-Determinism: on the CPU the same arguments give the same weights, bit for bit,
-for the same torch version and thread count. Every random draw (initialisation,
+Determinism: the same arguments give the same weights, bit for bit, for the
+same torch version and device (on the CPU the same thread count; on CUDA the
+training runs with deterministic kernels, :func:`deterministic_cuda`). Every random draw (initialisation,
 held-out split, shuffling, augmentation) comes from generators seeded by
 ``seed``; DataLoader workers only decode images, so their number changes
 nothing.
@@ -253,6 +254,28 @@ def _augment(x: torch.Tensor, gen: torch.Generator, pad: int) -> torch.Tensor:
 
 
 @contextmanager
+def deterministic_cuda(dev: torch.device):
+    """On CUDA, deterministic kernels inside the block (cuDNN deterministic, no autotuning, cuBLAS workspace
+    fixed), so the same command gives the same weights on the same GPU and software; the previous settings
+    are restored. Nothing changes on the CPU, which is deterministic already."""
+    if dev.type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[0], saved[1]
+        torch.use_deterministic_algorithms(saved[2])
+        if saved[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+@contextmanager
 def _denormals_flushed():
     """Flush denormal floats to zero inside the block (torch has no getter: the default, off, is restored)."""
     torch.set_flush_denormal(True)
@@ -399,7 +422,7 @@ def pretrain(
 
     # Denormal floats appear during training and made CPU steps up to 10x slower (measured); flushing them
     # to zero is set for the training only.
-    with _denormals_flushed():
+    with _denormals_flushed(), deterministic_cuda(dev):
         if preload is None:
             preload = n * 3 * image_size * image_size <= PRELOAD_LIMIT_BYTES
         images = None

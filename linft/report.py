@@ -143,6 +143,12 @@ def cloud_tables(results: list[RunResult]) -> dict:
             for k, per in acc.items() if set(per) == expected[k]}
 
 
+def table_rows(table: dict) -> list[dict]:
+    """The :func:`domainbed_table` as a list of plain rows (for ``--json``)."""
+    return [{"dataset": k[0], "label": k[1], "test_domain": d, "iid": cell["iid"], "ood": cell["ood"], "seeds": cell["n"]}
+            for k, row in sorted(table.items()) for d, cell in row.items()]
+
+
 def _fmt(ms) -> str:
     m, se = ms
     return "—" if math.isnan(m) else f"{100 * m:.1f} ± {100 * se:.1f}"
