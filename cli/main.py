@@ -49,6 +49,7 @@ def main():
 
 def _register():
     from linft.cli import cache, demo, extract, finetune, pretrain, report, train_linear
+    from linft.cli import interpolate as interpolate_cli
 
     main.add_command(extract.extract)
     main.add_command(cache.cache)
@@ -59,6 +60,7 @@ def _register():
     main.add_command(train_linear.train_linear_cmd)
     main.add_command(finetune.finetune_cmd)
     main.add_command(report.report)
+    main.add_command(interpolate_cli.interpolate_cmd)
 
 
 _register()

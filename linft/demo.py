@@ -1,7 +1,7 @@
 """``linft demo``: the whole pipeline on the built-in procedural benchmark, on a laptop CPU.
 
 Every stage calls the same library function as the corresponding command
-(``demo-data``, ``extract``, ``train-linear``, ``report``); there is no demo
+(``demo-data``, ``extract``, ``train-linear``, ``finetune``, ``report``); there is no demo
 code path. Stages whose issue has not landed yet are skipped with a one-line
 message.
 """
@@ -14,6 +14,8 @@ from typing import Callable
 
 from linft.demo_data import write_demo_data
 from linft.features import extract_features, verify_cache
+from linft.finetune import FineTuneConfig, finetune
+from linft.interpolate import interpolate
 from linft.linear import LinearGridConfig, train_linear
 from linft.report import write_report
 
@@ -26,11 +28,14 @@ DEMO_LINEAR = dict(dropouts=(0.0, 0.5, 0.9, 0.95), probe=True, lrs=(1e-3, 5e-4),
                    seeds=3)
 DEMO_LINEAR_STEPS = 1500
 
-#: Stages not built yet, with the issue that builds them.
-PENDING_STAGES = (
-    ("full fine-tuning (dropout 0 and 0.9)", "issue 5"),
-    ("weight vs representation interpolation", "issue 6"),
-)
+#: The demo's full fine-tuning: dropout 0 and 0.9, one grid point and seed, a short schedule (lr ÷10 at half).
+DEMO_FINETUNE = dict(dropouts=(0.0, 0.9), lrs=(1e-3,), weight_decays=(1e-4,), seeds=1)
+DEMO_FINETUNE_STEPS = 120
+DEMO_FINETUNE_EVAL_EVERY = 40
+
+#: The demo's interpolation: the plain fine-tuned run (dropout 0) of this held-out domain, 11 values of α.
+DEMO_INTERPOLATION_DOMAIN = "sketch"
+DEMO_ALPHAS = "0:1:11"
 
 
 @dataclass
@@ -45,11 +50,13 @@ class DemoResult:
 
 
 def run_demo(out: str | Path = "demo_out", *, seed: int = 0, per_class: int = 150, linear_steps: int = DEMO_LINEAR_STEPS,
-             seeds: int | None = None, progress: bool = True, say: Callable[[str], None] = print) -> DemoResult:
-    """Generate the demo data (if absent), extract features, train linear FT and probing, and write a report."""
+             seeds: int | None = None, finetune_steps: int = DEMO_FINETUNE_STEPS,
+             finetune_eval_every: int = DEMO_FINETUNE_EVAL_EVERY, progress: bool = True,
+             say: Callable[[str], None] = print) -> DemoResult:
+    """Generate the demo data (if absent), extract features, train linear FT and probing, fine-tune, and report."""
     out = Path(out)
     data = out / "demo-shapes"
-    stages = 5
+    stages = 6
     if not (data / "photo").is_dir():
         say(f"[1/{stages}] generating the demo benchmark in {data}")
         write_demo_data(data, seed=seed, per_class=per_class)
@@ -69,9 +76,27 @@ def run_demo(out: str | Path = "demo_out", *, seed: int = 0, per_class: int = 15
     lin = train_linear(cache, out / "runs" / "linear", config=LinearGridConfig(steps=linear_steps), device="auto",
                        progress=progress, **linear)
     say(f"      trained {lin.trained} runs ({lin.skipped} already done, {lin.diverged} diverged) -> {lin.records}")
-    for i, (stage, issue) in enumerate(PENDING_STAGES):
-        say(f"[{4 + i}/{stages}] skipping {stage}: not built yet ({issue})")
+    say(f"[4/{stages}] full fine-tuning (dropout {', '.join(f'{p:g}' for p in DEMO_FINETUNE['dropouts'])}), "
+        f"every held-out domain, {finetune_steps} steps")
+    ft_config = FineTuneConfig(steps=finetune_steps, eval_every=finetune_eval_every, image_size=DEMO_IMAGE_SIZE,
+                               eval_batch_size=512)
+    ft = finetune(data, out / "runs" / "finetune", backbone=backbone, weights=weights, config=ft_config, device="auto",
+                  progress=progress, say=None, **DEMO_FINETUNE)
+    say(f"      {len(ft.runs) - ft.count('done')} runs trained ({ft.count('done')} already done, "
+        f"{ft.count('diverged')} diverged) -> {ft.out}")
+    plain = [(r, spec) for r, spec in zip(ft.runs, ft.specs) if spec.dropout == 0.0 and r.status != "diverged"]
+    chosen = next((r for r, spec in plain if spec.test_domain == DEMO_INTERPOLATION_DOMAIN),
+                  plain[0][0] if plain else None)
+    if chosen is None:
+        say(f"[5/{stages}] skipping interpolation: no plain fine-tuning run finished")
+    else:
+        say(f"[5/{stages}] weight vs representation interpolation (α {DEMO_ALPHAS}) and first-order path, "
+            f"fine-tuned run {chosen.run_dir.name}")
+        interp = interpolate(data, chosen.run_dir, alphas=DEMO_ALPHAS, linearity=True, blocks=False,
+                             out_dir=out / "runs" / "interpolate", device="auto", progress=progress)
+        say(f"      {interp.records_written} records -> {interp.records}; plot {interp.plot}")
     report_dir = out / "report"
     paths = write_report([out / "runs"], report_dir)
     say(f"[{stages}/{stages}] report: {paths['summary']}")
-    return DemoResult(out=out, data=data, cache=cache, records=[lin.records], report=report_dir)
+    return DemoResult(out=out, data=data, cache=cache, records=[lin.records, ft.out, out / "runs" / "interpolate"],
+                      report=report_dir)

@@ -53,7 +53,7 @@ from linft.errors import LinftError
 from linft.features import augmented_views_uint8, load_image_uint8, normalize_uint8, resolve_device
 from linft.linear import eval_steps, lr_at
 from linft.progress import progress_bar
-from linft.protocol import domain_split_rows, iid_accuracy
+from linft.protocol import domain_split_rows
 from linft.records import RECORDS_FILE, RecordWriter, read_records, run_id
 
 #: Decoded evaluation images are kept in memory (uint8) up to this size; larger datasets stream from disk.
@@ -112,7 +112,10 @@ class FineTuneRun:
 
 
 def finetune_label(run: FineTuneRun, weights: str) -> str:
-    """The unit a report compares: the method and its variant (the grid lr × weight decay varies inside it)."""
+    """The unit a report compares: the method and its variant (the grid lr × weight decay varies inside it).
+
+    ``weights`` are the resolved weights (:attr:`linft.backbones.Backbone.weights`): ``"none"`` is from scratch.
+    """
     base = "linearized FT" if run.linearized else ("from scratch" if str(weights).lower() == "none" else "full FT")
     parts = [base]
     if run.last_layer_lr_mult != 1.0:
@@ -407,6 +410,44 @@ def build_run_model(backbone: str, weights, num_classes: int, run: FineTuneRun, 
     return model, bb
 
 
+def run_optimizer(model: nn.Module, run: FineTuneRun, momentum: float = 0.9) -> torch.optim.SGD:
+    """SGD over every parameter: the head's (``fc``) learning rate times ``run.last_layer_lr_mult``.
+
+    Each group keeps its ``base_lr`` (what :func:`train_step` divides at the milestones).
+    """
+    params = list(model.parameters())
+    head = {id(p) for p in head_parameters(model)}
+    groups = [{"params": [p for p in params if id(p) not in head], "lr": run.lr, "base_lr": run.lr},
+              {"params": [p for p in params if id(p) in head], "lr": run.lr * run.last_layer_lr_mult,
+               "base_lr": run.lr * run.last_layer_lr_mult}]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.SGD(groups, lr=run.lr, momentum=momentum, weight_decay=run.weight_decay)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+               step: int, milestones: tuple[int, ...], seed: int, test_domain: int, dev: torch.device,
+               config: FineTuneConfig) -> torch.Tensor:
+    """One SGD step of :func:`train_run` on a uint8 batch; returns the (detached, unsynchronised) loss.
+
+    Sets the learning rates of ``step``, seeds the dropout and stochastic-depth
+    masks from ``(seed, test_domain, step)``, runs the forward pass under
+    autocast (bfloat16 on CUDA when ``config.amp``) and channels_last when
+    ``config.channels_last``. The model must already be in training mode
+    (:func:`set_train_mode`).
+    """
+    x, y = _to_input(images, dev, config.channels_last), labels.to(dev, non_blocking=True)
+    for g in optimizer.param_groups:
+        g["lr"] = lr_at(step, g["base_lr"], milestones)
+    torch.manual_seed(seed_hash("linft-finetune", "masks", seed, test_domain, step))
+    with _autocast(dev, config.amp):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def _ordinary_state(model: nn.Module) -> dict:
     """The ordinary network's state_dict of a model (θ0 + δ for a linearized one)."""
     merged = getattr(model, "merged_state_dict", None)
@@ -453,8 +494,8 @@ def train_run(
         raise LinftError(f"domain {', '.join(empty)} has an empty 'in' or 'out' split (20% held out); "
                          f"each training domain needs at least 5 images")
 
-    label = finetune_label(run, weights)
-    method = finetune_method(run, weights)
+    label = finetune_label(run, bb.weights)
+    method = finetune_method(run, bb.weights)
     hparams = {**asdict(run), **config.protocol(), "backbone": backbone, "weights": bb.weights}
     hparams.pop("test_domain")
     hparams.pop("seed")
@@ -473,17 +514,17 @@ def train_run(
     records_path = run_dir / RECORDS_FILE
     existing = read_records([records_path]) if records_path.exists() else []
     written = {(r["run_id"], r["step"]) for r in existing}
-    best_iid = max((iid_accuracy(r) for r in existing if r["run_id"] == rid and r.get("status") == "ok"),
-                   default=-1.0)
+    # the best i.i.d. accuracy of the model in selected.pt (not of the records: a run killed after writing a
+    # record but before saving selected.pt must save it again when it redoes that step)
+    selected_path = run_dir / SELECTED_FILE
+    best_iid = -1.0
+    if existing and selected_path.exists():
+        selected_meta = load_selected(selected_path)[1]
+        if selected_meta.get("run_id") == rid:
+            best_iid = float(selected_meta.get("iid", -1.0))
     attempt = existing[0].get("attempt", rid) if existing else rid
 
-    params = list(model.parameters())
-    head = {id(p) for p in head_parameters(model)}
-    groups = [{"params": [p for p in params if id(p) not in head], "lr": run.lr, "base_lr": run.lr},
-              {"params": [p for p in params if id(p) in head], "lr": run.lr * run.last_layer_lr_mult,
-               "base_lr": run.lr * run.last_layer_lr_mult}]
-    groups = [g for g in groups if g["params"]]
-    optimizer = torch.optim.SGD(groups, lr=run.lr, momentum=config.momentum, weight_decay=run.weight_decay)
+    optimizer = run_optimizer(model, run, config.momentum)
 
     from linft.averaging import RunningAverage, RunningEnsemble
     avg = RunningAverage() if config.trajectory else None
@@ -493,8 +534,13 @@ def train_run(
     status = "trained"
     if ckpt_path.exists():
         ckpt = _load_checkpoint(ckpt_path)
+        if not isinstance(ckpt, dict) or not {"run_id", "step", "model", "optimizer"} <= ckpt.keys():
+            raise LinftError(f"{ckpt_path} is not a linft fine-tuning checkpoint; delete it to restart this run")
         if ckpt.get("run_id") != rid:
             raise LinftError(f"{ckpt_path} belongs to another run ({ckpt.get('run_id')}); delete it to restart this run")
+        if avg is not None and (ckpt.get("average") is None or ckpt.get("ensemble") is None):
+            raise LinftError(f"{ckpt_path} was written without --ensembles; resume this run without --ensembles, "
+                             f"or delete the checkpoint to restart it with them")
         model.load_state_dict(ckpt["model"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
         start = int(ckpt["step"]) + 1
@@ -535,16 +581,7 @@ def train_run(
         batches = train_batches(dataset, pools, config, run.seed, e, start)
         for step in range(start, config.steps):
             images, y = next(batches)
-            x, y = _to_input(images, dev, config.channels_last), y.to(dev, non_blocking=True)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, g["base_lr"], milestones)
-            torch.manual_seed(seed_hash("linft-finetune", "masks", run.seed, e, step))
-            with _autocast(dev, config.amp):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = train_step(model, optimizer, images, y, step, milestones, run.seed, e, dev, config)
             steps_trained += 1
             update(1)
             loss_value = float(loss.detach())
@@ -589,9 +626,9 @@ def train_run(
             set_train_mode(model, True, config.freeze_bn)
     if diverged:
         say(f"{label} / {run.test_domain} / seed {run.seed} / lr {run.lr:g} diverged at step {step}")
-    try:
-        ckpt_path.unlink(missing_ok=True)
+    try:  # the marker first: a run killed between the two is done, not restarted from step 0
         (run_dir / DONE_FILE).write_text("diverged\n" if diverged else "ok\n")
+        ckpt_path.unlink(missing_ok=True)
     except OSError as exc:
         raise LinftError(f"cannot write to {run_dir} ({exc.strerror}); choose another --out") from None
     return RunResult(run_dir, rid, "diverged" if diverged else status, steps_trained)
@@ -645,6 +682,7 @@ class SweepResult:
 
     out: Path
     runs: list[RunResult] = field(default_factory=list)
+    specs: list[FineTuneRun] = field(default_factory=list)  # the run behind each entry of ``runs``
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.runs)
@@ -670,8 +708,9 @@ def finetune(dataset, out_dir, *, backbone: str = "resnet50", weights="IMAGENET1
     eval_images = EvalImages(ds, config.image_size, config.eval_batch_size, config.workers, progress)
     for i, run in enumerate(runs):
         if say:
-            say(f"run {i + 1}/{len(runs)}: {finetune_label(run, weights)}, held out {run.test_domain}, seed {run.seed}, "
+            say(f"run {i + 1}/{len(runs)}: dropout {run.dropout:g}, held out {run.test_domain}, seed {run.seed}, "
                 f"lr {run.lr:g}, weight decay {run.weight_decay:g}")
+        result.specs.append(run)
         result.runs.append(train_run(ds, out_dir, run, backbone=backbone, weights=weights, config=config,
                                      device=device, eval_images=eval_images, progress=progress, say=say))
     if across_runs:

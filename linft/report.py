@@ -238,6 +238,81 @@ def plot_dropout(results: list[RunResult], path: Path, selection: str = "iid") -
     return path
 
 
+INTERPOLATION_STYLES = {  # method -> (line style, marker, line width)
+    "interpolation-weights": ("-", "o", 2.0),
+    "interpolation-representation": ("-", "s", 2.0),
+    "interpolation-linearized": (":", "^", 1.6),
+    "interpolation-representation-block": ("--", ".", 1.0),
+}
+
+
+def plot_interpolation(results: list[RunResult], path: Path, title: str | None = None) -> Path | None:
+    """The paper's Figure 1: accuracy against α for every interpolation path, one axes per split.
+
+    ``results`` are :class:`RunResult` of records written by
+    :func:`linft.interpolate.interpolate` (methods ``interpolation-*``,
+    ``grid = {"alpha": α}``); other methods are ignored. Per dataset, two
+    axes (i.i.d. and o.o.d. accuracy), one curve per label, averaged over
+    the runs (held-out domains, seeds, fine-tuned runs) that share it; the
+    endpoints α = 0 (pretrained with its probe head) and α = 1 (fine-tuned)
+    of the weight and representation paths are marked. Returns None when
+    there is nothing to draw.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict = defaultdict(lambda: defaultdict(list))
+    methods = {}
+    for r in results:
+        grid = dict(r.grid)
+        if not r.method.startswith("interpolation-") or "alpha" not in grid or r.status != "ok":
+            continue
+        curves[(r.dataset, r.label)][float(grid["alpha"])].append((r.iid, r.ood))
+        methods[(r.dataset, r.label)] = r.method
+    if not curves:
+        return None
+    datasets = sorted({k[0] for k in curves})
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(11, 4.2 * len(datasets)), squeeze=False)
+    order = list(INTERPOLATION_STYLES)
+    for row, dataset in zip(axes, datasets):
+        keys = sorted((k for k in curves if k[0] == dataset),
+                      key=lambda k: (order.index(methods[k]) if methods[k] in order else len(order), k[1]))
+        suffixes = {k[1][k[1].rfind(" ["):] if k[1].endswith("]") and " [" in k[1] else "" for k in keys}
+        common = suffixes.pop() if len(suffixes) == 1 else ""  # one fine-tuned label: said once, in the title
+        for j, (ax, metric) in enumerate(zip(row, ("iid", "ood"))):
+            ends = []
+            for i, key in enumerate(keys):
+                alphas = sorted(curves[key])
+                ys = [100 * float(np.mean([v[j] for v in curves[key][a]])) for a in alphas]
+                ls, marker, lw = INTERPOLATION_STYLES.get(methods[key], ("-", "o", 1.5))
+                color = f"C{i % 10}"
+                ax.plot(alphas, ys, linestyle=ls, marker=marker, lw=lw, ms=4 if lw < 2 else 5, color=color,
+                        label=key[1][:len(key[1]) - len(common)])
+                if methods[key] in ("interpolation-weights", "interpolation-representation"):
+                    for a, y in zip(alphas, ys):
+                        if a in (0.0, 1.0):
+                            ax.scatter([a], [y], s=110, marker="*" if a == 1.0 else "D", color=color,
+                                       edgecolor="black", zorder=5)
+                            ends.append((a, y))
+            for a, text in ((0.0, "pretrained\n(probe head)"), (1.0, "fine-tuned")):
+                ys = [y for x, y in ends if x == a]
+                if ys:
+                    ax.annotate(text, (a, max(ys)), textcoords="offset points", xytext=(0, 10), fontsize=8,
+                                ha="left" if a == 0.0 else "right")
+            ax.set_xlabel("α: share of the fine-tuned model (0 = pretrained, 1 = fine-tuned)")
+            ax.set_ylabel(("i.i.d." if metric == "iid" else "o.o.d.") + " accuracy (%)")
+            heading = title or f"{dataset or 'dataset'}{' ' + common.strip() if common else ''}"
+            ax.set_title(f"{heading}\n{'i.i.d.' if metric == 'iid' else 'o.o.d.'} split", fontsize=9)
+            ax.set_xlim(-0.05, 1.05)
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(record_paths, out_dir, selection: str = "iid") -> dict:
     """Write ``summary.md``, ``table.csv``, ``runs.csv``, ``clouds.csv``, ``clouds.png`` and
     ``dropout.png`` (when several dropout rates exist) into ``out_dir``; return their paths."""
@@ -251,7 +326,14 @@ def write_report(record_paths, out_dir, selection: str = "iid") -> dict:
         raise LinftError(f"cannot write the report to {out_dir} ({exc.strerror or exc}); choose another --out") from None
 
 
+def is_interpolation(result: RunResult) -> bool:
+    """Interpolation records are curves over α (drawn by :func:`plot_interpolation`), not methods with a grid."""
+    return result.method.startswith("interpolation-")
+
+
 def _write_report(results, record_paths, out: Path, selection: str) -> dict:
+    curves = [r for r in results if is_interpolation(r)]
+    results = [r for r in results if not is_interpolation(r)]
     table = domainbed_table(results, selection)
     clouds = cloud_tables(results)
     missing = missing_domains(results)
@@ -284,6 +366,10 @@ def _write_report(results, record_paths, out: Path, selection: str) -> dict:
     dropout_png = plot_dropout(results, out / "dropout.png", selection)
     if dropout_png:
         paths["dropout_png"] = dropout_png
+    if curves:
+        interpolation_png = plot_interpolation(curves, out / "interpolation.png")
+        if interpolation_png:
+            paths["interpolation_png"] = interpolation_png
 
     counts = defaultdict(lambda: defaultdict(int))
     for r in results:

@@ -31,14 +31,15 @@ from linft.finetune import (DONE_FILE, EvalImages, FineTuneConfig, FineTuneRun, 
 LAUNCHERS = ("local", "slurm", "submitit-local")
 
 
-def _job(dataset_root: str, out_dir: str, run: dict, backbone: str, weights, config: dict, device: str):
+def _job(dataset_root: str, out_dir: str, run: dict, backbone: str, weights, config: dict, device: str,
+         dataset_name: str | None = None):
     """One job: fine-tune (or resume, or skip) one run. Top-level so that it pickles."""
     from linft.data import load_image_folder
     from linft.finetune import FineTuneConfig as _Config, FineTuneRun as _Run
 
     cfg = dict(config)
     cfg["lr_milestones"] = tuple(cfg["lr_milestones"])
-    result = train_run(load_image_folder(dataset_root), out_dir, _Run(**run), backbone=backbone, weights=weights,
+    result = train_run(load_image_folder(dataset_root, dataset_name), out_dir, _Run(**run), backbone=backbone, weights=weights,
                        config=_Config(**cfg), device=device, progress=False)
     return result.run_id, result.status
 
@@ -52,7 +53,7 @@ def _claim_gpu(queue) -> None:
 
 
 def _gpu_job(*args):
-    return _job(*args[:-1], _DEVICE)
+    return _job(*args[:6], _DEVICE, *args[7:])
 
 
 def launch_sweep(dataset, out_dir, runs: list[FineTuneRun], *, backbone: str = "resnet50", weights="IMAGENET1K_V2",
@@ -74,7 +75,7 @@ def launch_sweep(dataset, out_dir, runs: list[FineTuneRun], *, backbone: str = "
     if launcher == "local" and gpus <= 1:
         result: SweepResult = finetune(dataset, out_dir, runs=runs, backbone=backbone, weights=weights, config=config,
                                        device=device, across_runs=across_runs, progress=progress, say=say)
-        return {"submitted": len(runs), "skipped": result.count("done"), "jobs": [],
+        return {"submitted": len(runs) - result.count("done"), "skipped": result.count("done"), "jobs": [],
                 "statuses": [r.status for r in result.runs]}
 
     from linft.backbones import load_backbone
@@ -92,7 +93,7 @@ def launch_sweep(dataset, out_dir, runs: list[FineTuneRun], *, backbone: str = "
             queue.put(i)
         with ProcessPoolExecutor(gpus, mp_context=mp.get_context("spawn"), initializer=_claim_gpu,
                                  initargs=(queue,)) as pool:
-            statuses = [s for _, s in pool.map(_gpu_job, *zip(*[a + (None,) for a in args]))]
+            statuses = [s for _, s in pool.map(_gpu_job, *zip(*[a + (None, dataset.name) for a in args]))]
     elif todo:
         try:
             import submitit
@@ -105,7 +106,7 @@ def launch_sweep(dataset, out_dir, runs: list[FineTuneRun], *, backbone: str = "
         params.setdefault("name", "linft-finetune")
         executor.update_parameters(**params)
         job_device = "auto" if launcher == "slurm" else device
-        jobs = executor.map_array(_job, *zip(*[a + (job_device,) for a in args]))
+        jobs = executor.map_array(_job, *zip(*[a + (job_device, dataset.name) for a in args]))
         say(f"submitted {len(jobs)} jobs: {', '.join(j.job_id for j in jobs[:5])}{' ...' if len(jobs) > 5 else ''}; "
             f"logs in {out_dir / 'submitit'}")
         if wait:

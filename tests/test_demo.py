@@ -9,6 +9,7 @@ from linft.demo import run_demo
 from linft.demo_data import DEMO_CLASSES, DEMO_STYLES, render, write_demo_data, write_shapes_dataset
 from linft.errors import LinftError
 from linft.features import open_cache
+from linft.records import read_records
 
 
 def tree_digest(root: Path) -> dict:
@@ -50,10 +51,21 @@ def test_unknown_names_and_sizes():
 
 def test_demo_runs_end_to_end(tmp_path):
     lines = []
-    result = run_demo(tmp_path / "demo", per_class=3, progress=False, say=lines.append)
+    tiny = dict(per_class=3, linear_steps=20, seeds=1, finetune_steps=3, finetune_eval_every=2, progress=False)
+    result = run_demo(tmp_path / "demo", say=lines.append, **tiny)
     cache = open_cache(result.cache)
     assert cache.features.shape[0] == 4 * 7 * 3
-    assert any(line.startswith("skipping") for line in lines)
+    assert not any("skipping" in line for line in lines)  # every stage is built
+    summary = (result.report / "summary.md").read_text()
+    for label in ("linear FT, dropout 0.9", "linear probe", "full FT, dropout 0", "full FT, dropout 0.9"):
+        assert f"| {label} |" in summary
+    assert (result.report / "clouds.png").stat().st_size > 0
+    assert (result.report / "dropout.png").stat().st_size > 0
+    assert (result.report / "interpolation.png").stat().st_size > 0
+    records = read_records([result.out / "runs"])
+    assert {r["method"] for r in records} >= {"linear-ft", "linear-probe", "finetune", "interpolation-weights",
+                                              "interpolation-representation", "interpolation-linearized"}
     again = []
-    run_demo(tmp_path / "demo", per_class=3, progress=False, say=again.append)
+    run_demo(tmp_path / "demo", say=again.append, **tiny)
     assert any("using the demo benchmark already" in line for line in again)
+    assert len(read_records([result.out / "runs"])) == len(records)  # nothing trained or written twice

@@ -1,0 +1,294 @@
+"""linft.interpolate and `linft interpolate`: exact endpoints, the appendix formula, records, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from linft.backbones import load_backbone
+from linft.cli.main import main
+from linft.data import load_image_folder
+from linft.demo_data import write_shapes_dataset
+from linft.errors import LinftError
+from linft.finetune import EvalImages, FineTuneConfig, FineTuneRun, build_classifier, predict_logits, train_run
+from linft.interpolate import (
+    LinearHead, classifier_head, first_order_outputs, fit_probe_head, interpolate, iter_weight_path,
+    load_endpoints, parse_alphas, pooled_features_and_logits, representation_logits, with_head,
+)
+from linft.records import read_records
+
+pytestmark = pytest.mark.filterwarnings("ignore:the run started from random weights")
+
+STYLES = ("photo", "sketch", "cartoon")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models on a shared 2-core machine: one thread is several times faster than two fighting
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes") / "shapes"
+    write_shapes_dataset(root, classes=("circle", "square"), styles=STYLES, per_class=6, size=32, seed=0, workers=1)
+    return load_image_folder(root)
+
+
+def _fresh_net(num_classes=2):
+    return build_classifier(load_backbone("demo-resnet", "none").model, num_classes, 0.0).eval()
+
+
+@pytest.fixture(scope="module")
+def perturbed_run(shapes, tmp_path_factory):
+    """A selected.pt far from the pretrained weights (every float entry perturbed), in a run folder."""
+    state = _fresh_net().state_dict()
+    g = torch.Generator().manual_seed(1)
+    state = {k: v + 0.2 * v.abs().mean() * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+             for k, v in state.items()}
+    meta = {"backbone": "demo-resnet", "weights": "none", "num_classes": 2, "class_names": list(shapes.classes),
+            "domain_names": list(shapes.domains), "image_size": 32, "test_domain": "sketch",
+            "train_domains": ["cartoon", "photo"], "seed": 0, "label": "perturbed", "method": "finetune",
+            "dataset": "shapes", "source": f"{shapes.file_list_sha256[:16]}:x", "run_id": "perturbed0000001",
+            "step": 0, "iid": 0.5, "linearized": False, "hparams": {"dropout": 0.0}}
+    run_dir = tmp_path_factory.mktemp("runs") / "perturbed"
+    run_dir.mkdir()
+    torch.save({"state_dict": state, "metadata": meta}, run_dir / "selected.pt")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def trained_run(shapes, tmp_path_factory):
+    """A real (3-step) run of linft.finetune.train_run."""
+    config = FineTuneConfig(steps=3, eval_every=2, image_size=32, batch_size=2, workers=0, amp=False,
+                            channels_last=False)
+    result = train_run(shapes, tmp_path_factory.mktemp("ft"), FineTuneRun("photo", 0, 1e-2, 0.0, dropout=0.5),
+                       backbone="demo-resnet", weights="none", config=config, device="cpu", progress=False)
+    return result.run_dir
+
+
+@pytest.fixture(scope="module")
+def sweep(shapes, perturbed_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("interp")
+    result = interpolate(shapes, perturbed_run, alphas="0:1:3", linearity=True, out_dir=out, device="cpu",
+                         batch_size=16, workers=0, progress=False)
+    return result, out
+
+
+# -- α ----------------------------------------------------------------------------------------------------------------
+
+def test_parse_alphas():
+    eleven = parse_alphas("0:1:11")
+    assert len(eleven) == 11 and eleven[0] == 0.0 and eleven[-1] == 1.0 and 0.3 in eleven and 0.7 in eleven
+    assert parse_alphas("1, 0,0.5,0.5") == [0.0, 0.5, 1.0]
+    assert parse_alphas("0.25:0.25:1") == [0.25]
+    for bad in ("0:1.5:3", "-0.1,0.5", "1.01", "nan", "abc", "0:1", "0:1:0", ""):
+        with pytest.raises(LinftError):
+            parse_alphas(bad)
+
+
+# -- the appendix formula ---------------------------------------------------------------------------------------------
+
+def test_representation_interpolation_is_the_bilinear_formula():
+    g = torch.Generator().manual_seed(0)
+    phi_p, phi_f = torch.rand(9, 5, generator=g), torch.rand(9, 5, generator=g)
+    hp = LinearHead(torch.randn(3, 5, generator=g), torch.randn(3, generator=g))
+    hf = LinearHead(torch.randn(3, 5, generator=g), torch.randn(3, generator=g))
+    for a in (0.0, 0.3, 0.5, 1.0):
+        d = lambda t: t.double()  # noqa: E731
+        W = (1 - a) * d(hp.weight) + a * d(hf.weight)
+        phi = (1 - a) * d(phi_p) + a * d(phi_f)
+        expected = phi @ W.T + (1 - a) * d(hp.bias) + a * d(hf.bias)
+        got = representation_logits(a, phi_p, phi_f, hp, hf)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+    # bilinear in α, not an output ensemble
+    mid = representation_logits(0.5, phi_p, phi_f, hp, hf)
+    assert not torch.allclose(mid, 0.5 * (hp(phi_p) + hf(phi_f)), atol=1e-4)
+    assert torch.equal(representation_logits(0.0, phi_p, phi_f, hp, hf), hp(phi_p))
+    assert torch.equal(representation_logits(1.0, phi_p, phi_f, hp, hf), hf(phi_f))
+    with pytest.raises(LinftError):
+        representation_logits(1.5, phi_p, phi_f, hp, hf)
+
+
+def test_probe_head_is_deterministic_and_fits():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=g)
+    y = (x[:, 0] > 0).long()
+    h1, h2 = fit_probe_head(x, y, 2), fit_probe_head(x, y, 2)
+    assert torch.equal(h1.weight, h2.weight) and torch.equal(h1.bias, h2.bias)
+    assert (h1(x).argmax(1) == y).float().mean() >= 0.95
+
+
+# -- exact endpoints on every path ------------------------------------------------------------------------------------
+
+def test_endpoints_are_exact_on_both_paths_and_linearized(shapes, perturbed_run):
+    ends = load_endpoints(perturbed_run, shapes)
+    images = EvalImages(shapes, 32, 16, 0)
+    net = ends.network
+    phi_p, _ = pooled_features_and_logits(net, ends.block_names, images)
+    head_p = fit_probe_head(phi_p[:, -1], shapes.labels, 2)
+    pre = with_head(ends.pretrained_state, head_p)
+    net.load_state_dict(ends.finetuned_state)
+    phi_f, logits_f = pooled_features_and_logits(net, ends.block_names, images)
+
+    # the two endpoint models, built independently
+    ref = _fresh_net()
+    ref.load_state_dict(pre)
+    f_pre = predict_logits(ref, images, CPU, False, False)
+    ref.load_state_dict(ends.finetuned_state)
+    f_ft = predict_logits(ref, images, CPU, False, False)
+    assert not torch.allclose(f_pre, f_ft)
+    assert torch.equal(logits_f, f_ft)
+
+    head_f = classifier_head(net)
+    assert torch.equal(representation_logits(0.0, phi_p[:, -1], phi_f[:, -1], head_p, head_f), f_pre)
+    assert torch.equal(representation_logits(1.0, phi_p[:, -1], phi_f[:, -1], head_p, head_f), f_ft)
+    weights = dict(iter_weight_path(net, pre, ends.finetuned_state, [0.0, 0.5, 1.0], images))
+    assert torch.equal(weights[0.0], f_pre) and torch.equal(weights[1.0], f_ft)
+    assert not torch.allclose(weights[0.5], f_pre) and not torch.allclose(weights[0.5], f_ft)
+
+    f0, jv = first_order_outputs(net, pre, ends.finetuned_state, images)
+    assert torch.equal(f0, f_pre)
+    assert torch.equal(f0 + 0.0 * jv, f_pre)  # the linearized path at α = 0 is f(θ0)
+
+
+# -- the whole sweep, its records and its plot ------------------------------------------------------------------------
+
+def test_sweep_records_once_per_alpha_and_path(sweep, shapes):
+    result, out = sweep
+    paths = {"weights", "representation", "linearized", "block:layer4.0", "block:layer4.1", "block:layer4.2"}
+    assert set(result.curves) == paths and result.alphas == [0.0, 0.5, 1.0]
+    assert result.passes == {"forward": 2 + 3, "jvp": 1}
+    records = read_records([out / "records.jsonl"])
+    assert len(records) == result.records_written == 3 * len(paths)
+    assert len({r["run_id"] for r in records}) == len(records)
+    for r in records:
+        assert r["step"] == 0 and r["final"] and r["status"] == "ok" and r["seed"] == 0
+        assert r["test_domain"] == "sketch" and r["train_domains"] == ["cartoon", "photo"]
+        assert r["grid"] == {"alpha": r["hparams"]["alpha"]} and r["method"].startswith("interpolation-")
+        assert sum(t for _, t in r["splits"].values()) == len(shapes)
+    curves = result.curves
+    for i in (0, 2):  # both paths agree at both ends
+        assert curves["weights"][i]["splits"] == curves["representation"][i]["splits"]
+    assert curves["linearized"][0]["splits"] == curves["weights"][0]["splits"]
+    lin = result.linearity
+    assert lin["f(θ0)"]["splits"] == curves["weights"][0]["splits"]
+    assert lin["f(θf)"]["splits"] == curves["weights"][2]["splits"]
+    assert lin["f_lin(θf)"]["splits"] == curves["linearized"][2]["splits"]
+    assert 0 < lin["gap"] < float("inf")
+    assert result.plot.is_file() and result.plot.stat().st_size > 0
+    assert json.loads(result.summary.read_text())["alphas"] == [0.0, 0.5, 1.0]
+
+
+def test_rerun_is_idempotent_and_adds_only_new_alphas(sweep, shapes, perturbed_run):
+    result, out = sweep
+    path = out / "records.jsonl"
+    before = path.read_text()
+    again = interpolate(shapes, perturbed_run, alphas="0,0.5,1", out_dir=out, device="cpu", batch_size=16,
+                        workers=0, progress=False, blocks=False)
+    assert again.records_written == 0 and path.read_text() == before
+    assert again.curves["weights"] == result.curves["weights"]
+    more = interpolate(shapes, perturbed_run, alphas="0,0.25", out_dir=out, device="cpu", batch_size=16,
+                       workers=0, progress=False, blocks=False, plot=False)
+    assert more.records_written == 2  # α = 0.25 on the weight and representation paths
+    assert len(read_records([path])) == len(read_records([out])) == 18 + 2
+
+
+def test_real_finetuning_run_and_report(shapes, trained_run, tmp_path):
+    from linft.report import write_report
+
+    result = interpolate(shapes, trained_run, alphas="0,1", out_dir=tmp_path / "i", device="cpu", batch_size=16,
+                         workers=0, progress=False, blocks=False)
+    meta = torch.load(trained_run / "selected.pt", weights_only=True)["metadata"]
+    assert result.test_domain == "photo" and result.finetuned_id == meta["run_id"]
+    records = read_records([tmp_path / "i"])
+    assert {r["label"] for r in records} == {f"weight interpolation [{meta['label']}]",
+                                             f"representation interpolation [{meta['label']}]"}
+    assert all(r["source"] == meta["source"] and r["dataset"] == meta["dataset"] for r in records)
+    paths = write_report([tmp_path / "i"], tmp_path / "report")
+    assert paths["interpolation_png"].is_file()
+
+
+# -- bad input: one line, exit 2, no traceback ------------------------------------------------------------------------
+
+def _cli(*args):
+    return CliRunner().invoke(main, ["interpolate", *map(str, args)])
+
+
+def _assert_one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.strip().splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def test_alpha_outside_unit_interval(shapes, perturbed_run, tmp_path):
+    with pytest.raises(LinftError, match="outside"):
+        interpolate(shapes, perturbed_run, alphas="0,1.5", out_dir=tmp_path, device="cpu", progress=False)
+    _assert_one_line_error(_cli(shapes.root, "--finetuned", perturbed_run, "--alphas", "-0.5,1", "--out", tmp_path,
+                                "--quiet"), "outside [0, 1]")
+    assert not (tmp_path / "records.jsonl").exists()
+
+
+def test_mismatched_class_set(perturbed_run, tmp_path):
+    other = tmp_path / "other"
+    write_shapes_dataset(other, classes=("circle", "triangle"), styles=STYLES, per_class=2, size=32, seed=0,
+                         workers=1)
+    with pytest.raises(LinftError, match="classes"):
+        load_endpoints(perturbed_run, load_image_folder(other))
+    _assert_one_line_error(_cli(other, "--finetuned", perturbed_run, "--out", tmp_path / "o", "--quiet",
+                                "--device", "cpu"), "classes", "triangle")
+
+
+def test_mismatched_architecture(shapes, perturbed_run, tmp_path):
+    obj = torch.load(perturbed_run / "selected.pt", weights_only=True)
+    state = {k: v for k, v in obj["state_dict"].items() if not k.startswith("layer4.2.")}
+    torch.save({"state_dict": state, "metadata": obj["metadata"]}, tmp_path / "cut.pt")
+    _assert_one_line_error(_cli(shapes.root, "--finetuned", tmp_path / "cut.pt", "--out", tmp_path / "o", "--quiet",
+                                "--device", "cpu"), "same architecture")
+    # pretrained weights of another architecture
+    torch.save(load_backbone("resnet18", "none").model.state_dict(), tmp_path / "r18.pt")
+    _assert_one_line_error(_cli(shapes.root, "--finetuned", perturbed_run, "--pretrained", tmp_path / "r18.pt",
+                                "--out", tmp_path / "o", "--quiet", "--device", "cpu"), "do not fit")
+
+
+def test_pretrained_model_without_phi_blocks(shapes, perturbed_run, monkeypatch, tmp_path):
+    import linft.backbones as backbones
+    from torch import nn
+
+    class Flat(nn.Module):  # a classifier without residual blocks
+        def __init__(self, num_classes=1000):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.fc = nn.Linear(8, num_classes)
+
+        def forward(self, x):
+            return self.fc(self.body(x))
+
+    monkeypatch.setitem(backbones._EXTRA_BACKBONES, "flat-net", (Flat, "none"))
+    _assert_one_line_error(_cli(shapes.root, "--finetuned", perturbed_run, "--backbone", "flat-net",
+                                "--out", tmp_path, "--quiet", "--device", "cpu"), "residual blocks")
+
+
+def test_cli_table_json_and_help(shapes, perturbed_run, tmp_path):
+    result = _cli(shapes.root, "--finetuned", perturbed_run / "selected.pt", "--alphas", "0,1", "--no-blocks",
+                  "--out", tmp_path, "--quiet", "--device", "cpu", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert "| α |" in result.output and "weights iid" in result.output and "records:" in result.output
+    as_json = _cli(shapes.root, "--finetuned", perturbed_run, "--alphas", "0,1", "--no-blocks", "--out", tmp_path,
+                   "--quiet", "--device", "cpu", "--workers", "0", "--json")
+    data = json.loads(as_json.output)
+    assert data["records_written"] == 0 and set(data["curves"]) == {"weights", "representation"}
+    help_text = _cli("--help").output
+    assert "Example" in help_text and "--finetuned" in help_text and "share of the fine-tuned" in help_text
+    assert np.isclose(data["curves"]["weights"][0]["iid"], data["curves"]["representation"][0]["iid"])
