@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 DOMAINS = ("domB", "domA", "dom C")  # unsorted on purpose; one name with a space, like "Real World"
@@ -29,3 +30,26 @@ def make_image_folder(root: Path, domains=DOMAINS, classes=CLASSES, per_class=3,
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "toy")
+
+
+#: The tiny shape benchmark of the fine-tuning and interpolation tests: 3 style domains x 2 classes x 6 images, 32 px.
+SHAPE_CLASSES, SHAPE_STYLES = ("circle", "square"), ("photo", "sketch", "cartoon")
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory) -> Path:
+    from linft.demo_data import write_shapes_dataset
+
+    root = tmp_path_factory.mktemp("shapes") / "shapes"
+    return write_shapes_dataset(root, classes=SHAPE_CLASSES, styles=SHAPE_STYLES, per_class=6, size=32, seed=0,
+                                workers=1)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads fighting were measured up to 100x slower; one
+    thread also makes in-process and subprocess runs use the same kernels (resumed runs match bit for bit)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

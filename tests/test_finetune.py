@@ -28,7 +28,6 @@ from linft.averaging import average_state_dicts
 from linft.backbones import load_backbone, residual_block_names
 from linft.cli.main import main
 from linft.data import load_image_folder, split_indices
-from linft.demo_data import write_shapes_dataset
 from linft.errors import LinftError
 from linft.features import normalize_uint8
 from linft.finetune import (FineTuneConfig, FineTuneRun, add_stochastic_depth, build_classifier, build_run_model,
@@ -37,7 +36,8 @@ from linft.pretrain import demo_resnet
 from linft.protocol import domain_split_rows, select_by_iid
 from linft.records import REQUIRED_FIELDS, read_records, run_id
 
-CLASSES, STYLES = ("circle", "square"), ("photo", "sketch", "cartoon")
+from conftest import SHAPE_CLASSES as CLASSES, SHAPE_STYLES as STYLES
+
 # evaluations at steps 0, 4 and 8; lr ÷10 at step 4 (round(4.5))
 CFG = FineTuneConfig(steps=9, batch_size=4, eval_every=4, image_size=32, eval_batch_size=64, workers=0,
                      trajectory=True)
@@ -47,19 +47,13 @@ RUN = FineTuneRun("photo", seed=2, lr=0.001, weight_decay=1e-4, dropout=0.5)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the CI machine's cores are shared: several intra-op threads thrash (100x slower measured); also makes
-    # the in-process and subprocess runs use the same kernels, so resumed runs match bit for bit
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ft") / "shapes"
-    return write_shapes_dataset(root, classes=CLASSES, styles=STYLES, per_class=6, size=32, seed=0, workers=1)
+def data_root(shapes_root) -> Path:
+    return shapes_root
 
 
 @pytest.fixture(scope="module")

@@ -28,19 +28,13 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models on a shared 2-core machine: one thread is several times faster than two fighting
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes") / "shapes"
-    write_shapes_dataset(root, classes=("circle", "square"), styles=STYLES, per_class=6, size=32, seed=0, workers=1)
-    return load_image_folder(root)
+def shapes(shapes_root):
+    return load_image_folder(shapes_root)
 
 
 def _fresh_net(num_classes=2):
