@@ -578,21 +578,25 @@ def train_run(
             progress_bar(config.steps, f"{label} | held out {run.test_domain} | seed {run.seed}", unit="step",
                          enabled=progress, initial=start) as update:
         set_train_mode(model, True, config.freeze_bn)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
         batches = train_batches(dataset, pools, config, run.seed, e, start)
         for step in range(start, config.steps):
             images, y = next(batches)
             loss = train_step(model, optimizer, images, y, step, milestones, run.seed, e, dev, config)
             steps_trained += 1
             update(1)
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                diverged = True
-                write(writer, rid, step, {}, None, "diverged", True)
-                break
+            nonfinite |= ~torch.isfinite(loss)  # no host sync per step: checked at each evaluation
             if avg is not None and config.average_every_step:
                 avg.update(_ordinary_state(model))
             if step not in evals:
                 continue
+            if bool(nonfinite):
+                diverged = True
+                write(writer, rid, step, {}, None, "diverged", True)
+                for kind, record_id in trajectory_ids.items():  # their checkpoints come from the same trajectory
+                    write(writer, record_id, step, {}, None, "diverged", True, trajectory[kind])
+                break
+            loss_value = float(loss)
             final = step == config.steps - 1
             out_logits, splits = evaluate(model)
             write(writer, rid, step, splits, loss_value, "ok", final)

@@ -324,6 +324,24 @@ def test_same_seed_same_records(reference, ds, pretrained, tmp_path):
     assert_states_equal(states_again[LAST], states[LAST])
 
 
+def test_diverged_run_is_recorded_and_left_out_of_tables(ds, pretrained, tmp_path):
+    from linft.report import domainbed_table, run_results
+
+    run = FineTuneRun("photo", seed=0, lr=1e12, weight_decay=0.0)
+    result = ft.train_run(ds, tmp_path, run, backbone="demo-resnet", weights=str(pretrained), config=CFG,
+                          device="cpu", progress=False)
+    assert result.status == "diverged"
+    records = records_of(result.run_dir)
+    assert records[-1]["status"] == "diverged" and records[-1]["final"] and records[-1]["step"] in EVALS
+    assert (result.run_dir / ft.DONE_FILE).read_text() == "diverged\n"
+    results = run_results(records)
+    assert len(results) == 3 and {r.status for r in results} == {"diverged"}  # the run and its trajectory
+    assert domainbed_table(results) == {}  # never averaged in
+    again = ft.train_run(ds, tmp_path, run, backbone="demo-resnet", weights=str(pretrained), config=CFG,
+                         device="cpu", progress=False)
+    assert again.status == "done" and records_of(result.run_dir) == records
+
+
 def test_selected_model_is_the_best_iid_step(reference):
     result, records, states = reference
     main = [r for r in records if r["run_id"] == result.run_id]
