@@ -10,15 +10,16 @@ from linft.pretrain import SOURCE_SHAPES, SOURCE_STYLES, pretrain, write_pretrai
 @click.command("pretrain-source")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same files.")
-@click.option("--per-class", type=int, default=330, show_default=True,
-              help="Images per domain and class (330 gives 42,240 images, 10x the demo benchmark).")
+@click.option("--per-class", type=int, default=528, show_default=True,
+              help="Images per domain and class (528 gives 42,240 images, 10x the demo benchmark).")
 @click.option("--size", type=int, default=64, show_default=True, help="Image side in pixels (16 to 64).")
 @click.option("--workers", type=int, default=None, help="Processes drawing images. Default: CPU count.")
 def pretrain_source(out_dir, seed, per_class, size, workers):
-    """Write the pretraining source: 8 style domains x 16 shape classes as PNG files.
+    """Write the pretraining source: 5 style domains x 16 shape classes as PNG files.
 
-    The demo benchmark's procedural family, broader (9 more shapes, 4 more
-    styles) and drawn from other seeds, so it shares no image with the demo.
+    The demo benchmark's procedural family, broader (9 more shapes; photo and 4
+    styles the demo does not use, none of its sketch, cartoon and painting) and
+    drawn from other seeds, so it shares no image with the demo.
     The layout is OUT_DIR/<style>/<shape>/<image>.png, ready for `linft pretrain`.
 
     \b

@@ -9,7 +9,7 @@
   fine-tuning code treats it exactly like a torchvision ResNet-50: its φ
   blocks are ``layer4.0, layer4.1, layer4.2``.
 * :func:`write_pretraining_source` writes the pretraining source: the demo's
-  procedural family, broader (16 shapes x 8 styles instead of 7 x 4), about
+  procedural family, broader (16 shapes x 5 styles instead of 7 x 4), about
   10x larger, and disjoint from the demo's images (its own ``seed_tag``).
 * :func:`pretrain` trains any registered backbone from scratch on any
   DomainBed-style folder (all domains pooled, labels = classes) and saves a
@@ -55,7 +55,11 @@ SHIPPED_CHECKPOINT = Path(__file__).parent / "weights" / "demo_resnet.pt"
 #: Every shape and style the procedural generator knows (the demo uses 7 shapes x 4 styles).
 SOURCE_SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "crescent",
                  "heart", "diamond", "hexagon", "arrow", "plus_ring", "bar", "dots", "moon_pair", "spiral")
-SOURCE_STYLES = ("photo", "sketch", "cartoon", "painting", "mosaic", "neon", "silhouette", "halftone")
+#: The source's styles: ``photo`` (what ImageNet mostly holds) and four styles the demo never uses. The demo's
+#: ``sketch``, ``cartoon`` and ``painting`` are left out on purpose, as PACS's art, cartoons and sketches are
+#: rare in ImageNet: with them in the source, the pretrained features already solved every held-out domain
+#: of the demo (measured: 94-100% o.o.d. accuracy for every method), which left nothing to study.
+SOURCE_STYLES = ("photo", "mosaic", "neon", "silhouette", "halftone")
 #: ``seed_tag`` of the pretraining source (the demo benchmark uses 0): no image is shared.
 SOURCE_SEED_TAG = 1
 #: The file :func:`write_pretraining_source` leaves beside the domain folders (how it was made).
@@ -149,12 +153,13 @@ def demo_resnet(num_classes: int = 1000) -> DemoResNet:
 # --------------------------------------------------------------------------- pretraining source
 
 
-def write_pretraining_source(out: str | os.PathLike, seed: int = 0, per_class: int = 330, size: int = 64,
+def write_pretraining_source(out: str | os.PathLike, seed: int = 0, per_class: int = 528, size: int = 64,
                              workers: int | None = None) -> Path:
-    """Write the pretraining source: 8 style domains x 16 shape classes, ``per_class`` PNGs each.
+    """Write the pretraining source: 5 style domains x 16 shape classes, ``per_class`` PNGs each.
 
-    With the default 330 that is 42,240 images at 64 px, 10x the demo
-    benchmark, with 9 more shapes and 4 more styles; images are drawn with
+    With the default 528 that is 42,240 images at 64 px, 10x the demo
+    benchmark, with 9 more shapes and 4 styles the demo does not have (the
+only shared style is ``photo``: see :data:`SOURCE_STYLES`); images are drawn with
     ``seed_tag`` :data:`SOURCE_SEED_TAG`, so none is a demo image. A small
     ``linft_source.json`` beside the domain folders records how the folder was
     made; :func:`pretrain` copies it into the checkpoint's command.
