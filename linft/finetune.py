@@ -306,11 +306,13 @@ class EvalImages:
                 yield self.images[a:a + self.batch_size]
 
 
-def _autocast(dev: torch.device, amp: bool):
+def autocast_for(dev: torch.device, amp: bool):
+    """bfloat16 autocast on CUDA when ``amp``; nothing otherwise (float32 on the CPU)."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if (amp and dev.type == "cuda") else nullcontext()
 
 
-def _to_input(batch: torch.Tensor, dev: torch.device, channels_last: bool) -> torch.Tensor:
+def model_input(batch: torch.Tensor, dev: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 images -> the normalised float batch on ``dev`` (channels_last when asked)."""
     x = normalize_uint8(batch.to(dev, non_blocking=True))
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -322,8 +324,8 @@ def predict_logits(model: nn.Module, images, dev: torch.device, amp: bool = True
     model.eval()
     out = []
     for batch in images:
-        with _autocast(dev, amp):
-            out.append(model(_to_input(batch, dev, channels_last)).float().cpu())
+        with autocast_for(dev, amp):
+            out.append(model(model_input(batch, dev, channels_last)).float().cpu())
     model.train(was_training)
     return torch.cat(out)
 
@@ -435,11 +437,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
     ``config.channels_last``. The model must already be in training mode
     (:func:`set_train_mode`).
     """
-    x, y = _to_input(images, dev, config.channels_last), labels.to(dev, non_blocking=True)
+    x, y = model_input(images, dev, config.channels_last), labels.to(dev, non_blocking=True)
     for g in optimizer.param_groups:
         g["lr"] = lr_at(step, g["base_lr"], milestones)
     torch.manual_seed(seed_hash("linft-finetune", "masks", seed, test_domain, step))
-    with _autocast(dev, config.amp):
+    with autocast_for(dev, config.amp):
         logits = model(x)
     loss = F.cross_entropy(logits.float(), y)
     optimizer.zero_grad(set_to_none=True)

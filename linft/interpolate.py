@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from linft.errors import LinftError
+from linft.finetune import autocast_for, model_input
 
 __all__ = [
     "DEFAULT_ALPHAS", "PATHS", "PROBE_L2", "PROBE_MAX_ITER",
@@ -374,19 +375,6 @@ def load_endpoints(finetuned: str | os.PathLike, dataset=None, pretrained: str |
 # --------------------------------------------------------------------------- passes over the images
 
 
-def _inputs(batch: torch.Tensor, dev: torch.device, channels_last: bool) -> torch.Tensor:
-    from linft.features import normalize_uint8
-
-    x = normalize_uint8(batch.to(dev, non_blocking=True))
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-def _autocast(dev: torch.device, amp: bool):
-    from contextlib import nullcontext
-
-    return torch.autocast("cuda", dtype=torch.bfloat16) if (amp and dev.type == "cuda") else nullcontext()
-
-
 @torch.no_grad()
 def pooled_features_and_logits(model: nn.Module, block_names: Sequence[str], images, device="cpu",
                                channels_last: bool = False, amp: bool = False,
@@ -408,8 +396,8 @@ def pooled_features_and_logits(model: nn.Module, block_names: Sequence[str], ima
     phis = []
     try:
         for batch in images:
-            with _autocast(dev, amp):
-                phis.append(extractor(_inputs(batch, dev, channels_last)).cpu())
+            with autocast_for(dev, amp):
+                phis.append(extractor(model_input(batch, dev, channels_last)).cpu())
             if update:
                 update(len(batch))
     finally:
@@ -443,8 +431,8 @@ def iter_weight_path(model: nn.Module, start_state: Mapping[str, torch.Tensor], 
             model.load_state_dict(interpolate_state_dicts(start_state, end_state, a), strict=True)
             out = []
             for batch in images:
-                with _autocast(dev, amp):
-                    out.append(model(_inputs(batch, dev, channels_last)).float().cpu())
+                with autocast_for(dev, amp):
+                    out.append(model(model_input(batch, dev, channels_last)).float().cpu())
                 if update:
                     update(len(batch))
             yield a, torch.cat(out)
@@ -470,7 +458,7 @@ def first_order_outputs(model: nn.Module, theta0_state: Mapping[str, torch.Tenso
     for batch in images:
         with warnings.catch_warnings():  # torch's first jvp scripts its decompositions and warns about torch.jit.script
             warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-            f0, jv = first_order_terms(model, s0, sf, _inputs(batch, dev, channels_last))
+            f0, jv = first_order_terms(model, s0, sf, model_input(batch, dev, channels_last))
         f0s.append(f0.float().cpu())
         jvps.append(jv.float().cpu())
         if update:
