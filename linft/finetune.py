@@ -295,8 +295,8 @@ class EvalImages:
                     update(len(batch))
 
     def _decode(self):
-        from linft.pretrain import _decoded_batches
-        return _decoded_batches(self.ds, range(len(self.ds)), self.size, self.batch_size, self.workers, 0)
+        from linft.pretrain import decoded_batches
+        return decoded_batches(self.ds, range(len(self.ds)), self.size, self.batch_size, self.workers, 0)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if self.images is None:

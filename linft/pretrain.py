@@ -223,7 +223,7 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
-def _decoded_batches(ds, indices, image_size: int, batch_size: int, workers: int, seed: int):
+def decoded_batches(ds, indices, image_size: int, batch_size: int, workers: int, seed: int):
     """uint8 (B, 3, S, S) batches of ``indices`` in that order, decoded from disk."""
     gen = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(
@@ -435,7 +435,7 @@ def pretrain(
             images = torch.empty(n, 3, image_size, image_size, dtype=torch.uint8)
             with progress_bar(n, "decoding images", unit="img", enabled=progress) as update:
                 start = 0
-                for batch in _decoded_batches(ds, range(n), image_size, 256, workers, seed):
+                for batch in decoded_batches(ds, range(n), image_size, 256, workers, seed):
                     images[start:start + len(batch)] = batch
                     start += len(batch)
                     update(len(batch))
@@ -445,7 +445,7 @@ def pretrain(
                 for a in range(0, len(indices), batch_size):
                     yield images[indices[a:a + batch_size]]
             else:
-                yield from _decoded_batches(ds, indices.tolist(), image_size, batch_size, workers, seed)
+                yield from decoded_batches(ds, indices.tolist(), image_size, batch_size, workers, seed)
 
         def to_input(batch_uint8):
             return normalize_uint8(batch_uint8.to(dev)).contiguous(memory_format=torch.channels_last)
