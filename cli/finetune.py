@@ -31,7 +31,10 @@ from linft.sweep import LAUNCHERS, launch_sweep
 @click.option("--lr", "lrs", type=float, multiple=True, default=(1e-3, 5e-4), show_default=True)
 @click.option("--weight-decay", "weight_decays", type=float, multiple=True, default=(1e-4, 5e-5, 1e-5), show_default=True)
 @click.option("--seeds", type=int, default=3, show_default=True, help="Trial seeds 0..N-1 (split, batches, masks, head init).")
-@click.option("--steps", type=int, default=10_000, show_default=True, help="SGD steps per run; lr ÷10 at half.")
+@click.option("--steps", type=int, default=10_000, show_default=True, help="SGD steps per run.")
+@click.option("--lr-milestones", "lr_milestones", type=float, multiple=True, default=(0.5,), show_default=True,
+              help="Fractions of --steps where the lr is divided by 10; repeat (DomainNet, 30,000 steps: "
+                   "--lr-milestones 0.5 --lr-milestones 0.8333).")
 @click.option("--eval-every", type=int, default=300, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per training domain per step.")
 @click.option("--image-size", type=int, default=224, show_default=True)
@@ -40,7 +43,8 @@ from linft.sweep import LAUNCHERS, launch_sweep
               help="Also record trajectory ensembles and weight averages (every evaluation), and per held-out domain "
                    "and seed the ensemble, uniform soup and greedy soup of the grid's selected models.")
 @click.option("--average-every-step", is_flag=True,
-              help="Trajectory weight average over every step (the official code) instead of every evaluation.")
+              help="Trajectory weight average over every step from --eval-every on (the official code: every step "
+                   "after 300) instead of the checkpoints at each evaluation.")
 @click.option("--ensemble-rule", type=click.Choice(["probs", "logits"]), default="probs", show_default=True,
               help="Output ensembles: mean of probabilities, or of logits (the official code).")
 @click.option("--no-freeze-bn", is_flag=True, help="Update BatchNorm statistics (the protocol freezes them).")
@@ -59,7 +63,7 @@ from linft.sweep import LAUNCHERS, launch_sweep
 @click.option("--json", "as_json", is_flag=True, help="Print the summary table as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def finetune_cmd(dataset, data_root, backbone, weights, dropouts, last_layer_lr_mult, stochastic_depth, linearized, lrs,
-                 weight_decays, seeds, steps, eval_every, batch_size, image_size, test_domains, ensembles,
+                 weight_decays, seeds, steps, lr_milestones, eval_every, batch_size, image_size, test_domains, ensembles,
                  average_every_step, ensemble_rule, no_freeze_bn, no_augment, workers, device, launcher, gpus,
                  slurm_partition, slurm_timeout, slurm_gpus, no_wait, out, as_json, quiet):
     """Fine-tune a pretrained backbone leave-one-domain-out, with dropout on the penultimate layer.
@@ -82,7 +86,8 @@ def finetune_cmd(dataset, data_root, backbone, weights, dropouts, last_layer_lr_
     """
     ds = find_dataset(dataset, data_root)
     out = Path(out) if out else Path("runs") / "finetune" / (ds.name or ds.root.name).replace(" ", "_")
-    config = FineTuneConfig(steps=steps, batch_size=batch_size, eval_every=eval_every, image_size=image_size,
+    config = FineTuneConfig(steps=steps, lr_milestones=tuple(lr_milestones), batch_size=batch_size,
+                            eval_every=eval_every, image_size=image_size,
                             freeze_bn=not no_freeze_bn, augment=not no_augment, workers=workers,
                             trajectory=ensembles, average_every_step=average_every_step, ensemble_rule=ensemble_rule)
     runs = sweep_runs(ds.domains, test_domains=test_domains, dropouts=dropouts, lrs=lrs, weight_decays=weight_decays,
@@ -99,7 +104,8 @@ def finetune_cmd(dataset, data_root, backbone, weights, dropouts, last_layer_lr_
     click.echo(f"{result['submitted']} runs launched ({result['skipped']} already done"
                f"{', ' + str(len(failed)) + ' failed' if failed else ''}) -> {out}", err=True)
     if no_wait and launcher != "local":
-        click.echo(f"jobs: {' '.join(result['jobs'])}; run the same command again to collect what is missing")
+        click.echo(f"jobs: {' '.join(result['jobs'])}; once they have ended, run the same command again to complete "
+                   f"what is missing (and, with --ensembles, evaluate the ensembles and soups)")
         return
     table = domainbed_table(run_results(read_records([out])))
     if as_json:

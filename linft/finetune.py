@@ -35,9 +35,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -84,7 +83,7 @@ class FineTuneConfig:
     workers: int | None = None
     amp: bool = True  # bfloat16 autocast on CUDA (float32 on the CPU)
     channels_last: bool = True
-    trajectory: bool = False  # trajectory ensemble and weight average records
+    trajectory: bool = False  # trajectory ensemble and weight average records (from step ``eval_every`` on)
     average_every_step: bool = False  # trajectory weight average over every step (official code) instead of evals
     ensemble_rule: str = "probs"
 
@@ -111,7 +110,7 @@ class FineTuneRun:
     linearized: bool = False
 
 
-def finetune_label(run: FineTuneRun, weights: str) -> str:
+def finetune_label(run: FineTuneRun, weights: str, config: FineTuneConfig | None = None) -> str:
     """The unit a report compares: the method and its variant (the grid lr × weight decay varies inside it).
 
     ``weights`` are the resolved weights (:attr:`linft.backbones.Backbone.weights`): ``"none"`` is from scratch.
@@ -122,6 +121,10 @@ def finetune_label(run: FineTuneRun, weights: str) -> str:
         parts.append(f"{run.last_layer_lr_mult:g}x head lr")
     if run.stochastic_depth:
         parts.append(f"stochastic depth {run.stochastic_depth:g}")
+    if config is not None and not config.freeze_bn:
+        parts.append("BN trained")
+    if config is not None and not config.augment:
+        parts.append("no augmentation")
     parts.append(f"dropout {run.dropout:g}")
     return ", ".join(parts)
 
@@ -228,9 +231,9 @@ class _TrainImages(torch.utils.data.Dataset):
         try:
             image = augmented_views_uint8(path, self.size, 1, aug_seed)[0] if self.augment \
                 else load_image_uint8(path, self.size)
-            return image, int(self.labels[row])
-        except (OSError, ValueError) as exc:
-            raise LinftError(f"cannot read image {path} ({type(exc).__name__}); fix or remove it, then re-run") from None
+            return image, int(self.labels[row]), ""
+        except Exception as exc:  # any decoder failure; reported by path in the main process (a worker can't)
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1, f"{path} ({type(exc).__name__})"
 
 
 class _StepSampler(torch.utils.data.Sampler):
@@ -256,7 +259,8 @@ def step_batch(pools: list[np.ndarray], batch_size: int, seed: int, test_domain:
 
 
 def _collate(items):
-    return torch.stack([im for im, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+    return (torch.stack([im for im, _, _ in items]), torch.tensor([y for _, y, _ in items], dtype=torch.long),
+            next((err for _, _, err in items if err), ""))
 
 
 def _worker_count(workers: int | None) -> int:
@@ -284,15 +288,23 @@ class EvalImages:
     def __init__(self, ds: MultiDomainDataset, image_size: int, batch_size: int = 256, workers: int | None = None,
                  progress: bool = False):
         self.ds, self.size, self.batch_size, self.workers = ds, image_size, batch_size, _worker_count(workers)
-        self.images = None
-        if len(ds) * 3 * image_size * image_size <= EVAL_PRELOAD_LIMIT_BYTES:
-            self.images = torch.empty(len(ds), 3, image_size, image_size, dtype=torch.uint8)
-            with progress_bar(len(ds), "decoding evaluation images", unit="img", enabled=progress) as update:
+        self.progress = progress
+        self.preload = len(ds) * 3 * image_size * image_size <= EVAL_PRELOAD_LIMIT_BYTES
+        self._images = None
+
+    @property
+    def images(self) -> torch.Tensor | None:
+        """All images, uint8 (N, 3, S, S), decoded at first use (None when too large to keep)."""
+        if self.preload and self._images is None:
+            images = torch.empty(len(self.ds), 3, self.size, self.size, dtype=torch.uint8)
+            with progress_bar(len(self.ds), "decoding evaluation images", unit="img", enabled=self.progress) as update:
                 start = 0
                 for batch in self._decode():
-                    self.images[start:start + len(batch)] = batch
+                    images[start:start + len(batch)] = batch
                     start += len(batch)
                     update(len(batch))
+            self._images = images
+        return self._images
 
     def _decode(self):
         from linft.pretrain import decoded_batches
@@ -364,10 +376,6 @@ def _load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises several unrelated types for a bad file
         raise LinftError(f"cannot read checkpoint {path} ({exc.__class__.__name__}); delete it to restart that run") from None
-
-
-def _cpu_state(model: nn.Module) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def run_identity(run: FineTuneRun, backbone: str, weights_sha256: str, dataset_sha256: str, config: FineTuneConfig) -> dict:
@@ -481,7 +489,8 @@ def train_run(
     rid = run_id(**identity)
     run_dir = Path(out_dir) / rid
     if (run_dir / DONE_FILE).exists():
-        return RunResult(run_dir, rid, "done")
+        diverged_before = (run_dir / DONE_FILE).read_text().strip() == "diverged"
+        return RunResult(run_dir, rid, "diverged" if diverged_before else "done")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RUN_FILE).write_text(json.dumps({"run_id": rid, **identity}, indent=1) + "\n")
@@ -496,7 +505,7 @@ def train_run(
         raise LinftError(f"domain {', '.join(empty)} has an empty 'in' or 'out' split (20% held out); "
                          f"each training domain needs at least 5 images")
 
-    label = finetune_label(run, bb.weights)
+    label = finetune_label(run, bb.weights, config)
     method = finetune_method(run, bb.weights)
     hparams = {**asdict(run), **config.protocol(), "backbone": backbone, "weights": bb.weights}
     hparams.pop("test_domain")
@@ -511,7 +520,9 @@ def train_run(
     trajectory = ({"ensemble": (f"{label}, trajectory ensemble", f"{method}-trajectory-ensemble"),
                    "average": (f"{label}, trajectory average", f"{method}-trajectory-average")}
                   if config.trajectory else {})
-    trajectory_ids = {k: run_id(**identity, derived=k) for k in trajectory}
+    trajectory_ids = {k: run_id(**identity, derived=k, rule=config.ensemble_rule if k == "ensemble" else None,
+                                every_step=config.average_every_step if k == "average" else None)
+                      for k in trajectory}
 
     records_path = run_dir / RECORDS_FILE
     existing = read_records([records_path]) if records_path.exists() else []
@@ -581,14 +592,19 @@ def train_run(
                          enabled=progress, initial=start) as update:
         set_train_mode(model, True, config.freeze_bn)
         nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
+        # trajectory ensembles and averages start after the first eval_every steps (the step-0 model is the
+        # pretrained network with a barely trained head); the official code averages every step after 300
+        trajectory_start = min(config.eval_every, config.steps - 1)
         batches = train_batches(dataset, pools, config, run.seed, e, start)
         for step in range(start, config.steps):
-            images, y = next(batches)
+            images, y, bad = next(batches)
+            if bad:
+                raise LinftError(f"cannot read image {bad}; fix or remove it, then re-run")
             loss = train_step(model, optimizer, images, y, step, milestones, run.seed, e, dev, config)
             steps_trained += 1
             update(1)
             nonfinite |= ~torch.isfinite(loss)  # no host sync per step: checked at each evaluation
-            if avg is not None and config.average_every_step:
+            if avg is not None and config.average_every_step and step >= trajectory_start:
                 avg.update(_ordinary_state(model))
             if step not in evals:
                 continue
@@ -612,7 +628,7 @@ def train_run(
                                            "domain_names": list(names), "image_size": config.image_size,
                                            "linearized": run.linearized}},
                              run_dir / SELECTED_FILE)
-            if avg is not None:
+            if avg is not None and step >= trajectory_start:
                 ens.add(out_logits)
                 write(writer, trajectory_ids["ensemble"], step,
                       split_counts(ens.scores().argmax(1), dataset.labels, split_rows, names), None, "ok", final,
@@ -678,6 +694,8 @@ def check_config(config: FineTuneConfig) -> None:
         raise LinftError(f"--image-size must be at least 16, got {config.image_size}")
     if config.ensemble_rule not in ("probs", "logits"):
         raise LinftError(f"unknown ensemble rule '{config.ensemble_rule}'; use probs or logits")
+    if any(not 0.0 < m <= 1.0 for m in config.lr_milestones):
+        raise LinftError(f"--lr-milestones are fractions of --steps in (0, 1], got {list(config.lr_milestones)}")
     if config.workers is not None and config.workers < 0:
         raise LinftError(f"--workers must be >= 0, got {config.workers}")
 
@@ -757,7 +775,8 @@ def evaluate_across_runs(dataset: MultiDomainDataset, out_dir, run_dirs, *, conf
         for (label, test_domain, seed), members in sorted(groups.items(), key=lambda kv: kv[0]):
             members.sort(key=lambda m: -m[1]["iid"])
             meta0 = members[0][1]
-            ids = {kind: run_id(across=kind, members=sorted(m[1]["run_id"] for m in members)) for kind in
+            ids = {kind: run_id(across=kind, members=sorted(m[1]["run_id"] for m in members),
+                                rule=config.ensemble_rule if kind == "ensemble" else None) for kind in
                    ("ensemble", "soup", "greedy-soup")}
             if all(i in done for i in ids.values()):
                 continue

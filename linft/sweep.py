@@ -16,7 +16,6 @@ Launchers:
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +28,15 @@ from linft.finetune import (DONE_FILE, EvalImages, FineTuneConfig, FineTuneRun, 
                             evaluate_across_runs, finetune, run_identity, train_run)
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
+
+
+def check_runs(runs: list[FineTuneRun], config: FineTuneConfig, across_runs: bool = False) -> None:
+    """Refuse, before anything is launched, variants that do not combine."""
+    if any(r.linearized and r.stochastic_depth for r in runs):
+        raise LinftError("--linearized and --stochastic-depth do not combine; run them separately")
+    if any(r.linearized for r in runs) and (config.trajectory or across_runs):
+        raise LinftError("--ensembles is not available with --linearized (averaging linearized models is a different "
+                         "model); run --linearized without --ensembles")
 
 
 def _job(dataset_root: str, out_dir: str, run: dict, backbone: str, weights, config: dict, device: str,
@@ -71,6 +79,7 @@ def launch_sweep(dataset, out_dir, runs: list[FineTuneRun], *, backbone: str = "
     check_config(config)
     if launcher not in LAUNCHERS:
         raise LinftError(f"unknown launcher '{launcher}'; use one of {', '.join(LAUNCHERS)}")
+    check_runs(runs, config, across_runs)
     out_dir = Path(out_dir)
     if launcher == "local" and gpus <= 1:
         result: SweepResult = finetune(dataset, out_dir, runs=runs, backbone=backbone, weights=weights, config=config,
@@ -118,7 +127,6 @@ def launch_sweep(dataset, out_dir, runs: list[FineTuneRun], *, backbone: str = "
                     first = str(exc).strip().splitlines()
                     statuses.append(f"failed: {first[-1] if first else type(exc).__name__}")
     if across_runs and wait:
-        from linft.finetune import FineTuneRun as _Run  # noqa: F401
         run_dirs = [out_dir / run_id(**run_identity(r, backbone, sha, dataset.file_list_sha256, config)) for r in runs]
         evaluate_across_runs(dataset, out_dir, run_dirs, config=config, device=device,
                              eval_images=EvalImages(dataset, config.image_size, config.eval_batch_size,
@@ -126,11 +134,3 @@ def launch_sweep(dataset, out_dir, runs: list[FineTuneRun], *, backbone: str = "
     return {"submitted": len(todo), "skipped": len(runs) - len(todo), "jobs": [j.job_id for j in jobs],
             "statuses": statuses}
 
-
-def default_gpus() -> int:
-    """Number of visible CUDA devices (0 without CUDA)."""
-    import torch
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-__all__ = ["LAUNCHERS", "launch_sweep", "default_gpus", "os"]
