@@ -547,10 +547,14 @@ def interpolate(dataset, finetuned: str | os.PathLike, *, data_root=None, pretra
     alpha_list = parse_alphas(alphas)
     if batch_size < 1:
         raise LinftError(f"--batch-size must be at least 1, got {batch_size}")
+    if workers is not None and workers < 0:
+        raise LinftError(f"--workers must be >= 0, got {workers}")
     if not (math.isfinite(probe_l2) and probe_l2 >= 0):
         raise LinftError(f"the probe head's L2 strength must be finite and >= 0, got {probe_l2}")
     ds = dataset if isinstance(dataset, MultiDomainDataset) else find_dataset(dataset, data_root)
     ends = load_endpoints(finetuned, ds, pretrained=pretrained, backbone=backbone)
+    from linft.backbones import state_dict_sha256
+    finetuned_sha256 = state_dict_sha256(ends.finetuned_state)  # a run still training changes its selected.pt
     meta = ends.metadata
     dev = resolve_device(device)
     channels_last = dev.type == "cuda"
@@ -664,7 +668,8 @@ def interpolate(dataset, finetuned: str | os.PathLike, *, data_root=None, pretra
             iid, ood = _accuracies(splits, test_domain, train_domains)
             curves[key].append({"alpha": a, "iid": iid, "ood": ood, "splits": splits})
             block = key[6:] if key.startswith("block:") else None
-            identity = {"method": methods[key], "finetuned": ends.finetuned_id, "pretrained": ends.pretrained_sha256,
+            identity = {"method": methods[key], "finetuned": ends.finetuned_id, "finetuned_sha256": finetuned_sha256,
+                        "pretrained": ends.pretrained_sha256,
                         "dataset": ds.file_list_sha256, "image_size": image_size, "probe_l2": probe_l2,
                         "probe_max_iter": PROBE_MAX_ITER, "probe_tolerance": PROBE_TOLERANCE,
                         "alpha": a, "block": block}
