@@ -27,12 +27,12 @@ DEMO_IMAGE_SIZE = 64
 #: The demo's linear fine-tuning: the paper's grid, a dropout sweep and probing, on a shorter schedule.
 #: (The schedules below keep the whole demo within about 5 minutes on a 2-core CPU.)
 DEMO_LINEAR = dict(dropouts=(0.0, 0.9, 0.95), probe=True, lrs=(1e-3, 5e-4), weight_decays=(1e-4, 5e-5, 1e-5), seeds=3)
-DEMO_LINEAR_STEPS = 1000
+DEMO_LINEAR_STEPS = 800
 
 #: The demo's full fine-tuning: dropout 0 and 0.9, one grid point and seed, a short schedule (lr ÷10 at half).
 DEMO_FINETUNE = dict(dropouts=(0.0, 0.9), lrs=(1e-3,), weight_decays=(1e-4,), seeds=1)
-DEMO_FINETUNE_STEPS = 60
-DEMO_FINETUNE_EVAL_EVERY = 20
+DEMO_FINETUNE_STEPS = 50
+DEMO_FINETUNE_EVAL_EVERY = 25
 
 #: The demo's interpolation: the plain fine-tuned run (dropout 0) of this held-out domain, 11 values of α.
 DEMO_INTERPOLATION_DOMAIN = "sketch"

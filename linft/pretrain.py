@@ -281,7 +281,7 @@ def deterministic_cuda(dev: torch.device):
 
 
 @contextmanager
-def _denormals_flushed():
+def denormals_flushed():
     """Flush denormal floats to zero inside the block (torch has no getter: the default, off, is restored)."""
     torch.set_flush_denormal(True)
     try:
@@ -427,7 +427,7 @@ def pretrain(
 
     # Denormal floats appear during training and made CPU steps up to 10x slower (measured); flushing them
     # to zero is set for the training only.
-    with _denormals_flushed(), deterministic_cuda(dev):
+    with denormals_flushed(), deterministic_cuda(dev):
         if preload is None:
             preload = n * 3 * image_size * image_size <= PRELOAD_LIMIT_BYTES
         images = None
