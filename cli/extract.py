@@ -15,8 +15,9 @@ from linft.features import extract_features
                    f"({', '.join(DOMAINBED_DATASETS)}). Default: $LINFT_DATA_ROOT, then ./data.")
 @click.option("--backbone", default="resnet50", show_default=True,
               help="torchvision ResNet-family model (resnet18 ... resnet152, wide_resnet50_2, resnext50_32x4d, ...).")
-@click.option("--weights", default="IMAGENET1K_V2", show_default=True,
-              help='torchvision weight name (IMAGENET1K_V1 = "ResNet #1", IMAGENET1K_V2 = "ResNet #2", DEFAULT), '
+@click.option("--weights", default="DEFAULT", show_default=True,
+              help='DEFAULT (the backbone\'s recommended weights: IMAGENET1K_V2 = "ResNet #2" for resnet50, the shipped '
+                   'file for demo-resnet), a torchvision weight name (IMAGENET1K_V1 = "ResNet #1", IMAGENET1K_V2), '
                    "a local state_dict file, or none (seeded random init).")
 @click.option("--blocks", "num_blocks", type=int, default=None,
               help="Keep the last K residual blocks of the last stage. Default: all of them (3 for ResNet-50).")

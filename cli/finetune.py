@@ -19,8 +19,10 @@ from linft.sweep import LAUNCHERS, launch_sweep
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="Where DomainBed names (PACS, VLCS, ...) are looked up. Default: $LINFT_DATA_ROOT, then ./data.")
 @click.option("--backbone", default="resnet50", show_default=True, help="torchvision ResNet-family name or demo-resnet.")
-@click.option("--weights", default="IMAGENET1K_V2", show_default=True,
-              help="Torchvision weight name, a state_dict file, or 'none' (training from scratch).")
+@click.option("--weights", default="DEFAULT", show_default=True,
+              help='DEFAULT (the backbone\'s recommended weights: IMAGENET1K_V2 = "ResNet #2" for resnet50, the shipped '
+                   'file for demo-resnet), a torchvision weight name (IMAGENET1K_V1 = "ResNet #1", IMAGENET1K_V2), '
+                   "a local state_dict file, or none (seeded random init, i.e. training from scratch).")
 @click.option("--dropout", "dropouts", type=float, multiple=True, default=(0.0,), show_default=True,
               help="Dropout rate on the penultimate representation; repeat for a sweep (--dropout 0 --dropout 0.9).")
 @click.option("--last-layer-lr-mult", type=float, default=1.0, show_default=True,

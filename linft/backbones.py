@@ -150,17 +150,19 @@ def _load_strict(model: nn.Module, state: dict, name: str, source: str) -> None:
         raise LinftError(f"weights {source} do not fit {name}: {first}; pass weights saved from a {name}") from None
 
 
-def load_backbone(name: str = "resnet50", weights: str | os.PathLike | None = "IMAGENET1K_V2") -> Backbone:
+def load_backbone(name: str = "resnet50", weights: str | os.PathLike | None = "DEFAULT") -> Backbone:
     """Build backbone ``name`` and load ``weights`` strictly; the model is returned in eval mode.
 
-    ``weights``: a torchvision enum member name of that model (``IMAGENET1K_V1``,
-    ``IMAGENET1K_V2``, ``DEFAULT``, ...), a path to a state_dict file, or
-    ``none``/``None`` for a random initialisation seeded with
-    :data:`NONE_WEIGHTS_SEED`. For a registered extra backbone ``weights=None``
-    means its default weights.
+    ``weights``: ``DEFAULT`` (the backbone's recommended weights: torchvision's
+    ``DEFAULT`` member, ``IMAGENET1K_V2`` = the paper's "ResNet #2" for
+    ResNet-50; the shipped file for ``demo-resnet``), a torchvision enum member
+    name of that model (``IMAGENET1K_V1``, ``IMAGENET1K_V2``, ...), a path to a
+    state_dict file, or ``none``/``None`` for a random initialisation seeded
+    with :data:`NONE_WEIGHTS_SEED`. For a registered extra backbone
+    ``weights=None`` also means its default weights.
     """
     _check_name(name)
-    if weights is None and name in _EXTRA_BACKBONES:
+    if name in _EXTRA_BACKBONES and (weights is None or str(weights).upper() == "DEFAULT"):
         weights = _EXTRA_BACKBONES[name][1]
     text = "none" if weights is None else os.fspath(weights)
 

@@ -243,7 +243,7 @@ def extract_features(
     out: str | os.PathLike | None = None,
     *,
     backbone: str = "resnet50",
-    weights: str | os.PathLike | None = "IMAGENET1K_V2",
+    weights: str | os.PathLike | None = "DEFAULT",
     num_blocks: int | None = None,
     image_size: int = 224,
     batch_size: int = 256,

@@ -470,7 +470,7 @@ def train_run(
     run: FineTuneRun,
     *,
     backbone: str = "resnet50",
-    weights="IMAGENET1K_V2",
+    weights="DEFAULT",
     config: FineTuneConfig = FineTuneConfig(),
     device="auto",
     eval_images: EvalImages | None = None,
@@ -712,7 +712,7 @@ class SweepResult:
         return sum(r.status == status for r in self.runs)
 
 
-def finetune(dataset, out_dir, *, backbone: str = "resnet50", weights="IMAGENET1K_V2", data_root=None,
+def finetune(dataset, out_dir, *, backbone: str = "resnet50", weights="DEFAULT", data_root=None,
              runs: list[FineTuneRun] | None = None, config: FineTuneConfig = FineTuneConfig(), device="auto",
              across_runs: bool = False, progress: bool = True, say: Callable[[str], None] | None = None,
              **grid) -> SweepResult:

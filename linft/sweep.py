@@ -64,7 +64,7 @@ def _gpu_job(*args):
     return _job(*args[:6], _DEVICE, *args[7:])
 
 
-def launch_sweep(dataset, out_dir, runs: list[FineTuneRun], *, backbone: str = "resnet50", weights="IMAGENET1K_V2",
+def launch_sweep(dataset, out_dir, runs: list[FineTuneRun], *, backbone: str = "resnet50", weights="DEFAULT",
                  config: FineTuneConfig = FineTuneConfig(), launcher: str = "local", device="auto",
                  gpus: int = 1, slurm: dict | None = None, wait: bool = True, across_runs: bool = False,
                  progress: bool = True, say: Callable[[str], None] | None = None) -> dict:
