@@ -1,9 +1,8 @@
 """``linft demo``: the whole pipeline on the built-in procedural benchmark, on a laptop CPU.
 
 Every stage calls the same library function as the corresponding command
-(``demo-data``, ``extract``, ``train-linear``, ``finetune``, ``report``); there is no demo
-code path. Stages whose issue has not landed yet are skipped with a one-line
-message.
+(``demo-data``, ``extract``, ``train-linear``, ``finetune``, ``interpolate``, ``report``);
+there is no demo code path. Work already on disk is reused.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ from linft.errors import LinftError
 from linft.features import augmented_views_uint8, load_image_uint8, normalize_uint8, resolve_device
 from linft.linear import eval_steps, lr_at
 from linft.progress import progress_bar
-from linft.protocol import domain_split_rows
+from linft.protocol import domain_split_rows, iid_accuracy
 from linft.records import RECORDS_FILE, RecordWriter, read_records, run_id
 
 #: Decoded evaluation images are kept in memory (uint8) up to this size; larger datasets stream from disk.
@@ -618,8 +618,7 @@ def train_run(
             final = step == config.steps - 1
             out_logits, splits = evaluate(model)
             write(writer, rid, step, splits, loss_value, "ok", final)
-            iid = float(np.mean([splits[f"{names[d]}_out"][0] / max(1, splits[f"{names[d]}_out"][1])
-                                 for d in train_domains]))
+            iid = iid_accuracy({"splits": splits, "train_domains": base_record["train_domains"]})
             if iid > best_iid:
                 best_iid = iid
                 _save_atomic({"state_dict": _ordinary_state(model),
@@ -795,8 +794,7 @@ def evaluate_across_runs(dataset: MultiDomainDataset, out_dir, run_dirs, *, conf
                 return split_counts(pred, dataset.labels, split_rows, names)
 
             def iid_of(splits):
-                return float(np.mean([splits[f"{names[d]}_out"][0] / max(1, splits[f"{names[d]}_out"][1])
-                                      for d in train_domains]))
+                return iid_accuracy({"splits": splits, "train_domains": [names[d] for d in train_domains]})
 
             outputs = torch.stack([logits_of(s) for s, _ in members])
             results = {"ensemble": counts(ensemble_scores(outputs, config.ensemble_rule).argmax(1)),

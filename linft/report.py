@@ -72,8 +72,8 @@ def run_results(records: list[dict], selection: str = "iid") -> list[RunResult]:
         ))
     mixed = [f"{label} on {ds}" for (label, ds), s in sources.items() if len(s) > 1]
     if mixed:
-        raise LinftError(f"records of {', '.join(mixed)} come from different feature caches; "
-                         f"report each cache's records separately")
+        raise LinftError(f"records of {', '.join(mixed)} come from different sources (feature "
+                         f"caches, or datasets and backbone weights); report each source's records separately")
     return results
 
 

@@ -143,7 +143,7 @@ def test_cloud_tables_average_seeds_and_drop_diverged():
 def test_records_of_different_caches_never_mix():
     records = _grid_records()
     records[0]["cache_provenance"] = "other"
-    with pytest.raises(LinftError, match="different feature caches"):
+    with pytest.raises(LinftError, match="different sources"):
         run_results(records)
 
 
