@@ -90,9 +90,8 @@ def run_demo(out: str | Path = "demo_out", *, seed: int = 0, per_class: int = 15
                   progress=progress, say=None, **DEMO_FINETUNE)
     say(f"      {len(ft.runs) - ft.count('done')} runs trained ({ft.count('done')} already done, "
         f"{ft.count('diverged')} diverged) -> {ft.out}{took()}")
-    plain = [(r, spec) for r, spec in zip(ft.runs, ft.specs) if spec.dropout == 0.0 and r.status != "diverged"]
-    chosen = next((r for r, spec in plain if spec.test_domain == DEMO_INTERPOLATION_DOMAIN),
-                  plain[0][0] if plain else None)
+    plain = [r for r in ft.runs if r.run.dropout == 0.0 and r.status != "diverged"]
+    chosen = next((r for r in plain if r.run.test_domain == DEMO_INTERPOLATION_DOMAIN), plain[0] if plain else None)
     if chosen is None:
         say(f"[5/{stages}] skipping interpolation: no plain fine-tuning run finished")
     else:

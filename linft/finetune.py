@@ -55,8 +55,6 @@ from linft.progress import progress_bar
 from linft.protocol import domain_split_rows, iid_accuracy
 from linft.records import RECORDS_FILE, RecordWriter, read_records, run_id
 
-#: Decoded evaluation images are kept in memory (uint8) up to this size; larger datasets stream from disk.
-EVAL_PRELOAD_LIMIT_BYTES = 2 << 30
 
 CHECKPOINT_FILE = "checkpoint.pt"
 SELECTED_FILE = "selected.pt"
@@ -138,6 +136,15 @@ def finetune_method(run: FineTuneRun, weights: str) -> str:
 # --------------------------------------------------------------------------- the model
 
 
+def classifier_linear(model: nn.Module) -> nn.Linear:
+    """The linear layer of ``model.fc``: ``fc`` itself, or the last module of linft's ``Sequential(Dropout, Linear)``."""
+    fc = getattr(model, "fc", None)
+    linear = fc if isinstance(fc, nn.Linear) else (fc[-1] if isinstance(fc, nn.Sequential) and len(fc) else None)
+    if not isinstance(linear, nn.Linear):
+        raise LinftError(f"{model.__class__.__name__} has no linear classifier 'fc'; pass a torchvision-style ResNet")
+    return linear
+
+
 def build_classifier(model: nn.Module, num_classes: int, dropout: float, seed: int = 0) -> nn.Module:
     """Replace ``model.fc`` by the head ``Dropout(dropout) → Linear(D, num_classes)`` (in place; returned).
 
@@ -146,10 +153,7 @@ def build_classifier(model: nn.Module, num_classes: int, dropout: float, seed: i
     """
     if not 0.0 <= dropout < 1.0:
         raise LinftError(f"dropout rate {dropout} is outside [0, 1); use e.g. 0.9")
-    fc = getattr(model, "fc", None)
-    linear = fc if isinstance(fc, nn.Linear) else (fc[-1] if isinstance(fc, nn.Sequential) else None)
-    if not isinstance(linear, nn.Linear):
-        raise LinftError(f"{model.__class__.__name__} has no linear classifier 'fc'; pass a torchvision-style ResNet")
+    linear = classifier_linear(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = nn.Linear(linear.in_features, num_classes)
@@ -282,14 +286,15 @@ class EvalImages:
     """Every image of a dataset with the deterministic transform, as uint8 batches in dataset order.
 
     Decoded once and kept in memory when the whole set fits in
-    :data:`EVAL_PRELOAD_LIMIT_BYTES`; otherwise decoded again at each pass.
+    :data:`linft.pretrain.PRELOAD_LIMIT_BYTES`; otherwise decoded again at each pass.
     """
 
     def __init__(self, ds: MultiDomainDataset, image_size: int, batch_size: int = 256, workers: int | None = None,
                  progress: bool = False):
         self.ds, self.size, self.batch_size, self.workers = ds, image_size, batch_size, _worker_count(workers)
         self.progress = progress
-        self.preload = len(ds) * 3 * image_size * image_size <= EVAL_PRELOAD_LIMIT_BYTES
+        from linft.pretrain import PRELOAD_LIMIT_BYTES
+        self.preload = len(ds) * 3 * image_size * image_size <= PRELOAD_LIMIT_BYTES
         self._images = None
 
     @property
@@ -360,6 +365,7 @@ class RunResult:
     run_id: str
     status: str  # trained, resumed, done (already finished), diverged
     steps_trained: int = 0
+    run: FineTuneRun | None = None
 
 
 def _save_atomic(obj, path: Path) -> None:
@@ -382,6 +388,12 @@ def run_identity(run: FineTuneRun, backbone: str, weights_sha256: str, dataset_s
     """Everything that defines a run's result (its id is the hash of this)."""
     return {"method": "finetune", "backbone": backbone, "weights_sha256": weights_sha256,
             "dataset": dataset_sha256, "run": asdict(run), "protocol": config.protocol()}
+
+
+def run_folder(out_dir, run: FineTuneRun, backbone: str, weights_sha256: str, dataset_sha256: str,
+               config: FineTuneConfig) -> Path:
+    """``out_dir/<run_id>``: where a run keeps its records, checkpoints and ``done`` marker."""
+    return Path(out_dir) / run_id(**run_identity(run, backbone, weights_sha256, dataset_sha256, config))
 
 
 def load_selected(path: str | os.PathLike) -> tuple[dict, dict]:
@@ -487,10 +499,10 @@ def train_run(
     model, bb = build_run_model(backbone, weights, len(dataset.classes), run, dev, config.channels_last)
     identity = run_identity(run, backbone, bb.weights_sha256, dataset.file_list_sha256, config)
     rid = run_id(**identity)
-    run_dir = Path(out_dir) / rid
+    run_dir = run_folder(out_dir, run, backbone, bb.weights_sha256, dataset.file_list_sha256, config)
     if (run_dir / DONE_FILE).exists():
         diverged_before = (run_dir / DONE_FILE).read_text().strip() == "diverged"
-        return RunResult(run_dir, rid, "diverged" if diverged_before else "done")
+        return RunResult(run_dir, rid, "diverged" if diverged_before else "done", run=run)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RUN_FILE).write_text(json.dumps({"run_id": rid, **identity}, indent=1) + "\n")
@@ -652,7 +664,7 @@ def train_run(
         ckpt_path.unlink(missing_ok=True)
     except OSError as exc:
         raise LinftError(f"cannot write to {run_dir} ({exc.strerror}); choose another --out") from None
-    return RunResult(run_dir, rid, "diverged" if diverged else status, steps_trained)
+    return RunResult(run_dir, rid, "diverged" if diverged else status, steps_trained, run)
 
 
 # --------------------------------------------------------------------------- a sweep
@@ -691,8 +703,10 @@ def check_config(config: FineTuneConfig) -> None:
         raise LinftError("--steps, --batch-size and --eval-every must be at least 1")
     if config.image_size < 16:
         raise LinftError(f"--image-size must be at least 16, got {config.image_size}")
-    if config.ensemble_rule not in ("probs", "logits"):
-        raise LinftError(f"unknown ensemble rule '{config.ensemble_rule}'; use probs or logits")
+    from linft.averaging import ENSEMBLE_RULES
+
+    if config.ensemble_rule not in ENSEMBLE_RULES:
+        raise LinftError(f"unknown ensemble rule '{config.ensemble_rule}'; use {' or '.join(ENSEMBLE_RULES)}")
     if any(not 0.0 < m <= 1.0 for m in config.lr_milestones):
         raise LinftError(f"--lr-milestones are fractions of --steps in (0, 1], got {list(config.lr_milestones)}")
     if config.workers is not None and config.workers < 0:
@@ -705,7 +719,6 @@ class SweepResult:
 
     out: Path
     runs: list[RunResult] = field(default_factory=list)
-    specs: list[FineTuneRun] = field(default_factory=list)  # the run behind each entry of ``runs``
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.runs)
@@ -733,7 +746,6 @@ def finetune(dataset, out_dir, *, backbone: str = "resnet50", weights="DEFAULT",
         if say:
             say(f"run {i + 1}/{len(runs)}: dropout {run.dropout:g}, held out {run.test_domain}, seed {run.seed}, "
                 f"lr {run.lr:g}, weight decay {run.weight_decay:g}")
-        result.specs.append(run)
         result.runs.append(train_run(ds, out_dir, run, backbone=backbone, weights=weights, config=config,
                                      device=device, eval_images=eval_images, progress=progress, say=say))
     if across_runs:

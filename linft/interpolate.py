@@ -73,7 +73,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from linft.errors import LinftError
-from linft.finetune import autocast_for, model_input
+from linft.finetune import (SELECTED_FILE, EvalImages, autocast_for, build_classifier, classifier_linear,
+                            load_selected, model_input, split_counts)
 
 __all__ = [
     "DEFAULT_ALPHAS", "PATHS", "PROBE_L2", "PROBE_MAX_ITER",
@@ -202,9 +203,11 @@ def fit_probe_head(features: torch.Tensor, labels: torch.Tensor | np.ndarray, nu
 
 def classifier_head(model: nn.Module) -> LinearHead:
     """The last linear layer of ``model.fc`` (a ``Linear`` or linft's ``Sequential(Dropout, Linear)``), detached."""
-    fc = getattr(model, "fc", None)
-    linear = fc if isinstance(fc, nn.Linear) else (fc[-1] if isinstance(fc, nn.Sequential) and len(fc) else None)
-    if not isinstance(linear, nn.Linear) or linear.bias is None:
+    try:
+        linear = classifier_linear(model)
+    except LinftError:
+        linear = None
+    if linear is None or linear.bias is None:
         raise LinftError(f"{model.__class__.__name__} has no linear classifier 'fc' with a bias; "
                          "pass a torchvision-style ResNet checkpoint of linft finetune")
     return LinearHead(linear.weight.detach().clone(), linear.bias.detach().clone())
@@ -313,7 +316,6 @@ def load_endpoints(finetuned: str | os.PathLike, dataset=None, pretrained: str |
     """
     from linft.averaging import check_compatible
     from linft.backbones import load_backbone, phi_block_names, state_dict_sha256
-    from linft.finetune import SELECTED_FILE, build_classifier, load_selected
 
     state, meta = load_selected(finetuned)
     path = Path(finetuned)
@@ -537,7 +539,6 @@ def interpolate(dataset, finetuned: str | os.PathLike, *, data_root=None, pretra
     """
     from linft.data import MultiDomainDataset, find_dataset
     from linft.features import resolve_device
-    from linft.finetune import EvalImages, split_counts
     from linft.linearize import relative_linearity_gap
     from linft.progress import progress_bar
     from linft.protocol import domain_split_rows

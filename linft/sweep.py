@@ -23,9 +23,10 @@ from typing import Callable
 
 import multiprocessing as mp
 
+from linft.data import load_image_folder
 from linft.errors import LinftError
 from linft.finetune import (DONE_FILE, EvalImages, FineTuneConfig, FineTuneRun, SweepResult, check_config,
-                            evaluate_across_runs, finetune, run_identity, train_run)
+                            evaluate_across_runs, finetune, run_folder, train_run)
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
 
@@ -42,13 +43,10 @@ def check_runs(runs: list[FineTuneRun], config: FineTuneConfig, across_runs: boo
 def _job(dataset_root: str, out_dir: str, run: dict, backbone: str, weights, config: dict, device: str,
          dataset_name: str | None = None):
     """One job: fine-tune (or resume, or skip) one run. Top-level so that it pickles."""
-    from linft.data import load_image_folder
-    from linft.finetune import FineTuneConfig as _Config, FineTuneRun as _Run
-
     cfg = dict(config)
     cfg["lr_milestones"] = tuple(cfg["lr_milestones"])
-    result = train_run(load_image_folder(dataset_root, dataset_name), out_dir, _Run(**run), backbone=backbone, weights=weights,
-                       config=_Config(**cfg), device=device, progress=False)
+    result = train_run(load_image_folder(dataset_root, dataset_name), out_dir, FineTuneRun(**run), backbone=backbone,
+                       weights=weights, config=FineTuneConfig(**cfg), device=device, progress=False)
     return result.run_id, result.status
 
 
@@ -90,9 +88,8 @@ def launch_sweep(dataset, out_dir, runs: list[FineTuneRun], *, backbone: str = "
     from linft.backbones import load_backbone
 
     sha = load_backbone(backbone, weights).weights_sha256
-    from linft.records import run_id
-    todo = [r for r in runs if not (out_dir / run_id(**run_identity(r, backbone, sha, dataset.file_list_sha256, config))
-                                    / DONE_FILE).exists()]
+    run_dirs = [run_folder(out_dir, r, backbone, sha, dataset.file_list_sha256, config) for r in runs]
+    todo = [r for r, d in zip(runs, run_dirs) if not (d / DONE_FILE).exists()]
     args = [(str(dataset.root), str(out_dir), asdict(r), backbone, weights, asdict(config)) for r in todo]
     say(f"{len(todo)} of {len(runs)} runs to do ({len(runs) - len(todo)} already done), launcher {launcher}")
     statuses, jobs = [], []
@@ -127,7 +124,6 @@ def launch_sweep(dataset, out_dir, runs: list[FineTuneRun], *, backbone: str = "
                     first = str(exc).strip().splitlines()
                     statuses.append(f"failed: {first[-1] if first else type(exc).__name__}")
     if across_runs and wait:
-        run_dirs = [out_dir / run_id(**run_identity(r, backbone, sha, dataset.file_list_sha256, config)) for r in runs]
         evaluate_across_runs(dataset, out_dir, run_dirs, config=config, device=device,
                              eval_images=EvalImages(dataset, config.image_size, config.eval_batch_size,
                                                     config.workers), say=say)

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from linft.cli.main import main
 
-from conftest import make_image_folder
+from conftest import assert_one_line_error, make_image_folder
 
 SMALL = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "8",
          "--workers", "0", "--device", "cpu", "--quiet"]
@@ -17,15 +17,6 @@ SMALL = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "-
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1, result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_help_for_every_command():

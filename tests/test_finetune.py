@@ -36,7 +36,7 @@ from linft.pretrain import demo_resnet
 from linft.protocol import domain_split_rows, select_by_iid
 from linft.records import REQUIRED_FIELDS, read_records, run_id
 
-from conftest import SHAPE_CLASSES as CLASSES, SHAPE_STYLES as STYLES
+from conftest import SHAPE_CLASSES as CLASSES, SHAPE_STYLES as STYLES, assert_one_line_error
 
 # evaluations at steps 0, 4 and 8; lr ÷10 at step 4 (round(4.5))
 CFG = FineTuneConfig(steps=9, batch_size=4, eval_every=4, image_size=32, eval_batch_size=64, workers=0,
@@ -566,15 +566,6 @@ def tiny_args(data_root, out, *extra):
                              "--eval-every", 2, "--batch-size", 2, "--image-size", 32, "--workers", 0,
                              "--device", "cpu", "--seeds", 1, "--lr", 1e-3, "--weight-decay", 0,
                              "--test-domains", "photo", "--quiet", "--out", out, *extra)]
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1, result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_cli_finetune_end_to_end(data_root, tmp_path):

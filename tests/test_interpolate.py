@@ -21,6 +21,8 @@ from linft.interpolate import (
 )
 from linft.records import read_records
 
+from conftest import assert_one_line_error
+
 pytestmark = pytest.mark.filterwarnings("ignore:the run started from random weights")
 
 STYLES = ("photo", "sketch", "cartoon")
@@ -217,19 +219,13 @@ def _cli(*args):
     return CliRunner().invoke(main, ["interpolate", *map(str, args)])
 
 
-def _assert_one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.strip().splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
+
 
 
 def test_alpha_outside_unit_interval(shapes, perturbed_run, tmp_path):
     with pytest.raises(LinftError, match="outside"):
         interpolate(shapes, perturbed_run, alphas="0,1.5", out_dir=tmp_path, device="cpu", progress=False)
-    _assert_one_line_error(_cli(shapes.root, "--finetuned", perturbed_run, "--alphas", "-0.5,1", "--out", tmp_path,
+    assert_one_line_error(_cli(shapes.root, "--finetuned", perturbed_run, "--alphas", "-0.5,1", "--out", tmp_path,
                                 "--quiet"), "outside [0, 1]")
     assert not (tmp_path / "records.jsonl").exists()
 
@@ -240,7 +236,7 @@ def test_mismatched_class_set(perturbed_run, tmp_path):
                          workers=1)
     with pytest.raises(LinftError, match="classes"):
         load_endpoints(perturbed_run, load_image_folder(other))
-    _assert_one_line_error(_cli(other, "--finetuned", perturbed_run, "--out", tmp_path / "o", "--quiet",
+    assert_one_line_error(_cli(other, "--finetuned", perturbed_run, "--out", tmp_path / "o", "--quiet",
                                 "--device", "cpu"), "classes", "triangle")
 
 
@@ -248,11 +244,11 @@ def test_mismatched_architecture(shapes, perturbed_run, tmp_path):
     obj = torch.load(perturbed_run / "selected.pt", weights_only=True)
     state = {k: v for k, v in obj["state_dict"].items() if not k.startswith("layer4.2.")}
     torch.save({"state_dict": state, "metadata": obj["metadata"]}, tmp_path / "cut.pt")
-    _assert_one_line_error(_cli(shapes.root, "--finetuned", tmp_path / "cut.pt", "--out", tmp_path / "o", "--quiet",
+    assert_one_line_error(_cli(shapes.root, "--finetuned", tmp_path / "cut.pt", "--out", tmp_path / "o", "--quiet",
                                 "--device", "cpu"), "same architecture")
     # pretrained weights of another architecture
     torch.save(load_backbone("resnet18", "none").model.state_dict(), tmp_path / "r18.pt")
-    _assert_one_line_error(_cli(shapes.root, "--finetuned", perturbed_run, "--pretrained", tmp_path / "r18.pt",
+    assert_one_line_error(_cli(shapes.root, "--finetuned", perturbed_run, "--pretrained", tmp_path / "r18.pt",
                                 "--out", tmp_path / "o", "--quiet", "--device", "cpu"), "do not fit")
 
 
@@ -270,7 +266,7 @@ def test_pretrained_model_without_phi_blocks(shapes, perturbed_run, monkeypatch,
             return self.fc(self.body(x))
 
     monkeypatch.setitem(backbones._EXTRA_BACKBONES, "flat-net", (Flat, "none"))
-    _assert_one_line_error(_cli(shapes.root, "--finetuned", perturbed_run, "--backbone", "flat-net",
+    assert_one_line_error(_cli(shapes.root, "--finetuned", perturbed_run, "--backbone", "flat-net",
                                 "--out", tmp_path, "--quiet", "--device", "cpu"), "residual blocks")
 
 
