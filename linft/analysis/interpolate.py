@@ -88,13 +88,6 @@ __all__ = [
 #: The default α sweep: 11 points from 0 (pretrained) to 1 (fine-tuned).
 DEFAULT_ALPHAS = "0:1:11"
 
-#: L2 strength of the probe head's logistic regression: mean cross-entropy + PROBE_L2/2 · ‖W‖².
-PROBE_L2 = 1e-4
-#: L-BFGS iterations of the probe head's fit (one full-batch ``step``).
-PROBE_MAX_ITER = 200
-#: L-BFGS stops earlier when the largest gradient entry falls below this.
-PROBE_TOLERANCE = 1e-6
-
 #: path key -> (record method, label prefix)
 PATHS = {
     "weights": ("interpolation-weights", "weight interpolation"),
@@ -149,88 +142,6 @@ def parse_alphas(text: str | Sequence[float]) -> list[float]:
 
 
 # --------------------------------------------------------------------------- heads and the formula
-
-
-@dataclass
-class LinearHead:
-    """A linear classifier ``logits = features @ weight.T + bias``: weight (C, D), bias (C,)."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor
-
-    def to(self, device) -> "LinearHead":
-        return LinearHead(self.weight.to(device), self.bias.to(device))
-
-    def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        return F.linear(features, self.weight, self.bias)
-
-
-def fit_probe_head(features: torch.Tensor, labels: torch.Tensor | np.ndarray, num_classes: int,
-                   l2: float = PROBE_L2, max_iter: int = PROBE_MAX_ITER) -> LinearHead:
-    """A linear-probe head on frozen ``features`` (N, D): full-batch multinomial logistic regression.
-
-    Minimises mean cross-entropy + ``l2``/2 · ‖W‖² (the bias is not
-    penalised) with :class:`torch.optim.LBFGS` (strong Wolfe line search,
-    ``max_iter`` iterations at most), from W = 0, b = 0, in float32 on the
-    features' device: deterministic, no mini-batches, no learning rate to
-    tune. This is only the pretrained endpoint's head for interpolation;
-    linear probing as a protocol method (SGD, grid, seeds) is
-    :func:`linft.linear.train_linear` with ``probe=True``.
-    """
-    x = features.detach().float()
-    if x.dim() != 2 or len(x) == 0:
-        raise LinftError(f"a probe head needs a non-empty (N, D) feature matrix, got shape {tuple(x.shape)}")
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long).to(x.device)
-    if y.shape != (len(x),):
-        raise LinftError(f"{len(x)} feature rows but {y.numel()} labels; pass one label per row")
-    if int(y.min()) < 0 or int(y.max()) >= num_classes:
-        raise LinftError(f"labels must lie in 0..{num_classes - 1}, got {int(y.min())}..{int(y.max())}")
-    W = torch.zeros(num_classes, x.shape[1], device=x.device, requires_grad=True)
-    b = torch.zeros(num_classes, device=x.device, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=PROBE_TOLERANCE, tolerance_change=1e-9)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(F.linear(x, W, b), y) + 0.5 * l2 * (W * W).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return LinearHead(W.detach(), b.detach())
-
-
-def classifier_head(model: nn.Module) -> LinearHead:
-    """The last linear layer of ``model.fc`` (a ``Linear`` or linft's ``Sequential(Dropout, Linear)``), detached."""
-    try:
-        linear = classifier_linear(model)
-    except LinftError:
-        linear = None
-    if linear is None or linear.bias is None:
-        raise LinftError(f"{model.__class__.__name__} has no linear classifier 'fc' with a bias; "
-                         "pass a torchvision-style ResNet checkpoint of linft finetune")
-    return LinearHead(linear.weight.detach().clone(), linear.bias.detach().clone())
-
-
-def _head_keys(state: Mapping[str, torch.Tensor]) -> tuple[str, str]:
-    for prefix in ("fc.1.", "fc."):
-        if prefix + "weight" in state and prefix + "bias" in state:
-            return prefix + "weight", prefix + "bias"
-    raise LinftError("the state_dict has no classifier head (fc.1.weight / fc.weight); "
-                     "pass a checkpoint of linft finetune")
-
-
-def with_head(state: Mapping[str, torch.Tensor], head: LinearHead) -> dict[str, torch.Tensor]:
-    """A copy of ``state`` whose classifier head is ``head`` (same dtype and device as the entries it replaces)."""
-    wk, bk = _head_keys(state)
-    out = dict(state)
-    if tuple(out[wk].shape) != tuple(head.weight.shape):
-        raise LinftError(f"the head has shape {tuple(head.weight.shape)} but the model's {wk} has "
-                         f"{tuple(out[wk].shape)}; fit the head on this model's features")
-    out[wk] = head.weight.to(dtype=out[wk].dtype, device=out[wk].device).clone()
-    out[bk] = head.bias.to(dtype=out[bk].dtype, device=out[bk].device).clone()
-    return out
 
 
 def _mix(alpha: float, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:

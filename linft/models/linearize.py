@@ -47,6 +47,7 @@ import torch.nn as nn
 from torch.func import functional_call, jvp
 
 from linft.errors import LinftError
+from linft.models.checkpoints import check_state_dict
 
 __all__ = [
     "LinearizedModel",
@@ -93,24 +94,9 @@ def _tree_add(a: Any, b: Any) -> Any:
 
 def _check_state(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
                  required: Sequence[str], what: str) -> None:
-    """Strict check of a state_dict against ``reference`` (name -> tensor): one-line LinftError."""
-    if not isinstance(state, Mapping):
-        raise LinftError(f"{what} must be a state_dict (a mapping of names to tensors), got {type(state).__name__}")
-    missing = [k for k in required if k not in state]
-    if missing:
-        raise LinftError(f"{what} lacks {len(missing)} parameter(s) of the model, e.g. {missing[0]!r}: "
-                         "use a checkpoint of the same architecture")
-    unknown = [k for k in state if k not in reference]
-    if unknown:
-        raise LinftError(f"{what} has {len(unknown)} key(s) the model does not, e.g. {unknown[0]!r}: "
-                         "use a checkpoint of the same architecture (strip any 'module.' prefix)")
-    for k in required:
-        v = state[k]
-        if not isinstance(v, torch.Tensor):
-            raise LinftError(f"{what}[{k!r}] is a {type(v).__name__}, not a tensor: pass a state_dict")
-        if tuple(v.shape) != tuple(reference[k].shape):
-            raise LinftError(f"{what}[{k!r}] has shape {tuple(v.shape)}, the model has {tuple(reference[k].shape)}: "
-                             "use a checkpoint of the same architecture and class set")
+    """Every parameter of the model, no foreign key, the model's shapes (buffers may be absent)."""
+    check_state_dict(state, reference, what, "the model", "use a checkpoint of the same architecture and class "
+                     "set (strip any 'module.' prefix)", required=required)
 
 
 class LinearizedModel(nn.Module):

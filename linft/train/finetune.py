@@ -136,40 +136,6 @@ def finetune_method(run: FineTuneRun, weights: str) -> str:
 # --------------------------------------------------------------------------- the model
 
 
-def classifier_linear(model: nn.Module) -> nn.Linear:
-    """The linear layer of ``model.fc``: ``fc`` itself, or the last module of linft's ``Sequential(Dropout, Linear)``."""
-    fc = getattr(model, "fc", None)
-    linear = fc if isinstance(fc, nn.Linear) else (fc[-1] if isinstance(fc, nn.Sequential) and len(fc) else None)
-    if not isinstance(linear, nn.Linear):
-        raise LinftError(f"{model.__class__.__name__} has no linear classifier 'fc'; pass a torchvision-style ResNet")
-    return linear
-
-
-def build_classifier(model: nn.Module, num_classes: int, dropout: float, seed: int = 0) -> nn.Module:
-    """Replace ``model.fc`` by the head ``Dropout(dropout) → Linear(D, num_classes)`` (in place; returned).
-
-    The linear layer is initialised as ``nn.Linear`` does, from a generator
-    seeded with ``seed`` (the global RNG is left untouched).
-    """
-    if not 0.0 <= dropout < 1.0:
-        raise LinftError(f"dropout rate {dropout} is outside [0, 1); use e.g. 0.9")
-    linear = classifier_linear(model)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = nn.Linear(linear.in_features, num_classes)
-    model.fc = nn.Sequential(nn.Dropout(dropout), head).to(linear.weight.device)
-    return model
-
-
-def head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable parameters of the classifier head ``fc`` (its δ for a linearized model)."""
-    from linft.linearize import LinearizedModel, escape_parameter_name
-
-    if isinstance(model, LinearizedModel):
-        return [model.delta[escape_parameter_name(n)] for n in model.parameter_names if n.startswith("fc.")]
-    return list(model.fc.parameters())
-
-
 def set_train_mode(model: nn.Module, training: bool, freeze_bn: bool = True) -> None:
     """``model.train(training)``, then every BatchNorm back to eval mode when ``freeze_bn``.
 
@@ -181,39 +147,6 @@ def set_train_mode(model: nn.Module, training: bool, freeze_bn: bool = True) -> 
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
-
-
-def _branch_end(block: nn.Module) -> nn.Module:
-    # the last BatchNorm of the residual branch: bn3 of a Bottleneck, bn2 of a BasicBlock
-    end = getattr(block, "bn3", None) or getattr(block, "bn2", None)
-    if end is None:
-        raise LinftError(f"{block.__class__.__name__} has no bn3/bn2; stochastic depth needs torchvision-style blocks")
-    return end
-
-
-def add_stochastic_depth(model: nn.Module, rate: float) -> list:
-    """Residual-block dropout: ``torchvision.ops.StochasticDepth(rate, "row")`` on every residual branch.
-
-    Implemented as a forward hook on the last BatchNorm of each branch, so the
-    model's modules and state_dict keys are unchanged and pretrained weights
-    load strictly (the official code's version leaves the network randomly
-    initialised). Active in training mode only. Returns the hook handles.
-    """
-    from linft.backbones import residual_block_names
-
-    if not 0.0 <= rate < 1.0:
-        raise LinftError(f"--stochastic-depth {rate} is outside [0, 1); the paper uses 0.1 to 0.3")
-    modules = dict(model.named_modules())
-    handles = []
-    for name in residual_block_names(model):
-        drop = torchvision.ops.StochasticDepth(rate, "row")
-        end = _branch_end(modules[name])
-
-        def hook(module, inputs, output, drop=drop, block=modules[name]):
-            drop.training = block.training  # the block's mode: its BatchNorms stay in eval mode when frozen
-            return drop(output)
-        handles.append(end.register_forward_hook(hook))
-    return handles
 
 
 # --------------------------------------------------------------------------- images

@@ -1,6 +1,6 @@
-"""Output ensembles and weight averages of fine-tuned models: small pure functions over state_dicts and logits.
+"""Weight averages of fine-tuned models: small pure functions from state_dicts to a state_dict.
 
-Weight averaging (model soups, DiWA, trajectory averaging):
+Weight averaging (model soups, DiWA, trajectory averaging, interpolation):
 
 - :func:`average_state_dicts` — the weighted (default uniform) average of
   several state_dicts; the one function every weight average goes through.
@@ -9,11 +9,7 @@ Weight averaging (model soups, DiWA, trajectory averaging):
   (checkpoints along one trajectory) without storing them.
 - :func:`greedy_soup` — Wortsman et al.'s greedy soup.
 
-Output ensembles:
-
-- :func:`ensemble_scores` — the ensemble of M models' logits on N examples.
-- :class:`RunningEnsemble` — the same, accumulated one model at a time on a
-  fixed evaluation set.
+Output ensembles are :mod:`linft.train.ensembles`.
 
 Conventions:
 
@@ -38,9 +34,6 @@ Conventions:
   checked), so interpolation end points are exact.
 - Inputs are never modified; results are new tensors on the device of the
   first state_dict's entry, with keys in the first state_dict's order.
-- Ensembles default to the mean of softmax probabilities (``rule="probs"``);
-  ``rule="logits"`` is the mean of logits (the official code sums logits,
-  which has the same argmax).
 """
 
 from __future__ import annotations
@@ -51,17 +44,11 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from linft.errors import LinftError
+from linft.models.checkpoints import check_state_dict
 
 StateDict = Mapping[str, torch.Tensor]
 
 _WHAT_TO_DO = "average only checkpoints of the same architecture and class set"
-ENSEMBLE_RULES = ("probs", "logits")
-
-
-def _few(names, n: int = 3) -> str:
-    names = list(names)
-    shown = ", ".join(repr(k) for k in names[:n])
-    return shown + (f" (and {len(names) - n} more)" if len(names) > n else "")
 
 
 def _is_inexact(t: torch.Tensor) -> bool:
@@ -78,30 +65,9 @@ def check_compatible(state_dicts: Sequence[StateDict]) -> None:
     if len(state_dicts) == 0:
         raise LinftError("no state_dicts to average; pass at least one")
     first = state_dicts[0]
-    for key, t in first.items():
-        if not isinstance(t, torch.Tensor):
-            raise LinftError(f"state_dict entry {key!r} is a {type(t).__name__}, not a tensor; "
-                             "average only state_dicts of tensors (model.state_dict())")
+    check_state_dict(first, first, "state_dict 0", "state_dict 0", _WHAT_TO_DO)
     for i, sd in enumerate(state_dicts[1:], start=1):
-        if sd.keys() != first.keys():
-            missing = [k for k in first if k not in sd]
-            extra = [k for k in sd if k not in first]
-            parts = []
-            if missing:
-                parts.append(f"lacks {_few(missing)}")
-            if extra:
-                parts.append(f"has extra {_few(extra)}")
-            raise LinftError(f"state_dict {i} does not have the keys of state_dict 0: it {' and '.join(parts)}; {_WHAT_TO_DO}")
-        for key, t0 in first.items():
-            t = sd[key]
-            if not isinstance(t, torch.Tensor):
-                raise LinftError(f"state_dict {i} entry {key!r} is a {type(t).__name__}, not a tensor; {_WHAT_TO_DO}")
-            if t.shape != t0.shape:
-                raise LinftError(f"entry {key!r} has shape {tuple(t0.shape)} in state_dict 0 but {tuple(t.shape)} "
-                                 f"in state_dict {i}; {_WHAT_TO_DO}")
-            if t.dtype != t0.dtype:
-                raise LinftError(f"entry {key!r} has dtype {t0.dtype} in state_dict 0 but {t.dtype} in state_dict {i}; "
-                                 "convert the checkpoints to one dtype first")
+        check_state_dict(sd, first, f"state_dict {i}", "state_dict 0", _WHAT_TO_DO, dtypes=True)
 
 
 def _check_weights(weights, count: int) -> list[float]:
@@ -239,76 +205,6 @@ def _as_meta(state_dict: StateDict) -> dict:
     """Shape/dtype stand-ins for the compatibility check (non-tensors kept so the check can name them)."""
     return {k: torch.empty(t.shape, dtype=t.dtype, device="meta") if isinstance(t, torch.Tensor) else t
             for k, t in state_dict.items()}
-
-
-def _check_rule(rule: str) -> None:
-    if rule not in ENSEMBLE_RULES:
-        raise LinftError(f"unknown ensemble rule {rule!r}; choose one of: {', '.join(ENSEMBLE_RULES)}")
-
-
-def _model_scores(logits: torch.Tensor, rule: str) -> torch.Tensor:
-    """One model's contribution in at least float32: softmax probabilities or the logits themselves."""
-    x = logits.detach().to(torch.promote_types(logits.dtype, torch.float32))
-    return torch.softmax(x, dim=-1) if rule == "probs" else x
-
-
-def ensemble_scores(outputs: torch.Tensor | Sequence[torch.Tensor], rule: str = "probs") -> torch.Tensor:
-    """The (N, C) ensemble scores of M models' logits (M, N, C): mean of softmax probabilities (``"probs"``) or of logits (``"logits"``)."""
-    _check_rule(rule)
-    if not isinstance(outputs, torch.Tensor):
-        outputs = list(outputs)
-        if not outputs:
-            raise LinftError("no model outputs to ensemble; pass at least one (N, C) tensor of logits")
-        try:
-            outputs = torch.stack(list(outputs))
-        except RuntimeError as exc:
-            raise LinftError(f"model outputs differ in shape ({exc}); pass logits of every model on the same examples") from None
-    if outputs.dim() != 3 or outputs.shape[0] == 0:
-        raise LinftError(f"outputs must have shape (models, examples, classes) with at least one model, got {tuple(outputs.shape)}")
-    return _model_scores(outputs, rule).mean(dim=0)
-
-
-class RunningEnsemble:
-    """The ensemble of the models seen so far on one fixed evaluation set, without storing their outputs.
-
-    ``add(logits)`` adds one model's (N, C) logits; ``scores()`` equals
-    ``ensemble_scores`` of all the logits added, with the same ``rule``.
-    """
-
-    def __init__(self, rule: str = "probs"):
-        _check_rule(rule)
-        self.rule = rule
-        self.count = 0
-        self._sum: torch.Tensor | None = None
-
-    def add(self, logits: torch.Tensor) -> None:
-        """Add one model's (N, C) logits on the evaluation set."""
-        if logits.dim() != 2:
-            raise LinftError(f"logits must have shape (examples, classes), got {tuple(logits.shape)}")
-        scores = _model_scores(logits, self.rule)
-        if self._sum is None:
-            self._sum = scores.clone()
-        else:
-            if scores.shape != self._sum.shape:
-                raise LinftError(f"logits of shape {tuple(scores.shape)} do not match the first model's "
-                                 f"{tuple(self._sum.shape)}; add every model's logits on the same examples")
-            self._sum += scores.to(self._sum.device, self._sum.dtype)
-        self.count += 1
-
-    def scores(self) -> torch.Tensor:
-        """The (N, C) ensemble scores of the models added so far."""
-        if self._sum is None:
-            raise LinftError("the running ensemble is empty; add at least one model's logits first")
-        return self._sum / self.count
-
-    def state_dict(self) -> dict:
-        """Plain values and tensors only, for resuming."""
-        return {"rule": self.rule, "count": self.count, "sum": self._sum}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue the ensemble saved by :meth:`state_dict`."""
-        _check_rule(state["rule"])
-        self.rule, self.count, self._sum = state["rule"], int(state["count"]), state["sum"]
 
 
 def greedy_soup(candidates: Sequence[StateDict], evaluate: Callable[[StateDict], float]

@@ -1,4 +1,4 @@
-"""Multi-domain image datasets laid out DomainBed-style, and DomainBed's exact split.
+"""Multi-domain image datasets laid out DomainBed-style: the example list, in DomainBed's order.
 
 A dataset is a folder ``root/<domain>/<class>/<image>``. Domains are the sorted
 sub-folders of ``root``; inside a domain the examples are ordered exactly as
@@ -27,11 +27,6 @@ from linft.errors import LinftError
 #: that the per-domain example order (and so DomainBed's split) is the same.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-#: ImageNet normalisation used by DomainBed's transforms.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 @dataclass(frozen=True)
 class DomainBedSpec:
     """Where DomainBed keeps a benchmark under its data root, and what it holds."""
@@ -53,36 +48,6 @@ DOMAINBED_DATASETS: dict[str, DomainBedSpec] = {
         "domain_net", ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"), 345
     ),
 }
-
-
-# --------------------------------------------------------------------------- splits
-
-
-def seed_hash(*args) -> int:
-    """DomainBed's ``misc.seed_hash``: an int seed in [0, 2**31) from any printable arguments."""
-    return int(hashlib.md5(str(args).encode("utf-8")).hexdigest(), 16) % (2**31)
-
-
-def split_indices(
-    num_examples: int, trial_seed: int, env_index: int, holdout_fraction: float = 0.2
-) -> tuple[np.ndarray, np.ndarray]:
-    """DomainBed's in/out split of one domain: ``(in_indices, out_indices)``.
-
-    ``range(num_examples)`` is shuffled with
-    ``numpy.random.RandomState(seed_hash(trial_seed, env_index))``; the first
-    ``int(num_examples * holdout_fraction)`` shuffled indices are "out", the rest
-    "in". Both are returned in that shuffled order, as DomainBed uses them.
-    Indices are positions inside the domain (see :meth:`MultiDomainDataset.domain_indices`).
-    """
-    if num_examples < 0:
-        raise LinftError(f"num_examples must be >= 0, got {num_examples}")
-    if not 0.0 <= holdout_fraction <= 1.0:
-        raise LinftError(f"holdout_fraction must lie in [0, 1], got {holdout_fraction}")
-    keys = list(range(num_examples))
-    np.random.RandomState(seed_hash(trial_seed, env_index)).shuffle(keys)
-    n_out = int(num_examples * holdout_fraction)
-    keys = np.asarray(keys, dtype=np.int64)
-    return keys[n_out:], keys[:n_out]
 
 
 # --------------------------------------------------------------------------- folders

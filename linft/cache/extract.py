@@ -1,0 +1,335 @@
+"""Extraction: pooled φ-block features of every image of a dataset, written crash-safe into the cache file.
+
+Crash safety: the file is written as ``<out>.partial`` beside the target and
+flushed after each batch with its progress in the ``num_done`` attribute. A
+killed extraction resumes from there when the same command runs again; the
+file takes its final name (fsync, then an atomic rename) only once complete,
+and readers refuse files not marked complete. An existing cache is never
+replaced unless ``force`` is given, and even then only once the new one is
+complete.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+import torch
+import torchvision
+
+import linft
+from linft.cache.format import (CACHE_FORMAT_VERSION, DTYPES, default_cache_path, existing_cache_attrs,
+                                identity_differences, provenance_sha256, write_attrs)
+from linft.data.folders import MultiDomainDataset, load_image_folder
+from linft.data.images import describe_transform, eval_transform, first_bad_image, image_loader, model_input, \
+    train_augmentation
+from linft.errors import LinftError
+from linft.models.blocks import PooledBlockFeatures, phi_block_names
+from linft.models.registry import Backbone, load_backbone
+from linft.runtime import autocast, commit_partial, partial_path, progress_bar, resolve_device
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """What to extract and how (the defaults are the paper's: ResNet-50 "ResNet #2", 224 px, all φ blocks)."""
+
+    backbone: str = "resnet50"
+    weights: str | None = "DEFAULT"
+    num_blocks: int | None = None  # the last K blocks of the last stage; None: all of them
+    image_size: int = 224
+    batch_size: int = 256
+    workers: int | None = None
+    device: str = "auto"
+    dtype: str = "float16"  # storage
+    amp: bool = True  # float16 autocast and channels_last on CUDA (float32 on the CPU)
+    skip_bad_images: bool = False
+    views: int = 0  # augmented views per image (DomainBed's training augmentation)
+    views_seed: int = 0
+
+    def check(self) -> None:
+        """One-line errors for settings that cannot run."""
+        if self.dtype not in DTYPES:
+            raise LinftError(f"unknown --dtype {self.dtype}; use float16 or float32")
+        if self.image_size < 16:
+            raise LinftError(f"--image-size {self.image_size} is too small; use at least 16 (DomainBed uses 224)")
+        if self.batch_size < 1:
+            raise LinftError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.views < 0:
+            raise LinftError(f"--views must be 0 or more, got {self.views}")
+        if self.workers is not None and self.workers < 0:
+            raise LinftError(f"--workers must be 0 or more, got {self.workers}")
+
+
+@dataclass
+class ExtractResult:
+    """What :func:`extract_features` did: ``status`` is ``extracted``, ``resumed`` or ``up-to-date``."""
+
+    path: Path
+    status: str
+    num_examples: int
+    num_extracted: int
+    seconds: float
+    skipped_paths: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.num_extracted / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class _Extractor:
+    """The frozen network that turns a uint8 batch into pooled φ-block features, on its device."""
+
+    backbone: Backbone
+    blocks: list[str]
+    module: PooledBlockFeatures
+    dev: torch.device
+    amp: bool
+    dim: int
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = model_input(images, self.dev, channels_last=self.dev.type == "cuda")
+        with autocast(self.dev, self.amp, torch.float16):
+            return self.module(x)
+
+
+def _extractor(config: ExtractConfig) -> _Extractor:
+    dev = resolve_device(config.device)
+    bb = load_backbone(config.backbone, config.weights)
+    blocks = phi_block_names(bb.model, config.num_blocks)
+    module = PooledBlockFeatures(bb.model, blocks).to(dev).eval()
+    if dev.type == "cuda":
+        module = module.to(memory_format=torch.channels_last)
+    ext = _Extractor(bb, blocks, module, dev, bool(config.amp and dev.type == "cuda"), 0)
+    ext.dim = int(ext(torch.zeros(1, 3, config.image_size, config.image_size, dtype=torch.uint8)).shape[-1])
+    return ext
+
+
+def cache_attributes(ds: MultiDomainDataset, config: ExtractConfig, ext: _Extractor) -> dict:
+    """The attributes of the cache ``config`` makes of ``ds`` (``provenance_sha256`` included)."""
+    dev = ext.dev
+    attrs = {
+        "format_version": CACHE_FORMAT_VERSION, "backbone": ext.backbone.name, "weights": ext.backbone.weights,
+        "weights_label": ext.backbone.weights_label, "weights_sha256": ext.backbone.weights_sha256,
+        "blocks": ext.blocks, "feature_dim": ext.dim, "image_size": int(config.image_size),
+        "transform": describe_transform(eval_transform(config.image_size)), "dtype": config.dtype,
+        "compute": "cuda autocast float16" if ext.amp else "float32", "dataset_name": ds.name or ds.root.name,
+        "dataset_root": str(ds.root.resolve()), "domain_names": list(ds.domains), "class_names": list(ds.classes),
+        "per_domain": {d: {"count": ds.counts[d], "classes": ds.class_counts[d]} for d in ds.domains},
+        "num_examples": len(ds), "file_list_sha256": ds.file_list_sha256, "linft_version": linft.__version__,
+        "torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
+        "h5py_version": h5py.__version__,
+        "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "views": int(config.views),
+        "views_transform": describe_transform(train_augmentation(config.image_size)) if config.views else "",
+        "views_seed": int(config.views_seed),
+    }
+    attrs["provenance_sha256"] = provenance_sha256(attrs)
+    return attrs
+
+
+def _up_to_date(out: Path, attrs: dict, force: bool) -> dict | None:
+    """The attributes of a complete cache of the same provenance at ``out``; refuses any other file without force."""
+    if not out.exists():
+        return None
+    existing = existing_cache_attrs(out)
+    if existing is not None and existing.get("complete") and existing["provenance_sha256"] == attrs["provenance_sha256"]:
+        return existing
+    if not force:
+        if existing is None:
+            raise LinftError(f"{out} exists and is not a linft feature cache; choose another --out "
+                             f"(or --force to replace it)")
+        diff = ", ".join(identity_differences(existing, attrs)) or "completion"
+        raise LinftError(f"{out} holds a feature cache with different provenance ({diff}); "
+                         f"pass --force to replace it or choose another --out")
+    return None
+
+
+def _resume_point(partial: Path, attrs: dict, force: bool) -> int:
+    """Rows already extracted in an interrupted file of the same provenance (0: start over, the file removed)."""
+    if not partial.exists():
+        return 0
+    previous = existing_cache_attrs(partial)
+    num_done = 0
+    if previous is not None and previous["provenance_sha256"] == attrs["provenance_sha256"]:
+        num_done = int(previous.get("num_done", 0))
+        attrs["created"] = previous.get("created", attrs["created"])
+    elif previous is None and not force:
+        warnings.warn(f"discarding unreadable partial file {partial} (interrupted mid-write); starting over",
+                      stacklevel=3)
+    elif not force:
+        diff = ", ".join(identity_differences(previous, attrs))
+        raise LinftError(f"{partial} is an unfinished extraction with different settings ({diff}); "
+                         f"re-run its own command to finish it, or pass --force to discard it")
+    if num_done == 0:
+        partial.unlink()
+    return num_done
+
+
+def _check_location(out: Path, needed_bytes: int) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LinftError(f"cannot create folder {out.parent} ({exc.strerror}); choose another --out") from None
+    if not os.access(out.parent, os.W_OK):
+        raise LinftError(f"cannot write to {out.parent} (permission denied); choose another --out")
+    free = shutil.disk_usage(out.parent).free
+    if free < needed_bytes + (16 << 20):
+        raise LinftError(f"not enough disk space in {out.parent}: the cache needs about {needed_bytes / 2**30:.2f} "
+                         f"GiB, {free / 2**30:.2f} GiB free; free some space or choose another --out")
+
+
+def _open_partial(partial: Path, ds: MultiDomainDataset, attrs: dict, num_done: int) -> h5py.File:
+    """Reopen the interrupted file, or create it with every dataset and attribute (``complete`` False)."""
+    if num_done:
+        return h5py.File(partial, "r+")
+    n, k, dim, views, dtype = len(ds), len(attrs["blocks"]), attrs["feature_dim"], attrs["views"], DTYPES[attrs["dtype"]]
+    f = h5py.File(partial, "w")
+    rows = max(1, min(n, (1 << 20) // (k * dim * np.dtype(dtype).itemsize)))
+    f.create_dataset("features", shape=(n, k, dim), dtype=dtype, chunks=(rows, k, dim))
+    f.create_dataset("labels", data=ds.labels.astype(np.int64))
+    f.create_dataset("domains", data=ds.domain_ids.astype(np.int64))
+    f.create_dataset("paths", data=ds.paths, dtype=h5py.string_dtype("utf-8"))
+    f.create_dataset("valid", shape=(n,), dtype=bool, fillvalue=False)
+    if views:
+        f.create_dataset("views", shape=(n, views, k, dim), dtype=dtype, chunks=(max(1, rows // views), views, k, dim))
+    write_attrs(f, attrs)
+    f.attrs["complete"] = False
+    f.attrs["num_done"] = 0
+    f.flush()
+    return f
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def extract_features(dataset: MultiDomainDataset | str | os.PathLike, out: str | os.PathLike | None = None,
+                     config: ExtractConfig = ExtractConfig(), *, force: bool = False, progress: bool = True,
+                     on_checkpoint: Callable[[int, int], None] | None = None, **settings) -> ExtractResult:
+    """Extract pooled φ-block features of every image of ``dataset`` into an HDF5 cache at ``out``.
+
+    ``settings`` override fields of ``config`` (``backbone=..., weights=...``,
+    see :class:`ExtractConfig`). On CUDA the forward runs under float16
+    autocast (``amp``) and in channels_last; on CPU in float32. Features are
+    stored as ``dtype``. ``on_checkpoint(num_done, num_examples)`` is called each
+    time a batch is on disk (the progress a resume would start from). ``views``
+    > 0 also stores that many augmented views of every image (seeded per image
+    by ``views_seed``); linear fine-tuning then samples one per step.
+
+    Re-running with the same arguments on a complete cache returns at once;
+    on an interrupted one it resumes. A cache or partial file of different
+    provenance at the target is refused unless ``force``.
+    """
+    tick = time.perf_counter()
+    config = ExtractConfig(**{**asdict(config), **settings})
+    config.check()
+    ds = dataset if isinstance(dataset, MultiDomainDataset) else load_image_folder(dataset)
+    ext = _extractor(config)
+    attrs = cache_attributes(ds, config, ext)
+    out = (Path(out) if out is not None else default_cache_path(ds, config.backbone, ext.backbone.weights)).expanduser()
+    existing = _up_to_date(out, attrs, force)
+    if existing is not None:
+        return ExtractResult(out, "up-to-date", len(ds), 0, time.perf_counter() - tick,
+                             list(existing.get("skipped_paths", [])))
+    partial = partial_path(out)
+    num_done = _resume_point(partial, attrs, force)
+    itemsize = np.dtype(DTYPES[config.dtype]).itemsize
+    _check_location(out, (len(ds) - num_done) * (1 + config.views) * len(ext.blocks) * ext.dim * itemsize
+                    + (0 if num_done else len(ds) * 120))
+    try:
+        f = _open_partial(partial, ds, attrs, num_done)
+    except (OSError, RuntimeError) as exc:  # h5py reports some write failures as RuntimeError
+        raise LinftError(f"cannot write {partial} ({_first_line(exc)}); check the location or choose another "
+                         f"--out") from None
+    try:
+        extracted = _run_extraction(f, ds, ext, config, num_done, progress, on_checkpoint)
+        skipped = [ds.paths[i] for i in np.flatnonzero(~f["valid"][...])]
+        f.attrs["skipped_paths"] = json.dumps(skipped)
+        f.attrs["completed"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        f.attrs["complete"] = True
+        f.flush()
+    except (OSError, RuntimeError) as exc:  # a full disk or file-size limit surfaces as either
+        raise LinftError(f"writing {partial} failed ({_first_line(exc)}); free space or fix the location, "
+                         f"then re-run the same command to resume", exit_at_once=True) from None
+    finally:
+        try:
+            f.close()
+        except (OSError, RuntimeError):  # the write failure above is the message that matters
+            pass
+    commit_partial(partial, out)
+    return ExtractResult(out, "resumed" if num_done else "extracted", len(ds), extracted,
+                         time.perf_counter() - tick, skipped)
+
+
+class _BatchWriter:
+    """Writes one batch behind the forward (the copy from the GPU overlaps the next batch), then flushes."""
+
+    def __init__(self, f: h5py.File, num_examples: int, on_checkpoint):
+        self.f, self.n, self.on_checkpoint = f, num_examples, on_checkpoint
+        self.features, self.valid = f["features"], f["valid"]
+        self.views = f["views"] if "views" in f else None
+        self.pending = None
+
+    def __call__(self, batch=None) -> None:
+        pending, self.pending = self.pending, batch
+        if pending is None:
+            return
+        a, b, host, event, ok = pending
+        if event is not None:
+            event.synchronize()
+        host = host.numpy().astype(self.features.dtype, copy=False)
+        self.features[a:b] = host[:, 0]
+        if self.views is not None:
+            self.views[a:b] = host[:, 1:]
+        self.valid[a:b] = ok
+        self.f.attrs["num_done"] = b
+        self.f.flush()
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(b, self.n)
+
+
+def _run_extraction(f, ds: MultiDomainDataset, ext: _Extractor, config: ExtractConfig, num_done: int, progress: bool,
+                    on_checkpoint) -> int:
+    """The batched loop: decode in workers, forward on the device, write and flush one batch behind."""
+    n = len(ds)
+    if num_done >= n:
+        return 0
+    loader = image_loader(ds, config.image_size, range(num_done, n), batch_size=config.batch_size,
+                          workers=config.workers, views=config.views, views_seed=config.views_seed,
+                          pin_memory=ext.dev.type == "cuda")
+    write = _BatchWriter(f, n, on_checkpoint)
+    done = num_done
+    with progress_bar(n, "extracting", unit="img", enabled=progress, initial=num_done) as update, \
+            torch.inference_mode():
+        for images, view_images, rows, ok, errors in loader:
+            bad = first_bad_image(ds, ok, rows, errors)
+            if bad and not config.skip_bad_images:
+                write()
+                raise LinftError(f"cannot read image {bad}; fix or remove it, or pass --skip-bad-images to record "
+                                 f"and skip it")
+            ok = ok.numpy()
+            # one forward for the plain images and their views: (B, 1 + V, 3, S, S)
+            feats = ext(torch.cat([images[:, None], view_images], 1).flatten(0, 1))
+            feats = feats.view(len(ok), 1 + config.views, *feats.shape[1:])
+            feats[torch.from_numpy(~ok).to(ext.dev)] = 0.0
+            event = None
+            if ext.dev.type == "cuda":
+                feats = feats.to("cpu", non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            write((done, done + len(ok), feats, event, ok))
+            done += len(ok)
+            update(len(ok))
+        write()
+    return done - num_done

@@ -1,0 +1,201 @@
+"""The feature cache file: its layout, its attributes, and reading it back.
+
+One HDF5 file per (backbone, weights, dataset, transform), readable with ``h5ls``/``h5dump``:
+
+* datasets ``features`` (N, K, D) float16/float32, optionally ``views``
+  (N, V, K, D): the same features of V augmented views of every image
+  (DomainBed's training augmentation, ``extract --views V``), ``labels`` (N,) int64,
+  ``domains`` (N,) int64, ``paths`` (N,) utf-8 (``domain/class/file``),
+  ``valid`` (N,) bool (False for images skipped with ``skip_bad_images``;
+  their features are zero);
+* attributes: scalars as they are, lists and dicts as JSON text (see
+  :data:`JSON_ATTRS`); ``complete`` says whether the file may be used and
+  ``provenance_sha256`` identifies its content (records of later stages carry it).
+
+:func:`open_cache` reads a complete file into memory and refuses others;
+:func:`cache_info` reads the attributes of any linft cache, complete or not.
+Writing is :mod:`linft.cache.extract`; checking is :mod:`linft.cache.verify`.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from linft.data.folders import MultiDomainDataset
+from linft.errors import LinftError
+from linft.runtime import PARTIAL_SUFFIX
+
+CACHE_FORMAT_VERSION = 1
+
+#: Attributes stored as JSON text.
+JSON_ATTRS = ("blocks", "domain_names", "class_names", "per_domain", "skipped_paths")
+
+#: Attributes that determine the file's content; their hash is ``provenance_sha256``.
+IDENTITY_ATTRS = (
+    "format_version", "backbone", "weights_sha256", "blocks", "image_size", "transform",
+    "dtype", "compute", "domain_names", "class_names", "num_examples", "file_list_sha256",
+)
+
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+
+def default_cache_path(dataset: MultiDomainDataset, backbone: str, weights: str, folder="features_cache") -> Path:
+    """``features_cache/<dataset>_<backbone>_<weights>.h5`` (weights file names lose their suffix)."""
+    w = Path(str(weights)).stem if os.sep in str(weights) or str(weights).endswith((".pt", ".pth")) else str(weights)
+    name = (dataset.name or dataset.root.name).replace(" ", "_")
+    return Path(folder) / f"{name}_{backbone}_{w}.h5"
+
+
+def provenance_sha256(attrs: dict) -> str:
+    """Hash of the identity attributes (:data:`IDENTITY_ATTRS`): equal hashes mean the same content.
+
+    Augmented views count only when present, so caches without them keep the
+    hash they had before views existed.
+    """
+    identity = {k: attrs[k] for k in IDENTITY_ATTRS}
+    if attrs.get("views"):
+        identity.update(views=attrs["views"], views_transform=attrs["views_transform"], views_seed=attrs["views_seed"])
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def read_attrs(f: h5py.File) -> dict:
+    """The file's attributes as Python values (JSON attributes decoded)."""
+    out = {}
+    for k, v in f.attrs.items():
+        if isinstance(v, bytes):
+            v = v.decode()
+        elif isinstance(v, np.generic):
+            v = v.item()
+        if k in JSON_ATTRS and isinstance(v, str):
+            v = json.loads(v)
+        out[k] = v
+    return out
+
+
+def write_attrs(f: h5py.File, attrs: dict) -> None:
+    """Store ``attrs`` (JSON attributes as text)."""
+    for k, v in attrs.items():
+        # str() also turns str subclasses such as torch.__version__ into plain text
+        f.attrs[k] = json.dumps(v) if k in JSON_ATTRS else (str(v) if isinstance(v, str) else v)
+
+
+def identity_differences(a: dict, b: dict) -> list[str]:
+    """The identity attributes in which two caches differ."""
+    return [k for k in IDENTITY_ATTRS if a.get(k) != b.get(k)]
+
+
+def existing_cache_attrs(path: Path) -> dict | None:
+    """Attributes of an existing linft cache at ``path``, or None if it is not one (or unreadable)."""
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = read_attrs(f)
+    except OSError as exc:
+        if exc.errno == errno.EAGAIN or "unable to lock file" in str(exc).lower():
+            raise LinftError(f"{path} is open for writing in another process; wait for it to finish") from None
+        return None  # truncated or foreign: not a usable cache
+    return attrs if "provenance_sha256" in attrs else None
+
+
+
+@dataclass
+class FeatureCache:
+    """A complete feature cache in memory: arrays plus the provenance attributes in ``meta``."""
+
+    path: Path
+    features: np.ndarray  # (N, K, D)
+    labels: np.ndarray  # (N,) int64
+    domains: np.ndarray  # (N,) int64 index into meta["domain_names"]
+    paths: list[str]
+    valid: np.ndarray  # (N,) bool
+    meta: dict
+    views: np.ndarray | None = None  # (N, V, K, D) augmented views, when extracted with views
+
+    @property
+    def domain_names(self) -> list[str]:
+        return list(self.meta["domain_names"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    @property
+    def block_names(self) -> list[str]:
+        return list(self.meta["blocks"])
+
+    @property
+    def provenance_sha256(self) -> str:
+        return self.meta["provenance_sha256"]
+
+    def domain_indices(self, domain: int | str) -> np.ndarray:
+        """Global row indices of one domain, in its own order (what :func:`linft.data.splits.split_indices` indexes)."""
+        i = self.domain_names.index(domain) if isinstance(domain, str) else int(domain)
+        return np.flatnonzero(self.domains == i)
+
+
+def open_h5(path: Path) -> h5py.File:
+    """The cache file at ``path`` opened read-only; a missing or unreadable file is one LinftError."""
+    if not path.exists():
+        hint = f" (an unfinished extraction is at {path}{PARTIAL_SUFFIX}; re-run its command)" \
+            if Path(str(path) + PARTIAL_SUFFIX).exists() else ""
+        raise LinftError(f"feature cache {path} does not exist{hint}; create it with `linft extract`")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise LinftError(f"{path} is not a readable HDF5 file ({exc}); re-create it with `linft extract`") from None
+
+
+def cache_attrs(f: h5py.File, path: Path) -> dict:
+    """The attributes of an open linft cache; an HDF5 file that is not one is a LinftError."""
+    meta = read_attrs(f)
+    if "provenance_sha256" not in meta:
+        raise LinftError(f"{path} is an HDF5 file but not a linft feature cache; create one with `linft extract`")
+    return meta
+
+
+def read_paths(f: h5py.File) -> list[str]:
+    """The ``paths`` dataset as ``str``."""
+    return [p.decode() if isinstance(p, bytes) else p for p in f["paths"][...]]
+
+
+def cache_info(path: str | os.PathLike) -> dict:
+    """The attributes and dataset shapes of a cache (complete or not), without reading the features."""
+    path = Path(path)
+    with open_h5(path) as f:
+        info = cache_attrs(f, path)
+        info["datasets"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in f.items()}
+    info["path"] = str(path)
+    info["file_bytes"] = path.stat().st_size
+    return info
+
+
+def open_cache(path: str | os.PathLike) -> FeatureCache:
+    """Read a complete cache into memory (one read per dataset); refuses incomplete files."""
+    path = Path(path)
+    with open_h5(path) as f:
+        meta = cache_attrs(f, path)
+        if not meta.get("complete"):
+            raise LinftError(
+                f"{path} is an unfinished extraction ({meta.get('num_done', 0)} of {meta.get('num_examples')} images); "
+                f"re-run the same `linft extract` command to finish it"
+            )
+        if meta.get("format_version", 0) > CACHE_FORMAT_VERSION:
+            raise LinftError(f"{path} was written by a newer linft (format {meta['format_version']}); upgrade linft")
+        return FeatureCache(
+            path=path,
+            features=f["features"][...],
+            labels=f["labels"][...],
+            domains=f["domains"][...],
+            paths=read_paths(f),
+            valid=f["valid"][...],
+            meta=meta,
+            views=f["views"][...] if "views" in f else None,
+        )

@@ -1,0 +1,133 @@
+"""Checking a feature cache against its own attributes, and optionally against the image folder it came from.
+
+:func:`verify_cache` runs every check of :data:`CHECKS` (each a small function
+of the open file and its attributes returning ``(passed, detail)``) and never
+stops at the first failure: the report lists them all. A file whose content
+cannot be read as a cache at all (a dataset or attribute missing) fails the
+check that needs it, with what is missing as the detail.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from linft.cache.format import cache_attrs, open_h5, provenance_sha256, read_paths
+from linft.data.folders import file_list_sha256, load_image_folder
+
+ROW_DATASETS = ("labels", "domains", "paths", "valid")
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of :func:`verify_cache`: one ``(check, passed, detail)`` per check."""
+
+    path: Path
+    checks: list[tuple[str, bool, str]]
+
+    @property
+    def ok(self) -> bool:
+        return all(passed for _, passed, _ in self.checks)
+
+
+def _num_examples(meta: dict) -> int:
+    return int(meta["num_examples"])
+
+
+def check_complete(f: h5py.File, meta: dict) -> tuple[bool, str]:
+    if meta.get("complete"):
+        return True, "marked complete"
+    return False, f"unfinished: {meta.get('num_done', 0)} of {_num_examples(meta)} images; re-run the extract command"
+
+
+def check_provenance(f: h5py.File, meta: dict) -> tuple[bool, str]:
+    if provenance_sha256(meta) == meta["provenance_sha256"]:
+        return True, meta["provenance_sha256"][:16]
+    return False, "attributes were edited after extraction"
+
+
+def check_shapes(f: h5py.File, meta: dict) -> tuple[bool, str]:
+    n = _num_examples(meta)
+    want = (n, len(meta["blocks"]), int(meta["feature_dim"]))
+    got = f["features"].shape
+    ok = got == want and all(f[k].shape == (n,) for k in ROW_DATASETS)
+    if meta.get("views"):
+        ok = ok and "views" in f and f["views"].shape == (n, meta["views"], *want[1:])
+    return ok, f"features {got}, expected {want}"
+
+
+def check_file_list(f: h5py.File, meta: dict) -> tuple[bool, str]:
+    if file_list_sha256(read_paths(f)) == meta["file_list_sha256"]:
+        return True, "paths match file_list_sha256"
+    return False, "paths differ from file_list_sha256"
+
+
+def check_domain_counts(f: h5py.File, meta: dict) -> tuple[bool, str]:
+    counts = np.bincount(f["domains"][...], minlength=len(meta["domain_names"])).tolist()
+    want = [meta["per_domain"][d]["count"] for d in meta["domain_names"]]
+    return counts == want, f"{dict(zip(meta['domain_names'], counts))}"
+
+
+def check_labels(f: h5py.File, meta: dict) -> tuple[bool, str]:
+    domains, labels, paths = f["domains"][...], f["labels"][...], read_paths(f)
+    names, classes = meta["domain_names"], meta["class_names"]
+    in_range = all(a.size == 0 or (a.min() >= 0 and a.max() < len(m)) for a, m in ((labels, classes), (domains, names)))
+    ok = in_range and len(paths) == len(domains) == len(labels) and all(
+        p.split("/")[0] == names[d] and p.split("/")[1] == classes[y] for p, d, y in zip(paths, domains, labels))
+    return bool(ok), "labels and domains agree with paths" if ok else "labels or domains disagree with paths"
+
+
+def check_finite(f: h5py.File, meta: dict, chunk_rows: int = 4096) -> tuple[bool, str]:
+    done = _num_examples(meta) if meta.get("complete") else int(meta.get("num_done", 0))
+    bad_rows = 0
+    for name in ("features", "views") if "views" in f else ("features",):
+        data = f[name]
+        for a in range(0, done, chunk_rows):
+            block = data[a:min(done, a + chunk_rows)]
+            bad_rows += int((~np.isfinite(block.reshape(len(block), -1)).all(axis=1)).sum())
+    return bad_rows == 0, f"{bad_rows} rows with NaN/inf" if bad_rows else f"{done} rows finite"
+
+
+#: The checks of :func:`verify_cache`, in report order.
+CHECKS = {"complete": check_complete, "provenance": check_provenance, "shapes": check_shapes,
+          "file list": check_file_list, "domain counts": check_domain_counts, "labels": check_labels,
+          "finite": check_finite}
+
+
+def check_dataset_folder(meta: dict, paths: list[str], data: str | os.PathLike) -> tuple[bool, str]:
+    """Whether the folder ``data`` still holds the files the cache was made from."""
+    ds = load_image_folder(data)
+    if ds.file_list_sha256 == meta["file_list_sha256"]:
+        return True, f"{ds.root} has the same {len(ds)} files"
+    added, removed = sorted(set(ds.paths) - set(paths)), sorted(set(paths) - set(ds.paths))
+    return False, (f"{ds.root} differs: {len(added)} added ({', '.join(added[:3])}), "
+                   f"{len(removed)} removed ({', '.join(removed[:3])})")
+
+
+def verify_cache(path: str | os.PathLike, data: str | os.PathLike | None = None) -> VerifyReport:
+    """Check a cache: completeness, provenance hash, shapes, counts, file-list hash, labels, finite features.
+
+    With ``data`` (a dataset folder) the file list of that folder must match
+    the one the cache was made from.
+    """
+    path = Path(path)
+    checks: list[tuple[str, bool, str]] = []
+    with open_h5(path) as f:
+        meta = cache_attrs(f, path)
+        for name, check in CHECKS.items():
+            try:
+                passed, detail = check(f, meta)
+            except (KeyError, ValueError, TypeError, IndexError) as exc:  # a dataset or attribute is missing
+                passed, detail = False, f"cannot check: {type(exc).__name__} {exc}"
+            checks.append((name, passed, detail))
+        skipped = meta.get("skipped_paths", [])
+        if skipped:
+            checks.append(("skipped images", True, f"{len(skipped)} skipped: {', '.join(skipped[:3])}"))
+        paths = read_paths(f) if "paths" in f else []
+    if data is not None:
+        checks.append(("dataset folder", *check_dataset_folder(meta, paths, data)))
+    return VerifyReport(path, checks)

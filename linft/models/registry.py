@@ -1,0 +1,165 @@
+"""The backbone registry: build a network by name and load its weights, strictly, from wherever they are.
+
+* :func:`load_backbone` builds a network by name and loads its weights from a
+  torchvision enum name (``IMAGENET1K_V1`` = the paper's "ResNet #1",
+  ``IMAGENET1K_V2`` = "ResNet #2", ``DEFAULT``), a local state_dict file, or
+  ``none`` (a deterministic random initialisation). Enum weights come through
+  torchvision's own loader and cache folder; when they cannot be had the error
+  names the file and the folder to put it in.
+* :func:`register_backbone` adds an architecture that is not a torchvision
+  model. Architectures register themselves (``linft.models.demo_resnet``);
+  the registry never imports one.
+
+Edge cases: every load is strict (:func:`linft.models.checkpoints.load_state_dict_strict`);
+a local file may be a bare state_dict or a dict with a ``state_dict`` entry
+(linft's checkpoint format), and its classifier size is taken from the file,
+since only the features are used.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import urllib.error
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+from linft.errors import LinftError
+from linft.models.checkpoints import load_state_dict_strict, read_state_dict, state_dict_sha256
+
+#: Other names for the torchvision weights the paper uses.
+WEIGHT_ALIASES = {"IMAGENET1K_V1": "ResNet #1", "IMAGENET1K_V2": "ResNet #2"}
+
+#: Seed of the random initialisation used for ``weights="none"``, so that the
+#: same command always builds the same network (and its cache can resume).
+NONE_WEIGHTS_SEED = 0
+
+#: torchvision model families linft knows the φ blocks of.
+TORCHVISION_FAMILIES = ("resnet", "resnext", "wide_resnet")
+
+# Backbones that are not torchvision models, registered by their own modules:
+# name -> (builder(num_classes, **kwargs) -> nn.Module, default weights).
+_EXTRA_BACKBONES: dict[str, tuple[Callable[..., nn.Module], str]] = {}
+
+
+def register_backbone(name: str, builder: Callable[..., nn.Module], default_weights: str = "none") -> None:
+    """Make ``builder(num_classes, **kwargs)`` available to :func:`load_backbone` under ``name``."""
+    _EXTRA_BACKBONES[name] = (builder, default_weights)
+
+
+def backbone_names() -> list[str]:
+    """Every backbone :func:`load_backbone` builds: torchvision's ResNet family, then the registered ones."""
+    names = torchvision.models.list_models(module=torchvision.models)
+    return sorted(n for n in names if n.startswith(TORCHVISION_FAMILIES)) + sorted(_EXTRA_BACKBONES)
+
+
+@dataclass
+class Backbone:
+    """A loaded network and where its weights came from."""
+
+    model: nn.Module
+    name: str
+    weights: str  # resolved enum name, absolute file path, or "none"
+    weights_sha256: str
+
+    @property
+    def weights_label(self) -> str:
+        """The weights as the paper names them where it does (``ResNet #2``), else as given."""
+        return WEIGHT_ALIASES.get(self.weights, self.weights)
+
+
+def check_backbone_name(name: str) -> None:
+    """One-line error for a name :func:`load_backbone` does not know."""
+    known = backbone_names()
+    if name not in known:
+        raise LinftError(f"unknown backbone '{name}'; choose one of: {', '.join(known)}")
+
+
+def build_backbone(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
+    """A freshly initialised network ``name`` (global RNG); ``kwargs`` go to its builder (``zero_init_residual``)."""
+    check_backbone_name(name)
+    if name in _EXTRA_BACKBONES:
+        return _EXTRA_BACKBONES[name][0](num_classes, **kwargs)
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+
+
+def _enum_state_dict(name: str, weights_name: str):
+    """Load torchvision enum weights through torchvision, or say exactly where to put the file."""
+    enum = torchvision.models.get_model_weights(name)
+    weights = enum[weights_name]
+    filename = os.path.basename(weights.url)
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    try:
+        state = weights.get_state_dict(progress=False, check_hash=False)
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        raise LinftError(
+            f"weights {name}/{weights_name} are not available (no download: {getattr(exc, 'reason', exc)}); "
+            f"put {filename} ({weights.url}) in {folder}, or pass --weights PATH to a local state_dict"
+        ) from None
+    except PermissionError as exc:
+        raise LinftError(f"cannot read {exc.filename or folder} (permission denied); fix its permissions "
+                         f"or set TORCH_HOME to a folder you can read") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
+        raise LinftError(
+            f"cannot read {folder / filename} ({exc.__class__.__name__}); "
+            f"delete it and put a good copy of {weights.url} there"
+        ) from None
+    return state, weights
+
+
+def _load_weights(model: nn.Module, state: dict, name: str, source: str) -> None:
+    load_state_dict_strict(model, state, f"weights {source}", f"a {name}", f"pass weights saved from a {name}")
+
+
+def load_backbone(name: str = "resnet50", weights: str | os.PathLike | None = "DEFAULT") -> Backbone:
+    """Build backbone ``name`` and load ``weights`` strictly; the model is returned in eval mode.
+
+    ``weights``: ``DEFAULT`` (the backbone's recommended weights: torchvision's
+    ``DEFAULT`` member, ``IMAGENET1K_V2`` = the paper's "ResNet #2" for
+    ResNet-50; the shipped file for ``demo-resnet``), a torchvision enum member
+    name of that model (``IMAGENET1K_V1``, ``IMAGENET1K_V2``, ...), a path to a
+    state_dict file, or ``none``/``None`` for a random initialisation seeded
+    with :data:`NONE_WEIGHTS_SEED`. For a registered extra backbone
+    ``weights=None`` also means its default weights.
+    """
+    check_backbone_name(name)
+    if name in _EXTRA_BACKBONES and (weights is None or str(weights).upper() == "DEFAULT"):
+        weights = _EXTRA_BACKBONES[name][1]
+    text = "none" if weights is None else os.fspath(weights)
+
+    if text.lower() == "none":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(NONE_WEIGHTS_SEED)
+            model = build_backbone(name, 1000)
+        resolved = "none"
+    else:
+        members = {}
+        if name not in _EXTRA_BACKBONES:
+            members = dict(torchvision.models.get_model_weights(name).__members__)
+        upper = text.upper()
+        if upper in members:
+            state, enum_member = _enum_state_dict(name, upper)
+            resolved = enum_member.name  # DEFAULT -> the member it stands for
+            model = build_backbone(name, 1000)
+            _load_weights(model, state, name, f"{name}/{resolved}")
+        else:
+            path = Path(text).expanduser()
+            if not path.is_file():
+                choices = ", ".join(members) if members else "none"
+                raise LinftError(
+                    f"weights '{text}' are neither a weight name of {name} ({choices}) nor an existing file; "
+                    f"pass one of those names or the path of a state_dict"
+                )
+            state = read_state_dict(path)
+            fc = state.get("fc.weight")
+            model = build_backbone(name, int(fc.shape[0]) if fc is not None else 1000)
+            _load_weights(model, state, name, str(path))
+            resolved = str(path.resolve())
+    model.eval()
+    return Backbone(model=model, name=name, weights=resolved, weights_sha256=state_dict_sha256(model.state_dict()))

@@ -1,0 +1,48 @@
+"""The one validator of a leave-one-domain-out grid, shared by linear fine-tuning and full fine-tuning.
+
+A grid is every held-out domain × seed × lr × weight decay × dropout rate
+(and, for the linear protocol, the probe runs). :func:`check_grid` refuses
+one that cannot run, in one line that names the parameter, before anything
+is trained.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from linft.errors import LinftError
+from linft.models.heads import check_dropout_rate
+
+
+def check_test_domains(domains: Sequence[str], test_domains: Sequence[str] | None) -> list[str]:
+    """The held-out domains to run: ``test_domains`` (each one of ``domains``), or every domain when empty."""
+    if len(domains) < 2:
+        raise LinftError(f"the data has {len(domains)} domain; leave-one-domain-out needs at least 2")
+    if not test_domains:
+        return list(domains)
+    unknown = [d for d in test_domains if d not in domains]
+    if unknown:
+        raise LinftError(f"held-out domain {', '.join(map(repr, unknown))} is not in the data; "
+                         f"choose from {', '.join(domains)}")
+    return list(test_domains)
+
+
+def check_grid(domains: Sequence[str], *, test_domains=None, seeds: int, lrs, weight_decays, dropouts,
+               probe: bool = False) -> list[str]:
+    """Refuse a grid that cannot run; returns the held-out domains to run.
+
+    Needs at least one seed, lr and weight decay, and at least one dropout
+    rate unless ``probe``; every lr finite and positive, every weight decay
+    finite and >= 0, every dropout rate in [0, 1).
+    """
+    chosen = check_test_domains(domains, test_domains)
+    for rate in dropouts:
+        check_dropout_rate(rate)
+    if seeds < 1 or not lrs or not weight_decays or (not dropouts and not probe):
+        raise LinftError("the grid is empty: give at least one seed, lr, weight decay and dropout rate (or probing)")
+    if any(not (math.isfinite(v) and v > 0) for v in lrs):
+        raise LinftError(f"learning rates must be finite and positive, got {list(lrs)}")
+    if any(not (math.isfinite(v) and v >= 0) for v in weight_decays):
+        raise LinftError(f"weight decays must be finite and >= 0, got {list(weight_decays)}")
+    return chosen

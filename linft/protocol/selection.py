@@ -1,0 +1,98 @@
+"""Accuracies and model selection on run records: pure functions of the records, never of a model.
+
+A *record* is one JSON object (see :mod:`linft.protocol.records`) with
+``splits = {"<domain>_in": [correct, total], "<domain>_out": [...]}``,
+``test_domain`` and ``train_domains``.
+
+* i.i.d. accuracy: the mean accuracy over the training domains' "out" splits;
+* o.o.d. accuracy: accuracy on the whole held-out domain (its in and out parts pooled);
+* selection: per run, the evaluation step with the best i.i.d. accuracy,
+  earliest on ties (``select_by_iid``), or the best o.o.d. (``select_oracle``);
+* mean ± standard error over seeds (:func:`mean_and_se`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+
+from linft.errors import LinftError
+
+
+def split_counts(predictions, labels, split_rows: dict, domain_names: list[str]) -> dict:
+    """``{"<domain>_in"|"<domain>_out": [correct, total]}`` of predicted classes (N,) against ``labels`` (N,)."""
+    right = np.asarray(predictions) == np.asarray(labels)
+    return {f"{domain_names[d]}_{part}": [int(right[rows].sum()), int(len(rows))]
+            for (d, part), rows in sorted(split_rows.items())}
+
+
+def split_accuracy(splits: dict, name: str) -> float:
+    """Accuracy on one split of a record (nan when the split is empty)."""
+    correct, total = splits[name]
+    return correct / total if total else float("nan")
+
+
+def iid_accuracy(record: dict) -> float:
+    """Mean accuracy over the training domains' "out" splits."""
+    return float(np.mean([split_accuracy(record["splits"], f"{d}_out") for d in record["train_domains"]]))
+
+
+def ood_accuracy(record: dict) -> float:
+    """Accuracy on the whole held-out domain (in and out parts pooled)."""
+    d = record["test_domain"]
+    c_in, t_in = record["splits"][f"{d}_in"]
+    c_out, t_out = record["splits"][f"{d}_out"]
+    return (c_in + c_out) / (t_in + t_out)
+
+
+def select_by_iid(run_records: list[dict]) -> dict:
+    """The record of the evaluation step with the best i.i.d. accuracy; the earliest step on ties."""
+    return _select(run_records, iid_accuracy)
+
+
+def select_oracle(run_records: list[dict]) -> dict:
+    """The record of the step with the best o.o.d. accuracy (an upper bound, not a fair selection)."""
+    return _select(run_records, ood_accuracy)
+
+
+def _select(run_records, score):
+    if not run_records:
+        raise LinftError("no evaluation records to select from")
+    ordered = sorted(run_records, key=lambda r: r["step"])
+    best = ordered[0]
+    for r in ordered[1:]:
+        if score(r) > score(best):
+            best = r
+    return best
+
+
+SELECTIONS = {"iid": select_by_iid, "oracle": select_oracle}
+
+
+def mean_and_se(values) -> tuple[float, float]:
+    """Mean and standard error (sample std / sqrt(n); 0 for a single value)."""
+    v = np.asarray(list(values), dtype=float)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else 0.0
+    return float(v.mean()), se
+
+
+def group_runs(records: list[dict]) -> dict[str, list[dict]]:
+    """Records of each run (by ``run_id``), from the attempt that finished it when there is one.
+
+    An interrupted attempt leaves records without a ``final`` one; they are
+    ignored once a later attempt finishes the run, and kept (flagged
+    unfinished) otherwise.
+    """
+    by_run: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        by_run[r["run_id"]][r.get("attempt", "")].append(r)
+    out = {}
+    for run_id, attempts in by_run.items():
+        finished = [a for a, rs in attempts.items() if any(r.get("final") for r in rs)]
+        chosen = finished[-1] if finished else list(attempts)[-1]
+        out[run_id] = sorted(attempts[chosen], key=lambda r: r["step"])
+    return out
