@@ -15,28 +15,32 @@ from linft.errors import LinftError
 from linft.models.heads import check_dropout_rate
 
 
-def check_test_domains(domains: Sequence[str], test_domains: Sequence[str] | None) -> list[str]:
-    """The held-out domains to run: ``test_domains`` (each one of ``domains``), or every domain when empty."""
+def check_test_domains(domains: Sequence[str], test_domains: Sequence[str] | None, where: str = "the data"
+                       ) -> list[str]:
+    """The held-out domains to run: ``test_domains`` (each one of ``domains``), or every domain when empty.
+
+    ``where`` names what holds the domains in the messages (``the cache``, a folder).
+    """
     if len(domains) < 2:
-        raise LinftError(f"the data has {len(domains)} domain; leave-one-domain-out needs at least 2")
+        raise LinftError(f"{where} has {len(domains)} domain; leave-one-domain-out needs at least 2")
     if not test_domains:
         return list(domains)
     unknown = [d for d in test_domains if d not in domains]
     if unknown:
-        raise LinftError(f"held-out domain {', '.join(map(repr, unknown))} is not in the data; "
+        raise LinftError(f"held-out domain {', '.join(map(repr, unknown))} is not in {where}; "
                          f"choose from {', '.join(domains)}")
     return list(test_domains)
 
 
 def check_grid(domains: Sequence[str], *, test_domains=None, seeds: int, lrs, weight_decays, dropouts,
-               probe: bool = False) -> list[str]:
+               probe: bool = False, where: str = "the data") -> list[str]:
     """Refuse a grid that cannot run; returns the held-out domains to run.
 
     Needs at least one seed, lr and weight decay, and at least one dropout
     rate unless ``probe``; every lr finite and positive, every weight decay
     finite and >= 0, every dropout rate in [0, 1).
     """
-    chosen = check_test_domains(domains, test_domains)
+    chosen = check_test_domains(domains, test_domains, where)
     for rate in dropouts:
         check_dropout_rate(rate)
     if seeds < 1 or not lrs or not weight_decays or (not dropouts and not probe):

@@ -103,14 +103,19 @@ class RunHeader:
         """A copy with some fields changed (a derived run: another method, label and id)."""
         return dataclasses.replace(self, **changes)
 
+    def fields(self) -> dict:
+        """The header as the record fields it contributes (extras flattened in)."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        out.update(self.extra)
+        return out
+
 
 def make_record(header: RunHeader, step: int, splits: dict, *, loss: float | None = None, status: str = "ok",
                 final: bool = False, **extra) -> dict:
     """The record of one evaluation point: the header's fields, the point's, and any extras."""
     if not is_known_method(header.method):
         raise LinftError(f"unknown record method {header.method!r}; add it to linft.protocol.records.METHODS")
-    record = {k: v for k, v in dataclasses.asdict(header).items() if k != "extra"}
-    record.update(header.extra)
+    record = header.fields()
     record.update(step=int(step), splits=splits, loss=loss, status=status, final=bool(final))
     record.update(extra)
     return record

@@ -1,9 +1,10 @@
 """Run a fine-tuning grid as independent, idempotent jobs: in this process, one process per GPU, or on Slurm.
 
-Each run of :func:`linft.finetune.sweep_runs` is one job that calls
-:func:`linft.finetune.train_run`; a run folder's ``done`` marker makes a
-re-launch skip it and its checkpoint makes an interrupted job resume, so
-launching the same sweep again completes only what is missing.
+Each run of :func:`linft.train.finetune.sweep_runs` is one job that calls
+:func:`linft.train.finetune.train_run`; a run's final record makes a re-launch
+skip it (:meth:`linft.train.run_folder.RunFolder.is_done`) and its checkpoint
+makes an interrupted job resume, so launching the same sweep again completes
+only what is missing.
 
 Launchers:
 
@@ -17,18 +18,44 @@ Launchers:
 from __future__ import annotations
 
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import multiprocessing as mp
 
-from linft.data import load_image_folder
+from linft.data.folders import MultiDomainDataset, load_image_folder
+from linft.data.images import EvalImages
 from linft.errors import LinftError
-from linft.finetune import (DONE_FILE, EvalImages, FineTuneConfig, FineTuneRun, SweepResult, check_config,
-                            evaluate_across_runs, finetune, run_folder, train_run)
+from linft.models.registry import load_backbone
+from linft.train.across_runs import evaluate_across_runs
+from linft.train.finetune import RunHooks, finetune, train_run
+from linft.train.finetune_model import FineTuneConfig, FineTuneRun
+from linft.train.run_folder import RunFolder, run_identity
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
+
+
+@dataclass
+class LaunchOptions:
+    """Where and how the runs of a sweep run.
+
+    ``launcher``: ``local`` (this process; ``gpus`` > 1: one worker process
+    per GPU), ``slurm`` (one job per run through submitit, with the submitit
+    parameters ``slurm``: ``slurm_partition``, ``timeout_min``,
+    ``gpus_per_node``, ...) or ``submitit-local``. With ``wait`` the call
+    returns once every job has ended (needed for ``across_runs``: the
+    ensembles and soups of the grid's selected models).
+    """
+
+    launcher: str = "local"
+    device: str = "auto"
+    gpus: int = 1
+    slurm: dict | None = None
+    wait: bool = True
+    across_runs: bool = False
+    progress: bool = True
+    say: Callable[[str], None] | None = None
 
 
 def check_runs(runs: list[FineTuneRun], config: FineTuneConfig, across_runs: bool = False) -> None:
@@ -62,71 +89,72 @@ def _gpu_job(*args):
     return _job(*args[:6], _DEVICE, *args[7:])
 
 
-def launch_sweep(dataset, out_dir, runs: list[FineTuneRun], *, backbone: str = "resnet50", weights="DEFAULT",
-                 config: FineTuneConfig = FineTuneConfig(), launcher: str = "local", device="auto",
-                 gpus: int = 1, slurm: dict | None = None, wait: bool = True, across_runs: bool = False,
-                 progress: bool = True, say: Callable[[str], None] | None = None) -> dict:
-    """Run ``runs`` with ``launcher``; returns ``{"submitted": n, "skipped": n, "jobs": [...], "statuses": [...]}``.
+def _on_gpus(args: list[tuple], gpus: int, dataset_name) -> list[str]:
+    queue = mp.get_context("spawn").Manager().Queue()
+    for i in range(gpus):
+        queue.put(i)
+    with ProcessPoolExecutor(gpus, mp_context=mp.get_context("spawn"), initializer=_claim_gpu,
+                             initargs=(queue,)) as pool:
+        return [s for _, s in pool.map(_gpu_job, *zip(*[a + (None, dataset_name) for a in args]))]
 
-    ``dataset`` is a loaded :class:`~linft.data.MultiDomainDataset`. ``slurm``
-    holds submitit parameters for the ``slurm`` launcher (``slurm_partition``,
-    ``timeout_min``, ``gpus_per_node``, ``cpus_per_task``, ...). With ``wait``
-    the call returns once every job has ended (needed for ``across_runs``).
-    """
-    say = say or (lambda _line: None)
-    check_config(config)
-    if launcher not in LAUNCHERS:
-        raise LinftError(f"unknown launcher '{launcher}'; use one of {', '.join(LAUNCHERS)}")
-    check_runs(runs, config, across_runs)
-    out_dir = Path(out_dir)
-    if launcher == "local" and gpus <= 1:
-        result: SweepResult = finetune(dataset, out_dir, runs=runs, backbone=backbone, weights=weights, config=config,
-                                       device=device, across_runs=across_runs, progress=progress, say=say)
-        return {"submitted": len(runs) - result.count("done"), "skipped": result.count("done"), "jobs": [],
-                "statuses": [r.status for r in result.runs]}
 
-    from linft.backbones import load_backbone
-
-    sha = load_backbone(backbone, weights).weights_sha256
-    run_dirs = [run_folder(out_dir, r, backbone, sha, dataset.file_list_sha256, config) for r in runs]
-    todo = [r for r, d in zip(runs, run_dirs) if not (d / DONE_FILE).exists()]
-    args = [(str(dataset.root), str(out_dir), asdict(r), backbone, weights, asdict(config)) for r in todo]
-    say(f"{len(todo)} of {len(runs)} runs to do ({len(runs) - len(todo)} already done), launcher {launcher}")
-    statuses, jobs = [], []
-    if todo and launcher == "local":
-        queue = mp.get_context("spawn").Manager().Queue()
-        for i in range(gpus):
-            queue.put(i)
-        with ProcessPoolExecutor(gpus, mp_context=mp.get_context("spawn"), initializer=_claim_gpu,
-                                 initargs=(queue,)) as pool:
-            statuses = [s for _, s in pool.map(_gpu_job, *zip(*[a + (None, dataset.name) for a in args]))]
-    elif todo:
+def _on_submitit(args: list[tuple], out_dir: Path, options: LaunchOptions, dataset_name) -> tuple[list, list[str]]:
+    try:
+        import submitit
+    except ImportError:
+        raise LinftError("the slurm launcher needs submitit; pip install submitit (or linft[slurm])") from None
+    cluster = "local" if options.launcher == "submitit-local" else "slurm"
+    executor = submitit.AutoExecutor(folder=out_dir / "submitit" / "%j", cluster=cluster)
+    params = dict(options.slurm or {})
+    params.setdefault("timeout_min", 24 * 60)
+    params.setdefault("name", "linft-finetune")
+    executor.update_parameters(**params)
+    job_device = "auto" if options.launcher == "slurm" else options.device
+    jobs = executor.map_array(_job, *zip(*[a + (job_device, dataset_name) for a in args]))
+    if options.say:
+        options.say(f"submitted {len(jobs)} jobs: {', '.join(j.job_id for j in jobs[:5])}"
+                    f"{' ...' if len(jobs) > 5 else ''}; logs in {out_dir / 'submitit'}")
+    statuses = []
+    for j in jobs if options.wait else []:
         try:
-            import submitit
-        except ImportError:
-            raise LinftError("the slurm launcher needs submitit; pip install submitit (or linft[slurm])") from None
-        folder = out_dir / "submitit" / "%j"
-        executor = submitit.AutoExecutor(folder=folder, cluster="local" if launcher == "submitit-local" else "slurm")
-        params = dict(slurm or {})
-        params.setdefault("timeout_min", 24 * 60)
-        params.setdefault("name", "linft-finetune")
-        executor.update_parameters(**params)
-        job_device = "auto" if launcher == "slurm" else device
-        jobs = executor.map_array(_job, *zip(*[a + (job_device, dataset.name) for a in args]))
-        say(f"submitted {len(jobs)} jobs: {', '.join(j.job_id for j in jobs[:5])}{' ...' if len(jobs) > 5 else ''}; "
-            f"logs in {out_dir / 'submitit'}")
-        if wait:
-            statuses = []
-            for j in jobs:
-                try:
-                    statuses.append(j.result()[1])
-                except Exception as exc:  # a failed job is reported, the others still count
-                    first = str(exc).strip().splitlines()
-                    statuses.append(f"failed: {first[-1] if first else type(exc).__name__}")
-    if across_runs and wait:
-        evaluate_across_runs(dataset, out_dir, run_dirs, config=config, device=device,
+            statuses.append(j.result()[1])
+        except Exception as exc:  # a failed job is reported, the others still count
+            first = str(exc).strip().splitlines()
+            statuses.append(f"failed: {first[-1] if first else type(exc).__name__}")
+    return jobs, statuses
+
+
+def launch_sweep(dataset: MultiDomainDataset, out_dir, runs: list[FineTuneRun], *, backbone: str = "resnet50",
+                 weights="DEFAULT", config: FineTuneConfig = FineTuneConfig(),
+                 options: LaunchOptions = LaunchOptions()) -> dict:
+    """Run ``runs`` as ``options`` say; returns ``{"submitted": n, "skipped": n, "jobs": [...], "statuses": [...]}``."""
+    say = options.say or (lambda _line: None)
+    config.check()
+    if options.launcher not in LAUNCHERS:
+        raise LinftError(f"unknown launcher '{options.launcher}'; use one of {', '.join(LAUNCHERS)}")
+    check_runs(runs, config, options.across_runs)
+    out_dir = Path(out_dir)
+    sha = load_backbone(backbone, weights).weights_sha256
+    folders = [RunFolder.of(out_dir, run_identity(r, backbone, sha, dataset.file_list_sha256, config)) for r in runs]
+    jobs, statuses = [], []
+    if options.launcher == "local" and options.gpus <= 1:
+        result = finetune(dataset, out_dir, runs=runs, backbone=backbone, weights=weights, config=config,
+                          device=options.device, progress=options.progress, hooks=RunHooks(say=options.say))
+        todo = [r for r in result.runs if r.status != "done"]
+        statuses = [r.status for r in result.runs]
+    else:
+        todo = [r for r, f in zip(runs, folders) if not f.is_done()]
+        args = [(str(dataset.root), str(out_dir), asdict(r), backbone, weights, asdict(config)) for r in todo]
+        say(f"{len(todo)} of {len(runs)} runs to do ({len(runs) - len(todo)} already done), "
+            f"launcher {options.launcher}")
+        if todo and options.launcher == "local":
+            statuses = _on_gpus(args, options.gpus, dataset.name)
+        elif todo:
+            jobs, statuses = _on_submitit(args, out_dir, options, dataset.name)
+    if options.across_runs and options.wait:
+        usable = [f.root for f in folders if f.final_status() != "diverged"]
+        evaluate_across_runs(dataset, out_dir, usable, config=config, device=options.device,
                              eval_images=EvalImages(dataset, config.image_size, config.eval_batch_size,
-                                                    config.workers), say=say)
+                                                    config.workers), say=options.say)
     return {"submitted": len(todo), "skipped": len(runs) - len(todo), "jobs": [j.job_id for j in jobs],
             "statuses": statuses}
-

@@ -1,0 +1,111 @@
+"""Ensembles and weight averages across the runs of a grid: the paper's ensembles, model soups and greedy soups.
+
+Per (label, held-out domain, seed), over the selected (best-i.i.d.) models of
+every grid run: the uniform output ensemble, the uniform weight average
+(model soup / DiWA) and the greedy soup (models in order of decreasing i.i.d.
+accuracy, each kept when the i.i.d. accuracy does not drop). Each is
+evaluated on every split and written as one final record to
+``OUT/across_runs/records.jsonl``; groups already there are skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from linft.data.folders import MultiDomainDataset
+from linft.data.images import EvalImages
+from linft.data.splits import domain_split_rows
+from linft.models.averaging import average_state_dicts, greedy_soup
+from linft.models.heads import build_classifier
+from linft.models.registry import load_backbone
+from linft.protocol.records import RECORDS_FILE, RecordWriter, RunHeader, derived, finished_run_ids, make_record, \
+    run_id
+from linft.protocol.selection import iid_accuracy, split_counts
+from linft.runtime import resolve_device
+from linft.train.ensembles import ensemble_scores
+from linft.train.finetune_model import FineTuneConfig, predict_logits
+from linft.train.run_folder import load_selected
+
+ACROSS_RUNS_FOLDER = "across_runs"
+KINDS = ("ensemble", "soup", "greedy-soup")
+
+
+def _groups(run_dirs) -> dict[tuple, list[tuple[dict, dict]]]:
+    """Selected models ``(state, metadata)`` per (label, held-out domain, seed), by decreasing i.i.d. accuracy."""
+    groups: dict[tuple, list[tuple[dict, dict]]] = {}
+    for run_dir in map(Path, run_dirs):
+        if (run_dir / "selected.pt").exists():
+            state, meta = load_selected(run_dir)
+            groups.setdefault((meta["label"], meta["test_domain"], meta["seed"]), []).append((state, meta))
+    for members in groups.values():
+        members.sort(key=lambda m: -m[1]["iid"])
+    return groups
+
+
+class _Scorer:
+    """Evaluates state_dicts of one architecture on every split of one (held-out domain, seed)."""
+
+    def __init__(self, dataset: MultiDomainDataset, meta: dict, config: FineTuneConfig, eval_images, dev):
+        names = dataset.domains
+        self.dataset, self.config, self.eval_images, self.dev = dataset, config, eval_images, dev
+        self.split_rows = domain_split_rows(dataset.domain_ids, len(names), meta["seed"])
+        self.train_domains = [d for d in names if d != meta["test_domain"]]
+        self.net = build_classifier(load_backbone(meta["backbone"], "none").model, len(dataset.classes), 0.0).to(dev)
+
+    def logits(self, state: dict) -> torch.Tensor:
+        self.net.load_state_dict(state, strict=True)
+        return predict_logits(self.net, self.eval_images, self.dev, self.config.amp, False)
+
+    def counts(self, predictions: torch.Tensor) -> dict:
+        return split_counts(predictions, self.dataset.labels, self.split_rows, self.dataset.domains)
+
+    def iid(self, state: dict) -> float:
+        return iid_accuracy({"splits": self.counts(self.logits(state).argmax(1)), "train_domains": self.train_domains})
+
+
+def _results(scorer: _Scorer, states: list[dict], rule: str) -> tuple[dict, list[int]]:
+    outputs = torch.stack([scorer.logits(s) for s in states])
+    results = {"ensemble": scorer.counts(ensemble_scores(outputs, rule).argmax(1)),
+               "soup": scorer.counts(scorer.logits(average_state_dicts(states)).argmax(1))}
+    soup_state, chosen, _ = greedy_soup(states, scorer.iid)
+    results["greedy-soup"] = scorer.counts(scorer.logits(soup_state).argmax(1))
+    return results, chosen
+
+
+def _header(meta: dict, kind: str, rid: str, hparams: dict) -> RunHeader:
+    method, label = derived(meta["method"], meta["label"], kind)
+    return RunHeader(method=method, label=label, dataset=meta["dataset"], source=meta["source"],
+                     backbone=meta["backbone"], weights=meta["weights"], test_domain=meta["test_domain"],
+                     train_domains=meta["train_domains"], hparams=hparams, grid={}, seed=meta["seed"], run_id=rid,
+                     attempt=rid)
+
+
+def evaluate_across_runs(dataset: MultiDomainDataset, out_dir, run_dirs, *, config: FineTuneConfig = FineTuneConfig(),
+                         device="auto", eval_images: EvalImages | None = None,
+                         say: Callable[[str], None] | None = None) -> Path:
+    """Ensembles, soups and greedy soups of the selected models of ``run_dirs``; returns the records file."""
+    dev = resolve_device(device)
+    path = Path(out_dir) / ACROSS_RUNS_FOLDER / RECORDS_FILE
+    done = finished_run_ids([path])
+    eval_images = eval_images or EvalImages(dataset, config.image_size, config.eval_batch_size, config.workers)
+    with RecordWriter(path) as writer:
+        for (label, test_domain, seed), members in sorted(_groups(run_dirs).items(), key=lambda kv: kv[0]):
+            member_ids = [m[1]["run_id"] for m in members]
+            ids = {kind: run_id(across=kind, members=sorted(member_ids),
+                                rule=config.ensemble_rule if kind == "ensemble" else None) for kind in KINDS}
+            if all(i in done for i in ids.values()):
+                continue
+            if say:
+                say(f"ensembles and soups of {len(members)} runs: {label}, held out {test_domain}, seed {seed}")
+            scorer = _Scorer(dataset, members[0][1], config, eval_images, dev)
+            results, chosen = _results(scorer, [s for s, _ in members], config.ensemble_rule)
+            for kind, splits in results.items():
+                if ids[kind] not in done:
+                    hparams = {"members": len(members), "rule": config.ensemble_rule if kind == "ensemble" else None,
+                               "chosen": chosen if kind == "greedy-soup" else None}
+                    writer.write(make_record(_header(members[0][1], kind, ids[kind], hparams), 0, splits,
+                                             final=True, members=member_ids))
+    return path

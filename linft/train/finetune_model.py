@@ -1,0 +1,251 @@
+"""What a fine-tuning run is, and its pieces: settings, the network, the batches of a step, one SGD step.
+
+* :class:`FineTuneConfig` — the protocol settings shared by the runs of a sweep
+  (the defaults are the paper's); :class:`FineTuneRun` — one run: held-out
+  domain, seed, and the hyper-parameters and variant that define it.
+* :func:`build_run_model` — the backbone with its weights, the head
+  ``Dropout(λ) → Linear(D, C)``, stochastic depth, or the first-order model.
+* :func:`step_batch` / :func:`train_batches` — the rows of step ``t`` and their
+  augmentation seeds, derived from ``(seed, held-out domain, t)`` only.
+* :func:`train_step` — one SGD step with the masks of step ``t`` seeded the same way.
+
+Determinism: runs of one seed share batches and masks whatever their lr and
+weight decay, as in the official code, and a run resumed at step ``t``
+continues exactly as if it had never stopped (bit for bit on the CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from linft.data.folders import MultiDomainDataset
+from linft.data.images import image_loader, model_input
+from linft.data.splits import seed_hash
+from linft.errors import LinftError
+from linft.models.blocks import add_stochastic_depth
+from linft.models.heads import build_classifier, head_parameters
+from linft.models.linearize import LinearizedModel
+from linft.models.registry import Backbone, load_backbone
+from linft.protocol.schedule import lr_at, milestone_steps
+from linft.runtime import autocast
+from linft.train.ensembles import ENSEMBLE_RULES
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """Protocol settings shared by the runs of a sweep (the defaults are the paper's)."""
+
+    steps: int = 10_000
+    batch_size: int = 32  # per training domain
+    eval_every: int = 300
+    momentum: float = 0.9
+    lr_milestones: tuple[float, ...] = (0.5,)  # fractions of ``steps``
+    image_size: int = 224
+    freeze_bn: bool = True
+    augment: bool = True
+    eval_batch_size: int = 256
+    workers: int | None = None
+    amp: bool = True  # bfloat16 autocast on CUDA (float32 on the CPU)
+    channels_last: bool = True
+    trajectory: bool = False  # trajectory ensemble and weight average records (from step ``eval_every`` on)
+    average_every_step: bool = False  # trajectory weight average over every step (official code) instead of evals
+    ensemble_rule: str = "probs"
+
+    def milestone_steps(self) -> tuple[int, ...]:
+        return milestone_steps(self.lr_milestones, self.steps)
+
+    def protocol(self) -> dict:
+        """The settings that change a run's result (what its id is made of)."""
+        keep = ("steps", "batch_size", "eval_every", "momentum", "lr_milestones", "image_size", "freeze_bn", "augment")
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keep}
+
+    def check(self) -> None:
+        """One-line errors for protocol settings that cannot run."""
+        if self.steps < 1 or self.eval_every < 1 or self.batch_size < 1:
+            raise LinftError("--steps, --batch-size and --eval-every must be at least 1")
+        if self.image_size < 16:
+            raise LinftError(f"--image-size must be at least 16, got {self.image_size}")
+        if self.ensemble_rule not in ENSEMBLE_RULES:
+            raise LinftError(f"unknown ensemble rule '{self.ensemble_rule}'; use {' or '.join(ENSEMBLE_RULES)}")
+        if any(not 0.0 < m <= 1.0 for m in self.lr_milestones):
+            raise LinftError(f"--lr-milestones are fractions of --steps in (0, 1], got {list(self.lr_milestones)}")
+        if self.workers is not None and self.workers < 0:
+            raise LinftError(f"--workers must be >= 0, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class FineTuneRun:
+    """One run: held-out domain, seed, and the hyper-parameters and variant that define it."""
+
+    test_domain: str
+    seed: int
+    lr: float
+    weight_decay: float
+    dropout: float = 0.0
+    last_layer_lr_mult: float = 1.0
+    stochastic_depth: float = 0.0
+    linearized: bool = False
+
+
+def finetune_method(run: FineTuneRun, weights: str) -> str:
+    """The record method of a run (:data:`linft.protocol.records.METHODS`); ``weights="none"`` is from scratch."""
+    if run.linearized:
+        return "linearized-finetune"
+    return "scratch" if str(weights).lower() == "none" else "finetune"
+
+
+def finetune_label(run: FineTuneRun, weights: str, config: FineTuneConfig | None = None) -> str:
+    """The unit a report compares: the method and its variant (the grid lr × weight decay varies inside it).
+
+    ``weights`` are the resolved weights (:attr:`linft.models.registry.Backbone.weights`).
+    """
+    base = {"linearized-finetune": "linearized FT", "scratch": "from scratch", "finetune": "full FT"}
+    parts = [base[finetune_method(run, weights)]]
+    if run.last_layer_lr_mult != 1.0:
+        parts.append(f"{run.last_layer_lr_mult:g}x head lr")
+    if run.stochastic_depth:
+        parts.append(f"stochastic depth {run.stochastic_depth:g}")
+    if config is not None and not config.freeze_bn:
+        parts.append("BN trained")
+    if config is not None and not config.augment:
+        parts.append("no augmentation")
+    parts.append(f"dropout {run.dropout:g}")
+    return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------- the network
+
+
+def set_train_mode(model: nn.Module, training: bool, freeze_bn: bool = True) -> None:
+    """``model.train(training)``, then every BatchNorm back to eval mode when ``freeze_bn``.
+
+    A frozen BatchNorm normalises with its running statistics and never updates
+    them; its affine weight and bias are still trained.
+    """
+    model.train(training)
+    if training and freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def build_run_model(backbone: str, weights, num_classes: int, run: FineTuneRun, dev: torch.device,
+                    channels_last: bool = True) -> tuple[nn.Module, Backbone]:
+    """The network of a run, on ``dev``: backbone with its weights, the dropout head, stochastic depth, linearization.
+
+    Returns ``(model, backbone_info)``; for a linearized run the model is a
+    :class:`linft.models.linearize.LinearizedModel` around the initial network.
+    """
+    bb = load_backbone(backbone, weights)
+    model = build_classifier(bb.model, num_classes, run.dropout, seed=seed_hash("linft-finetune", "init", run.seed,
+                                                                                  run.test_domain))
+    if run.stochastic_depth:
+        if run.linearized:
+            raise LinftError("--linearized and --stochastic-depth do not combine; run them separately")
+        add_stochastic_depth(model, run.stochastic_depth)
+    model = model.to(dev)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if run.linearized:
+        model = LinearizedModel(model)
+    return model, bb
+
+
+def run_optimizer(model: nn.Module, run: FineTuneRun, momentum: float = 0.9) -> torch.optim.SGD:
+    """SGD over every parameter: the head's (``fc``) learning rate times ``run.last_layer_lr_mult``.
+
+    Each group keeps its ``base_lr`` (what :func:`train_step` divides at the milestones).
+    """
+    params = list(model.parameters())
+    head = {id(p) for p in head_parameters(model)}
+    groups = [{"params": [p for p in params if id(p) not in head], "lr": run.lr, "base_lr": run.lr},
+              {"params": [p for p in params if id(p) in head], "lr": run.lr * run.last_layer_lr_mult,
+               "base_lr": run.lr * run.last_layer_lr_mult}]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.SGD(groups, lr=run.lr, momentum=momentum, weight_decay=run.weight_decay)
+
+
+def ordinary_state(model: nn.Module) -> dict:
+    """The ordinary network's state_dict of a model (θ0 + δ for a linearized one), copied to the CPU."""
+    merged = getattr(model, "merged_state_dict", None)
+    return {k: v.detach().to("cpu", copy=True) for k, v in (merged() if merged else model.state_dict()).items()}
+
+
+# --------------------------------------------------------------------------- batches and steps
+
+
+def step_batch(pools: list[np.ndarray], batch_size: int, seed: int, test_domain: int, step: int) -> list[tuple[int, int]]:
+    """The rows of step ``step`` (``batch_size`` per training domain, with replacement) and their augmentation seeds."""
+    g = torch.Generator().manual_seed(seed_hash("linft-finetune", "batch", seed, test_domain, step))
+    rows = np.concatenate([pool[torch.randint(len(pool), (batch_size,), generator=g).numpy()] for pool in pools])
+    return [(int(r), seed_hash("linft-finetune", "augment", seed, test_domain, step, j)) for j, r in enumerate(rows)]
+
+
+class _StepSampler(torch.utils.data.Sampler):
+    """Yields, for each step from ``start`` on, the items ``[(row, seed), ...]`` of that step (seed None: no augmentation)."""
+
+    def __init__(self, pools: list[np.ndarray], config: FineTuneConfig, seed: int, test_domain: int, start: int):
+        self.pools, self.config, self.seed, self.test_domain, self.start = pools, config, seed, test_domain, start
+
+    def __len__(self):
+        return self.config.steps - self.start
+
+    def __iter__(self):
+        for step in range(self.start, self.config.steps):
+            items = step_batch(self.pools, self.config.batch_size, self.seed, self.test_domain, step)
+            yield items if self.config.augment else [(row, None) for row, _ in items]
+
+
+def train_batches(ds: MultiDomainDataset, pools, config: FineTuneConfig, seed: int, test_domain: int,
+                  start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, str | None]]:
+    """``(uint8 images, labels, bad image or None)`` of steps ``start .. config.steps - 1``, decoded in workers."""
+    sampler = _StepSampler(pools, config, seed, test_domain, start)
+    loader = image_loader(ds, config.image_size, batches=sampler, workers=config.workers,
+                          pin_memory=torch.cuda.is_available())
+    for images, _views, rows, ok, errors in loader:
+        bad = np.flatnonzero(~ok.numpy())
+        yield (images, torch.from_numpy(ds.labels[rows.numpy()]).long(),
+               f"{ds.root / ds.paths[int(rows[bad[0]])]} ({errors[bad[0]]})" if len(bad) else None)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+               step: int, run: FineTuneRun, test_domain: int, config: FineTuneConfig) -> torch.Tensor:
+    """One SGD step of a run on a uint8 batch; returns the (detached, unsynchronised) loss.
+
+    Sets the learning rates of ``step``, seeds the dropout and stochastic-depth
+    masks from ``(run.seed, test_domain, step)``, runs the forward pass under
+    autocast (bfloat16 on CUDA when ``config.amp``) and channels_last when
+    ``config.channels_last``, on the model's device. The model must already be
+    in training mode (:func:`set_train_mode`).
+    """
+    dev = next(model.parameters()).device
+    x, y = model_input(images, dev, config.channels_last), labels.to(dev, non_blocking=True)
+    for g in optimizer.param_groups:
+        g["lr"] = lr_at(step, g["base_lr"], config.milestone_steps())
+    torch.manual_seed(seed_hash("linft-finetune", "masks", run.seed, test_domain, step))
+    with autocast(dev, config.amp):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images, dev: torch.device, amp: bool = True, channels_last: bool = True) -> torch.Tensor:
+    """Logits (N, C), float32 on the CPU, of ``model`` in eval mode over uint8 batches ``images``."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for batch in images:
+        with autocast(dev, amp):
+            out.append(model(model_input(batch, dev, channels_last)).float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
