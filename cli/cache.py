@@ -6,7 +6,8 @@ import json
 
 import click
 
-from linft.features import cache_info, verify_cache
+from linft.cache import cache_info, verify_cache
+from linft.cache.format import describe_cache
 
 
 @click.group()
@@ -28,32 +29,7 @@ def info(path, as_json):
     if as_json:
         click.echo(json.dumps(meta, indent=2, sort_keys=True))
         return
-    n, done = meta["num_examples"], meta.get("num_done", 0)
-    state = "complete" if meta.get("complete") else f"UNFINISHED ({done} of {n} images)"
-    feats = meta["datasets"]["features"]
-    rows = [
-        ("file", f"{meta['path']} ({meta['file_bytes'] / 2**20:.1f} MiB, {state})"),
-        ("dataset", f"{meta['dataset_name']} at {meta['dataset_root']}"),
-        ("images", f"{n} in {len(meta['domain_names'])} domains, {len(meta['class_names'])} classes"),
-        ("domains", ", ".join(f"{d} ({meta['per_domain'][d]['count']})" for d in meta["domain_names"])),
-        ("backbone", f"{meta['backbone']}, weights {meta['weights']} ({meta['weights_label']}), "
-                     f"sha256 {meta['weights_sha256'][:16]}"),
-        ("blocks", ", ".join(meta["blocks"])),
-        ("features", f"{tuple(feats['shape'])} {feats['dtype']}, computed in {meta['compute']}"),
-        ("transform", meta["transform"]),
-        *([("views", f"{meta['views']} augmented views per image: {meta['views_transform']}, seed {meta['views_seed']}")]
-          if meta.get("views") else []),
-        ("file list", f"sha256 {meta['file_list_sha256'][:16]}"),
-        ("provenance", meta["provenance_sha256"]),
-        ("made with", f"linft {meta['linft_version']}, torch {meta['torch_version']}, "
-                      f"torchvision {meta['torchvision_version']} on {meta['device']}, {meta['created']}"),
-    ]
-    skipped = meta.get("skipped_paths") or []
-    if skipped:
-        rows.append(("skipped", f"{len(skipped)} unreadable images: {', '.join(skipped[:3])}"))
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        click.echo(f"{k:<{width}}  {v}")
+    click.echo(describe_cache(meta))
 
 
 @cache.command()

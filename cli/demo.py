@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from linft.demo import run_demo
-from linft.demo_data import DEMO_CLASSES, DEMO_STYLES, write_demo_data
+from linft.data.shapes import DEMO_CLASSES, DEMO_STYLES, write_demo_data
 
 
 @click.command("demo-data")

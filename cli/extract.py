@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from linft.data import DOMAINBED_DATASETS, find_dataset
-from linft.features import extract_features
+from linft.cache import extract_features
 
 
 @click.command()
@@ -23,7 +23,7 @@ from linft.features import extract_features
               help="Keep the last K residual blocks of the last stage. Default: all of them (3 for ResNet-50).")
 @click.option("--image-size", type=int, default=224, show_default=True, help="Images are resized to S x S.")
 @click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--workers", type=int, default=None, help="DataLoader worker processes. Default: min(8, CPU count).")
+@click.option("--workers", type=int, default=None, help="DataLoader worker processes. Default: one per spare core, at most 8.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Storage type of the features (the computation is float32, or float16 autocast on CUDA).")

@@ -8,10 +8,10 @@ from pathlib import Path
 import click
 
 from linft.data import find_dataset
-from linft.finetune import FineTuneConfig, sweep_runs
-from linft.records import read_records
-from linft.report import domainbed_table, run_results, table_markdown, table_rows
-from linft.sweep import LAUNCHERS, launch_sweep
+from linft.analysis.report import summary_tables
+from linft.train.finetune import default_finetune_out, sweep_runs
+from linft.train.finetune_model import FineTuneConfig
+from linft.train.sweep import LAUNCHERS, LaunchOptions, launch_sweep
 
 
 @click.command("finetune")
@@ -51,7 +51,7 @@ from linft.sweep import LAUNCHERS, launch_sweep
               help="Output ensembles: mean of probabilities, or of logits (the official code).")
 @click.option("--no-freeze-bn", is_flag=True, help="Update BatchNorm statistics (the protocol freezes them).")
 @click.option("--no-augment", is_flag=True, help="Train on the deterministic transform (no augmentation).")
-@click.option("--workers", type=int, default=None, help="DataLoader processes decoding images. Default: min(4, CPUs-1).")
+@click.option("--workers", type=int, default=None, help="DataLoader processes decoding images. Default: one per spare core, at most 8.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--launcher", type=click.Choice(LAUNCHERS), default="local", show_default=True,
               help="local: in this process (--gpus N: one process per GPU); slurm: one job per run through submitit.")
@@ -87,7 +87,7 @@ def finetune_cmd(dataset, data_root, backbone, weights, dropouts, last_layer_lr_
       linft report runs/pacs_ft
     """
     ds = find_dataset(dataset, data_root)
-    out = Path(out) if out else Path("runs") / "finetune" / (ds.name or ds.root.name).replace(" ", "_")
+    out = Path(out) if out else default_finetune_out(ds)
     config = FineTuneConfig(steps=steps, lr_milestones=tuple(lr_milestones), batch_size=batch_size,
                             eval_every=eval_every, image_size=image_size,
                             freeze_bn=not no_freeze_bn, augment=not no_augment, workers=workers,
@@ -99,9 +99,9 @@ def finetune_cmd(dataset, data_root, backbone, weights, dropouts, last_layer_lr_
     if slurm_partition:
         slurm["slurm_partition"] = slurm_partition
     say = (lambda line: click.echo(line, err=True)) if not quiet else None
-    result = launch_sweep(ds, out, runs, backbone=backbone, weights=weights, config=config, launcher=launcher,
-                          device=device, gpus=gpus, slurm=slurm, wait=not no_wait, across_runs=ensembles,
-                          progress=not quiet, say=say)
+    options = LaunchOptions(launcher=launcher, device=device, gpus=gpus, slurm=slurm, wait=not no_wait,
+                            across_runs=ensembles, progress=not quiet, say=say)
+    result = launch_sweep(ds, out, runs, backbone=backbone, weights=weights, config=config, options=options)
     failed = [s for s in result["statuses"] if str(s).startswith("failed")]
     click.echo(f"{result['submitted']} runs launched ({result['skipped']} already done"
                f"{', ' + str(len(failed)) + ' failed' if failed else ''}) -> {out}", err=True)
@@ -109,11 +109,7 @@ def finetune_cmd(dataset, data_root, backbone, weights, dropouts, last_layer_lr_
         click.echo(f"jobs: {' '.join(result['jobs'])}; once they have ended, run the same command again to complete "
                    f"what is missing (and, with --ensembles, evaluate the ensembles and soups)")
         return
-    table = domainbed_table(run_results(read_records([out])))
-    if as_json:
-        click.echo(json.dumps(table_rows(table), indent=2))
-    else:
-        click.echo(table_markdown(table, "ood"))
-        click.echo(table_markdown(table, "iid"))
+    tables = summary_tables([out])
+    click.echo(json.dumps(tables["rows"], indent=2) if as_json else tables["markdown"])
     if failed:
         raise SystemExit(1)

@@ -3,29 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 
 import click
 
-from linft.interpolate import DEFAULT_ALPHAS, interpolate
-
-
-def _pct(x: float) -> str:
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
-
-
-def _table(result, keys: list[str], title: str) -> str:
-    names = {"weights": "weights", "representation": "representation", "linearized": "first-order"}
-    short = [names.get(k, k.split(":", 1)[-1]) for k in keys]
-    head = "| α | " + " | ".join(f"{n} iid | {n} ood" for n in short) + " |"
-    lines = [f"**{title}**\n", head, "|---" * (1 + 2 * len(keys)) + "|"]
-    for i, a in enumerate(result.alphas):
-        cells = []
-        for k in keys:
-            c = result.curves[k][i]
-            cells += [_pct(c["iid"]), _pct(c["ood"])]
-        lines.append(f"| {a:g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+from linft.analysis.interpolate import interpolate
+from linft.analysis.interpolation_paths import DEFAULT_ALPHAS
+from linft.analysis.report import interpolation_text
 
 
 @click.command("interpolate")
@@ -46,7 +29,7 @@ def _table(result, keys: list[str], title: str) -> str:
 @click.option("--no-blocks", is_flag=True, help="Skip the per-φ-block representation interpolation (diagnostic).")
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Evaluation images per forward pass.")
 @click.option("--workers", type=int, default=None,
-              help="DataLoader processes decoding images. Default: min(4, CPUs-1).")
+              help="DataLoader processes decoding images. Default: one per spare core, at most 8.")
 @click.option("--amp", is_flag=True, help="bfloat16 autocast on CUDA (faster; endpoints then agree to bf16 only).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -81,21 +64,4 @@ def interpolate_cmd(dataset, finetuned, data_root, pretrained, backbone, alphas,
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
         return
-    main = [k for k in ("weights", "representation", "linearized") if k in result.curves]
-    blocks = [k for k in result.curves if k.startswith("block:")]
-    label = next(iter(result.labels.values()))
-    suffix = label[label.rfind(" ["):] if label.endswith("]") else ""
-    click.echo(f"{result.dataset}, held out {result.test_domain}, seed {result.seed}{suffix}: accuracy (%) per α "
-               f"(α = share of the fine-tuned model)\n")
-    click.echo(_table(result, main, "interpolation paths"))
-    if blocks:
-        click.echo(_table(result, blocks, "representation interpolation per φ block (probe heads on each model)"))
-    if result.linearity:
-        lin = result.linearity
-        click.echo("**post-hoc linearity** (θ0 = pretrained with probe head)\n")
-        for what in ("f(θf)", "f_lin(θf)", "f(θ0)"):
-            click.echo(f"  {what:<10} iid {_pct(lin[what]['iid'])}  ood {_pct(lin[what]['ood'])}")
-        click.echo(f"  relative gap ‖f(θf) − f_lin(θf)‖ / ‖f(θf) − f(θ0)‖ = {lin['gap']:.4f}\n")
-    click.echo(f"records: {result.records} ({result.records_written} new)")
-    if result.plot:
-        click.echo(f"plot: {result.plot}")
+    click.echo(interpolation_text(result))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from linft.pretrain import SOURCE_SHAPES, SOURCE_STYLES, pretrain, write_pretraining_source
+from linft.data.shapes import SOURCE_SHAPES, SOURCE_STYLES, write_pretraining_source
+from linft.train.pretrain import pretrain
 
 
 @click.command("pretrain-source")

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from linft.report import write_report
+from linft.analysis.report import write_report
 
 
 @click.command()

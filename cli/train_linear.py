@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from linft.linear import V_INITS, LinearGridConfig, train_linear
-from linft.records import read_records
-from linft.report import domainbed_table, run_results, table_markdown, table_rows
+from linft.analysis.report import summary_tables
+from linft.train.linear import default_linear_out, train_linear
+from linft.train.linear_engine import V_INITS, LinearGridConfig
 
 
 @click.command("train-linear")
@@ -48,17 +48,12 @@ def train_linear_cmd(cache, dropouts, probe, probe_only, lrs, weight_decays, see
       linft train-linear features_cache/pacs_r50v2.h5 --dropout 0 --dropout 0.9 --probe --out runs/pacs_linear
       linft report runs/pacs_linear
     """
-    out = Path(out) if out else Path("runs") / "linear" / Path(cache).stem
+    out = Path(out) if out else default_linear_out(cache)
     config = LinearGridConfig(steps=steps, batch_size=batch_size, eval_every=eval_every, v_init=v_init)
     result = train_linear(cache, out, dropouts=() if probe_only else dropouts, probe=probe or probe_only, lrs=lrs,
                           weight_decays=weight_decays, seeds=seeds, test_domains=test_domains, config=config,
                           device=device, progress=not quiet)
     click.echo(f"trained {result.trained} runs, {result.skipped} already finished, {result.diverged} diverged "
                f"-> {result.records}", err=True)
-    results = run_results(read_records([result.records]))
-    table = domainbed_table(results)
-    if as_json:
-        click.echo(json.dumps(table_rows(table), indent=2))
-    else:
-        click.echo(table_markdown(table, "ood"))
-        click.echo(table_markdown(table, "iid"))
+    tables = summary_tables([result.records])
+    click.echo(json.dumps(tables["rows"], indent=2) if as_json else tables["markdown"])

@@ -1,10 +1,15 @@
 """linft: fine-tuning with very large dropout, from a cached feature file to tables and plots.
 
-Modules
--------
-data       DomainBed-style image folders and DomainBed's exact in/out split.
-backbones  torchvision ResNet-family backbones, their weights and their φ blocks.
-features   ``extract_features`` to a crash-safe HDF5 cache and ``open_cache`` to read it.
+Layers, each importing only from the ones above it in this list:
+
+errors, runtime  the one exception type; device, autocast, determinism, atomic files, progress
+data             DomainBed-style folders, DomainBed's split, the one image pipeline, the demo benchmark
+models           backbone registry, φ blocks, heads, checkpoints, weight averages, first-order models
+cache            the HDF5 feature cache: its format, extraction, verification
+protocol         schedule, the grid validator, THE run-record schema, selection on records
+train            linear engine and protocol, fine-tuning runs, ensembles and soups, sweeps, pretraining
+analysis         interpolation, aggregation (tables, 1296 clouds), plots, report
+demo             the whole pipeline on the built-in benchmark
 """
 
 __version__ = "0.1.0"

@@ -8,16 +8,19 @@ there is no demo code path. Work already on disk is reused.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from linft.demo_data import write_demo_data
-from linft.features import extract_features, verify_cache
-from linft.finetune import FineTuneConfig, finetune
-from linft.interpolate import interpolate
-from linft.linear import LinearGridConfig, train_linear
-from linft.report import write_report
+from linft.analysis.interpolate import interpolate
+from linft.analysis.report import write_report
+from linft.cache.extract import extract_features
+from linft.cache.verify import verify_cache
+from linft.data.shapes import write_demo_data
+from linft.train.finetune import RunHooks, SweepResult, finetune
+from linft.train.finetune_model import FineTuneConfig
+from linft.train.linear import train_linear
+from linft.train.linear_engine import LinearGridConfig
 
 #: The demo's backbone: linft's small pretrained ResNet shipped in the package, at the data's 64 px.
 DEMO_BACKBONE = ("demo-resnet", None)
@@ -49,59 +52,86 @@ class DemoResult:
     report: Path
 
 
-def run_demo(out: str | Path = "demo_out", *, seed: int = 0, per_class: int = 150, linear_steps: int = DEMO_LINEAR_STEPS,
-             seeds: int | None = None, finetune_steps: int = DEMO_FINETUNE_STEPS,
-             finetune_eval_every: int = DEMO_FINETUNE_EVAL_EVERY, progress: bool = True,
-             say: Callable[[str], None] = print) -> DemoResult:
-    """Generate the demo data (if absent), extract features, train linear FT and probing, fine-tune, and report."""
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo's sizes (the defaults keep it within about 5 minutes on a 2-core CPU)."""
+
+    seed: int = 0
+    per_class: int = 150
+    linear_steps: int = DEMO_LINEAR_STEPS
+    seeds: int | None = None  # linear fine-tuning seeds; None: DEMO_LINEAR's
+    finetune_steps: int = DEMO_FINETUNE_STEPS
+    finetune_eval_every: int = DEMO_FINETUNE_EVAL_EVERY
+
+
+STAGES = 6
+
+
+def _stage_linear(out: Path, cache: Path, config: DemoConfig, progress: bool, say, took) -> Path:
+    linear = dict(DEMO_LINEAR, seeds=config.seeds or DEMO_LINEAR["seeds"])
+    say(f"[3/{STAGES}] linear fine-tuning (dropout {', '.join(f'{p:g}' for p in linear['dropouts'])}) and linear "
+        f"probing, every held-out domain, {linear['seeds']} seeds, {config.linear_steps} steps")
+    lin = train_linear(cache, out / "runs" / "linear", config=LinearGridConfig(steps=config.linear_steps),
+                       device="auto", progress=progress, **linear)
+    say(f"      trained {lin.trained} runs ({lin.skipped} already done, {lin.diverged} diverged) -> {lin.records}"
+        f"{took()}")
+    return lin.records
+
+
+def _stage_finetune(out: Path, data: Path, config: DemoConfig, progress: bool, say, took) -> SweepResult:
+    say(f"[4/{STAGES}] full fine-tuning (dropout {', '.join(f'{p:g}' for p in DEMO_FINETUNE['dropouts'])}), "
+        f"every held-out domain, {config.finetune_steps} steps")
+    ft_config = FineTuneConfig(steps=config.finetune_steps, eval_every=config.finetune_eval_every,
+                               image_size=DEMO_IMAGE_SIZE, eval_batch_size=512)
+    backbone, weights = DEMO_BACKBONE
+    ft = finetune(data, out / "runs" / "finetune", backbone=backbone, weights=weights, config=ft_config,
+                  device="auto", progress=progress, hooks=RunHooks(), **DEMO_FINETUNE)
+    say(f"      {len(ft.runs) - ft.count('done')} runs trained ({ft.count('done')} already done, "
+        f"{ft.count('diverged')} diverged) -> {ft.out}{took()}")
+    return ft
+
+
+def _stage_interpolate(out: Path, data: Path, ft: SweepResult, progress: bool, say, took) -> None:
+    plain = [r for r in ft.runs if r.run.dropout == 0.0 and r.status != "diverged"]
+    chosen = next((r for r in plain if r.run.test_domain == DEMO_INTERPOLATION_DOMAIN), plain[0] if plain else None)
+    if chosen is None:
+        say(f"[5/{STAGES}] skipping interpolation: no plain fine-tuning run finished")
+        return
+    say(f"[5/{STAGES}] weight vs representation interpolation (α {DEMO_ALPHAS}) and first-order path, "
+        f"fine-tuned run {chosen.run_dir.name}")
+    interp = interpolate(data, chosen.run_dir, alphas=DEMO_ALPHAS, linearity=True, blocks=False,
+                         out_dir=out / "runs" / "interpolate", device="auto", progress=progress)
+    say(f"      {interp.records_written} records -> {interp.records}; plot {interp.plot}{took()}")
+
+
+def run_demo(out: str | Path = "demo_out", config: DemoConfig = DemoConfig(), *, progress: bool = True,
+             say: Callable[[str], None] = print, **settings) -> DemoResult:
+    """Generate the demo data (if absent), extract features, train linear FT and probing, fine-tune, interpolate
+    and report, each stage with the library call of its command. ``settings`` override fields of ``config``."""
+    config = DemoConfig(**{**asdict(config), **settings})
     out = Path(out)
     data = out / "demo-shapes"
-    stages = 6
     started = time.perf_counter()
 
     def took() -> str:
         return f" ({time.perf_counter() - started:.0f} s so far)"
 
     if not (data / "photo").is_dir():
-        say(f"[1/{stages}] generating the demo benchmark in {data}")
-        write_demo_data(data, seed=seed, per_class=per_class)
+        say(f"[1/{STAGES}] generating the demo benchmark in {data}")
+        write_demo_data(data, seed=config.seed, per_class=config.per_class)
     else:
-        say(f"[1/{stages}] using the demo benchmark already in {data}")
+        say(f"[1/{STAGES}] using the demo benchmark already in {data}")
     backbone, weights = DEMO_BACKBONE
     cache = out / "features" / f"demo_{backbone}.h5"
-    say(f"[2/{stages}] extracting features with {backbone} at {DEMO_IMAGE_SIZE} px")
+    say(f"[2/{STAGES}] extracting features with {backbone} at {DEMO_IMAGE_SIZE} px")
     result = extract_features(data, cache, backbone=backbone, weights=weights, image_size=DEMO_IMAGE_SIZE,
                               batch_size=128, device="auto", progress=progress)
     say(f"      {result.status}: {result.path} ({result.num_examples} images); "
         f"verified: {'ok' if verify_cache(cache).ok else 'FAILED'}{took()}")
-
-    linear = dict(DEMO_LINEAR, seeds=seeds or DEMO_LINEAR["seeds"])
-    say(f"[3/{stages}] linear fine-tuning (dropout {', '.join(f'{p:g}' for p in linear['dropouts'])}) and linear "
-        f"probing, every held-out domain, {linear['seeds']} seeds, {linear_steps} steps")
-    lin = train_linear(cache, out / "runs" / "linear", config=LinearGridConfig(steps=linear_steps), device="auto",
-                       progress=progress, **linear)
-    say(f"      trained {lin.trained} runs ({lin.skipped} already done, {lin.diverged} diverged) -> {lin.records}"
-        f"{took()}")
-    say(f"[4/{stages}] full fine-tuning (dropout {', '.join(f'{p:g}' for p in DEMO_FINETUNE['dropouts'])}), "
-        f"every held-out domain, {finetune_steps} steps")
-    ft_config = FineTuneConfig(steps=finetune_steps, eval_every=finetune_eval_every, image_size=DEMO_IMAGE_SIZE,
-                               eval_batch_size=512)
-    ft = finetune(data, out / "runs" / "finetune", backbone=backbone, weights=weights, config=ft_config, device="auto",
-                  progress=progress, say=None, **DEMO_FINETUNE)
-    say(f"      {len(ft.runs) - ft.count('done')} runs trained ({ft.count('done')} already done, "
-        f"{ft.count('diverged')} diverged) -> {ft.out}{took()}")
-    plain = [r for r in ft.runs if r.run.dropout == 0.0 and r.status != "diverged"]
-    chosen = next((r for r in plain if r.run.test_domain == DEMO_INTERPOLATION_DOMAIN), plain[0] if plain else None)
-    if chosen is None:
-        say(f"[5/{stages}] skipping interpolation: no plain fine-tuning run finished")
-    else:
-        say(f"[5/{stages}] weight vs representation interpolation (α {DEMO_ALPHAS}) and first-order path, "
-            f"fine-tuned run {chosen.run_dir.name}")
-        interp = interpolate(data, chosen.run_dir, alphas=DEMO_ALPHAS, linearity=True, blocks=False,
-                             out_dir=out / "runs" / "interpolate", device="auto", progress=progress)
-        say(f"      {interp.records_written} records -> {interp.records}; plot {interp.plot}{took()}")
-    report_dir = out / "report"
-    paths = write_report([out / "runs"], report_dir)
-    say(f"[{stages}/{stages}] report: {paths['summary']}{took()}")
-    return DemoResult(out=out, data=data, cache=cache, records=[lin.records, ft.out, out / "runs" / "interpolate"],
-                      report=report_dir)
+    records = _stage_linear(out, cache, config, progress, say, took)
+    ft = _stage_finetune(out, data, config, progress, say, took)
+    _stage_interpolate(out, data, ft, progress, say, took)
+    paths = write_report([out / "runs"], out / "report")
+    say(f"[{STAGES}/{STAGES}] report: {paths['summary']}{took()}")
+    return DemoResult(out=out, data=data, cache=cache, records=[records, ft.out, out / "runs" / "interpolate"],
+                      report=out / "report")

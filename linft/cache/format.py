@@ -199,3 +199,32 @@ def open_cache(path: str | os.PathLike) -> FeatureCache:
             meta=meta,
             views=f["views"][...] if "views" in f else None,
         )
+
+
+def describe_cache(info: dict) -> str:
+    """A :func:`cache_info` dict as aligned ``name  value`` lines for people."""
+    n, done = info["num_examples"], info.get("num_done", 0)
+    state = "complete" if info.get("complete") else f"UNFINISHED ({done} of {n} images)"
+    feats = info["datasets"]["features"]
+    rows = [
+        ("file", f"{info['path']} ({info['file_bytes'] / 2**20:.1f} MiB, {state})"),
+        ("dataset", f"{info['dataset_name']} at {info['dataset_root']}"),
+        ("images", f"{n} in {len(info['domain_names'])} domains, {len(info['class_names'])} classes"),
+        ("domains", ", ".join(f"{d} ({info['per_domain'][d]['count']})" for d in info["domain_names"])),
+        ("backbone", f"{info['backbone']}, weights {info['weights']} ({info['weights_label']}), "
+                     f"sha256 {info['weights_sha256'][:16]}"),
+        ("blocks", ", ".join(info["blocks"])),
+        ("features", f"{tuple(feats['shape'])} {feats['dtype']}, computed in {info['compute']}"),
+        ("transform", info["transform"]),
+        *([("views", f"{info['views']} augmented views per image: {info['views_transform']}, seed {info['views_seed']}")]
+          if info.get("views") else []),
+        ("file list", f"sha256 {info['file_list_sha256'][:16]}"),
+        ("provenance", info["provenance_sha256"]),
+        ("made with", f"linft {info['linft_version']}, torch {info['torch_version']}, "
+                      f"torchvision {info['torchvision_version']} on {info['device']}, {info['created']}"),
+    ]
+    skipped = info.get("skipped_paths") or []
+    if skipped:
+        rows.append(("skipped", f"{len(skipped)} unreadable images: {', '.join(skipped[:3])}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

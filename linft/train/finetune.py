@@ -275,6 +275,11 @@ def train_run(dataset: MultiDomainDataset, out_dir, run: FineTuneRun, *, backbon
 # --------------------------------------------------------------------------- a sweep
 
 
+def default_finetune_out(ds: MultiDomainDataset) -> Path:
+    """Where ``linft finetune`` writes when not told: ``runs/finetune/<dataset>``."""
+    return Path("runs") / "finetune" / (ds.name or ds.root.name).replace(" ", "_")
+
+
 def sweep_runs(domains: list[str], *, test_domains=None, dropouts=(0.0,), lrs=(1e-3, 5e-4),
                weight_decays=(1e-4, 5e-5, 1e-5), seeds: int = 3, last_layer_lr_mult: float = 1.0,
                stochastic_depth: float = 0.0, linearized: bool = False) -> list[FineTuneRun]:

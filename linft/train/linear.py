@@ -56,6 +56,11 @@ class LinearProtocolResult:
     diverged: int
 
 
+def default_linear_out(cache_path) -> Path:
+    """Where ``linft train-linear`` writes when not told: ``runs/linear/<cache file stem>``."""
+    return Path("runs") / "linear" / Path(cache_path).stem
+
+
 def linear_method(probe: bool) -> str:
     return "linear-probe" if probe else "linear-ft"
 
