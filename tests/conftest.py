@@ -38,7 +38,7 @@ SHAPE_CLASSES, SHAPE_STYLES = ("circle", "square"), ("photo", "sketch", "cartoon
 
 @pytest.fixture(scope="module")
 def shapes_root(tmp_path_factory) -> Path:
-    from linft.demo_data import write_shapes_dataset
+    from linft.data.shapes import write_shapes_dataset
 
     root = tmp_path_factory.mktemp("shapes") / "shapes"
     return write_shapes_dataset(root, classes=SHAPE_CLASSES, styles=SHAPE_STYLES, per_class=6, size=32, seed=0,
