@@ -7,7 +7,7 @@ Three measurements over the same JPEG files, backbone and batch size:
 
 * forward-only: the φ-block forward on already decoded, normalised tensors that
   sit on the device (no decoding, no writing): the ceiling;
-* linft: ``linft.features.extract_features`` (DataLoader workers, uint8 transfer,
+* linft: ``linft.cache.extract_features`` (DataLoader workers, uint8 transfer,
   normalisation on the device, autocast and channels_last on CUDA, HDF5 written
   and flushed per batch). Steady state is timed between batch writes (from the first to
   the second-to-last, as writes trail the forward by one batch); end to end includes model loading and worker start-up;
@@ -32,10 +32,12 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from linft.backbones import PooledBlockFeatures, load_backbone, phi_block_names
+from linft.cache import extract_features
 from linft.data import IMAGENET_MEAN, IMAGENET_STD, load_image_folder
-from linft.demo_data import DEMO_CLASSES, DEMO_STYLES, render
-from linft.features import extract_features, load_image_uint8, normalize_uint8, resolve_device
+from linft.data.images import load_image_uint8, normalize_uint8
+from linft.data.shapes import DEMO_CLASSES, DEMO_STYLES, render
+from linft.models import PooledBlockFeatures, load_backbone, phi_block_names
+from linft.runtime import resolve_device
 
 
 def make_jpegs(root: Path, count: int, side: int) -> Path:
@@ -80,7 +82,7 @@ def linft_path(root, out, backbone, weights, image_size, batch_size, workers, de
     t = time.perf_counter()
     extract_features(root, out, backbone=backbone, weights=weights, image_size=image_size, batch_size=batch_size,
                      workers=workers, device=dev, progress=False,
-                     on_batch=lambda done, n: stamps.append((time.perf_counter(), done)))
+                     on_checkpoint=lambda done, n: stamps.append((time.perf_counter(), done)))
     end_to_end = stamps[-1][1] / (time.perf_counter() - t)
     # Batches are written one behind the forward, so between the first and the
     # second-to-last write exactly the batches in between were decoded and run.

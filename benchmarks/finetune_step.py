@@ -9,10 +9,10 @@ Both sides train the same network from the same weights on the same batch
 penultimate representation, frozen BatchNorm, SGD with momentum 0.9 and weight
 decay, and cross-entropy:
 
-* linft: the code path of :func:`linft.finetune.train_run`: the model of
-  :func:`~linft.finetune.build_run_model`, :func:`~linft.finetune.set_train_mode`,
-  the SGD parameter groups of :func:`~linft.finetune.run_optimizer`, and
-  :func:`~linft.finetune.train_step` on the uint8 batch (transfer, normalisation
+* linft: the code path of :func:`linft.train.finetune.train_run`: the model of
+  :func:`~linft.train.finetune_model.build_run_model`, :func:`~linft.train.finetune_model.set_train_mode`,
+  the SGD parameter groups of :func:`~linft.train.finetune_model.run_optimizer`, and
+  :func:`~linft.train.finetune_model.train_step` on the uint8 batch (transfer, normalisation
   on the device, channels_last, bfloat16 autocast on CUDA, learning-rate
   schedule, per-step mask seed) followed by ``float(loss)``, the divergence
   check ``train_run`` does every step;
@@ -41,10 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linft.backbones import load_backbone
-from linft.features import normalize_uint8, resolve_device
-from linft.finetune import (FineTuneConfig, FineTuneRun, build_run_model, run_optimizer, set_train_mode,
-                            train_step)
+from linft.data.images import normalize_uint8
+from linft.models import load_backbone
+from linft.runtime import resolve_device
+from linft.train.finetune_model import (FineTuneConfig, FineTuneRun, build_run_model, run_optimizer, set_train_mode,
+                                        train_step)
 
 NUM_CLASSES = 7
 
@@ -119,7 +120,7 @@ def main():
     def linft_steps(k):
         for _ in range(k):
             step = counter["linft"]
-            loss = train_step(model, optimizer, images, labels, step, milestones, run.seed, 0, dev, config)
+            loss = train_step(model, optimizer, images, labels, step, run, 0, config)
             if not math.isfinite(float(loss)):  # train_run's per-step divergence check (a sync on CUDA)
                 raise SystemExit("linft's loss diverged")
             counter["linft"] += 1

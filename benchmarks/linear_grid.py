@@ -23,12 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from linft.features import resolve_device
-from linft.linear import (
-    GridPoint, Group, LinearGridConfig, _evaluate, draw_batch, draw_noise, eval_steps, group_generator,
-    initial_parameters, linear_ft_logits, lr_at, train_linear_grid,
+from linft.data.splits import domain_split_rows
+from linft.protocol.schedule import eval_steps, lr_at
+from linft.runtime import resolve_device
+from linft.train.linear_engine import (
+    GridPoint, Group, LinearData, LinearGridConfig, _evaluate, draw_batch, draw_noise, group_generator,
+    initial_parameters, linear_ft_logits, train_linear_grid,
 )
-from linft.protocol import domain_split_rows
 
 N, K, D, C, NDOM = 10_000, 3, 2048, 7, 4
 FULL_STEPS, EVAL_EVERY = 10_000, 300
@@ -64,7 +65,7 @@ def engine_seconds(feats, labels, domains, points, seeds, steps, dev) -> tuple[f
     config = LinearGridConfig(steps=steps, eval_every=steps)  # evaluations at steps 0 and steps-1
     sync(dev)
     t = time.perf_counter()
-    v, V, b = train_linear_grid(feats, labels, split_rows, 2 * NDOM, groups, C, config)
+    v, V, b = train_linear_grid(LinearData(feats, labels, split_rows, 2 * NDOM, C), groups, config)
     sync(dev)
     total = time.perf_counter() - t
     seed_split = torch.stack([split_rows[g.seed] for g in groups])

@@ -1,0 +1,122 @@
+"""The house rules of the package, read from its source: layers import only downwards, no cycle, no hidden imports.
+
+The import graph is read with ``ast`` (every ``import linft...`` / ``from linft... import``
+of every module), so a cycle is found whatever order a program imports the modules in.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import linft
+
+PACKAGE = Path(linft.__file__).parent
+CLI = PACKAGE.parent / "cli"
+
+#: Each layer may import from itself and the layers before it in this list.
+LAYERS = ["linft.errors", "linft.runtime", "linft.data", "linft.models", "linft.cache", "linft.protocol",
+          "linft.train", "linft.analysis", "linft.demo"]
+#: Imports allowed inside a function body: optional extras only.
+OPTIONAL = {"submitit", "open_clip", "timm", "tensorboard", "torch.utils.tensorboard"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def layer(name: str) -> int:
+    return max(i for i, prefix in enumerate(LAYERS) if name == prefix or name.startswith(prefix + ".")
+               or (prefix == "linft.errors" and name == "linft"))
+
+
+def linft_imports(tree: ast.AST, module: str) -> set[str]:
+    """The linft modules a module imports (``from linft.x import y`` counts ``linft.x.y`` when that is a module)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("linft")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("linft"):
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in MODULES}
+    return {m for m in found if m in MODULES and m != module}
+
+
+def graph() -> dict[str, set[str]]:
+    return {m: linft_imports(ast.parse(p.read_text()), m) for m, p in MODULES.items()}
+
+
+def test_layers_import_only_downwards():
+    wrong = [f"{m} imports {d}" for m, deps in graph().items() for d in deps
+             if m != "linft" and layer(d) > layer(m)]
+    assert not wrong, wrong
+
+
+def test_no_import_cycle():
+    edges, state, cycles = graph(), {}, []
+
+    def visit(m, stack):
+        state[m] = "open"
+        for d in sorted(edges[m]):
+            if d.startswith(m + "."):  # a package importing its own submodules to re-export them
+                continue
+            if state.get(d) == "open":
+                cycles.append(stack[stack.index(d):] + [d] if d in stack else [m, d])
+            elif d not in state:
+                visit(d, stack + [d])
+        state[m] = "done"
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, cycles
+
+
+@pytest.mark.parametrize("root", [PACKAGE, CLI], ids=["linft", "cli"])
+def test_no_imports_inside_functions_except_optional_extras(root):
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    if isinstance(node, (ast.Import, ast.ImportFrom)):
+                        names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                        if not all(n.split(".")[0] in OPTIONAL or n in OPTIONAL for n in names):
+                            found.append(f"{path.name}:{node.lineno} {names}")
+    assert not found, found
+
+
+def test_every_module_imports_in_a_fresh_interpreter():
+    # one interpreter per module would take a minute (torch); the static cycle check above covers the order
+    # dependence, and this catches a module that fails to import at all
+    code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
+    names = sorted(MODULES) + ["linft.cli.main"]
+    result = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_command_table_matches_the_commands():
+    """The help `linft --help` shows without importing a command is each command's own first docstring line."""
+    from linft.cli.main import COMMANDS, main
+
+    for name, (_module, _attribute, short) in COMMANDS.items():
+        command = main.get_command(None, name)
+        assert command.name == name
+        first = " ".join(command.help.split("\n\n")[0].split())
+        assert first == short, name
+
+
+def test_help_does_not_import_torch():
+    code = "import sys\nfrom linft.cli.main import main\nsys.argv = ['linft', '--help']\n" \
+           "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False"
