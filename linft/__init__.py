@@ -12,6 +12,6 @@ analysis         interpolation, aggregation (tables, 1296 clouds), plots, report
 demo             the whole pipeline on the built-in benchmark
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from linft.errors import LinftError  # noqa: E402,F401
