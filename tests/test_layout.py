@@ -120,3 +120,14 @@ def test_help_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_every_package_is_installed():
+    """setup.cfg lists every package, so a wheel (not only an editable install) holds all of linft."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(PACKAGE.parent / "setup.cfg")
+    listed = {p.strip() for p in config["options"]["packages"].split(",")}
+    found = {module_name(p.parent / "__init__.py") for p in PACKAGE.rglob("__init__.py")} | {"linft.cli"}
+    assert listed == found
