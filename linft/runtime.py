@@ -100,6 +100,18 @@ def partial_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
+def writable_folder(folder: str | os.PathLike) -> Path:
+    """``folder``, created when missing; a folder that cannot be created or written is one LinftError."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LinftError(f"cannot create folder {folder} ({exc.strerror}); choose another --out") from None
+    if not os.access(folder, os.W_OK):
+        raise LinftError(f"cannot write to {folder} (permission denied); choose another --out")
+    return folder
+
+
 def commit_partial(partial: Path, path: Path) -> None:
     """fsync ``partial``, rename it over ``path`` and fsync the folder, so a crash leaves the old or the new file."""
     with open(partial, "rb+") as fh:

@@ -35,7 +35,7 @@ from linft.data.images import describe_transform, eval_transform, first_bad_imag
 from linft.errors import LinftError
 from linft.models.blocks import PooledBlockFeatures, phi_block_names
 from linft.models.registry import Backbone, load_backbone
-from linft.runtime import autocast, commit_partial, partial_path, progress_bar, resolve_device
+from linft.runtime import autocast, commit_partial, partial_path, progress_bar, resolve_device, writable_folder
 
 
 @dataclass(frozen=True)
@@ -177,12 +177,7 @@ def _resume_point(partial: Path, attrs: dict, force: bool) -> int:
 
 
 def _check_location(out: Path, needed_bytes: int) -> None:
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LinftError(f"cannot create folder {out.parent} ({exc.strerror}); choose another --out") from None
-    if not os.access(out.parent, os.W_OK):
-        raise LinftError(f"cannot write to {out.parent} (permission denied); choose another --out")
+    writable_folder(out.parent)
     free = shutil.disk_usage(out.parent).free
     if free < needed_bytes + (16 << 20):
         raise LinftError(f"not enough disk space in {out.parent}: the cache needs about {needed_bytes / 2**30:.2f} "

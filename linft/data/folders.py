@@ -63,9 +63,17 @@ def _sorted_subdirs(folder: Path) -> list[str]:
 
 
 def _class_images(class_dir: Path) -> list[str]:
-    """Image files under one class folder, in ``ImageFolder``'s order, relative to it."""
+    """Image files under one class folder, in ``ImageFolder``'s order, relative to it.
+
+    Linked folders are followed (as ``ImageFolder`` does), but a link back to a
+    folder already being walked (a loop) is refused, naming the link.
+    """
     found = []
     for dirpath, _dirnames, filenames in sorted(os.walk(class_dir, followlinks=True)):
+        real = os.path.realpath(dirpath)
+        parts = Path(os.path.relpath(dirpath, class_dir)).parts
+        if parts != (".",) and any(os.path.realpath(class_dir.joinpath(*parts[:k])) == real for k in range(len(parts))):
+            raise LinftError(f"{dirpath} links back to {real}, a folder it is inside (a loop); remove the link")
         rel = os.path.relpath(dirpath, class_dir)
         for name in sorted(filenames):
             if _is_image(name):
@@ -130,6 +138,29 @@ class MultiDomainDataset:
         return np.flatnonzero(self.domain_ids == i)
 
 
+def _common_classes(root: Path, domains: list[str]) -> list[str]:
+    """The class folders, which every domain must have (the message lists the differences)."""
+    per_domain_classes = {d: _sorted_subdirs(root / d) for d in domains}
+    for d, cls in per_domain_classes.items():
+        if not cls:
+            raise LinftError(
+                f"domain '{d}' in {root} has no images (no class sub-folders); "
+                f"add {root / d}/<class>/<image> files or remove the folder"
+            )
+    union = sorted(set().union(*map(set, per_domain_classes.values())))
+    differences = []
+    for d, cls in per_domain_classes.items():
+        missing = sorted(set(union) - set(cls))
+        if missing:
+            differences.append(f"'{d}' lacks {', '.join(missing)}")
+    if differences:
+        raise LinftError(
+            "class sets differ across domains: " + "; ".join(differences)
+            + "; every domain needs the same class folders"
+        )
+    return union
+
+
 def load_image_folder(root: str | os.PathLike, name: str | None = None) -> MultiDomainDataset:
     """List a ``root/<domain>/<class>/<image>`` folder, checking the layout.
 
@@ -150,25 +181,7 @@ def load_image_folder(root: str | os.PathLike, name: str | None = None) -> Multi
     if not domains:
         raise LinftError(f"dataset folder {root} has no domain sub-folders; expected {root}/<domain>/<class>/<image>")
 
-    per_domain_classes = {d: _sorted_subdirs(root / d) for d in domains}
-    for d, cls in per_domain_classes.items():
-        if not cls:
-            raise LinftError(
-                f"domain '{d}' in {root} has no images (no class sub-folders); "
-                f"add {root / d}/<class>/<image> files or remove the folder"
-            )
-    union = sorted(set().union(*map(set, per_domain_classes.values())))
-    differences = []
-    for d, cls in per_domain_classes.items():
-        missing = sorted(set(union) - set(cls))
-        if missing:
-            differences.append(f"'{d}' lacks {', '.join(missing)}")
-    if differences:
-        raise LinftError(
-            "class sets differ across domains: " + "; ".join(differences)
-            + "; every domain needs the same class folders"
-        )
-    classes = union
+    classes = _common_classes(root, domains)
 
     paths: list[str] = []
     labels: list[int] = []

@@ -36,7 +36,8 @@ from linft.data.images import decoded_batches, fits_in_memory, normalize_uint8, 
 from linft.data.shapes import source_command
 from linft.errors import LinftError
 from linft.models.registry import backbone_names, build_backbone
-from linft.runtime import atomic_save, denormals_flushed, deterministic_cuda, progress_bar, resolve_device
+from linft.runtime import (atomic_save, denormals_flushed, deterministic_cuda, progress_bar, resolve_device,
+                           writable_folder)
 
 
 @dataclass(frozen=True)
@@ -126,12 +127,7 @@ def _check_out(out_path: Path, force: bool) -> None:
         raise LinftError(f"{out_path} already exists; pass --force to replace it, or choose another --out")
     if out_path.exists() and out_path.is_dir():
         raise LinftError(f"{out_path} is a folder; pass a file path for --out")
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LinftError(f"cannot create folder {out_path.parent} ({exc.strerror}); choose another --out") from None
-    if not os.access(out_path.parent, os.W_OK):
-        raise LinftError(f"cannot write to {out_path.parent} (permission denied); choose another --out")
+    writable_folder(out_path.parent)
 
 
 @dataclass

@@ -45,21 +45,10 @@ class RunFolder:
     def run_id(self) -> str:
         return self.root.name
 
-    @property
-    def run_json(self) -> Path:
-        return self.root / RUN_FILE
-
-    @property
-    def records(self) -> Path:
-        return self.root / RECORDS_FILE
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / CHECKPOINT_FILE
-
-    @property
-    def selected(self) -> Path:
-        return self.root / SELECTED_FILE
+    run_json = property(lambda self: self.root / RUN_FILE, doc="what the run is (its identity)")
+    records = property(lambda self: self.root / RECORDS_FILE, doc="one record per evaluation")
+    checkpoint = property(lambda self: self.root / CHECKPOINT_FILE, doc="the state to resume from, while it trains")
+    selected = property(lambda self: self.root / SELECTED_FILE, doc="the model at the best-i.i.d. step")
 
     def final_status(self) -> str | None:
         """``ok`` or ``diverged`` once the run's final record is on disk; None while it is not done."""
