@@ -30,8 +30,8 @@ import linft
 from linft.cache.format import (CACHE_FORMAT_VERSION, DTYPES, default_cache_path, existing_cache_attrs,
                                 identity_differences, provenance_sha256, write_attrs)
 from linft.data.folders import MultiDomainDataset, load_image_folder
-from linft.data.images import describe_transform, eval_transform, first_bad_image, image_loader, model_input, \
-    train_augmentation
+from linft.data.images import (describe_transform, describe_views_transform, eval_transform, first_bad_image,
+                               image_loader, model_input)
 from linft.errors import LinftError
 from linft.models.blocks import PooledBlockFeatures, phi_block_names
 from linft.models.registry import Backbone, load_backbone
@@ -131,7 +131,7 @@ def cache_attributes(ds: MultiDomainDataset, config: ExtractConfig, ext: _Extrac
         "h5py_version": h5py.__version__,
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "views": int(config.views),
-        "views_transform": describe_transform(train_augmentation(config.image_size)) if config.views else "",
+        "views_transform": describe_views_transform(config.image_size) if config.views else "",
         "views_seed": int(config.views_seed),
     }
     attrs["provenance_sha256"] = provenance_sha256(attrs)

@@ -63,43 +63,60 @@ def train_augmentation(image_size: int) -> transforms.Compose:
     ])
 
 
-def _jitter_amount(value) -> str:
+def _jitter_amount(value, centre: float) -> str:
+    """ColorJitter's stored range as the amount it was given (symmetric about ``centre``), else the range."""
     if value is None:
         return "0"
     low, high = value
-    return f"{(high - low) / 2:g}"
+    amount = (high - low) / 2
+    if abs((low + high) / 2 - centre) < 1e-9 and (centre == 0 or abs(low - max(0.0, centre - amount)) < 1e-9):
+        return f"{amount:g}"
+    return f"({low:g}, {high:g})"
 
 
-def _describe_one(t) -> str:
+def _describe_one(t, brief_normalize: bool = False) -> str:
     if isinstance(t, transforms.Resize):
         size = tuple(t.size) if isinstance(t.size, (list, tuple)) else t.size
         return f"Resize({size}) [PIL {t.interpolation.value}]"
     if isinstance(t, transforms.RandomResizedCrop):
         size = t.size[0] if t.size[0] == t.size[1] else tuple(t.size)
-        return f"RandomResizedCrop({size}, scale={tuple(t.scale)})"
+        extra = "" if tuple(t.ratio) == (3 / 4, 4 / 3) else f", ratio={tuple(t.ratio)}"
+        mode = "" if t.interpolation == transforms.InterpolationMode.BILINEAR else f" [PIL {t.interpolation.value}]"
+        return f"RandomResizedCrop({size}, scale={tuple(t.scale)}{extra}){mode}"
     if isinstance(t, transforms.RandomHorizontalFlip):
         return "RandomHorizontalFlip" if t.p == 0.5 else f"RandomHorizontalFlip(p={t.p:g})"
     if isinstance(t, transforms.ColorJitter):
-        return "ColorJitter({})".format(", ".join(_jitter_amount(v) for v in (t.brightness, t.contrast,
-                                                                              t.saturation, t.hue)))
+        return "ColorJitter({})".format(", ".join(_jitter_amount(v, c) for v, c in (
+            (t.brightness, 1.0), (t.contrast, 1.0), (t.saturation, 1.0), (t.hue, 0.0))))
     if isinstance(t, transforms.RandomGrayscale):
         return "RandomGrayscale" if t.p == 0.1 else f"RandomGrayscale(p={t.p:g})"
     if isinstance(t, (transforms.PILToTensor, transforms.ToTensor)):
         return "ToTensor"
     if isinstance(t, transforms.Normalize):
+        if brief_normalize and tuple(t.mean) == IMAGENET_MEAN and tuple(t.std) == IMAGENET_STD:
+            return "Normalize(ImageNet)"
         return f"Normalize(mean={list(t.mean)}, std={list(t.std)})"
     return repr(t).replace("\n", " ")
 
 
-def describe_transform(transform: transforms.Compose, normalize: transforms.Normalize = NORMALIZE) -> str:
+def describe_transform(transform: transforms.Compose, normalize: transforms.Normalize = NORMALIZE,
+                       brief_normalize: bool = False) -> str:
     """The stored description of ``transform`` followed by ``normalize``, made from the objects themselves.
 
     ``describe_transform(eval_transform(224))`` is
     ``Resize((224, 224)) [PIL bilinear], ToTensor, Normalize(mean=[...], std=[...])``, the text
-    caches have always stored. Transforms without a short form are written as their ``repr``.
+    caches have always stored; ``brief_normalize`` writes ImageNet's normalisation as
+    ``Normalize(ImageNet)``, as caches have always stored it after the augmentation of
+    their views. Every parameter that differs from its default is written; transforms
+    without a short form are written as their ``repr``.
     """
     steps = list(getattr(transform, "transforms", [transform])) + [normalize]
-    return ", ".join(_describe_one(t) for t in steps)
+    return ", ".join(_describe_one(t, brief_normalize) for t in steps)
+
+
+def describe_views_transform(image_size: int) -> str:
+    """The stored description of the augmented views of a cache (:func:`train_augmentation`, then normalisation)."""
+    return describe_transform(train_augmentation(image_size), brief_normalize=True)
 
 
 def normalize_uint8(batch: torch.Tensor, normalize: transforms.Normalize = NORMALIZE) -> torch.Tensor:

@@ -1,47 +1,17 @@
+"""linft.data.folders: DomainBed-style folders listed in ImageFolder's order, their checks, names and identity."""
+
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from linft.data import (
+from linft.data.folders import (
     DOMAINBED_DATASETS, MultiDomainDataset, file_list_sha256, find_dataset, load_image_folder,
-    seed_hash, split_indices,
 )
 from linft.errors import LinftError
 
 from conftest import make_image_folder
-
-
-def test_seed_hash_pins_domainbed_values():
-    assert seed_hash(0, 0) == 894182419
-    assert seed_hash(0, 1) == 1514274641
-    # the rule itself, computed independently
-    assert seed_hash(3, 2) == int(hashlib.md5(b"(3, 2)").hexdigest(), 16) % 2**31
-
-
-def test_split_indices_pinned():
-    in_idx, out_idx = split_indices(10, 0, 0)
-    assert out_idx.tolist() == [2, 3]
-    assert in_idx.tolist() == [8, 1, 4, 5, 0, 9, 6, 7]
-    in_idx, out_idx = split_indices(9991, 0, 1)  # PACS-sized
-    assert len(out_idx) == 1998 and len(in_idx) == 7993
-    assert out_idx[:5].tolist() == [6136, 6908, 8655, 4834, 5639]
-    assert in_idx[:5].tolist() == [8428, 1150, 6236, 2355, 1244]
-
-
-@pytest.mark.parametrize("n,seed,env,frac", [(0, 0, 0, 0.2), (1, 1, 0, 0.2), (57, 2, 3, 0.2), (100, 0, 1, 0.5)])
-def test_split_indices_partition_and_independent_rule(n, seed, env, frac):
-    in_idx, out_idx = split_indices(n, seed, env, frac)
-    assert len(out_idx) == int(n * frac)
-    assert sorted(in_idx.tolist() + out_idx.tolist()) == list(range(n))
-    keys = list(range(n))
-    np.random.RandomState(seed_hash(seed, env)).shuffle(keys)
-    assert out_idx.tolist() == keys[: int(n * frac)]
-
-
-def test_split_indices_rejects_bad_fraction():
-    with pytest.raises(LinftError, match="holdout_fraction"):
-        split_indices(10, 0, 0, 1.5)
 
 
 def test_folder_order_matches_imagefolder(image_folder):
@@ -56,7 +26,7 @@ def test_folder_order_matches_imagefolder(image_folder):
         ref = torchvision.datasets.ImageFolder(str(image_folder / d))
         idx = ds.domain_indices(d)
         rel = [p.split("/", 1)[1] for p in np.asarray(ds.paths)[idx]]
-        assert rel == [str(__import__("pathlib").Path(s).relative_to(image_folder / d).as_posix()) for s, _ in ref.samples]
+        assert rel == [str(Path(s).relative_to(image_folder / d).as_posix()) for s, _ in ref.samples]
         assert ds.labels[idx].tolist() == [y for _, y in ref.samples]
         assert (ds.domain_ids[idx] == di).all()
 
@@ -125,3 +95,14 @@ def test_find_dataset_by_domainbed_name(tmp_path, monkeypatch):
 def test_find_dataset_by_path(image_folder):
     ds = find_dataset(image_folder)
     assert isinstance(ds, MultiDomainDataset) and ds.name == "toy"
+
+
+def test_linked_folders_are_followed_but_a_loop_is_refused(tmp_path):
+    root = make_image_folder(tmp_path / "d", domains=("a",), classes=("x",), per_class=1)
+    extra = make_image_folder(tmp_path / "elsewhere", domains=("e",), classes=("y",), per_class=1)
+    (root / "a" / "x" / "linked").symlink_to(extra / "e" / "y", target_is_directory=True)
+    assert load_image_folder(root).paths == ["a/x/img00.png", "a/x/linked/img00.png"]  # followed, as ImageFolder
+    (root / "a" / "x" / "linked" / "loop").symlink_to(root / "a" / "x", target_is_directory=True)
+    with pytest.raises(LinftError, match=r"linked/loop links back to .*\(a loop\); remove the link") as err:
+        load_image_folder(root)
+    assert "\n" not in str(err.value)

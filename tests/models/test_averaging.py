@@ -1,4 +1,7 @@
-"""Weight averages, interpolation, running means, output ensembles and greedy soups match their formulas."""
+"""Weight averages, interpolation, running means, output ensembles and greedy soups match their formulas.
+
+Weight averages are linft.models.averaging; the output ensembles tested here are linft.train.ensembles.
+"""
 
 import math
 
@@ -7,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from linft.averaging import (
-    RunningAverage, RunningEnsemble, average_state_dicts, ensemble_scores, greedy_soup, interpolate_state_dicts,
-)
 from linft.errors import LinftError
+from linft.models.averaging import (
+    RunningAverage, average_state_dicts, greedy_soup, interpolate_state_dicts,
+)
+from linft.train.ensembles import RunningEnsemble, ensemble_scores
 
 BIG = 2**53 + 1  # float64 cannot hold it: a float round-trip gives 2**53
 
@@ -53,6 +57,24 @@ def assert_sd_equal(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
+#: One rounding of each dtype, relative (values here are of order 1).
+ROUNDING = {torch.float16: 1e-3, torch.float32: 1e-6, torch.float64: 1e-14}
+
+
+def assert_sd_close(a, b):
+    """Two code paths computing the same average: the same keys in the same order and dtypes; integer and bool
+    entries equal exactly (maxima, never a float round-trip); float entries, both accumulated in float64 and cast
+    back once, agree to one rounding of their own dtype (the float64 sums may be taken in another order)."""
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        if a[k].is_floating_point():
+            tol = ROUNDING[a[k].dtype]
+            torch.testing.assert_close(a[k], b[k], rtol=tol, atol=tol, msg=k)
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
 # ---------------------------------------------------------------- average_state_dicts
 
 def test_weighted_average_matches_numpy_on_every_float_key_and_keeps_dtypes_order_and_inputs():
@@ -62,7 +84,7 @@ def test_weighted_average_matches_numpy_on_every_float_key_and_keeps_dtypes_orde
     avg = average_state_dicts(inputs, weights)
 
     assert list(avg) == list(inputs[0])
-    tol = {torch.float16: 1e-3, torch.float32: 1e-6, torch.float64: 1e-14}
+    tol = ROUNDING  # float64 accumulation (here and in numpy), one cast to the entry's dtype
     float_keys = [k for k, v in inputs[0].items() if v.is_floating_point()]
     assert {"fc.weight", "body.1.running_mean", "body.1.running_var", "half_buf", "double_buf"} <= set(float_keys)
     for k in float_keys:
@@ -77,6 +99,8 @@ def test_weighted_average_matches_numpy_on_every_float_key_and_keeps_dtypes_orde
 def test_hand_computed_weighted_mean():
     a = {"w": torch.tensor([1.0, 2.0]), "h": torch.tensor([0.5], dtype=torch.float16)}
     b = {"w": torch.tensor([3.0, 4.0]), "h": torch.tensor([1.5], dtype=torch.float16)}
+    # every value, product and sum here is a small dyadic rational: exact in float64 and in float16, so the
+    # library's result equals the hand-computed one bit for bit by construction, in any summation order
     out = average_state_dicts([a, b], weights=[1, 3])  # normalised to 1/4, 3/4
     assert torch.equal(out["w"], torch.tensor([2.5, 3.5]))
     assert torch.equal(out["h"], torch.tensor([1.25], dtype=torch.float16))
@@ -165,6 +189,7 @@ def test_empty_list_and_bad_weights():
 def test_interpolation_end_points_are_exact_and_midpoints_follow_the_formula():
     start, end = sds(2)
     end["body.1.num_batches_tracked"] = start["body.1.num_batches_tracked"] + 7
+    # exact by construction: a weight-0 end takes no part, and the one remaining model is kept as it is
     assert_sd_equal(interpolate_state_dicts(start, end, 0.0), start)
     assert_sd_equal(interpolate_state_dicts(start, end, 1), end)
     alpha = 0.25
@@ -200,10 +225,11 @@ def test_running_average_equals_average_of_the_stream_and_copies_its_inputs():
         stream.append(clone_sd(model.state_dict()))
     assert running.count == 4
     value = running.value()
-    assert_sd_equal(value, average_state_dicts(stream))
+    assert_sd_close(value, average_state_dicts(stream))
     assert value["body.1.num_batches_tracked"].item() == stream[-1]["body.1.num_batches_tracked"].item()
+    kept = clone_sd(value)
     value["fc.weight"].zero_()  # value() hands out new tensors
-    assert_sd_equal(running.value(), average_state_dicts(stream))
+    assert_sd_equal(running.value(), kept)  # the same code path twice: bit for bit
 
 
 def test_running_average_errors():
@@ -230,7 +256,7 @@ def test_ensemble_rules_match_independent_computations():
     np.testing.assert_allclose(ensemble_scores(list(logits), rule="logits").numpy(), x.mean(axis=0), rtol=1e-6, atol=1e-7)
     one = logits[:1]
     torch.testing.assert_close(ensemble_scores(one), torch.softmax(logits[0], -1))
-    assert torch.equal(ensemble_scores(one, rule="logits"), logits[0])
+    assert torch.equal(ensemble_scores(one, rule="logits"), logits[0])  # the mean of one value is that value, exactly
     assert ensemble_scores(logits.half()).dtype == torch.float32
 
 
@@ -293,7 +319,7 @@ def test_greedy_soup_on_a_hand_computed_case_with_a_tie():
     assert scores == [-1.0, 0.0, -3.0, 0.0, -1.5]
     assert soup["w"].item() == 1.0 and soup["w"].dtype == torch.float64
     assert soup["n"].item() == 9  # integer entries: maximum over the chosen ones only
-    assert_sd_equal(soup, average_state_dicts([cands[i] for i in chosen]))
+    assert_sd_equal(soup, average_state_dicts([cands[i] for i in chosen]))  # the soup's own computation, run again
 
 
 def test_greedy_soup_of_one_candidate_and_errors():

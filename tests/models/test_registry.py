@@ -1,70 +1,23 @@
+"""linft.models.registry: backbones by name, weights loaded strictly from an enum name, a file or none."""
+
 import os
 import urllib.error
-from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-from torch import nn
 
-from linft.backbones import (
-    PooledBlockFeatures, load_backbone, phi_block_names, resnet_family_names, state_dict_sha256,
-)
 from linft.errors import LinftError
-
-
-def _hooked_pooled_blocks(model, names, x):
-    """Independent computation: forward hooks on the blocks, pooled with mean over H, W."""
-    got = {}
-    modules = dict(model.named_modules())
-    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: got.__setitem__(n, o.mean((2, 3))))
-               for n in names]
-    with torch.no_grad():
-        model(x)
-    for h in handles:
-        h.remove()
-    return torch.stack([got[n] for n in names], 1)
+from linft.models.checkpoints import state_dict_sha256
+from linft.models.registry import backbone_names, load_backbone
 
 
 def test_family_names():
-    names = resnet_family_names()
+    names = backbone_names()
     for n in ("resnet18", "resnet50", "resnet152", "wide_resnet50_2", "resnext50_32x4d"):
         assert n in names
     assert "fcn_resnet50" not in names and "quantized_resnet50" not in names
-
-
-@pytest.mark.parametrize("name,expected", [
-    ("resnet18", ["layer4.0", "layer4.1"]),
-    ("resnet50", ["layer4.0", "layer4.1", "layer4.2"]),
-    ("resnet101", ["layer4.0", "layer4.1", "layer4.2"]),
-])
-def test_phi_blocks_are_the_last_stage(name, expected):
-    model = torchvision.models.get_model(name)
-    assert phi_block_names(model) == expected
-    assert phi_block_names(model, 1) == expected[-1:]
-    with pytest.raises(LinftError, match=f"has {len(expected)} residual blocks"):
-        phi_block_names(model, len(expected) + 1)
-    with pytest.raises(LinftError, match="out of range"):
-        phi_block_names(model, 0)
-
-
-def test_phi_blocks_refuse_a_non_resnet():
-    with pytest.raises(LinftError, match="no residual blocks"):
-        phi_block_names(nn.Sequential(nn.Conv2d(3, 4, 3)))
-
-
-def test_pooled_last_block_equals_the_models_own_avgpool():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=5).eval()
-    names = phi_block_names(model)
-    x = torch.randn(4, 3, 64, 64)
-    feats = PooledBlockFeatures(model, names).eval()(x)
-    assert feats.shape == (4, 2, 512)
-    model.fc = nn.Identity()
-    with torch.no_grad():
-        penultimate = model(x)
-    torch.testing.assert_close(feats[:, -1], penultimate, rtol=0, atol=0)
-    torch.testing.assert_close(feats, _hooked_pooled_blocks(model, names, x), rtol=1e-5, atol=1e-6)
+    assert names[-1] == "demo-resnet"  # registered by linft.models.demo_resnet, after torchvision's family
 
 
 def test_weights_none_is_deterministic():
@@ -97,19 +50,20 @@ def test_local_state_dict_any_head_size(tmp_path):
 def test_local_state_dict_of_another_architecture(tmp_path):
     path = tmp_path / "r34.pt"
     torch.save(torchvision.models.resnet34().state_dict(), path)
-    with pytest.raises(LinftError, match=r"do not fit resnet18: unexpected layer1\.2"):
+    with pytest.raises(LinftError, match=r"does not fit a resnet18: it has extra 'layer1\.2\.") as err:
         load_backbone("resnet18", path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
     sd = torchvision.models.resnet18().state_dict()
     sd["conv1.weight"] = torch.zeros(8, 3, 7, 7)
     torch.save(sd, path)
-    with pytest.raises(LinftError, match="size mismatch"):
+    with pytest.raises(LinftError, match=r"'conv1\.weight' has shape \(64, 3, 7, 7\) in a resnet18 but \(8, 3, 7, 7\)"):
         load_backbone("resnet18", path)
 
 
 def test_bad_weights_files(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint")
-    with pytest.raises(LinftError, match="cannot load weights file"):
+    with pytest.raises(LinftError, match="cannot read weights file"):
         load_backbone("resnet18", junk)
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(LinftError, match="holds no state_dict"):

@@ -1,0 +1,74 @@
+"""linft.data.shapes: the procedural benchmark (demo data) and the pretraining source of demo-resnet."""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from linft.data import load_image_folder
+from linft.data.shapes import (DEMO_CLASSES, DEMO_STYLES, SOURCE_MANIFEST, SOURCE_SHAPES, SOURCE_STYLES, render,
+                               source_command, write_demo_data, write_pretraining_source, write_shapes_dataset)
+from linft.errors import LinftError
+
+
+def tree_digest(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*.png"))}
+
+
+# --------------------------------------------------------------------------- the demo benchmark
+
+
+def test_demo_data_is_deterministic_and_laid_out(tmp_path):
+    a = write_demo_data(tmp_path / "a", seed=3, per_class=4, size=32)
+    b = write_shapes_dataset(tmp_path / "b", seed=3, per_class=4, size=32, workers=1)  # other parallelism
+    c = write_demo_data(tmp_path / "c", seed=4, per_class=4, size=32)
+    assert tree_digest(a) == tree_digest(b)
+    assert set(tree_digest(a).values()).isdisjoint(tree_digest(c).values())
+    ds = load_image_folder(a)
+    assert ds.domains == sorted(DEMO_STYLES) and ds.classes == sorted(DEMO_CLASSES)
+    assert set(ds.counts.values()) == {4 * len(DEMO_CLASSES)}
+
+
+def test_pretraining_family_never_shares_an_image_with_the_demo(tmp_path):
+    demo = write_shapes_dataset(tmp_path / "d", per_class=3, size=32, seed_tag=0, workers=1)
+    other = write_shapes_dataset(tmp_path / "p", per_class=3, size=32, seed_tag=1, workers=1)
+    assert set(tree_digest(demo).values()).isdisjoint(tree_digest(other).values())
+
+
+@pytest.mark.parametrize("style", DEMO_STYLES + ("mosaic", "neon", "silhouette", "halftone"))
+def test_every_style_draws_the_shape(style):
+    img = render("square", style, np.random.default_rng(0), 48)
+    assert img.shape == (48, 48, 3) and img.dtype == np.uint8 and img.std() > 5
+
+
+def test_unknown_names_and_sizes():
+    with pytest.raises(LinftError, match="unknown shape"):
+        render("blob", "photo", np.random.default_rng(0))
+    with pytest.raises(LinftError, match="unknown style"):
+        render("circle", "oil", np.random.default_rng(0))
+    with pytest.raises(LinftError, match="out of range"):
+        write_demo_data("/tmp/never", size=128)
+
+
+# --------------------------------------------------------------------------- the pretraining source
+
+
+def test_pretraining_source_is_broader_and_disjoint_from_the_demo(tmp_path):
+    src = write_pretraining_source(tmp_path / "src", seed=0, per_class=1, size=16, workers=1)
+    assert sorted(p.name for p in src.iterdir() if p.is_dir()) == sorted(SOURCE_STYLES)
+    assert sorted(p.name for p in (src / "neon").iterdir()) == sorted(SOURCE_SHAPES)
+    assert len(list(src.rglob("*.png"))) == len(SOURCE_STYLES) * len(SOURCE_SHAPES)
+    assert (src / SOURCE_MANIFEST).is_file()
+    assert source_command(src) == f"linft pretrain-source {src} --seed 0 --per-class 1 --size 16"
+    demo = write_demo_data(tmp_path / "demo", seed=0, per_class=1, size=16)
+    assert source_command(demo) is None  # no manifest: not a pretraining source
+    assert {"photo"} == set(SOURCE_STYLES) & set(DEMO_STYLES)  # the demo's other styles are never seen in pretraining
+    for style, shape in (("photo", "circle"), ("photo", "star")):  # same (seed, style, class, index)
+        a = np.asarray(Image.open(src / style / shape / "00000.png"))
+        b = np.asarray(Image.open(demo / style / shape / "00000.png"))
+        assert not np.array_equal(a, b)
+    with pytest.raises(LinftError, match="not empty"):
+        write_pretraining_source(src, per_class=1, size=16, workers=1)
