@@ -9,6 +9,9 @@ from click.testing import CliRunner
 
 from linft.cli.main import main
 
+from linft.data.shapes import SOURCE_SHAPES, SOURCE_STYLES
+from linft.models import checkpoint_metadata
+
 from conftest import assert_one_line_error, make_image_folder
 
 SMALL = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "8",
@@ -139,3 +142,25 @@ def test_train_linear_refuses_unfinished_cache(tmp_path):
         f.attrs["complete"] = False
         f.attrs["num_examples"] = 10
     assert_one_line_error(run("train-linear", tmp_path / "p.h5", "--quiet"), "unfinished extraction")
+
+
+def test_cli_pretrain_source_and_pretrain(tmp_path):
+    runner = CliRunner()
+    for args in (["pretrain", "--help"], ["pretrain-source", "--help"]):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0 and "Example" in result.output
+    src = tmp_path / "src"
+    result = runner.invoke(main, ["pretrain-source", str(src), "--per-class", "1", "--size", "16", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert f"{len(SOURCE_STYLES)} domains" in result.output
+    assert len(list(src.rglob("*.png"))) == len(SOURCE_STYLES) * len(SOURCE_SHAPES)
+    out = tmp_path / "cli.pt"
+    args = ["pretrain", str(src), "--out", str(out), "--epochs", "1", "--batch-size", "16", "--image-size", "16",
+            "--workers", "0", "--device", "cpu", "--quiet"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert f"saved {out}" in result.output
+    assert checkpoint_metadata(out)["num_classes"] == 16
+    assert_one_line_error(runner.invoke(main, args), "already exists", "--force")  # refuses to replace it
+    result = runner.invoke(main, ["pretrain", str(tmp_path / "nowhere"), "--out", str(tmp_path / "n.pt")])
+    assert_one_line_error(result, "does not exist")
