@@ -22,7 +22,7 @@ from linft.errors import LinftError
 from linft.protocol.grid import check_grid
 from linft.protocol.records import RECORDS_FILE, RecordWriter, RunHeader, finished_run_ids, make_record, run_id
 from linft.runtime import progress_bar, resolve_device
-from linft.train.linear_engine import (V_INITS, EvalPoint, GridPoint, Group, LinearData, LinearGridConfig,
+from linft.train.linear_engine import (EvalPoint, GridPoint, Group, LinearData, LinearGridConfig,
                                        train_linear_grid)
 
 
@@ -177,10 +177,7 @@ def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: Linear
     test_names = check_grid(names, test_domains=grid.test_domains, seeds=grid.seeds, lrs=grid.lrs,
                             weight_decays=grid.weight_decays, dropouts=grid.dropouts, probe=grid.probe,
                             where="the cache")
-    if config.steps < 1 or config.eval_every < 1 or config.batch_size < 1:
-        raise LinftError("--steps, --batch-size and the evaluation interval must be at least 1")
-    if config.v_init not in V_INITS:
-        raise LinftError(f"unknown v init '{config.v_init}'; use one of {', '.join(V_INITS)}")
+    config.check()
     dev = resolve_device(device)
     protocol = _Protocol(cache, config, 0 if cache.views is None else int(cache.views.shape[1]))
     records_path = Path(out_dir) / RECORDS_FILE

@@ -154,6 +154,14 @@ class LinearGridConfig:
     def milestone_steps(self) -> tuple[int, ...]:
         return milestone_steps(self.lr_milestones, self.steps)
 
+    def check(self) -> None:
+        """One-line errors for settings that cannot run."""
+        for name in ("steps", "batch_size", "eval_every", "eval_chunk"):
+            if getattr(self, name) < 1:
+                raise LinftError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.v_init not in V_INITS:
+            raise LinftError(f"unknown v init '{self.v_init}'; use one of {', '.join(V_INITS)}")
+
 
 @dataclass
 class LinearData:

@@ -1,14 +1,18 @@
-"""Full fine-tuning (linft.finetune), its ensembles and soups, sweeps and `linft finetune`, on tiny data (CPU).
+"""Fine-tuning runs (linft.train.finetune): the protocol's pieces, records, the selected model, trajectory
+ensembles, resuming, the variants and `linft finetune`, on tiny data (CPU).
 
 Three 12-image style domains of 32 px shapes (2 classes), the demo backbone
 briefly trained on them and saved as the "pretrained" weights file, runs of 2
-to 9 steps with 4 images per training domain.
+to 9 steps with 4 images per training domain. Runs are observed through
+their hooks (:class:`~linft.train.finetune.RunHooks`). Sweeps, launchers and
+the ensembles and soups across runs are in ``test_sweep.py``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,27 +27,40 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
-import linft.finetune as ft
-from linft.averaging import average_state_dicts
-from linft.backbones import load_backbone, residual_block_names
+import linft.train.finetune_model as finetune_model
+from linft.analysis.aggregate import domainbed_table, run_results
+from linft.analysis.report import write_report
 from linft.cli.main import main
-from linft.data import load_image_folder, split_indices
+from linft.data.folders import load_image_folder
+from linft.data.images import EvalImages, normalize_uint8
+from linft.data.splits import domain_split_rows, split_indices
 from linft.errors import LinftError
-from linft.features import normalize_uint8
-from linft.finetune import (FineTuneConfig, FineTuneRun, add_stochastic_depth, build_classifier, build_run_model,
-                            evaluate_across_runs, load_selected, set_train_mode, step_batch, train_run)
-from linft.pretrain import demo_resnet
-from linft.protocol import domain_split_rows, select_by_iid
-from linft.records import REQUIRED_FIELDS, read_records, run_id
+from linft.models.averaging import average_state_dicts
+from linft.models.blocks import add_stochastic_depth, residual_block_names
+from linft.models.demo_resnet import demo_resnet
+from linft.models.heads import build_classifier
+from linft.models.registry import load_backbone
+from linft.protocol.records import REQUIRED_FIELDS, read_records
+from linft.protocol.selection import select_by_iid, split_counts
+from linft.train.finetune import RunHooks, sweep_runs, train_run
+from linft.train.finetune_model import (FineTuneConfig, FineTuneRun, build_run_model, predict_logits, set_train_mode,
+                                        step_batch)
+from linft.train.run_folder import RunFolder, load_selected, run_identity
 
-from conftest import SHAPE_CLASSES as CLASSES, SHAPE_STYLES as STYLES, assert_one_line_error
+from conftest import SHAPE_CLASSES as CLASSES, assert_one_line_error
 
-# evaluations at steps 0, 4 and 8; lr ÷10 at step 4 (round(4.5))
+# evaluations at steps 0, 4 and 8; lr ÷10 at step 4 (round(4.5)). Step 4 is an evaluation that is neither the
+# first nor the last one, so it has a checkpoint and a step-0 checkpoint before it: the interruption tests rely
+# on this, and it holds by construction of CFG (asserted in `test_config_evaluates_at_0_4_8`).
 CFG = FineTuneConfig(steps=9, batch_size=4, eval_every=4, image_size=32, eval_batch_size=64, workers=0,
                      trajectory=True)
 EVALS, LAST = [0, 4, 8], 8
-# seed 2: the fresh head starts at an i.i.d. accuracy of 0.25 and the best step is a later one
 RUN = FineTuneRun("photo", seed=2, lr=0.001, weight_decay=1e-4, dropout=0.5)
+
+# Two code paths (another convolution kernel for another weight layout, a softmax before the argmax) move float32
+# logits of these tiny networks by ~1e-6; an image whose top-2 logit margin is below NEAR_TIE may change its
+# predicted class between them, so split counts of two code paths may differ by the near ties of the split.
+NEAR_TIE = 1e-3
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -67,7 +84,7 @@ def pretrained(ds, tmp_path_factory) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         model = demo_resnet(num_classes=2)
-        x, y = normalize_uint8(ft.EvalImages(ds, 32, 64, 0).images), torch.as_tensor(ds.labels)
+        x, y = normalize_uint8(EvalImages(ds, 32, 64, 0).images), torch.as_tensor(ds.labels)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         model.train()
         for _ in range(30):
@@ -85,25 +102,47 @@ def pretrained(ds, tmp_path_factory) -> Path:
     return path
 
 
-def train(ds, out, pretrained, run=RUN, config=CFG, **kw):
-    """train_run, capturing the model state_dict of every checkpoint written: ``(result, {step: state})``."""
-    states = {}
-    save = ft._save_atomic
+class Observer:
+    """The hooks of a run, recording what it did: the model's state_dict at every evaluation, the steps trained,
+    the checkpoints on disk. ``stop_at=("eval" | "checkpoint", step)`` raises KeyboardInterrupt from that hook at
+    that step: right after the run's record of ``step`` is written (before its checkpoint), or right after its
+    checkpoint is on disk."""
 
-    def capture(obj, path):
-        save(obj, path)
-        if "optimizer" in obj:
-            states[obj["step"]] = {k: v.clone() for k, v in obj["model"].items()}
+    def __init__(self, stop_at: tuple[str, int] | None = None):
+        self.stop_at = stop_at
+        self.states: dict[int, dict] = {}
+        self.steps: list[int] = []
+        self.checkpoints: list[int] = []
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ft, "_save_atomic", capture)
-        result = train_run(ds, out, run, backbone="demo-resnet", weights=str(pretrained), config=config, device="cpu",
-                           progress=False, **kw)
-    return result, states
+    def hooks(self) -> RunHooks:
+        return RunHooks(on_eval=self.on_eval, on_checkpoint=self.on_checkpoint, on_step=self.steps.append)
+
+    def on_eval(self, event) -> None:
+        self.states[event.step] = {k: v.detach().clone() for k, v in event.model.state_dict().items()}
+        if self.stop_at == ("eval", event.step):
+            raise KeyboardInterrupt
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        assert path.is_file()
+        self.checkpoints.append(step)
+        if self.stop_at == ("checkpoint", step):
+            raise KeyboardInterrupt
+
+
+def train(ds, out, pretrained, run=RUN, config=CFG, observer: Observer | None = None):
+    """train_run of the demo backbone from ``pretrained`` on the CPU: ``(outcome, observer)``."""
+    observer = observer or Observer()
+    outcome = train_run(ds, out, run, backbone="demo-resnet", weights=str(pretrained), config=config, device="cpu",
+                        progress=False, hooks=observer.hooks())
+    return outcome, observer
 
 
 def records_of(run_dir) -> list[dict]:
     return read_records([Path(run_dir) / "records.jsonl"])
+
+
+def files_of(folder: Path) -> dict:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir()}
 
 
 def assert_states_equal(a, b):
@@ -112,11 +151,35 @@ def assert_states_equal(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
+def near_ties(logits: torch.Tensor, split_rows: dict, domains: list[str]) -> dict[str, int]:
+    """Per split, the images whose top-2 logit margin is below NEAR_TIE."""
+    top2 = logits.topk(2, dim=1).values
+    close = ((top2[:, 0] - top2[:, 1]) < NEAR_TIE).numpy()
+    return {f"{domains[d]}_{part}": int(close[rows].sum()) for (d, part), rows in sorted(split_rows.items())}
+
+
+def assert_counts_agree(a: dict, b: dict, ties: dict):
+    """Split counts ``{split: [correct, total]}`` of two code paths: the same totals, and correct counts that differ
+    by at most the split's near ties (equal when there are none)."""
+    assert a.keys() == b.keys() == ties.keys()
+    for k in a:
+        assert a[k][1] == b[k][1], k
+        assert abs(a[k][0] - b[k][0]) <= ties[k], (k, a[k], b[k], ties[k])
+
+
 @pytest.fixture(scope="module")
 def reference(ds, pretrained, tmp_path_factory):
-    """One uninterrupted run with trajectory ensembles: ``(result, records, {step: state})``."""
-    result, states = train(ds, tmp_path_factory.mktemp("reference"), pretrained)
-    return result, records_of(result.run_dir), states
+    """One uninterrupted run with trajectory ensembles: ``(outcome, records, {step: model state})``."""
+    outcome, observer = train(ds, tmp_path_factory.mktemp("reference"), pretrained)
+    assert outcome.status == "trained" and observer.steps == list(range(CFG.steps))
+    assert sorted(observer.states) == EVALS and observer.checkpoints == EVALS[:-1]  # no checkpoint at the end
+    return outcome, records_of(outcome.run_dir), observer.states
+
+
+def test_config_evaluates_at_0_4_8():
+    from linft.protocol.schedule import eval_steps
+
+    assert list(eval_steps(CFG.steps, CFG.eval_every)) == EVALS and CFG.milestone_steps() == (4,)
 
 
 # --------------------------------------------------------------------------- the protocol's pieces
@@ -144,7 +207,7 @@ def test_classifier_head_is_dropout_then_linear(pretrained):
     torch.manual_seed(0)
     dropped = drop(phi)
     kept = dropped != 0
-    assert 0.02 < kept.float().mean() < 0.2
+    assert 0.02 < kept.float().mean() < 0.2  # 32768 draws kept with probability 0.1: std 0.0017
     torch.testing.assert_close(dropped[kept], phi[kept] / 0.1)
     model.fc.eval()
     assert torch.equal(drop(phi), phi)
@@ -196,7 +259,7 @@ def test_stochastic_depth_keeps_pretrained_weights_and_drops_branches(pretrained
     x = torch.randn(16, 3, 32, 32)
     model.eval()
     with torch.no_grad():
-        assert torch.equal(model(x), plain(x))  # identity in eval mode
+        assert torch.equal(model(x), plain(x))  # identity in eval mode (the same forward: the hooks do nothing)
     # training mode with frozen BN: each sample's branch is either zeroed or scaled by 1/(1-p)
     end = model.layer3[1].bn3
     seen = {}
@@ -221,7 +284,12 @@ def test_stochastic_depth_keeps_pretrained_weights_and_drops_branches(pretrained
 
 @pytest.fixture(scope="module")
 def grid(ds, pretrained, tmp_path_factory):
-    """Two runs of one label (10x head lr), logging the optimizer's lrs and the batches of every step."""
+    """Two runs of one label (10x head lr), logging the optimizer's lrs and the batches of every step.
+
+    The lrs are read at every ``torch.optim.SGD.step``, the batches at every call of the public
+    :func:`linft.train.finetune_model.step_batch` (the definition of a step's rows): both only observed, not
+    changed. No hook of a run carries them.
+    """
     out = tmp_path_factory.mktemp("grid")
     config = replace(CFG, steps=4, eval_every=100, trajectory=False)  # evaluations at 0 and 3, lr ÷10 at 2
     runs = [replace(RUN, lr=0.01, last_layer_lr_mult=10.0), replace(RUN, lr=0.005, weight_decay=0.0,
@@ -229,7 +297,7 @@ def grid(ds, pretrained, tmp_path_factory):
     logs = []
     for run in runs:
         lrs, batches = [], []
-        sgd_step, draw = torch.optim.SGD.step, ft.step_batch
+        sgd_step, draw = torch.optim.SGD.step, finetune_model.step_batch
 
         def logged_step(self, *a, **k):
             lrs.append([(g["lr"], [tuple(p.shape) for p in g["params"]]) for g in self.param_groups])
@@ -241,8 +309,9 @@ def grid(ds, pretrained, tmp_path_factory):
 
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(torch.optim.SGD, "step", logged_step)
-            mp.setattr(ft, "step_batch", logged_batch)
-            result, _ = train(ds, out, pretrained, run=run, config=config)
+            mp.setattr(finetune_model, "step_batch", logged_batch)
+            result, observer = train(ds, out, pretrained, run=run, config=config)
+        assert observer.steps == list(range(config.steps))
         logs.append((run, result, lrs, batches))
     return out, config, logs
 
@@ -291,9 +360,9 @@ def test_batches_come_from_training_in_splits_and_ignore_lr(grid, ds):
 
 def test_records_one_per_evaluation_with_every_split(reference, ds, tmp_path):
     result, records, _ = reference
-    main = [r for r in records if r["run_id"] == result.run_id]
-    assert [r["step"] for r in main] == EVALS
-    assert [r["final"] for r in main] == [False, False, True]
+    main_records = [r for r in records if r["run_id"] == result.run_id]
+    assert [r["step"] for r in main_records] == EVALS
+    assert [r["final"] for r in main_records] == [False, False, True]
     sizes = {}
     for d, name in enumerate(ds.domains):
         in_idx, out_idx = split_indices(int((ds.domain_ids == d).sum()), RUN.seed, d)
@@ -307,10 +376,10 @@ def test_records_one_per_evaluation_with_every_split(reference, ds, tmp_path):
         assert r["test_domain"] == "photo" and r["train_domains"] == ["cartoon", "sketch"] and r["seed"] == 2
         assert r["grid"] == {"lr": RUN.lr, "weight_decay": RUN.weight_decay}
         assert r["hparams"]["dropout"] == 0.5 and r["status"] == "ok"
-    assert main[0]["method"] == "finetune" and main[0]["label"] == "full FT, dropout 0.5"
-    assert all(np.isfinite(r["loss"]) for r in main)
+    assert main_records[0]["method"] == "finetune" and main_records[0]["label"] == "full FT, dropout 0.5"
+    assert all(np.isfinite(r["loss"]) for r in main_records)
     assert len(records) == len({(r["run_id"], r["step"]) for r in records})
-    from linft.report import write_report
+    assert RunFolder(result.run_dir).final_status() == "ok"
     paths = write_report([result.run_dir], tmp_path / "report")
     assert paths["table"].is_file()
     assert "full FT, dropout 0.5, trajectory ensemble" in paths["table"].read_text()
@@ -318,43 +387,45 @@ def test_records_one_per_evaluation_with_every_split(reference, ds, tmp_path):
 
 def test_same_seed_same_records(reference, ds, pretrained, tmp_path):
     result, records, states = reference
-    again, states_again = train(ds, tmp_path, pretrained)
+    again, observer = train(ds, tmp_path, pretrained)
     assert again.run_id == result.run_id and again.run_dir != result.run_dir
     assert records_of(again.run_dir) == records
-    assert_states_equal(states_again[LAST], states[LAST])
+    assert observer.states.keys() == states.keys()
+    for step in states:  # the same code path run twice: bit for bit
+        assert_states_equal(observer.states[step], states[step])
 
 
 def test_diverged_run_is_recorded_and_left_out_of_tables(ds, pretrained, tmp_path):
-    from linft.report import domainbed_table, run_results
-
     run = FineTuneRun("photo", seed=0, lr=1e12, weight_decay=0.0)
-    result = ft.train_run(ds, tmp_path, run, backbone="demo-resnet", weights=str(pretrained), config=CFG,
-                          device="cpu", progress=False)
+    result, _ = train(ds, tmp_path, pretrained, run=run)
     assert result.status == "diverged"
     records = records_of(result.run_dir)
     assert records[-1]["status"] == "diverged" and records[-1]["final"] and records[-1]["step"] in EVALS
-    assert (result.run_dir / ft.DONE_FILE).read_text() == "diverged\n"
+    folder = RunFolder(result.run_dir)
+    assert folder.is_done() and folder.final_status() == "diverged" and not folder.checkpoint.exists()
     results = run_results(records)
     assert len(results) == 3 and {r.status for r in results} == {"diverged"}  # the run and its trajectory
     assert domainbed_table(results) == {}  # never averaged in
-    again = ft.train_run(ds, tmp_path, run, backbone="demo-resnet", weights=str(pretrained), config=CFG,
-                         device="cpu", progress=False)
-    assert again.status == "diverged" and records_of(result.run_dir) == records  # kept as it was, nothing written
+    files = files_of(result.run_dir)
+    again, observer = train(ds, tmp_path, pretrained, run=run)
+    assert again.status == "diverged" and again.steps_trained == 0 and observer.steps == []
+    assert files_of(result.run_dir) == files  # kept as it was, nothing written
 
 
 def test_selected_model_is_the_best_iid_step(reference):
     result, records, states = reference
-    main = [r for r in records if r["run_id"] == result.run_id]
-    best = select_by_iid(main)["step"]
+    main_records = [r for r in records if r["run_id"] == result.run_id]
+    best = select_by_iid(main_records)["step"]
     state, meta = load_selected(result.run_dir)
     raw = torch.load(result.run_dir / "selected.pt", map_location="cpu", weights_only=True)
     assert meta == raw["metadata"] and meta["step"] == best and meta["run_id"] == result.run_id
     assert meta["class_names"] == list(CLASSES) and meta["num_classes"] == 2
     assert_states_equal(state, states[best])
-    assert sorted(p.name for p in result.run_dir.iterdir()) == ["done", "records.jsonl", "run.json", "selected.pt"]
+    # done: the final record is on disk, the checkpoint is gone, and there is no marker file
+    assert sorted(p.name for p in result.run_dir.iterdir()) == ["records.jsonl", "run.json", "selected.pt"]
 
 
-def test_trajectory_ensemble_and_average(reference, ds, pretrained):
+def test_trajectory_ensemble_and_average(reference, ds):
     result, records, states = reference
     by = {}
     for r in records:
@@ -364,198 +435,151 @@ def test_trajectory_ensemble_and_average(reference, ds, pretrained):
     for method in ("finetune-trajectory-ensemble", "finetune-trajectory-average"):  # the step-0 model is left out
         assert [r["step"] for r in by[method]] == EVALS[1:] and [r["final"] for r in by[method]] == [False, True]
     assert by["finetune-trajectory-ensemble"][0]["label"] == "full FT, dropout 0.5, trajectory ensemble"
-    # an ensemble (or average) of one model is that model
-    assert by["finetune-trajectory-ensemble"][0]["splits"] == by["finetune"][1]["splits"]
-    assert by["finetune-trajectory-average"][0]["splits"] == by["finetune"][1]["splits"]
-    # the last average is the average of the checkpoints at every evaluation after step 0, on every split
-    net = build_classifier(demo_resnet(2), 2, 0.5)
-    net.load_state_dict(average_state_dicts([states[s] for s in EVALS[1:]]), strict=True)
-    images = ft.EvalImages(ds, 32, 64, 0)
-    logits = ft.predict_logits(net, images, torch.device("cpu"), channels_last=True)
+    images = EvalImages(ds, 32, 64, 0)
     split_rows = domain_split_rows(ds.domain_ids, 3, RUN.seed)
-    assert ft.split_counts(logits.argmax(1), ds.labels, split_rows, ds.domains) == \
-        by["finetune-trajectory-average"][-1]["splits"]
 
-
-def test_ensembles_and_soups_across_runs(grid, ds):
-    out, config, logs = grid
-    run_dirs = [result.run_dir for _, result, _, _ in logs]
-    path = evaluate_across_runs(ds, out, run_dirs, config=config, device="cpu")
-    records = read_records([path])
-    label = "full FT, 10x head lr, dropout 0.5"
-    assert sorted(r["method"] for r in records) == ["finetune-ensemble", "finetune-greedy-soup", "finetune-soup"]
-    for r in records:
-        assert r["label"].startswith(label + ", ") and r["test_domain"] == "photo"
-        assert r["final"] and len(r["members"]) == 2 and r["seed"] == 2 and r["hparams"]["members"] == 2
-        assert set(r["splits"]) == {f"{d}_{p}" for d in ds.domains for p in ("in", "out")}
-    # the ensemble is the mean of the two selected models' probabilities; the soup their weight average
-    split_rows = domain_split_rows(ds.domain_ids, 3, RUN.seed)
-    images = ft.EvalImages(ds, 32, 64, 0)
-    states = [load_selected(d)[0] for d in run_dirs]
-
-    def logits(state):
-        net = build_classifier(demo_resnet(2), 2, 0.0)
+    def evaluate(state):
+        """Logits of a fresh network holding ``state``: what the run does to evaluate its trajectory average."""
+        net = build_classifier(demo_resnet(2), 2, 0.5)
         net.load_state_dict(state, strict=True)
-        return ft.predict_logits(net, images, torch.device("cpu"), channels_last=False)
+        return predict_logits(net, images, torch.device("cpu"), channels_last=True)
 
-    probs = torch.stack([logits(s).softmax(1) for s in states]).mean(0)
-    by = {r["method"]: r for r in records}
-    assert by["finetune-ensemble"]["splits"] == ft.split_counts(probs.argmax(1), ds.labels, split_rows, ds.domains)
-    soup = logits(average_state_dicts(states)).argmax(1)
-    assert by["finetune-soup"]["splits"] == ft.split_counts(soup, ds.labels, split_rows, ds.domains)
-    assert by["finetune-greedy-soup"]["hparams"]["chosen"][0] == 0
-    # a second evaluation adds nothing
-    before = path.read_bytes()
-    evaluate_across_runs(ds, out, run_dirs, config=config, device="cpu")
-    assert path.read_bytes() == before
-    from linft.report import write_report
-    assert write_report([out], out / "report")["table"].is_file()
+    # an ensemble (or average) of one model is that model. The run's own record comes from the training network
+    # (channels_last weights), the ensemble's from a softmax of its logits and the average's from a fresh network
+    # (contiguous weights): other code paths, so they agree up to the near ties
+    logits_4 = evaluate(states[4])
+    ties = near_ties(logits_4, split_rows, ds.domains)
+    assert by["finetune-trajectory-average"][0]["splits"] == \
+        split_counts(logits_4.argmax(1), ds.labels, split_rows, ds.domains)  # the same code path as the library
+    assert_counts_agree(by["finetune-trajectory-ensemble"][0]["splits"], by["finetune"][1]["splits"], ties)
+    assert_counts_agree(by["finetune-trajectory-average"][0]["splits"], by["finetune"][1]["splits"], ties)
+    # the last average is the average of the models at every evaluation after step 0, on every split. The run's
+    # RunningAverage and average_state_dicts both sum the two state_dicts in float64 and divide by 2 (bit-equal
+    # weights), evaluated by the same network and predict_logits: the same code path, so the counts are equal
+    logits_avg = evaluate(average_state_dicts([states[s] for s in EVALS[1:]]))
+    assert split_counts(logits_avg.argmax(1), ds.labels, split_rows, ds.domains) == \
+        by["finetune-trajectory-average"][-1]["splits"]
 
 
 # --------------------------------------------------------------------------- resuming
 
 
-class _Interrupt:
-    """Raise KeyboardInterrupt right after the checkpoint, or the main record, of ``step`` is written."""
-
-    def __init__(self, what, step):
-        self.what, self.step = what, step
-
-    def __enter__(self):
-        self.mp = pytest.MonkeyPatch()
-        if self.what == "checkpoint":
-            save = ft._save_atomic
-
-            def save_then_stop(obj, path):
-                save(obj, path)
-                if "optimizer" in obj and obj["step"] == self.step:
-                    raise KeyboardInterrupt
-
-            self.mp.setattr(ft, "_save_atomic", save_then_stop)
-        else:  # a record written, selected.pt and the checkpoint not yet
-            step = self.step
-
-            class StoppingWriter(ft.RecordWriter):
-                def write(self, record):
-                    super().write(record)
-                    if record["step"] == step and record["method"] == "finetune":
-                        raise KeyboardInterrupt
-
-            self.mp.setattr(ft, "RecordWriter", StoppingWriter)
-        return self
-
-    def __exit__(self, *exc):
-        self.mp.undo()
-
-
-def assert_same_as_reference(result, states, reference):
+def assert_same_as_reference(result, observer: Observer, reference):
+    """A resumed run ended exactly as the uninterrupted reference run (the same code path: bit for bit)."""
     ref_result, ref_records, ref_states = reference
     assert result.status == "resumed" and result.run_id == ref_result.run_id
-    records = records_of(result.run_dir)
-    assert records == ref_records  # no duplicated or missing steps, same numbers
-    assert_states_equal(states[LAST], ref_states[LAST])  # final weights
+    assert result.steps_trained == len(observer.steps)
+    assert records_of(result.run_dir) == ref_records  # no duplicated or missing steps, same numbers
+    for step, state in observer.states.items():  # the models of the evaluations it redid, the last one included
+        assert_states_equal(state, ref_states[step])
+    assert LAST in observer.states
     assert_states_equal(load_selected(result.run_dir)[0], load_selected(ref_result.run_dir)[0])
-    assert load_selected(result.run_dir)[1]["step"] == load_selected(ref_result.run_dir)[1]["step"]
-    assert not (result.run_dir / "checkpoint.pt").exists() and (result.run_dir / "done").exists()
+    assert load_selected(result.run_dir)[1] == load_selected(ref_result.run_dir)[1]  # same step, iid, run id
+    folder = RunFolder(result.run_dir)
+    assert folder.final_status() == "ok" and not folder.checkpoint.exists()
 
 
 @pytest.mark.parametrize("what", ["checkpoint", "record"])
 def test_interrupted_run_resumes_exactly(reference, ds, pretrained, tmp_path, what):
-    ref_result, ref_records, _ = reference
-    best = load_selected(ref_result.run_dir)[1]["step"]
-    assert best > 0  # so that the "record" case stops where selected.pt is about to be replaced
-    with _Interrupt(what, 4 if what == "checkpoint" else best), pytest.raises(KeyboardInterrupt):
-        train(ds, tmp_path, pretrained)
-    result, states = train(ds, tmp_path, pretrained)
-    assert min(states) > 0  # it did not start again at step 0
-    assert_same_as_reference(result, states, reference)
+    """Stopped right after the checkpoint of step 4 is on disk ("checkpoint"), or right after the run's record of
+    step 4 is written and before its checkpoint ("record"): 4 is an evaluation step after 0 and before the last
+    one (CFG), so both cases happen by construction."""
+    ref_result, ref_records, ref_states = reference
+    folder = RunFolder(tmp_path / ref_result.run_id)
+    stopped = Observer(stop_at=("checkpoint" if what == "checkpoint" else "eval", 4))
+    with pytest.raises(KeyboardInterrupt):
+        train(ds, tmp_path, pretrained, observer=stopped)
+    assert stopped.steps == list(range(5)) and sorted(stopped.states) == [0, 4]
+    for step, state in stopped.states.items():
+        assert_states_equal(state, ref_states[step])
+    on_disk = [(r["run_id"], r["step"]) for r in records_of(folder.root)]
+    assert (folder.run_id, 4) in on_disk and len(on_disk) == len(set(on_disk))  # step 4's record is written
+    assert not folder.is_done()
+    checkpoint = torch.load(folder.checkpoint, map_location="cpu", weights_only=True)
+    assert checkpoint["step"] == (4 if what == "checkpoint" else 0)  # "record": stopped before step 4's checkpoint
+
+    result, observer = train(ds, tmp_path, pretrained)
+    # no step before the checkpoint's is trained again; "record" redoes step 4 without writing its records twice
+    first = 5 if what == "checkpoint" else 1
+    assert observer.steps == list(range(first, CFG.steps))
+    assert sorted(observer.states) == ([LAST] if what == "checkpoint" else [4, LAST])
+    assert_same_as_reference(result, observer, reference)
     # a finished run is skipped and nothing is written
-    files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in result.run_dir.iterdir()}
-    again = train_run(ds, tmp_path, RUN, backbone="demo-resnet", weights=str(pretrained), config=CFG,
-                      device="cpu", progress=False)
-    assert again.status == "done" and again.steps_trained == 0
-    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in result.run_dir.iterdir()} == files
+    files = files_of(result.run_dir)
+    again, idle = train(ds, tmp_path, pretrained)
+    assert again.status == "done" and again.steps_trained == 0 and idle.steps == [] and idle.states == {}
+    assert files_of(result.run_dir) == files
+
+
+def test_run_folder_of_the_previous_release_is_done(reference, ds, pretrained, tmp_path):
+    """The previous release wrote a "done" marker after the run's final record; such a folder is done (because of
+    its final record) and is left exactly as it is."""
+    ref_result = reference[0]
+    legacy = RunFolder(tmp_path / ref_result.run_id)
+    legacy.root.mkdir()
+    for name in ("run.json", "records.jsonl", "selected.pt"):
+        shutil.copy2(ref_result.run_dir / name, legacy.root / name)
+    (legacy.root / "done").write_text("ok\n")
+    assert legacy.is_done() and legacy.final_status() == "ok"
+    files = files_of(legacy.root)
+    again, observer = train(ds, tmp_path, pretrained)
+    assert again.status == "done" and again.run_dir == legacy.root and again.steps_trained == 0
+    assert observer.steps == [] and observer.states == {}
+    assert files_of(legacy.root) == files
+    # the marker alone does not make a run done: without its final record it is not
+    lines = legacy.records.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not (json.loads(line)["run_id"] == legacy.run_id and json.loads(line)["final"])]
+    assert len(kept) == len(lines) - 1
+    legacy.records.write_text("".join(kept))
+    assert not legacy.is_done() and legacy.final_status() is None
 
 
 def test_resume_with_ensembles_needs_a_checkpoint_that_has_them(ds, pretrained, tmp_path):
     without = replace(CFG, trajectory=False)  # same run id: ensembles are not part of what a run is
-    with _Interrupt("checkpoint", 0), pytest.raises(KeyboardInterrupt):
-        train(ds, tmp_path, pretrained, config=without)
+    with pytest.raises(KeyboardInterrupt):
+        train(ds, tmp_path, pretrained, config=without, observer=Observer(stop_at=("checkpoint", 0)))
     with pytest.raises(LinftError, match="without --ensembles"):
         train(ds, tmp_path, pretrained)
-    result, _ = train(ds, tmp_path, pretrained, config=without)
-    assert result.status == "resumed"
+    result, observer = train(ds, tmp_path, pretrained, config=without)
+    assert result.status == "resumed" and observer.steps == list(range(1, CFG.steps))
 
 
 KILLED_RUN = """
 import json, sys, time, torch
 torch.set_num_threads(1)
-import linft.finetune as ft
-from linft.data import load_image_folder
+from linft.data.folders import load_image_folder
+from linft.train.finetune import RunHooks, train_run
+from linft.train.finetune_model import FineTuneConfig, FineTuneRun
 root, out, weights, run, config = sys.argv[1:]
-draw = ft.step_batch
-def slow_batch(*a, **k):  # slow steps, so that the kill lands between evaluations
-    time.sleep(0.4)
-    return draw(*a, **k)
-ft.step_batch = slow_batch
 config = json.loads(config)
 config["lr_milestones"] = tuple(config["lr_milestones"])
-ft.train_run(load_image_folder(root), out, ft.FineTuneRun(**json.loads(run)), backbone="demo-resnet",
-             weights=weights, config=ft.FineTuneConfig(**config), device="cpu", progress=False)
+# slow steps 1 and 2, then step 3 waits for the kill: it lands after the step-0 checkpoint and before step 4
+hooks = RunHooks(on_step=lambda step: time.sleep(0.4 if step < 3 else 3600))
+train_run(load_image_folder(root), out, FineTuneRun(**json.loads(run)), backbone="demo-resnet", weights=weights,
+          config=FineTuneConfig(**config), device="cpu", progress=False, hooks=hooks)
 """
 
 
 def test_sigkilled_run_resumes_exactly(reference, ds, data_root, pretrained, tmp_path):
-    ref_result = reference[0]
-    run_dir = tmp_path / ref_result.run_id
+    folder = RunFolder(tmp_path / reference[0].run_id)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(data_root), str(tmp_path), str(pretrained),
                              json.dumps(asdict(RUN)), json.dumps(asdict(CFG))], env=env)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline and proc.poll() is None:
-            records = run_dir / "records.jsonl"
-            if (run_dir / "checkpoint.pt").exists() and records.exists() and \
-                    len(records.read_text().splitlines()) >= 1:  # step 0 evaluated and checkpointed
-                break
-            time.sleep(0.05)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not folder.checkpoint.exists():
+            time.sleep(0.05)  # the checkpoint is written atomically, after the step-0 records
         assert proc.poll() is None, "the run ended before it could be killed"
+        assert folder.checkpoint.exists(), "no checkpoint of step 0 in time"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert not (run_dir / "done").exists()
-    result, states = train(ds, tmp_path, pretrained)
-    assert_same_as_reference(result, states, reference)
-
-
-# --------------------------------------------------------------------------- sweeps
-
-
-def test_submitit_local_sweep_is_idempotent(data_root, tmp_path, monkeypatch):
-    pytest.importorskip("submitit", reason="the slurm launcher's engine (pip install submitit)")
-    from linft.sweep import launch_sweep
-
-    ds = load_image_folder(data_root, "Shapes")  # the jobs must keep the dataset's name
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    config = replace(CFG, steps=2, eval_every=100, trajectory=False)
-    runs = [FineTuneRun("photo", 0, lr, 0.0) for lr in (1e-3, 5e-4)]
-    kw = dict(backbone="demo-resnet", weights="none", config=config, launcher="submitit-local", device="cpu",
-              progress=False)
-    first = launch_sweep(ds, tmp_path, runs, **kw)
-    assert first["submitted"] == 2 and first["skipped"] == 0 and first["statuses"] == ["trained", "trained"]
-    done = sorted(p.parent for p in tmp_path.glob("*/done"))
-    assert len(done) == 2
-    for d in done:
-        records = records_of(d)
-        assert [r["step"] for r in records] == [0, 1] and records[-1]["final"]
-        assert records[0]["dataset"] == "Shapes" and records[0]["method"] == "scratch"
-    second = launch_sweep(ds, tmp_path, runs, **kw)
-    assert second["submitted"] == 0 and second["skipped"] == 2 and second["jobs"] == []
-    with pytest.raises(LinftError, match="unknown launcher"):
-        launch_sweep(ds, tmp_path, runs, **{**kw, "launcher": "kubernetes"})
+    assert not folder.is_done() and [r["step"] for r in records_of(folder.root)] == [0]
+    result, observer = train(ds, tmp_path, pretrained)
+    assert observer.steps == list(range(1, CFG.steps))  # from the step-0 checkpoint
+    assert_same_as_reference(result, observer, reference)
 
 
 # --------------------------------------------------------------------------- the command
@@ -576,6 +600,7 @@ def test_cli_finetune_end_to_end(data_root, tmp_path):
     records = read_records([out])
     assert [r["step"] for r in records] == [0, 2] and {r["method"] for r in records} == {"scratch"}
     assert records[0]["label"] == "from scratch, dropout 0"
+    assert RunFolder(out / records[0]["run_id"]).final_status() == "ok"
     again = CliRunner().invoke(main, tiny_args(data_root, out))
     assert again.exit_code == 0 and "0 runs launched (1 already done)" in again.output
     assert read_records([out]) == records
@@ -618,22 +643,22 @@ def test_cli_bad_input(data_root, tmp_path, case, extra, fragments):
 def test_cli_incompatible_checkpoint(data_root, ds, tmp_path, content, fragment):
     out = tmp_path / "runs"
     config = FineTuneConfig(steps=3, batch_size=2, eval_every=2, image_size=32)
-    run = ft.sweep_runs(ds.domains, test_domains=["photo"], lrs=[1e-3], weight_decays=[0.0], seeds=1)[0]
+    run = sweep_runs(ds.domains, test_domains=["photo"], lrs=[1e-3], weight_decays=[0.0], seeds=1)[0]
     sha = load_backbone("demo-resnet", "none").weights_sha256
-    run_dir = out / run_id(**ft.run_identity(run, "demo-resnet", sha, ds.file_list_sha256, config))
-    run_dir.mkdir(parents=True)
-    ckpt = run_dir / "checkpoint.pt"
+    folder = RunFolder.of(out, run_identity(run, "demo-resnet", sha, ds.file_list_sha256, config))
+    folder.root.mkdir(parents=True)
     if content == "garbage":
-        ckpt.write_bytes(b"\x00not a checkpoint" * 10)
+        folder.checkpoint.write_bytes(b"\x00not a checkpoint" * 10)
     elif content == "other run":
-        torch.save({"run_id": "0123456789abcdef", "step": 0, "model": {}, "optimizer": {}}, ckpt)
+        torch.save({"run_id": "0123456789abcdef", "step": 0, "model": {}, "optimizer": {}}, folder.checkpoint)
     else:
-        torch.save(torch.zeros(3), ckpt)
-    record = {"run_id": run_dir.name, "label": "x", "test_domain": "photo", "train_domains": ["cartoon", "sketch"],
+        torch.save(torch.zeros(3), folder.checkpoint)
+    record = {"run_id": folder.run_id, "label": "x", "test_domain": "photo", "train_domains": ["cartoon", "sketch"],
               "seed": 0, "step": 0, "splits": {}}
-    (run_dir / "records.jsonl").write_text(json.dumps(record) + "\n")
-    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    folder.records.write_text(json.dumps(record) + "\n")
+    before = {p.name: p.read_bytes() for p in folder.root.iterdir()}
     result = CliRunner().invoke(main, tiny_args(data_root, out))
     assert_one_line_error(result, fragment, "checkpoint.pt")
-    after = {p.name: p.read_bytes() for p in run_dir.iterdir()}
-    assert after.pop("run.json") and after == before  # nothing damaged, nothing marked done
+    after = {p.name: p.read_bytes() for p in folder.root.iterdir()}
+    assert after.pop("run.json") and after == before  # nothing damaged
+    assert not folder.is_done()  # nothing marked done

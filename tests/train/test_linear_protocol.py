@@ -1,0 +1,209 @@
+"""The linear protocol driver: train_linear's records, idempotent re-runs, divergence, and its errors."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from linft.cache.format import FeatureCache
+from linft.data.splits import domain_split_rows
+from linft.errors import LinftError
+from linft.protocol.records import REQUIRED_FIELDS, read_records
+from linft.protocol.schedule import eval_steps, lr_at
+from linft.protocol.selection import iid_accuracy, ood_accuracy
+from linft.train.linear import train_linear
+from linft.train.linear_engine import (GridPoint, LinearGridConfig, draw_batch, draw_noise, group_generator,
+                                       initial_parameters, linear_ft_logits)
+
+K, D, C, NDOM = 3, 6, 3, 3
+
+#: How far the engine's parameters may be from the plain loop's (float32 rounding of differently factored and
+#: differently stacked matmuls); tests/train/test_linear_engine.py asserts this tolerance against the same loop
+#: and measured a tenth of it.
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def synthetic(n_per_domain=40, seed=0):
+    """Features with a class signal that weakens across domains (so training has something to learn)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, C, size=NDOM * n_per_domain)
+    domains = np.repeat(np.arange(NDOM), n_per_domain)
+    means = rng.normal(size=(C, K, D))
+    feats = means[labels] * (1.0 - 0.3 * domains)[:, None, None] + rng.normal(size=(len(labels), K, D))
+    return feats.astype(np.float32), labels.astype(np.int64), domains.astype(np.int64)
+
+
+def make_cache(tmp_path, n_per_domain=30):
+    feats, labels, domains = synthetic(n_per_domain)
+    names = ["a", "b", "c"]
+    paths = [f"{names[d]}/{['x', 'y', 'z'][y]}/{i}.png" for i, (d, y) in enumerate(zip(domains, labels))]
+    meta = {"domain_names": names, "class_names": ["x", "y", "z"], "provenance_sha256": "f" * 64,
+            "dataset_name": "synthetic", "backbone": "none", "weights": "none", "blocks": ["b1", "b2", "b3"]}
+    return FeatureCache(tmp_path / "fake.h5", feats, labels, domains, paths, np.ones(len(labels), bool), meta)
+
+
+def plain_run(cache, test_domain, seed, point, config):
+    """One run of the protocol as people write it (torch.optim.SGD, one run, a loop over steps), from the cache.
+
+    Returns ``{step: (training loss, v, V, b)}`` at every evaluation step.
+    """
+    K_, D_ = cache.features.shape[1:]
+    init = initial_parameters(K_, D_, len(cache.class_names), group_generator(seed, test_domain, "init", "cpu"),
+                              config.v_init, point.probe)
+    v, V, b = (t.clone().requires_grad_(True) for t in init)
+    opt = torch.optim.SGD([V, b] if point.probe else [v, V, b], lr=point.lr, momentum=config.momentum,
+                          weight_decay=point.weight_decay)
+    gen = group_generator(seed, test_domain, "batches", "cpu")
+    rows_of = domain_split_rows(cache.domains, len(cache.domain_names), seed, cache.valid)
+    pools = [torch.from_numpy(rows_of[(d, "in")]) for d in range(len(cache.domain_names)) if d != test_domain]
+    X, Y = torch.from_numpy(cache.features), torch.from_numpy(cache.labels)
+    out = {}
+    for step in range(config.steps):
+        opt.param_groups[0]["lr"] = lr_at(step, point.lr, config.milestone_steps())
+        rows = draw_batch(pools, config.batch_size, gen)
+        keep = draw_noise(len(rows), D_, gen, "cpu") >= point.dropout
+        loss = F.cross_entropy(linear_ft_logits(X[rows], v, V, b, keep, point.dropout), Y[rows])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step in eval_steps(config.steps, config.eval_every):
+            out[step] = (loss.item(), *(t.detach().clone() for t in (v, V, b)))
+    return out
+
+
+def decided_and_ties(phi, labels, v, V, b):
+    """Per example: the reference predicts the label, and the example is a near-tie.
+
+    A near-tie's top-2 logit margin is at most 2 x 2 x the largest logit move allowed by parameters within
+    (RTOL, ATOL) (top logit down, runner-up up; x2 for the float32 rounding of the evaluations, ~1e-6 of the
+    logits' scale). Elsewhere any parameters within the tolerance predict what the reference predicts.
+    """
+    dv, dV, db = (ATOL + RTOL * t.abs() for t in (v, V, b))
+    dW = dv[:, None, :] * V.abs()[None] + v.abs()[:, None, :] * dV[None] + dv[:, None, :] * dV[None]  # (K, C, D)
+    bound = torch.einsum("nkd,kcd->nc", phi.abs(), dW) + db
+    top2 = linear_ft_logits(phi, v, V, b).topk(2, dim=1)
+    tie = top2.values[:, 0] - top2.values[:, 1] <= 4 * bound.max(1).values
+    return (top2.indices[:, 0] == labels).numpy() & ~tie.numpy(), tie.numpy()
+
+
+def test_protocol_records_and_idempotent_rerun(tmp_path):
+    cache = make_cache(tmp_path)
+    config = LinearGridConfig(steps=12, batch_size=4, eval_every=5)
+    res = train_linear(cache, tmp_path / "runs", dropouts=(0.0, 0.9), probe=True, lrs=(0.05,), weight_decays=(1e-3,),
+                       seeds=2, config=config, device="cpu", progress=False)
+    assert (res.trained, res.skipped, res.diverged) == (3 * 2 * 3, 0, 0)
+    records = read_records([tmp_path / "runs"])
+    assert len(records) == 18 * 4  # steps 0, 5, 10, 11
+    r = records[0]
+    for key in (*REQUIRED_FIELDS, "method", "label", "dataset", "source", "backbone", "weights", "hparams", "grid",
+                "attempt", "loss", "status", "final", "cache"):
+        assert key in r, key
+    assert r["source"] == cache.provenance_sha256 and "cache_provenance" not in r  # today's schema: "source"
+    assert {x["method"] for x in records} == {"linear-ft", "linear-probe"}
+    assert {x["label"] for x in records} == {"linear FT, dropout 0", "linear FT, dropout 0.9", "linear probe"}
+    # the split sizes follow DomainBed's rule on each domain's rows
+    in_rows = domain_split_rows(cache.domains, 3, r["seed"])
+    assert r["splits"]["a_out"][1] == len(in_rows[(0, "out")]) == 6 and r["splits"]["a_in"][1] == 24
+    assert 0.0 <= iid_accuracy(r) <= 1.0 and 0.0 <= ood_accuracy(r) <= 1.0
+    before = (tmp_path / "runs" / "records.jsonl").read_text()
+    again = train_linear(cache, tmp_path / "runs", dropouts=(0.0, 0.9), probe=True, lrs=(0.05,), weight_decays=(1e-3,),
+                         seeds=2, config=config, device="cpu", progress=False)
+    assert (again.trained, again.skipped) == (0, 18)
+    assert (tmp_path / "runs" / "records.jsonl").read_text() == before
+    more = train_linear(cache, tmp_path / "runs", dropouts=(0.0, 0.5), lrs=(0.05,), weight_decays=(1e-3,),
+                        seeds=2, config=config, device="cpu", progress=False)
+    assert (more.trained, more.skipped) == (6, 6)
+
+
+def test_same_seed_same_result_whatever_else_is_in_the_grid(tmp_path):
+    """A run sees the same batches, noise and initialisation whatever else is trained with it.
+
+    The two grids stack the run with different runs (6 groups x 2 points against 2 groups x 1 point), so their
+    matmuls round differently: both are compared with the plain loop's run, losses to the tolerance and correct
+    counts on every example that is not a near-tie of the loop's logits.
+    """
+    cache = make_cache(tmp_path)
+    config = LinearGridConfig(steps=10, batch_size=4, eval_every=3)
+    train_linear(cache, tmp_path / "full", dropouts=(0.5,), lrs=(0.05, 0.01), weight_decays=(1e-3,), seeds=2,
+                 config=config, device="cpu", progress=False)
+    train_linear(cache, tmp_path / "one", dropouts=(0.5,), lrs=(0.05,), weight_decays=(1e-3,), seeds=2,
+                 test_domains=["b"], config=config, device="cpu", progress=False)
+    key = lambda r: (r["run_id"], r["step"])
+    full = {key(r): r for r in read_records([tmp_path / "full"])}
+    one = {key(r): r for r in read_records([tmp_path / "one"])}
+    assert len(one) == 2 * 4 and set(one) <= set(full)  # seeds 0, 1 at steps 0, 3, 6, 9
+    X, Y = torch.from_numpy(cache.features), torch.from_numpy(cache.labels)
+    references = {s: plain_run(cache, 1, s, GridPoint(0.05, 1e-3, 0.5), config) for s in (0, 1)}
+    near_ties = 0
+    for k, r in one.items():
+        loss, v, V, b = references[r["seed"]][r["step"]]
+        right, tie = decided_and_ties(X, Y, v, V, b)
+        near_ties += int(tie.sum())
+        rows_of = domain_split_rows(cache.domains, NDOM, r["seed"], cache.valid)
+        for got in (r, full[k]):
+            assert got["loss"] == pytest.approx(loss, rel=RTOL, abs=ATOL), k
+            for (d, part), rows in rows_of.items():
+                correct, total = got["splits"][f"{'abc'[d]}_{part}"]
+                lo = int(right[rows].sum())
+                assert total == len(rows) and lo <= correct <= lo + int(tie[rows].sum()), (k, d, part)
+    assert near_ties <= 0.01 * len(one) * len(Y)  # the tolerance leaves the counts compared
+
+
+def test_diverged_runs_are_flagged(tmp_path):
+    cache = make_cache(tmp_path)
+    res = train_linear(cache, tmp_path / "runs", dropouts=(0.0,), lrs=(1e9, 0.01), weight_decays=(0.0,), seeds=1,
+                       test_domains=["a"], config=LinearGridConfig(steps=30, batch_size=4, eval_every=5),
+                       device="cpu", progress=False)
+    assert res.diverged == 1
+    records = read_records([tmp_path / "runs"])
+    bad = [r for r in records if r["status"] == "diverged"]
+    assert len(bad) == 1 and bad[0]["final"] and bad[0]["hparams"]["lr"] == 1e9 and bad[0]["loss"] is None
+    assert not any(r["hparams"]["lr"] == 1e9 and r["step"] > bad[0]["step"] for r in records)
+    assert any(r["hparams"]["lr"] == 0.01 and r["final"] and r["status"] == "ok" for r in records)
+    again = train_linear(cache, tmp_path / "runs", dropouts=(0.0,), lrs=(1e9, 0.01), weight_decays=(0.0,), seeds=1,
+                         test_domains=["a"], config=LinearGridConfig(steps=30, batch_size=4, eval_every=5),
+                         device="cpu", progress=False)
+    assert (again.trained, again.skipped) == (0, 2)  # a diverged run is finished: never retrained
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(test_domains=["zz"]), "held-out domain 'zz' is not in the cache"),
+    (dict(dropouts=(1.0,)), r"outside \[0, 1\)"),
+    (dict(dropouts=(-0.1,)), r"outside \[0, 1\)"),
+    (dict(lrs=()), "grid is empty"),
+    (dict(seeds=0), "grid is empty"),
+    (dict(lrs=(-0.1,)), "learning rates must be finite and positive"),
+    (dict(weight_decays=(-1e-4,)), "weight decays must be finite and >= 0"),
+    # the error names the batch size (today as the CLI flag; see the report: library errors should name parameters)
+    (dict(config=LinearGridConfig(steps=2, batch_size=0)), r"(--batch-size|batch_size)"),
+    (dict(config=LinearGridConfig(steps=2, v_init="zeros")), "unknown v init 'zeros'"),
+])
+def test_bad_input(tmp_path, kwargs, match):
+    args = dict(dropouts=(0.9,), lrs=(0.01,), weight_decays=(0.0,), seeds=1,
+                config=LinearGridConfig(steps=2), device="cpu", progress=False)
+    args.update(kwargs)
+    with pytest.raises(LinftError, match=match):
+        train_linear(make_cache(tmp_path), tmp_path / "runs", **args)
+    assert not (tmp_path / "runs" / "records.jsonl").exists()  # refused before anything is written
+
+
+def test_protocol_samples_cached_views_when_present(tmp_path):
+    cache = make_cache(tmp_path)
+    config = LinearGridConfig(steps=8, batch_size=4, eval_every=4)
+    kwargs = dict(dropouts=(0.0,), lrs=(0.05,), weight_decays=(0.0,), seeds=1, test_domains=["a"], config=config,
+                  device="cpu", progress=False)
+    train_linear(cache, tmp_path / "plain", **kwargs)
+    cache.views = np.stack([cache.features * 0.0, cache.features * 0.0], 1)  # views that carry no signal
+    train_linear(cache, tmp_path / "views", **kwargs)
+    plain, views = read_records([tmp_path / "plain"]), read_records([tmp_path / "views"])
+    assert views[0]["hparams"]["train_views"] == 2 and plain[0]["hparams"]["train_views"] == 0
+    assert views[0]["run_id"] != plain[0]["run_id"]
+    # trained on all-zero views, only b learns (v and V get no gradient): the predictions differ from the plain run's
+    assert [r["splits"] for r in views] != [r["splits"] for r in plain]
+
+
+def test_training_domains_need_an_out_split(tmp_path):
+    cache = make_cache(tmp_path, n_per_domain=4)  # int(0.2 * 4) = 0 held-out images per domain
+    with pytest.raises(LinftError, match="empty 'in' or 'out' split"):
+        train_linear(cache, tmp_path / "runs", dropouts=(0.0,), lrs=(0.1,), weight_decays=(0.0,), seeds=1,
+                     config=LinearGridConfig(steps=2), device="cpu", progress=False)

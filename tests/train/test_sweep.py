@@ -1,0 +1,152 @@
+"""Sweeps of fine-tuning runs (linft.train.finetune.sweep_runs, linft.train.sweep.launch_sweep) and the ensembles
+and soups across the runs of a grid (linft.train.across_runs), on tiny data (CPU).
+
+The data are the 2-class shapes of ``conftest.shapes_root``; the runs start from the shipped demo-resnet
+weights and take 2 to 4 steps of 4 images per training domain.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+
+from linft.analysis.report import write_report
+from linft.data.folders import load_image_folder
+from linft.data.images import EvalImages
+from linft.data.splits import domain_split_rows
+from linft.errors import LinftError
+from linft.models.averaging import average_state_dicts
+from linft.models.demo_resnet import demo_resnet
+from linft.models.heads import build_classifier
+from linft.models.registry import load_backbone
+from linft.protocol.records import read_records
+from linft.protocol.selection import split_counts
+from linft.train.across_runs import evaluate_across_runs
+from linft.train.finetune import sweep_runs
+from linft.train.finetune_model import FineTuneConfig, FineTuneRun, predict_logits
+from linft.train.run_folder import RunFolder, load_selected, run_identity
+from linft.train.sweep import LaunchOptions, launch_sweep
+
+CFG = FineTuneConfig(steps=4, batch_size=4, eval_every=100, image_size=32, eval_batch_size=64, workers=0)
+RUN = FineTuneRun("photo", seed=2, lr=0.01, weight_decay=1e-4, dropout=0.5, last_layer_lr_mult=10.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def ds(shapes_root):
+    return load_image_folder(shapes_root, "Shapes")  # jobs in other processes must keep the dataset's name
+
+
+def folders_of(ds, out, runs, config, backbone="demo-resnet", weights="DEFAULT") -> list[RunFolder]:
+    sha = load_backbone(backbone, weights).weights_sha256
+    return [RunFolder.of(out, run_identity(r, backbone, sha, ds.file_list_sha256, config)) for r in runs]
+
+
+def test_sweep_runs_is_the_grid(ds):
+    runs = sweep_runs(ds.domains, test_domains=["photo", "sketch"], dropouts=(0.0, 0.5), lrs=(1e-3,),
+                      weight_decays=(1e-4, 0.0), seeds=2, last_layer_lr_mult=10.0)
+    assert len(runs) == 2 * 2 * 2 * 1 * 2 and len(set(runs)) == len(runs)
+    assert {(r.test_domain, r.seed, r.dropout, r.weight_decay) for r in runs} == \
+        {(d, s, p, wd) for d in ("photo", "sketch") for s in (0, 1) for p in (0.0, 0.5) for wd in (1e-4, 0.0)}
+    assert all(r.lr == 1e-3 and r.last_layer_lr_mult == 10.0 and not r.linearized for r in runs)
+    with pytest.raises(LinftError):
+        sweep_runs(ds.domains, last_layer_lr_mult=0.0)
+    with pytest.raises(LinftError, match="outside"):
+        sweep_runs(ds.domains, stochastic_depth=1.0)
+
+
+# --------------------------------------------------------------------------- ensembles and soups across runs
+
+
+@pytest.fixture(scope="module")
+def grid(ds, tmp_path_factory):
+    """Two runs of one label (10x head lr, lr and weight decay varied), launched in this process with the
+    ensembles and soups across runs."""
+    out = tmp_path_factory.mktemp("grid")
+    runs = [RUN, replace(RUN, lr=0.005, weight_decay=0.0)]
+    result = launch_sweep(ds, out, runs, backbone="demo-resnet", weights="DEFAULT", config=CFG,
+                          options=LaunchOptions(device="cpu", across_runs=True, progress=False))
+    assert result["submitted"] == 2 and result["skipped"] == 0 and result["statuses"] == ["trained", "trained"]
+    return out, folders_of(ds, out, runs, CFG)
+
+
+def test_ensembles_and_soups_across_runs(grid, ds):
+    out, folders = grid
+    path = out / "across_runs" / "records.jsonl"
+    records = read_records([path])
+    label = "full FT, 10x head lr, dropout 0.5"
+    assert sorted(r["method"] for r in records) == ["finetune-ensemble", "finetune-greedy-soup", "finetune-soup"]
+    for r in records:
+        assert r["label"].startswith(label + ", ") and r["test_domain"] == "photo"
+        assert r["final"] and len(r["members"]) == 2 and r["seed"] == 2 and r["hparams"]["members"] == 2
+        assert set(r["splits"]) == {f"{d}_{p}" for d in ds.domains for p in ("in", "out")}
+    # the ensemble is the mean of the two selected models' probabilities; the soup their weight average. With two
+    # members every sum is one commutative addition, so the order the library takes them in does not matter, and the
+    # same functions run on the same inputs (the same code path): the counts are equal
+    split_rows = domain_split_rows(ds.domain_ids, 3, RUN.seed)
+    images = EvalImages(ds, 32, 64, 0)
+    states = [load_selected(f.root)[0] for f in folders]
+
+    def logits(state):
+        net = build_classifier(demo_resnet(2), 2, 0.0)
+        net.load_state_dict(state, strict=True)
+        return predict_logits(net, images, torch.device("cpu"), channels_last=False)
+
+    probs = torch.stack([logits(s).softmax(1) for s in states]).mean(0)
+    by = {r["method"]: r for r in records}
+    assert by["finetune-ensemble"]["splits"] == split_counts(probs.argmax(1), ds.labels, split_rows, ds.domains)
+    soup = logits(average_state_dicts(states)).argmax(1)
+    assert by["finetune-soup"]["splits"] == split_counts(soup, ds.labels, split_rows, ds.domains)
+    assert by["finetune-greedy-soup"]["hparams"]["chosen"][0] == 0  # the best member always starts the soup
+    # a second evaluation adds nothing
+    before = path.read_bytes()
+    assert evaluate_across_runs(ds, out, [f.root for f in folders], config=CFG, device="cpu") == path
+    assert path.read_bytes() == before
+    assert write_report([out], out / "report")["table"].is_file()
+
+
+def test_launch_skips_finished_runs_and_run_folders_of_the_previous_release(grid, ds, tmp_path):
+    """The previous release marked a finished run with a "done" file after its final record; today the final
+    record alone says it is done, so such a folder is skipped and left as it is."""
+    out, folders = grid
+    for f in folders:
+        shutil.copytree(f.root, tmp_path / f.run_id)
+        (tmp_path / f.run_id / "done").write_text("ok\n")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    runs = [RUN, replace(RUN, lr=0.005, weight_decay=0.0)]
+    result = launch_sweep(ds, tmp_path, runs, backbone="demo-resnet", weights="DEFAULT", config=CFG,
+                          options=LaunchOptions(device="cpu", progress=False))
+    assert result["submitted"] == 0 and result["skipped"] == 2 and result["statuses"] == ["done", "done"]
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert all(RunFolder(tmp_path / f.run_id).final_status() == "ok" for f in folders)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def test_submitit_local_sweep_is_idempotent(ds, tmp_path, monkeypatch):
+    pytest.importorskip("submitit", reason="the slurm launcher's engine (pip install submitit)")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    config = replace(CFG, steps=2)
+    runs = [FineTuneRun("photo", 0, lr, 0.0) for lr in (1e-3, 5e-4)]
+    options = LaunchOptions(launcher="submitit-local", device="cpu", progress=False)
+    kw = dict(backbone="demo-resnet", weights="none", config=config)
+    first = launch_sweep(ds, tmp_path, runs, options=options, **kw)
+    assert first["submitted"] == 2 and first["skipped"] == 0 and first["statuses"] == ["trained", "trained"]
+    folders = folders_of(ds, tmp_path, runs, config, weights="none")
+    for f in folders:
+        assert f.final_status() == "ok" and not f.checkpoint.exists()
+        records = read_records([f.records])
+        assert [r["step"] for r in records] == [0, 1] and records[-1]["final"]
+        assert records[0]["dataset"] == "Shapes" and records[0]["method"] == "scratch"
+    second = launch_sweep(ds, tmp_path, runs, options=options, **kw)
+    assert second["submitted"] == 0 and second["skipped"] == 2 and second["jobs"] == []
+    with pytest.raises(LinftError, match="unknown launcher"):
+        launch_sweep(ds, tmp_path, runs, options=replace(options, launcher="kubernetes"), **kw)
