@@ -4,7 +4,7 @@ The paper's Figure 1 and appendix A.1, made measurable. The two ends are
 
 - the *pretrained* model: the backbone θ_p the fine-tuned run started from,
   with a linear-probe head ω_p (the pretrained network has no head for the
-  task; see :func:`fit_probe_head`), and
+  task; see :func:`linft.models.heads.fit_probe_head`), and
 - the *fine-tuned* model (θ_f, ω_f): a run folder of ``linft finetune`` or its
   ``selected.pt`` (any checkpoint in that format).
 
@@ -12,15 +12,10 @@ The paper's Figure 1 and appendix A.1, made measurable. The two ends are
 α = 1 the fine-tuned one (the paper's appendix writes α for the pretrained
 share). The paths, each evaluated on every split:
 
-- **weights** (:func:`iter_weight_path`): θ(α) = (1-α)θ_p + αθ_f over every
-  entry of the state_dict, head and BatchNorm statistics included, through
-  :func:`linft.models.averaging.interpolate_state_dicts`; one forward pass over the
-  evaluation images per α.
-- **representation** (:func:`representation_logits`): logits =
-  ((1-α)W_p + αW_f)((1-α)Φ_p + αΦ_f) + (1-α)b_p + αb_f, with Φ the pooled
-  penultimate representation. Bilinear in α, not an output ensemble. Φ_p and
-  Φ_f are computed once (one pass per model, :func:`pooled_features_and_logits`),
-  so the whole α sweep costs two forward passes.
+- **weights**: θ(α) = (1-α)θ_p + αθ_f over every state_dict entry, head and
+  BatchNorm statistics included; one forward pass per α.
+- **representation** (appendix A.1): ((1-α)W_p + αW_f)((1-α)Φ_p + αΦ_f) +
+  (1-α)b_p + αb_f, bilinear in α; two forward passes for the whole sweep.
 - **representation per φ block** (layer-wise diagnostic): the same formula
   on each φ block k (the residual blocks after the last resolution change,
   :func:`linft.models.blocks.phi_block_names`), with a probe head fitted on each
@@ -29,20 +24,14 @@ share). The paths, each evaluated on every split:
   representations starts to pay; it is not a model anyone trained.
 - **linearized** (``linearity=True``): the first-order model around
   θ_0 = (θ_p, ω_p) along the weight path, f_lin(θ(α)) = f(θ_0) + α·J(θ_f − θ_0),
-  one jvp per batch of images for every α (:func:`first_order_outputs`, via
-  :func:`linft.models.linearize.first_order_terms`), and the post-hoc linearity of
+  one jvp per batch of images for every α, and the post-hoc linearity of
   the run: accuracies of f(θ_f), f_lin(θ_f) and f(θ_0) on every split, and
   ‖f(θ_f) − f_lin(θ_f)‖ / ‖f(θ_f) − f(θ_0)‖ (:func:`linft.models.linearize.relative_linearity_gap`).
   θ_0 carries the probe head, not the run's random initial head, so that
   f(θ_0) means something; this is also the start of the weight path.
 
-Exactness: at α = 0 and α = 1 the weight path loads the end state_dicts
-themselves, the representation path multiplies by exactly 1 and 0, and the
-linearized path at α = 0 is the jvp's primal, so each path reproduces its
-endpoint models (up to the order of float operations inside a matrix
-product of a different batch shape). Evaluation runs in float32 unless
-``amp`` asks for bfloat16 autocast on CUDA (faster; the endpoints then agree
-only to bfloat16 precision).
+Exactness is discussed in :mod:`linft.analysis.interpolation_paths`. Evaluation
+runs in float32 unless ``amp`` asks for bfloat16 autocast on CUDA.
 
 Memory: Φ_p and Φ_f of every evaluation image and every φ block are kept in
 float32 on the CPU: N·K·D·4 bytes per model (PACS with ResNet-50: 0.25 GB;
@@ -83,7 +72,8 @@ from linft.models.checkpoints import state_dict_sha256
 from linft.models.heads import PROBE_L2, PROBE_MAX_ITER, PROBE_TOLERANCE, LinearHead, fit_probe_head, head_keys, \
     with_head
 from linft.models.linearize import relative_linearity_gap
-from linft.protocol.records import RECORDS_FILE, RecordWriter, RunHeader, finished_run_ids, make_record, run_id
+from linft.protocol.records import (RECORDS_FILE, RecordWriter, RunHeader, existing_records, finished_run_ids,
+                                    make_record, run_id)
 from linft.protocol.selection import iid_accuracy, ood_accuracy, split_counts
 from linft.runtime import atomic_write_text, progress_bar, resolve_device
 
@@ -192,7 +182,10 @@ class _Setup:
 
     def accuracies(self, predictions: torch.Tensor) -> dict:
         """``{"iid", "ood", "splits"}`` of predicted classes (N,)."""
-        splits = split_counts(predictions, self.ds.labels, self.split_rows, self.ds.domains)
+        return self.split_accuracies(split_counts(predictions, self.ds.labels, self.split_rows, self.ds.domains))
+
+    def split_accuracies(self, splits: dict) -> dict:
+        """``{"iid", "ood", "splits"}`` of a record's ``splits``."""
         rec = {"splits": splits, "test_domain": self.test_domain, "train_domains": self.train_domains}
         return {"iid": iid_accuracy(rec), "ood": ood_accuracy(rec), "splits": splits}
 
@@ -327,6 +320,29 @@ def _result(setup: _Setup, out: Path, stem: str, labels: dict, curves: dict, lin
                                passes=passes, summary=out / f"{stem}.json")
 
 
+def _already_done(setup: _Setup, out: Path, stem: str, labels: dict, headers: dict) -> InterpolationResult | None:
+    """The result of an earlier call with the same arguments, when every one of its records is on disk.
+
+    Curves come from the records themselves; the linearity summary from the earlier call's ``.json``, which
+    must be of this very call (same α values and paths), or nothing is skipped.
+    """
+    summary = out / f"{stem}.json"
+    if not summary.exists():
+        return None
+    by_id = {r["run_id"]: r for r in existing_records(out / RECORDS_FILE) if r.get("final")}
+    saved = json.loads(summary.read_text())
+    same_call = saved.get("alphas") == setup.alphas and set(saved.get("curves") or {}) == set(labels) \
+        and (saved.get("linearity") is not None) == setup.config.linearity
+    if not same_call or any(h.run_id not in by_id for h in headers.values()):
+        return None
+    curves = {key: [{"alpha": a, **setup.split_accuracies(by_id[headers[(key, a)].run_id]["splits"])}
+                    for a in setup.alphas] for key in labels}
+    result = _result(setup, out, stem, labels, curves, saved.get("linearity"), 0, {"forward": 0, "jvp": 0})
+    plot = summary.with_suffix(".png")
+    result.plot = plot if plot.exists() else None
+    return result
+
+
 def _finish(setup: _Setup, result: InterpolationResult, records: list[dict], say) -> InterpolationResult:
     """Plot and the summary file beside the records."""
     if setup.config.plot:
@@ -364,11 +380,10 @@ def interpolate(dataset, finetuned: str | os.PathLike, config: InterpolateConfig
     labels = _labels(setup, _path_keys(setup))
     headers = {(key, a): _header(setup, key, a, labels[key]) for key in labels for a in setup.alphas}
     done = finished_run_ids([out / RECORDS_FILE])
-    summary = out / f"{stem}.json"
-    if all(h.run_id in done for h in headers.values()) and summary.exists():
-        say(f"every record is already in {out / RECORDS_FILE}; nothing to compute")
-        saved = json.loads(summary.read_text())
-        return _result(setup, out, stem, labels, saved["curves"], saved.get("linearity"), 0, saved.get("passes", {}))
+    earlier = _already_done(setup, out, stem, labels, headers)
+    if earlier is not None:
+        say(f"every record is already in {earlier.records}; nothing to compute")
+        return earlier
     say(f"fine-tuned: {ends.checkpoint} ({ends.metadata.get('label', '?')}, held out {setup.test_domain}, seed "
         f"{setup.seed}); pretrained: {ends.backbone} / {ends.pretrained_weights}; "
         f"α = {', '.join(f'{a:g}' for a in setup.alphas)}")

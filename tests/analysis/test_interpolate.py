@@ -293,6 +293,18 @@ def test_rerun_with_the_same_arguments_computes_nothing(shapes, perturbed_run, t
     assert again.labels == first.labels and again.records == first.records and again.summary == first.summary
 
 
+def test_a_rerun_after_other_arguments_returns_its_own_curves(shapes, perturbed_run, tmp_path):
+    """Another call in between rewrites the summary file: a skipped re-run must still return its own α and paths."""
+    kw = dict(out_dir=tmp_path, device="cpu", batch_size=16, workers=0, progress=False)
+    first = interpolate(shapes, perturbed_run, alphas="0,0.5,1", blocks=False, **kw)
+    other = interpolate(shapes, perturbed_run, alphas="0,0.25", **kw)  # other α, and the block paths
+    assert set(other.curves) > set(first.curves)
+    again = interpolate(shapes, perturbed_run, alphas="0,0.5,1", blocks=False, **kw)
+    assert again.alphas == [0.0, 0.5, 1.0] and set(again.curves) == set(first.curves)
+    assert again.curves == first.curves  # the same records, read back
+    assert again.records_written == 0
+
+
 def test_rerun_is_idempotent_and_adds_only_new_alphas(sweep, shapes, perturbed_run):
     result, out = sweep
     path = out / "records.jsonl"

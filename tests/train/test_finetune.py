@@ -469,7 +469,9 @@ def assert_same_as_reference(result, observer: Observer, reference):
     ref_result, ref_records, ref_states = reference
     assert result.status == "resumed" and result.run_id == ref_result.run_id
     assert result.steps_trained == len(observer.steps)
-    assert records_of(result.run_dir) == ref_records  # no duplicated or missing steps, same numbers
+    records = records_of(result.run_dir)
+    assert records == ref_records  # no duplicated or missing steps, same numbers
+    assert len(records) == len({(r["run_id"], r["step"]) for r in records})
     for step, state in observer.states.items():  # the models of the evaluations it redid, the last one included
         assert_states_equal(state, ref_states[step])
     assert LAST in observer.states
