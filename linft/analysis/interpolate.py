@@ -72,7 +72,7 @@ from linft.models.checkpoints import state_dict_sha256
 from linft.models.heads import PROBE_L2, PROBE_MAX_ITER, PROBE_TOLERANCE, LinearHead, fit_probe_head, head_keys, \
     with_head
 from linft.models.linearize import relative_linearity_gap
-from linft.protocol.records import (RECORDS_FILE, RecordWriter, RunHeader, existing_records, finished_run_ids,
+from linft.protocol.records import (RECORDS_FILE, RecordWriter, RunHeader, final_records, finished_run_ids,
                                     make_record, run_id)
 from linft.protocol.selection import iid_accuracy, ood_accuracy, split_counts
 from linft.runtime import atomic_write_text, progress_bar, resolve_device
@@ -329,7 +329,7 @@ def _already_done(setup: _Setup, out: Path, stem: str, labels: dict, headers: di
     summary = out / f"{stem}.json"
     if not summary.exists():
         return None
-    by_id = {r["run_id"]: r for r in existing_records(out / RECORDS_FILE) if r.get("final")}
+    by_id = final_records([out / RECORDS_FILE])
     saved = json.loads(summary.read_text())
     same_call = saved.get("alphas") == setup.alphas and set(saved.get("curves") or {}) == set(labels) \
         and (saved.get("linearity") is not None) == setup.config.linearity

@@ -215,9 +215,15 @@ def existing_records(path: str | os.PathLike) -> list[dict]:
     return read_records([path]) if path.exists() else []
 
 
-def finished_run_ids(paths) -> set[str]:
-    """THE "skip what is done" rule: ids of runs with a final record in the files that exist."""
+def final_records(paths) -> dict[str, dict]:
+    """THE "skip what is done" rule: a run is done when the files (those that exist) hold its final record.
+
+    Returns ``{run_id: its final record}`` (the last one, when a run was finished twice).
+    """
     existing = [p for p in map(Path, paths) if p.exists()]
-    if not existing:
-        return set()
-    return {r["run_id"] for r in read_records(existing) if r.get("final")}
+    return {r["run_id"]: r for r in (read_records(existing) if existing else []) if r.get("final")}
+
+
+def finished_run_ids(paths) -> set[str]:
+    """Ids of the runs that are done (:func:`final_records`)."""
+    return set(final_records(paths))

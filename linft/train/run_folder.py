@@ -15,7 +15,7 @@ from pathlib import Path
 
 from linft.errors import LinftError
 from linft.models.checkpoints import load_checkpoint
-from linft.protocol.records import RECORDS_FILE, existing_records, run_id
+from linft.protocol.records import RECORDS_FILE, final_records, run_id
 from linft.train.finetune_model import FineTuneConfig, FineTuneRun
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -52,8 +52,8 @@ class RunFolder:
 
     def final_status(self) -> str | None:
         """``ok`` or ``diverged`` once the run's final record is on disk; None while it is not done."""
-        finals = [r for r in existing_records(self.records) if r["run_id"] == self.run_id and r.get("final")]
-        return finals[-1].get("status", "ok") if finals else None
+        final = final_records([self.records]).get(self.run_id)
+        return final.get("status", "ok") if final else None
 
     def is_done(self) -> bool:
         return self.final_status() is not None
