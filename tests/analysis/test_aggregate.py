@@ -8,6 +8,8 @@ import pytest
 from linft.analysis.aggregate import cloud_points, cloud_tables, domainbed_table, missing_domains, run_results
 from linft.errors import LinftError
 
+from helpers import full_grid_records, grid_records
+
 
 def cloud_points_brute_force(table: dict) -> np.ndarray:
     """The paper's cloud by its definition: every choice of one grid point per held-out domain (itertools.product,
@@ -18,39 +20,6 @@ def cloud_points_brute_force(table: dict) -> np.ndarray:
         chosen = [table[e][h] for e, h in zip(domains, choice)]
         points.append((np.mean([iid for iid, _ in chosen]), np.mean([ood for _, ood in chosen])))
     return np.array(points, dtype=float).reshape(-1, 2)
-
-
-def rec(step, a_out, b_out, c_in, c_out, **kw):
-    """A record with training domains a, b (out splits of 10) and held-out c (in 40, out 10)."""
-    r = {"method": "linear-ft", "label": kw.pop("label", "m"), "dataset": "toy", "source": kw.pop("source", "p"),
-         "test_domain": "c", "train_domains": ["a", "b"], "grid": kw.pop("grid", {"lr": 1}), "seed": kw.pop("seed", 0),
-         "run_id": kw.pop("run_id", "r1"), "attempt": kw.pop("attempt", "x"), "step": step, "status": "ok",
-         "final": kw.pop("final", False), "hparams": {"dropout": kw.pop("dropout", 0.0)},
-         "splits": {"a_in": [0, 40], "a_out": [a_out, 10], "b_in": [0, 40], "b_out": [b_out, 10],
-                    "c_in": [c_in, 40], "c_out": [c_out, 10]}}
-    r.update(kw)
-    return r
-
-
-def _grid_records():
-    """2 grid points x 2 seeds for held-out c, final records only."""
-    out = []
-    for (g, seed), (a, c) in zip(product((1, 2), (0, 1)), [(6, 20), (8, 30), (7, 25), (5, 40)]):
-        out.append(rec(0, a, a, c, 0, grid={"lr": g}, seed=seed, run_id=f"{g}-{seed}", final=True))
-    return out
-
-
-def _held_out(r, test):
-    """The same record with ``test`` held out: a's and b's roles go to the other two domains, c's to ``test``."""
-    x, y = [d for d in "abc" if d != test]
-    sp = r["splits"]
-    splits = {f"{x}_in": sp["a_in"], f"{x}_out": sp["a_out"], f"{y}_in": sp["b_in"], f"{y}_out": sp["b_out"],
-              f"{test}_in": sp["c_in"], f"{test}_out": sp["c_out"]}
-    return {**r, "test_domain": test, "train_domains": [x, y], "splits": splits, "run_id": test + r["run_id"]}
-
-
-def _full_grid_records():
-    return [_held_out(r, t) for t in "abc" for r in _grid_records()]
 
 
 def test_brute_force_reference_by_hand():
@@ -85,7 +54,7 @@ def test_cloud_samples_above_the_exact_limit():
 
 
 def test_domainbed_table_selects_per_seed_by_iid():
-    table = domainbed_table(run_results(_grid_records()))
+    table = domainbed_table(run_results(grid_records()))
     cell = table[("toy", "m")]["c"]
     # seed 0: grid 2 (iid .7) beats grid 1 (.6) -> ood 25/50; seed 1: grid 1 (.8) beats grid 2 (.5) -> 30/50
     assert cell["iid"][0] == pytest.approx(0.75) and cell["ood"][0] == pytest.approx(0.55)
@@ -97,7 +66,7 @@ def test_domainbed_table_selects_per_seed_by_iid():
 
 
 def test_cloud_tables_average_seeds_and_drop_diverged():
-    records = _full_grid_records()
+    records = full_grid_records()
     clouds = cloud_tables(run_results(records))
     assert clouds[("toy", "m")]["c"][(("lr", 1),)] == pytest.approx((0.7, 0.5))
     assert cloud_points(clouds[("toy", "m")])[0].shape == (8, 2)  # 2 grid points ^ 3 domains
@@ -108,7 +77,7 @@ def test_cloud_tables_average_seeds_and_drop_diverged():
 
 
 def test_records_of_different_sources_never_mix():
-    records = _grid_records()
+    records = grid_records()
     records[0]["source"] = "other"
     with pytest.raises(LinftError, match="m on toy come from different sources"):
         run_results(records)
@@ -116,8 +85,8 @@ def test_records_of_different_sources_never_mix():
 
 
 def test_a_domain_without_usable_runs_blanks_the_average_and_the_cloud():
-    records = _grid_records()
-    for r in _grid_records():  # held-out a, all diverged
+    records = grid_records()
+    for r in grid_records():  # held-out a, all diverged
         r = {**r, "test_domain": "a", "train_domains": ["b", "c"], "run_id": "a" + r["run_id"], "status": "diverged"}
         r["splits"] = {**r["splits"], "a_in": [0, 40], "a_out": [0, 10], "c_out": [5, 10]}
         records.append(r)
@@ -129,8 +98,8 @@ def test_a_domain_without_usable_runs_blanks_the_average_and_the_cloud():
 
 
 def test_oracle_selects_grid_points_by_ood():
-    table = domainbed_table(run_results(_grid_records(), "oracle"), "oracle")
+    table = domainbed_table(run_results(grid_records(), "oracle"), "oracle")
     # per seed the grid point with the best o.o.d.: seed 0 -> 25/50 (grid 2), seed 1 -> 40/50 (grid 2)
     assert table[("toy", "m")]["c"]["ood"][0] == pytest.approx(0.65)
     with pytest.raises(LinftError, match="unknown selection 'best'"):
-        run_results(_grid_records(), "best")
+        run_results(grid_records(), "best")

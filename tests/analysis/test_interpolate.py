@@ -36,6 +36,7 @@ from linft.train.finetune import train_run
 from linft.train.finetune_model import FineTuneConfig, FineTuneRun, predict_logits
 
 from conftest import assert_one_line_error
+from helpers import assert_counts_agree, near_ties
 
 pytestmark = pytest.mark.filterwarnings("ignore:the run started from random weights")
 
@@ -50,9 +51,8 @@ CPU = torch.device("cpu")
 #   (another kernel or decomposition may run per layer), float32 rounding compounded over ~50 layers.
 REPRESENTATION_TOL = dict(rtol=1e-4, atol=1e-3)
 PRIMAL_TOL = dict(rtol=1e-3, atol=1e-3)
-# Those paths move logits by far less than NEAR_TIE: only an image whose top-2 margin is below it may change its
-# predicted class between two code paths.
-NEAR_TIE = 1e-3
+# Those paths move logits by far less than helpers.NEAR_TIE (1e-3): only an image whose top-2 margin is below it may
+# change its predicted class between two code paths (helpers.near_ties, helpers.assert_counts_agree).
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -103,22 +103,6 @@ def sweep(shapes, perturbed_run, tmp_path_factory):
     result = interpolate(shapes, perturbed_run, alphas="0:1:3", linearity=True, out_dir=out, device="cpu",
                          batch_size=16, workers=0, progress=False)
     return result, out
-
-
-def near_ties(logits: torch.Tensor, split_rows: dict, domains: list[str]) -> dict[str, int]:
-    """Per split, the images whose top-2 logit margin is below NEAR_TIE."""
-    top2 = logits.topk(2, dim=1).values
-    close = ((top2[:, 0] - top2[:, 1]) < NEAR_TIE).numpy()
-    return {f"{domains[d]}_{part}": int(close[rows].sum()) for (d, part), rows in sorted(split_rows.items())}
-
-
-def assert_counts_agree(a: dict, b: dict, ties: dict):
-    """Split counts ``{split: [correct, total]}`` of two code paths: the same totals, and correct counts that differ
-    by at most the split's near ties (equal when there are none)."""
-    assert a.keys() == b.keys() == ties.keys()
-    for k in a:
-        assert a[k][1] == b[k][1], k
-        assert abs(a[k][0] - b[k][0]) <= ties[k], (k, a[k], b[k], ties[k])
 
 
 @pytest.fixture(scope="module")

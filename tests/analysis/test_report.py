@@ -2,7 +2,6 @@
 
 import csv
 import json
-from itertools import product
 
 import pytest
 from click.testing import CliRunner
@@ -12,50 +11,18 @@ from linft.cli.main import main
 from linft.errors import LinftError
 from linft.protocol.records import RecordWriter
 
-
-def rec(step, a_out, b_out, c_in, c_out, **kw):
-    """A record with training domains a, b (out splits of 10) and held-out c (in 40, out 10)."""
-    r = {"method": "linear-ft", "label": kw.pop("label", "m"), "dataset": "toy", "source": kw.pop("source", "p"),
-         "test_domain": "c", "train_domains": ["a", "b"], "grid": kw.pop("grid", {"lr": 1}), "seed": kw.pop("seed", 0),
-         "run_id": kw.pop("run_id", "r1"), "attempt": kw.pop("attempt", "x"), "step": step, "status": "ok",
-         "final": kw.pop("final", False), "hparams": {"dropout": kw.pop("dropout", 0.0)},
-         "splits": {"a_in": [0, 40], "a_out": [a_out, 10], "b_in": [0, 40], "b_out": [b_out, 10],
-                    "c_in": [c_in, 40], "c_out": [c_out, 10]}}
-    r.update(kw)
-    return r
-
-
-def _grid_records():
-    """2 grid points x 2 seeds for held-out c, final records only: per seed the best i.i.d. grid point has o.o.d.
-    25/50 (seed 0) and 30/50 (seed 1), so 55.0 ± 5.0."""
-    out = []
-    for (g, seed), (a, c) in zip(product((1, 2), (0, 1)), [(6, 20), (8, 30), (7, 25), (5, 40)]):
-        out.append(rec(0, a, a, c, 0, grid={"lr": g}, seed=seed, run_id=f"{g}-{seed}", final=True))
-    return out
-
-
-def _held_out(r, test):
-    """The same record with ``test`` held out: a's and b's roles go to the other two domains, c's to ``test``."""
-    x, y = [d for d in "abc" if d != test]
-    sp = r["splits"]
-    splits = {f"{x}_in": sp["a_in"], f"{x}_out": sp["a_out"], f"{y}_in": sp["b_in"], f"{y}_out": sp["b_out"],
-              f"{test}_in": sp["c_in"], f"{test}_out": sp["c_out"]}
-    return {**r, "test_domain": test, "train_domains": [x, y], "splits": splits, "run_id": test + r["run_id"]}
-
-
-def _full_grid_records():
-    return [_held_out(r, t) for t in "abc" for r in _grid_records()]
+from helpers import full_grid_records, grid_records
 
 
 @pytest.fixture
 def runs(tmp_path):
     """Records of three labels: m and other on every held-out domain, partial on c only."""
     with RecordWriter(tmp_path / "runs" / "records.jsonl") as w:
-        for r in _full_grid_records():
+        for r in full_grid_records():
             w.write(r)
-        for r in _full_grid_records():
+        for r in full_grid_records():
             w.write({**r, "label": "other", "run_id": "o" + r["run_id"], "hparams": {"dropout": 0.9}})
-        for r in _grid_records():  # a method run on one held-out domain only
+        for r in grid_records():  # a method run on one held-out domain only
             w.write({**r, "label": "partial", "run_id": "p" + r["run_id"]})
     return tmp_path / "runs"
 

@@ -122,12 +122,18 @@ def _stop_after(k):
     return on_checkpoint
 
 
-def test_interrupted_extraction_resumes_to_the_same_file_content(image_folder, tmp_path):
+def _reference_and_interrupted(image_folder, tmp_path):
+    """``(ref, out)``: ref.h5 extracted in one go, and c.h5 whose extraction stopped once 8 rows were on disk."""
     ref = tmp_path / "ref.h5"
     extract_features(image_folder, ref, **SMALL)
     out = tmp_path / "c.h5"
     with pytest.raises(_Stop):
         extract_features(image_folder, out, on_checkpoint=_stop_after(8), **SMALL)
+    return ref, out
+
+
+def test_interrupted_extraction_resumes_to_the_same_file_content(image_folder, tmp_path):
+    ref, out = _reference_and_interrupted(image_folder, tmp_path)
     partial = tmp_path / "c.h5.partial"
     assert not out.exists() and partial.exists()
     info = cache_info(partial)
@@ -262,11 +268,7 @@ def test_augmented_views_are_deterministic_resumable_and_match_their_transform(i
 
 
 def test_truncated_partial_is_discarded_and_extraction_restarts(image_folder, tmp_path):
-    ref = tmp_path / "ref.h5"
-    extract_features(image_folder, ref, **SMALL)
-    out = tmp_path / "c.h5"
-    with pytest.raises(_Stop):
-        extract_features(image_folder, out, on_checkpoint=_stop_after(8), **SMALL)
+    ref, out = _reference_and_interrupted(image_folder, tmp_path)
     partial = Path(str(out) + ".partial")
     data = partial.read_bytes()
     partial.write_bytes(data[: len(data) - 4096])  # what a full disk or power loss leaves

@@ -14,17 +14,7 @@ from linft.errors import LinftError
 from linft.protocol.records import (DERIVED, METHODS, REQUIRED_FIELDS, RecordWriter, RunHeader, derived,
                                     finished_run_ids, make_record, read_records)
 
-
-def rec(step, a_out, b_out, c_in, c_out, **kw):
-    """A record with training domains a, b (out splits of 10) and held-out c (in 40, out 10)."""
-    r = {"method": "linear-ft", "label": kw.pop("label", "m"), "dataset": "toy", "source": kw.pop("source", "p"),
-         "test_domain": "c", "train_domains": ["a", "b"], "grid": kw.pop("grid", {"lr": 1}), "seed": kw.pop("seed", 0),
-         "run_id": kw.pop("run_id", "r1"), "attempt": kw.pop("attempt", "x"), "step": step, "status": "ok",
-         "final": kw.pop("final", False), "hparams": {"dropout": kw.pop("dropout", 0.0)},
-         "splits": {"a_in": [0, 40], "a_out": [a_out, 10], "b_in": [0, 40], "b_out": [b_out, 10],
-                    "c_in": [c_in, 40], "c_out": [c_out, 10]}}
-    r.update(kw)
-    return r
+from helpers import rec
 
 
 def test_records_round_trip_torn_line_and_attempts(tmp_path):

@@ -48,6 +48,7 @@ from linft.train.finetune_model import (FineTuneConfig, FineTuneRun, build_run_m
 from linft.train.run_folder import RunFolder, load_selected, run_identity
 
 from conftest import SHAPE_CLASSES as CLASSES, assert_one_line_error
+from helpers import assert_counts_agree, near_ties
 
 # evaluations at steps 0, 4 and 8; lr ÷10 at step 4 (round(4.5)). Step 4 is an evaluation that is neither the
 # first nor the last one, so it has a checkpoint and a step-0 checkpoint before it: the interruption tests rely
@@ -58,9 +59,9 @@ EVALS, LAST = [0, 4, 8], 8
 RUN = FineTuneRun("photo", seed=2, lr=0.001, weight_decay=1e-4, dropout=0.5)
 
 # Two code paths (another convolution kernel for another weight layout, a softmax before the argmax) move float32
-# logits of these tiny networks by ~1e-6; an image whose top-2 logit margin is below NEAR_TIE may change its
-# predicted class between them, so split counts of two code paths may differ by the near ties of the split.
-NEAR_TIE = 1e-3
+# logits of these tiny networks by ~1e-6; an image whose top-2 logit margin is below helpers.NEAR_TIE (1e-3) may
+# change its predicted class between them, so split counts of two code paths may differ by the near ties of the split
+# (helpers.near_ties, helpers.assert_counts_agree).
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -149,22 +150,6 @@ def assert_states_equal(a, b):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-
-
-def near_ties(logits: torch.Tensor, split_rows: dict, domains: list[str]) -> dict[str, int]:
-    """Per split, the images whose top-2 logit margin is below NEAR_TIE."""
-    top2 = logits.topk(2, dim=1).values
-    close = ((top2[:, 0] - top2[:, 1]) < NEAR_TIE).numpy()
-    return {f"{domains[d]}_{part}": int(close[rows].sum()) for (d, part), rows in sorted(split_rows.items())}
-
-
-def assert_counts_agree(a: dict, b: dict, ties: dict):
-    """Split counts ``{split: [correct, total]}`` of two code paths: the same totals, and correct counts that differ
-    by at most the split's near ties (equal when there are none)."""
-    assert a.keys() == b.keys() == ties.keys()
-    for k in a:
-        assert a[k][1] == b[k][1], k
-        assert abs(a[k][0] - b[k][0]) <= ties[k], (k, a[k], b[k], ties[k])
 
 
 @pytest.fixture(scope="module")

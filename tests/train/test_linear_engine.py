@@ -1,42 +1,26 @@
 """The linear fine-tuning engine: the model's formulas, and batched runs against plain one-by-one torch.optim.SGD runs.
 
 The engine trains a whole grid as stacked tensors with differently factored
-matmuls (``Σ_k (V ⊙ v_k) · φ_k`` batched over runs); the reference below is
-the loop people write (``(Σ_k v_k ⊙ φ_k) · Vᵀ``, one run at a time). The two
-are different code paths, so they agree to a stated tolerance, and their
-correct counts agree on every example that is not a near-tie of the reference.
+matmuls (``Σ_k (V ⊙ v_k) · φ_k`` batched over runs); the reference in
+tests/reference.py is the loop people write (``(Σ_k v_k ⊙ φ_k) · Vᵀ``, one run
+at a time). The two are different code paths, so they agree to a stated
+tolerance, and their correct counts agree on every example that is not a
+near-tie of the reference.
 """
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from linft.data.splits import domain_split_rows
 from linft.protocol.schedule import eval_steps, lr_at
 from linft.train.linear_engine import (
-    GridPoint, Group, LinearData, LinearGridConfig, draw_batch, draw_noise, draw_views, group_generator,
-    initial_parameters, inverted_dropout, linear_ft_logits, train_linear_grid,
+    GridPoint, Group, LinearData, LinearGridConfig, group_generator, initial_parameters, inverted_dropout,
+    linear_ft_logits, train_linear_grid,
 )
 
-K, D, C, NDOM = 3, 6, 3, 3
-
-#: How far the batched engine's parameters may be from the one-by-one loop's. Both are float32 SGD of the same
-#: batches from the same initialisation; they differ only by the rounding of differently factored matmuls (and by
-#: which BLAS kernel a CPU picks: AVX2, AVX-512, AMX). Measured after 40 steps: at most 2e-6 absolute, a tenth of
-#: this tolerance (the dropout-0.9 runs; the others 1/100), on 1 and 2 threads. Any protocol error (another batch,
-#: lr, momentum, weight decay or dropout mask) moves the parameters by orders of magnitude more.
-RTOL, ATOL = 1e-4, 1e-5
-
-
-def synthetic(n_per_domain=40, seed=0):
-    """Features with a class signal that weakens across domains (so training has something to learn)."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, C, size=NDOM * n_per_domain)
-    domains = np.repeat(np.arange(NDOM), n_per_domain)
-    means = rng.normal(size=(C, K, D))
-    feats = means[labels] * (1.0 - 0.3 * domains)[:, None, None] + rng.normal(size=(len(labels), K, D))
-    return feats.astype(np.float32), labels.astype(np.int64), domains.astype(np.int64)
+from helpers import C, D, K, NDOM, synthetic
+from reference import ATOL, RTOL, plain_sgd_run, reference_counts
 
 
 def split_ids(domains, seed):
@@ -50,61 +34,6 @@ def linear_data(feats, labels, domains, seeds, views=None) -> LinearData:
     return LinearData(features=torch.from_numpy(feats), labels=torch.from_numpy(labels),
                       split_rows={s: split_ids(domains, s) for s in seeds}, num_splits=2 * NDOM, num_classes=C,
                       views=views)
-
-
-def plain_run(feats, labels, domains, test_domain, seed, point, config, views=None):
-    """One run as people write it: plain tensors as parameters, torch.optim.SGD, a loop over steps.
-
-    Returns the final ``(v, V, b)`` and a copy of ``(v, V, b)`` after every evaluation step.
-    """
-    gen_init = group_generator(seed, test_domain, "init", "cpu")
-    init = initial_parameters(K, D, C, gen_init, config.v_init, point.probe)
-    v, V, b = (t.clone().requires_grad_(True) for t in init)
-    params = [V, b] if point.probe else [v, V, b]
-    opt = torch.optim.SGD(params, lr=point.lr, momentum=config.momentum, weight_decay=point.weight_decay)
-    gen = group_generator(seed, test_domain, "batches", "cpu")
-    rows_of = domain_split_rows(domains, NDOM, seed)
-    pools = [torch.from_numpy(rows_of[(d, "in")]) for d in range(NDOM) if d != test_domain]
-    X, Y = torch.from_numpy(feats), torch.from_numpy(labels)
-    snapshots = {}
-    for step in range(config.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, point.lr, config.milestone_steps())
-        rows = draw_batch(pools, config.batch_size, gen)
-        phi = X[rows] if views is None else views[rows, draw_views(len(rows), views.shape[1], gen, "cpu")]
-        keep = draw_noise(len(rows), D, gen, "cpu") >= point.dropout
-        loss = F.cross_entropy(linear_ft_logits(phi, v, V, b, keep, point.dropout), Y[rows])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step in eval_steps(config.steps, config.eval_every):
-            snapshots[step] = tuple(t.detach().clone() for t in (v, V, b))
-    return v.detach(), V.detach(), b.detach(), snapshots
-
-
-def logit_error_bound(phi, v, V, b, rtol=RTOL, atol=ATOL):
-    """(N, C): how far each logit can move when every parameter moves by at most ``atol + rtol·|p|``.
-
-    ``logit_c = Σ_kd φ_kd v_kd V_cd + b_c`` and ``|Δ(v V)| ≤ |Δv||V| + |v||ΔV| + |Δv||ΔV|``.
-    """
-    dv, dV, db = (atol + rtol * t.abs() for t in (v, V, b))
-    dW = dv[:, None, :] * V.abs()[None] + v.abs()[:, None, :] * dV[None] + dv[:, None, :] * dV[None]  # (K, C, D)
-    return torch.einsum("nkd,kcd->nc", phi.abs(), dW) + db
-
-
-def reference_counts(phi, labels, v, V, b):
-    """Per example: whether the reference predicts the label, and whether it is a near-tie.
-
-    A near-tie is an example whose top-2 logit margin is at most twice the largest logit move that parameters
-    within (RTOL, ATOL) allow (the top logit may fall and the runner-up rise by that much), times 2 for the float32
-    rounding of the two evaluations (about 1e-6 of the logits' scale, far below the bound). On every other example
-    any parameters within the tolerance predict the same class as the reference.
-    """
-    logits = linear_ft_logits(phi, v, V, b)
-    top2 = logits.topk(2, dim=1)
-    margin = top2.values[:, 0] - top2.values[:, 1]
-    tie = margin <= 2 * 2 * logit_error_bound(phi, v, V, b).max(1).values
-    return (top2.indices[:, 0] == labels).numpy(), tie.numpy()
 
 
 def assert_counts_agree(got_correct, rows_of, right, tie, where):
@@ -150,7 +79,8 @@ def test_batched_engine_equals_one_by_one_sgd(v_init, with_views):
     for gi, g in enumerate(groups):
         rows_of = domain_split_rows(domains, NDOM, g.seed)
         for hi, p in enumerate(POINTS):
-            rv, rV, rb, snapshots = plain_run(feats, labels, domains, g.test_domain, g.seed, p, config, views)
+            rv, rV, rb, snapshots, _ = plain_sgd_run(feats, labels, rows_of, C, g.test_domain, g.seed, p, config,
+                                                     views)
             assert sorted(snapshots) == sorted(at_step)
             for step, (ev, eV, eb, point) in at_step.items():
                 sv, sV, sb = snapshots[step]

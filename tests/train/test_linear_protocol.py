@@ -3,34 +3,17 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from linft.cache.format import FeatureCache
 from linft.data.splits import domain_split_rows
 from linft.errors import LinftError
 from linft.protocol.records import REQUIRED_FIELDS, read_records
-from linft.protocol.schedule import eval_steps, lr_at
 from linft.protocol.selection import iid_accuracy, ood_accuracy
 from linft.train.linear import train_linear
-from linft.train.linear_engine import (GridPoint, LinearGridConfig, draw_batch, draw_noise, group_generator,
-                                       initial_parameters, linear_ft_logits)
+from linft.train.linear_engine import GridPoint, LinearGridConfig
 
-K, D, C, NDOM = 3, 6, 3, 3
-
-#: How far the engine's parameters may be from the plain loop's (float32 rounding of differently factored and
-#: differently stacked matmuls); tests/train/test_linear_engine.py asserts this tolerance against the same loop
-#: and measured a tenth of it.
-RTOL, ATOL = 1e-4, 1e-5
-
-
-def synthetic(n_per_domain=40, seed=0):
-    """Features with a class signal that weakens across domains (so training has something to learn)."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, C, size=NDOM * n_per_domain)
-    domains = np.repeat(np.arange(NDOM), n_per_domain)
-    means = rng.normal(size=(C, K, D))
-    feats = means[labels] * (1.0 - 0.3 * domains)[:, None, None] + rng.normal(size=(len(labels), K, D))
-    return feats.astype(np.float32), labels.astype(np.int64), domains.astype(np.int64)
+from helpers import C, NDOM, synthetic
+from reference import ATOL, RTOL, decided_and_ties, plain_sgd_run
 
 
 def make_cache(tmp_path, n_per_domain=30):
@@ -40,50 +23,6 @@ def make_cache(tmp_path, n_per_domain=30):
     meta = {"domain_names": names, "class_names": ["x", "y", "z"], "provenance_sha256": "f" * 64,
             "dataset_name": "synthetic", "backbone": "none", "weights": "none", "blocks": ["b1", "b2", "b3"]}
     return FeatureCache(tmp_path / "fake.h5", feats, labels, domains, paths, np.ones(len(labels), bool), meta)
-
-
-def plain_run(cache, test_domain, seed, point, config):
-    """One run of the protocol as people write it (torch.optim.SGD, one run, a loop over steps), from the cache.
-
-    Returns ``{step: (training loss, v, V, b)}`` at every evaluation step.
-    """
-    K_, D_ = cache.features.shape[1:]
-    init = initial_parameters(K_, D_, len(cache.class_names), group_generator(seed, test_domain, "init", "cpu"),
-                              config.v_init, point.probe)
-    v, V, b = (t.clone().requires_grad_(True) for t in init)
-    opt = torch.optim.SGD([V, b] if point.probe else [v, V, b], lr=point.lr, momentum=config.momentum,
-                          weight_decay=point.weight_decay)
-    gen = group_generator(seed, test_domain, "batches", "cpu")
-    rows_of = domain_split_rows(cache.domains, len(cache.domain_names), seed, cache.valid)
-    pools = [torch.from_numpy(rows_of[(d, "in")]) for d in range(len(cache.domain_names)) if d != test_domain]
-    X, Y = torch.from_numpy(cache.features), torch.from_numpy(cache.labels)
-    out = {}
-    for step in range(config.steps):
-        opt.param_groups[0]["lr"] = lr_at(step, point.lr, config.milestone_steps())
-        rows = draw_batch(pools, config.batch_size, gen)
-        keep = draw_noise(len(rows), D_, gen, "cpu") >= point.dropout
-        loss = F.cross_entropy(linear_ft_logits(X[rows], v, V, b, keep, point.dropout), Y[rows])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step in eval_steps(config.steps, config.eval_every):
-            out[step] = (loss.item(), *(t.detach().clone() for t in (v, V, b)))
-    return out
-
-
-def decided_and_ties(phi, labels, v, V, b):
-    """Per example: the reference predicts the label, and the example is a near-tie.
-
-    A near-tie's top-2 logit margin is at most 2 x 2 x the largest logit move allowed by parameters within
-    (RTOL, ATOL) (top logit down, runner-up up; x2 for the float32 rounding of the evaluations, ~1e-6 of the
-    logits' scale). Elsewhere any parameters within the tolerance predict what the reference predicts.
-    """
-    dv, dV, db = (ATOL + RTOL * t.abs() for t in (v, V, b))
-    dW = dv[:, None, :] * V.abs()[None] + v.abs()[:, None, :] * dV[None] + dv[:, None, :] * dV[None]  # (K, C, D)
-    bound = torch.einsum("nkd,kcd->nc", phi.abs(), dW) + db
-    top2 = linear_ft_logits(phi, v, V, b).topk(2, dim=1)
-    tie = top2.values[:, 0] - top2.values[:, 1] <= 4 * bound.max(1).values
-    return (top2.indices[:, 0] == labels).numpy() & ~tie.numpy(), tie.numpy()
 
 
 def test_protocol_records_and_idempotent_rerun(tmp_path):
@@ -133,10 +72,15 @@ def test_same_seed_same_result_whatever_else_is_in_the_grid(tmp_path):
     one = {key(r): r for r in read_records([tmp_path / "one"])}
     assert len(one) == 2 * 4 and set(one) <= set(full)  # seeds 0, 1 at steps 0, 3, 6, 9
     X, Y = torch.from_numpy(cache.features), torch.from_numpy(cache.labels)
-    references = {s: plain_run(cache, 1, s, GridPoint(0.05, 1e-3, 0.5), config) for s in (0, 1)}
+    references = {}  # seed: the plain loop's ({step: (v, V, b)}, {step: training loss})
+    for s in (0, 1):
+        rows_of = domain_split_rows(cache.domains, NDOM, s, cache.valid)
+        references[s] = plain_sgd_run(cache.features, cache.labels, rows_of, C, 1, s, GridPoint(0.05, 1e-3, 0.5),
+                                      config)[3:]
     near_ties = 0
     for k, r in one.items():
-        loss, v, V, b = references[r["seed"]][r["step"]]
+        snapshots, losses = references[r["seed"]]
+        (v, V, b), loss = snapshots[r["step"]], losses[r["step"]]
         right, tie = decided_and_ties(X, Y, v, V, b)
         near_ties += int(tie.sum())
         rows_of = domain_split_rows(cache.domains, NDOM, r["seed"], cache.valid)
