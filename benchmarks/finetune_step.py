@@ -3,6 +3,7 @@
     python benchmarks/finetune_step.py                          # CPU: demo-resnet, 64 px, 3 x 32 images per step
     python benchmarks/finetune_step.py --device cuda            # GPU: resnet50, 224 px, 3 x 32 images per step
     python benchmarks/finetune_step.py --backbone resnet18 --image-size 128 --steps 5
+    python benchmarks/finetune_step.py --augment tensor          # linft's step with the tensor augmentation
 
 Both sides train the same network from the same weights on the same batch
 (``--domains`` x ``--batch-size`` images, random, fixed), with dropout on the
@@ -26,6 +27,13 @@ decay, and cross-entropy:
 After ``--warmup`` steps each, the two are timed in ``--rounds`` alternating
 rounds of ``--steps`` steps (shared machines drift); the median round is
 reported, as steps/s and images/s, with the ratio linft / plain (goal >= 1).
+
+``--augment tensor`` times linft's step with ``FineTuneConfig.augment="tensor"``
+(the batch augmented on the device inside ``train_step``; the plain loop stays
+unaugmented, so the ratio shows what the augmentation costs), and also times
+the augmentation of one batch alone both ways: ``pil`` — DomainBed's PIL
+transform image by image in this one process (what each DataLoader worker
+does, without the PNG decoding), ``tensor`` — :func:`linft.data.tensor_augment.augment_batch`.
 """
 
 from __future__ import annotations
@@ -39,9 +47,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from torch import nn
 
-from linft.data.images import normalize_uint8
+from linft.data.images import normalize_uint8, train_augmentation
+from linft.data.tensor_augment import augment_batch
 from linft.models import load_backbone
 from linft.runtime import resolve_device
 from linft.train.finetune_model import (FineTuneConfig, FineTuneRun, build_run_model, run_optimizer, set_train_mode,
@@ -63,6 +73,34 @@ def plain_model(backbone: str, weights: str, dropout: float, like: nn.Module, de
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
+def augmentation_ms(images: torch.Tensor, dev, rounds: int) -> dict[str, float]:
+    """Median milliseconds to augment the uint8 batch ``images`` with PIL (image by image, seeded per image as
+    the DataLoader workers do, in this process) and with :func:`augment_batch` on ``dev``."""
+    size, seeds = images.shape[-1], list(range(len(images)))
+    pil = [TF.to_pil_image(x) for x in images]
+    augment = train_augmentation(size)
+    on_dev = images.to(dev)
+
+    def with_pil():
+        with torch.random.fork_rng(devices=[]):
+            for img, seed in zip(pil, seeds):
+                torch.manual_seed(seed)
+                augment(img)
+
+    out = {}
+    for kind, fn in (("pil", with_pil), ("tensor", lambda: augment_batch(on_dev, seeds))):
+        fn()
+        times = []
+        for _ in range(rounds):
+            sync(dev)
+            t = time.perf_counter()
+            fn()
+            sync(dev)
+            times.append((time.perf_counter() - t) * 1e3)
+        out[kind] = statistics.median(times)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbone", default=None, help="default: demo-resnet on the CPU, resnet50 on CUDA")
@@ -78,6 +116,9 @@ def main():
     ap.add_argument("--plain-channels-last", action="store_true",
                     help="channels_last in the plain loop on the CPU too (it always is on CUDA)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--augment", choices=("none", "tensor"), default="none",
+                    help="tensor: linft's step augments the batch on the device; also times one batch's augmentation "
+                         "with PIL (per image) and with tensors")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
 
@@ -90,7 +131,8 @@ def main():
     steps = args.steps or (30 if cuda else 4)
     if cuda:
         torch.backends.cudnn.benchmark = True
-    config = FineTuneConfig(steps=10_000, batch_size=args.batch_size, image_size=size)  # amp, channels_last: defaults
+    # precision, channels_last: FineTuneConfig's defaults
+    config = FineTuneConfig(steps=10_000, batch_size=args.batch_size, image_size=size, augment=args.augment)
     run = FineTuneRun("held-out", seed=0, lr=1e-3, weight_decay=1e-4, dropout=args.dropout)
 
     # linft: train_run's model, mode, optimizer and step
@@ -159,7 +201,11 @@ def main():
               "linft_steps_per_s": linft_rate, "plain_steps_per_s": plain_rate, "ratio": linft_rate / plain_rate,
               "linft_rounds": rates["linft"], "plain_rounds": rates["plain"],
               "linft": "channels_last" + (", bf16 autocast" if cuda else " (FineTuneConfig default), fp32"),
-              "plain": ("channels_last" if plain_cl else "contiguous") + (", bf16 autocast" if cuda else ", fp32")}
+              "plain": ("channels_last" if plain_cl else "contiguous") + (", bf16 autocast" if cuda else ", fp32"),
+              "augment": args.augment}
+    if args.augment != "none":
+        result["linft"] += ", tensor augmentation in the step"
+        result["augment_ms_per_batch"] = augmentation_ms(images, dev, args.rounds)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -169,6 +215,8 @@ def main():
     print(f"  {'linft train_step':28s} {linft_rate:9.2f} {linft_rate * n:9.1f}   ({result['linft']})")
     print(f"  {'plain PyTorch loop':28s} {plain_rate:9.2f} {plain_rate * n:9.1f}   ({result['plain']})")
     print(f"  linft / plain = {linft_rate / plain_rate:.2f}   (goal >= 1)")
+    for kind, ms in result.get("augment_ms_per_batch", {}).items():
+        print(f"  augmentation of one batch, {kind:6s} {ms:8.1f} ms   ({n / ms * 1e3:.0f} images/s)")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@
 #   DEVICE=cpu QUICK=1 bash benchmarks/gpu_check.sh   # a dry run of the script itself on a CPU machine
 #
 # Installs linft without dependencies (never with the pins), then runs, each in its own step with its wall time:
-# the CUDA paths end to end on the built-in benchmark (extract with float16 autocast and channels_last, linear
-# fine-tuning on the GPU, full fine-tuning with bfloat16 autocast and --ensembles, a linearized run,
-# interpolation with the jvp path, report), then the four benchmarks with --device cuda. Output and JSON figures
+# the CUDA paths end to end on the built-in benchmark (extract with bfloat16 autocast (the default --precision) and
+# channels_last, and with float16, linear fine-tuning on the GPU, full fine-tuning with bfloat16 autocast and
+# --ensembles, a linearized run, interpolation with the jvp path and in float32, report), then the four benchmarks with --device cuda. Output and JSON figures
 # go to ${OUT:-/tmp/linft_gpu_check}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +34,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 if [ "$QUICK" = 1 ]; then LSTEPS=20; FSTEPS=6; EVERY=3; PER=12; else LSTEPS=2000; FSTEPS=300; EVERY=100; PER=150; fi
 step demo_data linft demo-data "$W/data" --per-class "$PER"
 step extract linft extract "$W/data" --backbone demo-resnet --image-size 64 --device "$DEVICE" --out "$W/c.h5" --quiet
+step extract_fp16 linft extract "$W/data" --backbone demo-resnet --image-size 64 --device "$DEVICE" --precision float16 --out "$W/c16.h5" --quiet
 step extract_views linft extract "$W/data" --backbone demo-resnet --image-size 64 --device "$DEVICE" --views 2 --out "$W/cv.h5" --quiet
 step verify linft cache verify "$W/c.h5" --data "$W/data"
 step train_linear linft train-linear "$W/c.h5" --dropout 0 --dropout 0.9 --probe --steps "$LSTEPS" --device "$DEVICE" --out "$W/lin" --quiet
@@ -44,7 +45,7 @@ step finetune_linearized linft finetune "$W/data" --backbone demo-resnet --image
     --weight-decay 1e-4 --seeds 1 --test-domains sketch --steps "$FSTEPS" --eval-every "$EVERY" --device "$DEVICE" --out "$W/ftlin" --quiet
 RUN=$(dirname "$(ls "$W"/ft/*/selected.pt | head -1)")
 step interpolate linft interpolate "$W/data" --finetuned "$RUN" --linearity --device "$DEVICE" --out "$W/interp" --quiet
-step interpolate_amp linft interpolate "$W/data" --finetuned "$RUN" --amp --no-blocks --device "$DEVICE" --out "$W/interp_amp" --quiet
+step interpolate_fp32 linft interpolate "$W/data" --finetuned "$RUN" --precision float32 --no-blocks --device "$DEVICE" --out "$W/interp_fp32" --quiet
 step report linft report "$W/lin" "$W/ft" "$W/interp" --out "$W/report" --json
 
 if [ "$QUICK" = 1 ]; then

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from linft.cache import cache_info, verify_cache
 from linft.cache.format import describe_cache
+from linft.runtime import json_text
 
 
 @click.group()
@@ -27,7 +26,7 @@ def info(path, as_json):
     """
     meta = cache_info(path)
     if as_json:
-        click.echo(json.dumps(meta, indent=2, sort_keys=True))
+        click.echo(json_text(meta, indent=2, sort_keys=True))
         return
     click.echo(describe_cache(meta))
 
@@ -48,8 +47,8 @@ def verify(path, data, as_json):
     """
     report = verify_cache(path, data)
     if as_json:
-        click.echo(json.dumps({"path": str(report.path), "ok": report.ok,
-                               "checks": [{"check": c, "ok": ok, "detail": d} for c, ok, d in report.checks]}, indent=2))
+        click.echo(json_text({"path": str(report.path), "ok": report.ok,
+                              "checks": [{"check": c, "ok": ok, "detail": d} for c, ok, d in report.checks]}, indent=2))
     else:
         for check, ok, detail in report.checks:
             click.echo(f"{'ok  ' if ok else 'FAIL'}  {check}: {detail}")

@@ -6,6 +6,9 @@ import click
 
 from linft.data import DOMAINBED_DATASETS, find_dataset
 from linft.cache import extract_features
+from linft.cli.options import deprecated_precision_flag, precision_of, precision_option
+from linft.protocol.records import done_summary
+from linft.runtime import say_line
 
 
 @click.command()
@@ -26,8 +29,9 @@ from linft.cache import extract_features
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes. Default: one per spare core, at most 8.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
-              help="Storage type of the features (the computation is float32, or float16 autocast on CUDA).")
-@click.option("--no-amp", is_flag=True, help="On CUDA, compute in float32 instead of float16 autocast.")
+              help="Storage type of the features (the computation: --precision).")
+@precision_option("Part of the cache's provenance (its 'compute' attribute: float32 or cuda autocast DTYPE).")
+@deprecated_precision_flag("--no-amp", "float32")
 @click.option("--skip-bad-images", is_flag=True,
               help="Record unreadable images in the cache (zero features, valid=False) instead of failing.")
 @click.option("--views", type=int, default=0, show_default=True,
@@ -38,9 +42,9 @@ from linft.cache import extract_features
               help="Replace a cache (or discard an unfinished one) of different provenance at --out.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Cache file. Default: features_cache/<dataset>_<backbone>_<weights>.h5")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no news on stderr (warnings and the result stay).")
 def extract(dataset, data_root, backbone, weights, num_blocks, image_size, batch_size, workers, device,
-            dtype, no_amp, skip_bad_images, views, views_seed, force, out, quiet):
+            dtype, precision, deprecated_flag, skip_bad_images, views, views_seed, force, out, quiet):
     """Cache the average-pooled outputs of the last residual blocks for every image of DATASET.
 
     DATASET is a folder laid out DATASET/<domain>/<class>/<image>, or a DomainBed
@@ -53,18 +57,21 @@ def extract(dataset, data_root, backbone, weights, num_blocks, image_size, batch
           --out features_cache/pacs_r50v2.h5
     """
     ds = find_dataset(dataset, data_root)
-    click.echo(f"{ds.name or ds.root}: {len(ds)} images, {len(ds.domains)} domains "
-               f"({', '.join(f'{d} {c}' for d, c in ds.counts.items())}), {len(ds.classes)} classes", err=True)
+    if not quiet:
+        say_line(f"{ds.name or ds.root}: {len(ds)} images, {len(ds.domains)} domains "
+                 f"({', '.join(f'{d} {c}' for d, c in ds.counts.items())}), {len(ds.classes)} classes")
     result = extract_features(
         ds, out, backbone=backbone, weights=weights, num_blocks=num_blocks, image_size=image_size,
-        batch_size=batch_size, workers=workers, device=device, dtype=dtype, amp=not no_amp,
+        batch_size=batch_size, workers=workers, device=device, dtype=dtype,
+        precision=precision_of(precision, deprecated_flag, "--no-amp", "float32"),
         skip_bad_images=skip_bad_images, views=views, views_seed=views_seed, force=force, progress=not quiet,
     )
+    counts = done_summary(result.num_extracted, result.num_examples - result.num_extracted, verb="extracted",
+                          unit="image")
     if result.status == "up-to-date":
-        click.echo(f"{result.path} is already complete with the same provenance; nothing to do")
+        click.echo(f"{counts} -> {result.path} (already complete with the same provenance)")
         return
-    click.echo(f"{result.status} {result.num_extracted} images in {result.seconds:.1f} s "
-               f"({result.images_per_second:,.1f} img/s) -> {result.path}")
+    click.echo(f"{counts} -> {result.path} ({result.seconds:.1f} s, {result.images_per_second:,.1f} img/s)")
     if result.skipped_paths:
         click.echo(f"skipped {len(result.skipped_paths)} unreadable images (recorded in the cache): "
                    f"{', '.join(result.skipped_paths[:5])}", err=True)

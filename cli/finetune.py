@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from linft.data import find_dataset
 from linft.analysis.report import summary_tables
+from linft.cli.options import precision_option, repeatable
+from linft.protocol.records import done_summary
+from linft.runtime import json_text, say_line
 from linft.train.finetune import default_finetune_out, sweep_runs
-from linft.train.finetune_model import FineTuneConfig
+from linft.train.finetune_model import AUGMENTATIONS, FineTuneConfig
 from linft.train.sweep import LAUNCHERS, LaunchOptions, launch_sweep
 
 
@@ -24,23 +26,33 @@ from linft.train.sweep import LAUNCHERS, LaunchOptions, launch_sweep
                    'file for demo-resnet), a torchvision weight name (IMAGENET1K_V1 = "ResNet #1", IMAGENET1K_V2), '
                    "a local state_dict file, or none (seeded random init, i.e. training from scratch).")
 @click.option("--dropout", "dropouts", type=float, multiple=True, default=(0.0,), show_default=True,
-              help="Dropout rate on the penultimate representation; repeat for a sweep (--dropout 0 --dropout 0.9).")
+              help=repeatable("Dropout rate on the penultimate representation.", "--dropout 0 --dropout 0.9"))
 @click.option("--last-layer-lr-mult", type=float, default=1.0, show_default=True,
               help="Learning-rate multiplier of the classifier head (the paper's baseline: 10).")
 @click.option("--stochastic-depth", type=float, default=0.0, show_default=True,
               help="Residual-block dropout rate on every residual branch (the paper: 0.1 to 0.3).")
 @click.option("--linearized", is_flag=True, help="Train the first-order (torch.func) model around the pretrained one.")
-@click.option("--lr", "lrs", type=float, multiple=True, default=(1e-3, 5e-4), show_default=True)
-@click.option("--weight-decay", "weight_decays", type=float, multiple=True, default=(1e-4, 5e-5, 1e-5), show_default=True)
+@click.option("--lp-ft", is_flag=True,
+              help="LP-FT (Kumar et al. 2022): the head starts from the linear-probe solution on the pretrained "
+                   "penultimate features of each run's training images (method lp-ft, label LP-FT).")
+@click.option("--lp-ft-cache", type=click.Path(exists=True, dir_okay=False, resolve_path=True), default=None,
+              help="Fit the LP-FT probe on this feature cache (`linft extract` of the same data, weights and "
+                   "--image-size) instead of one forward pass of the backbone; implies --lp-ft.")
+@click.option("--lr", "lrs", type=float, multiple=True, default=(1e-3, 5e-4), show_default=True,
+              help=repeatable("Learning rates of the grid.", "--lr 1e-3 --lr 5e-4"))
+@click.option("--weight-decay", "weight_decays", type=float, multiple=True, default=(1e-4, 5e-5, 1e-5),
+              show_default=True, help=repeatable("Weight decays of the grid.", "--weight-decay 1e-4 --weight-decay 1e-5"))
 @click.option("--seeds", type=int, default=3, show_default=True, help="Trial seeds 0..N-1 (split, batches, masks, head init).")
 @click.option("--steps", type=int, default=10_000, show_default=True, help="SGD steps per run.")
 @click.option("--lr-milestones", "lr_milestones", type=float, multiple=True, default=(0.5,), show_default=True,
-              help="Fractions of --steps where the lr is divided by 10; repeat (DomainNet, 30,000 steps: "
-                   "--lr-milestones 0.5 --lr-milestones 0.8333).")
+              help=repeatable("Fractions of --steps where the lr is divided by 10.",
+                              "--lr-milestones 0.5 --lr-milestones 0.8333 (DomainNet, 30,000 steps)"))
 @click.option("--eval-every", type=int, default=300, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per training domain per step.")
 @click.option("--image-size", type=int, default=224, show_default=True)
-@click.option("--test-domains", multiple=True, help="Held-out domains to run (default: every domain).")
+@click.option("--test-domains", multiple=True,
+              help=repeatable("Held-out domains to run (default: every domain).",
+                              "--test-domains photo --test-domains sketch"))
 @click.option("--ensembles", is_flag=True,
               help="Also record trajectory ensembles and weight averages (every evaluation), and per held-out domain "
                    "and seed the ensemble, uniform soup and greedy soup of the grid's selected models.")
@@ -50,9 +62,14 @@ from linft.train.sweep import LAUNCHERS, LaunchOptions, launch_sweep
 @click.option("--ensemble-rule", type=click.Choice(["probs", "logits"]), default="probs", show_default=True,
               help="Output ensembles: mean of probabilities, or of logits (the official code).")
 @click.option("--no-freeze-bn", is_flag=True, help="Update BatchNorm statistics (the protocol freezes them).")
-@click.option("--no-augment", is_flag=True, help="Train on the deterministic transform (no augmentation).")
+@click.option("--augment", type=click.Choice(AUGMENTATIONS), default="pil", show_default=True,
+              help="Training augmentation: pil, DomainBed's PIL transform per image in DataLoader workers (the "
+                   "paper's protocol); tensor, the same family batched on the device (faster, not bit-identical to "
+                   "pil); none, the deterministic transform. Part of each run's id.")
+@click.option("--no-augment", is_flag=True, hidden=True, help="Same as --augment none (earlier releases).")
 @click.option("--workers", type=int, default=None, help="DataLoader processes decoding images. Default: one per spare core, at most 8.")
 @click.option("--device", default="auto", show_default=True)
+@precision_option("Fine-tuning refuses float16 (it would need loss scaling).")
 @click.option("--launcher", type=click.Choice(LAUNCHERS), default="local", show_default=True,
               help="local: in this process (--gpus N: one process per GPU); slurm: one job per run through submitit.")
 @click.option("--gpus", type=int, default=1, show_default=True, help="local launcher: GPUs to use, one run on each.")
@@ -62,12 +79,16 @@ from linft.train.sweep import LAUNCHERS, LaunchOptions, launch_sweep
 @click.option("--no-wait", is_flag=True, help="slurm launcher: return once the jobs are submitted.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder of the run folders. Default: runs/finetune/<dataset>/")
+@click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write the records as TensorBoard event files under this folder (pip install "
+                   "'linft[tensorboard]'; then: tensorboard --logdir DIR).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary table as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def finetune_cmd(dataset, data_root, backbone, weights, dropouts, last_layer_lr_mult, stochastic_depth, linearized, lrs,
-                 weight_decays, seeds, steps, lr_milestones, eval_every, batch_size, image_size, test_domains, ensembles,
-                 average_every_step, ensemble_rule, no_freeze_bn, no_augment, workers, device, launcher, gpus,
-                 slurm_partition, slurm_timeout, slurm_gpus, no_wait, out, as_json, quiet):
+@click.option("--quiet", is_flag=True, help="No progress bars and no line per evaluation.")
+def finetune_cmd(dataset, data_root, backbone, weights, dropouts, last_layer_lr_mult, stochastic_depth, linearized,
+                 lp_ft, lp_ft_cache, lrs, weight_decays, seeds, steps, lr_milestones, eval_every, batch_size,
+                 image_size, test_domains, ensembles, average_every_step, ensemble_rule, no_freeze_bn, augment, no_augment,
+                 workers, device, precision, launcher, gpus, slurm_partition, slurm_timeout, slurm_gpus, no_wait, out,
+                 tensorboard_dir, as_json, quiet):
     """Fine-tune a pretrained backbone leave-one-domain-out, with dropout on the penultimate layer.
 
     Every held-out domain x seed x dropout x lr x weight decay is one run with
@@ -75,7 +96,10 @@ def finetune_cmd(dataset, data_root, backbone, weights, dropouts, last_layer_lr_
     step, lr ÷10 at half, BatchNorm frozen, evaluation every 300 steps).
     Each run has its folder OUT/<run_id>/ with records.jsonl; killed runs resume
     from their last checkpoint, and finished runs are skipped, so re-running the
-    same command completes only what is missing.
+    same command completes only what is missing. While it trains, one line per
+    evaluation (step, lr, loss, i.i.d. and o.o.d. accuracy) goes to stderr;
+    `linft status OUT` shows where the sweep stands from anywhere. Exits with
+    status 1 when every run diverged (nothing to report).
 
     \b
     Examples:
@@ -83,6 +107,7 @@ def finetune_cmd(dataset, data_root, backbone, weights, dropouts, last_layer_lr_
       linft finetune PACS --last-layer-lr-mult 10 --out runs/pacs_ft          # 10x head lr baseline
       linft finetune PACS --stochastic-depth 0.1 --out runs/pacs_ft
       linft finetune PACS --weights none --lr 5e-3 --lr 1e-2 --out runs/pacs_ft  # from scratch
+      linft finetune PACS --lp-ft --lp-ft-cache features_cache/pacs_r50v2.h5 --out runs/pacs_ft  # LP-FT
       linft finetune PACS --dropout 0.9 --ensembles --launcher slurm --slurm-partition gpu --out runs/pacs_ft
       linft report runs/pacs_ft
     """
@@ -90,26 +115,34 @@ def finetune_cmd(dataset, data_root, backbone, weights, dropouts, last_layer_lr_
     out = Path(out) if out else default_finetune_out(ds)
     config = FineTuneConfig(steps=steps, lr_milestones=tuple(lr_milestones), batch_size=batch_size,
                             eval_every=eval_every, image_size=image_size,
-                            freeze_bn=not no_freeze_bn, augment=not no_augment, workers=workers,
-                            trajectory=ensembles, average_every_step=average_every_step, ensemble_rule=ensemble_rule)
+                            freeze_bn=not no_freeze_bn, augment="none" if no_augment else augment, workers=workers,
+                            trajectory=ensembles, average_every_step=average_every_step, ensemble_rule=ensemble_rule,
+                            precision=precision, lp_ft_cache=lp_ft_cache)
     runs = sweep_runs(ds.domains, test_domains=test_domains, dropouts=dropouts, lrs=lrs, weight_decays=weight_decays,
                       seeds=seeds, last_layer_lr_mult=last_layer_lr_mult, stochastic_depth=stochastic_depth,
-                      linearized=linearized)
+                      linearized=linearized, lp_ft=lp_ft or lp_ft_cache is not None)
     slurm = {"timeout_min": slurm_timeout, "gpus_per_node": slurm_gpus}
     if slurm_partition:
         slurm["slurm_partition"] = slurm_partition
-    say = (lambda line: click.echo(line, err=True)) if not quiet else None
     options = LaunchOptions(launcher=launcher, device=device, gpus=gpus, slurm=slurm, wait=not no_wait,
-                            across_runs=ensembles, progress=not quiet, say=say)
+                            across_runs=ensembles, progress=not quiet, say=None if quiet else say_line,
+                            tensorboard_dir=tensorboard_dir)
     result = launch_sweep(ds, out, runs, backbone=backbone, weights=weights, config=config, options=options)
     failed = [s for s in result["statuses"] if str(s).startswith("failed")]
-    click.echo(f"{result['submitted']} runs launched ({result['skipped']} already done"
-               f"{', ' + str(len(failed)) + ' failed' if failed else ''}) -> {out}", err=True)
+    verb = "submitted" if no_wait and launcher != "local" else "trained"
+    counts = done_summary(result["submitted"], result["skipped"], verb=verb,
+                          diverged=result["statuses"].count("diverged"), failed=len(failed))
+    click.echo(f"{counts} -> {out}", err=True)
     if no_wait and launcher != "local":
         click.echo(f"jobs: {' '.join(result['jobs'])}; once they have ended, run the same command again to complete "
                    f"what is missing (and, with --ensembles, evaluate the ensembles and soups)")
         return
+    if result["divergence"] and not result["usable"]:
+        click.echo(f"{result['divergence']}: no usable result; try a smaller --lr", err=True)
+        raise SystemExit(1)
+    if result["divergence"]:
+        click.echo(f"note: {result['divergence']}; the table leaves them out", err=True)
     tables = summary_tables([out])
-    click.echo(json.dumps(tables["rows"], indent=2) if as_json else tables["markdown"])
+    click.echo(json_text(tables["rows"], indent=2) if as_json else tables["markdown"])
     if failed:
         raise SystemExit(1)

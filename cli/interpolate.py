@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from linft.analysis.interpolate import interpolate
 from linft.analysis.interpolation_paths import DEFAULT_ALPHAS
 from linft.analysis.report import interpolation_text
+from linft.cli.options import deprecated_precision_flag, precision_of, precision_option
+from linft.runtime import json_text, say_line
 
 
 @click.command("interpolate")
@@ -30,14 +30,15 @@ from linft.analysis.report import interpolation_text
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Evaluation images per forward pass.")
 @click.option("--workers", type=int, default=None,
               help="DataLoader processes decoding images. Default: one per spare core, at most 8.")
-@click.option("--amp", is_flag=True, help="bfloat16 autocast on CUDA (faster; endpoints then agree to bf16 only).")
+@precision_option("float32 makes the paths' shared endpoints (α = 0 and 1) agree exactly.")
+@deprecated_precision_flag("--amp", "bfloat16")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder of the records, plot and summary. Default: runs/interpolate/<dataset>/")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (accuracies per α and path) as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars or progress lines.")
 def interpolate_cmd(dataset, finetuned, data_root, pretrained, backbone, alphas, linearity, no_blocks, batch_size,
-                    workers, amp, device, out, as_json, quiet):
+                    workers, precision, deprecated_flag, device, out, as_json, quiet):
     """Accuracy along the weight and representation paths from a pretrained to a fine-tuned model (Figure 1).
 
     The pretrained end is the backbone the run started from with a linear-probe
@@ -57,11 +58,13 @@ def interpolate_cmd(dataset, finetuned, data_root, pretrained, backbone, alphas,
       linft interpolate data/demo --finetuned runs/demo_ft/<run_id>/selected.pt --alphas 0,0.5,1 --out runs/demo_interp
       linft report runs/demo_interp --out reports/demo_interp
     """
-    say = (lambda line: click.echo(line, err=True)) if not quiet else None
+    say = None if quiet else say_line
     result = interpolate(dataset, finetuned, data_root=data_root, pretrained=pretrained, backbone=backbone,
                          alphas=alphas, linearity=linearity, blocks=not no_blocks, out_dir=out, device=device,
-                         batch_size=batch_size, workers=workers, amp=amp, progress=not quiet, say=say)
+                         batch_size=batch_size, workers=workers,
+                         precision=precision_of(precision, deprecated_flag, "--amp", "bfloat16"), progress=not quiet,
+                         say=say)
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        click.echo(json_text(result.to_dict(), indent=2, ensure_ascii=False))
         return
     click.echo(interpolation_text(result))

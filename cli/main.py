@@ -34,6 +34,8 @@ COMMANDS = {
                                                        "classes as PNG files."),
     "report": ("report", "report", "Tables (markdown, CSV) and plots (PNG) from RECORDS files or folders of any "
                                    "linft method."),
+    "status": ("status", "status", "Show how many runs of a sweep are done, running, interrupted, diverged or still to "
+                                   "do."),
     "train-linear": ("train_linear", "train_linear_cmd", "Train linear fine-tuning y = V(Σ v_k⊙φ_k) + b with "
                                                          "dropout over the whole protocol."),
 }

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from linft.analysis.report import summary_tables
+from linft.cli.options import repeatable
+from linft.protocol.records import done_summary
+from linft.runtime import json_text, say_line
 from linft.train.linear import default_linear_out, train_linear
 from linft.train.linear_engine import V_INITS, LinearGridConfig
 
@@ -15,11 +17,13 @@ from linft.train.linear_engine import V_INITS, LinearGridConfig
 @click.command("train-linear")
 @click.argument("cache", type=click.Path(dir_okay=False))
 @click.option("--dropout", "dropouts", type=float, multiple=True, default=(0.9,), show_default=True,
-              help="Dropout rate on the adapted representation; repeat for a sweep (--dropout 0 --dropout 0.9).")
+              help=repeatable("Dropout rate on the adapted representation.", "--dropout 0 --dropout 0.9"))
 @click.option("--probe", is_flag=True, help="Also run linear probing (v fixed to the last block, only V, b trained).")
 @click.option("--probe-only", is_flag=True, help="Run only linear probing.")
-@click.option("--lr", "lrs", type=float, multiple=True, default=(1e-3, 5e-4), show_default=True)
-@click.option("--weight-decay", "weight_decays", type=float, multiple=True, default=(1e-4, 5e-5, 1e-5), show_default=True)
+@click.option("--lr", "lrs", type=float, multiple=True, default=(1e-3, 5e-4), show_default=True,
+              help=repeatable("Learning rates of the grid.", "--lr 1e-3 --lr 5e-4"))
+@click.option("--weight-decay", "weight_decays", type=float, multiple=True, default=(1e-4, 5e-5, 1e-5),
+              show_default=True, help=repeatable("Weight decays of the grid.", "--weight-decay 1e-4 --weight-decay 1e-5"))
 @click.option("--seeds", type=int, default=3, show_default=True, help="Trial seeds 0..N-1 (split, batches, masks, init).")
 @click.option("--steps", type=int, default=10_000, show_default=True, help="SGD steps per run; lr ÷10 at half.")
 @click.option("--eval-every", type=int, default=300, show_default=True)
@@ -27,21 +31,28 @@ from linft.train.linear_engine import V_INITS, LinearGridConfig
 @click.option("--v-init", type=click.Choice(V_INITS), default="last", show_default=True,
               help="v at the start: 'last' = the pretrained penultimate representation (v_l = 1, others 0); "
                    "'normal' = N(0, 1) per channel, as the official code.")
-@click.option("--test-domains", multiple=True, help="Held-out domains to run (default: every domain).")
+@click.option("--test-domains", multiple=True,
+              help=repeatable("Held-out domains to run (default: every domain).",
+                              "--test-domains photo --test-domains sketch"))
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder for records.jsonl. Default: runs/linear/<cache name>/")
+@click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write the records as TensorBoard event files under this folder (pip install "
+                   "'linft[tensorboard]'; then: tensorboard --logdir DIR).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary table as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no line per evaluation.")
 def train_linear_cmd(cache, dropouts, probe, probe_only, lrs, weight_decays, seeds, steps, eval_every, batch_size,
-                     v_init, test_domains, device, out, as_json, quiet):
+                     v_init, test_domains, device, out, tensorboard_dir, as_json, quiet):
     """Train linear fine-tuning y = V(Σ v_k⊙φ_k) + b with dropout over the whole protocol.
 
     Every held-out domain x seed x lr x weight decay x dropout rate trains at
     once from CACHE (a file made by `linft extract`). Records are appended to
     OUT/records.jsonl as runs progress; running the same command again skips
     finished runs. Then prints the DomainBed-style table (per seed the grid
-    point with the best i.i.d. accuracy, mean ± SE over seeds).
+    point with the best i.i.d. accuracy, mean ± SE over seeds). While it
+    trains, one line per evaluation sums up the grid on stderr. Exits with
+    status 1 when every run diverged (nothing to report).
 
     \b
     Example:
@@ -52,8 +63,14 @@ def train_linear_cmd(cache, dropouts, probe, probe_only, lrs, weight_decays, see
     config = LinearGridConfig(steps=steps, batch_size=batch_size, eval_every=eval_every, v_init=v_init)
     result = train_linear(cache, out, dropouts=() if probe_only else dropouts, probe=probe or probe_only, lrs=lrs,
                           weight_decays=weight_decays, seeds=seeds, test_domains=test_domains, config=config,
-                          device=device, progress=not quiet)
-    click.echo(f"trained {result.trained} runs, {result.skipped} already finished, {result.diverged} diverged "
-               f"-> {result.records}", err=True)
+                          device=device, progress=not quiet, say=None if quiet else say_line,
+                          tensorboard_dir=tensorboard_dir)
+    click.echo(f"{done_summary(result.trained, result.skipped, diverged=result.diverged)} -> {result.records}",
+               err=True)
+    if result.divergence and not result.usable:
+        click.echo(f"{result.divergence}: no usable result; try a smaller --lr", err=True)
+        raise SystemExit(1)
+    if result.divergence:
+        click.echo(f"note: {result.divergence}; the table leaves them out", err=True)
     tables = summary_tables([result.records])
-    click.echo(json.dumps(tables["rows"], indent=2) if as_json else tables["markdown"])
+    click.echo(json_text(tables["rows"], indent=2) if as_json else tables["markdown"])

@@ -16,14 +16,17 @@ from linft.analysis.interpolate import interpolate
 from linft.analysis.report import write_report
 from linft.cache.extract import extract_features
 from linft.cache.verify import verify_cache
+from linft.data.folders import find_dataset
 from linft.data.shapes import write_demo_data
-from linft.train.finetune import RunHooks, SweepResult, finetune
+from linft.protocol.records import done_summary
+from linft.train.across_runs import evaluate_across_runs
+from linft.train.finetune import SweepResult, finetune, watch_hooks
 from linft.train.finetune_model import FineTuneConfig
 from linft.train.linear import train_linear
 from linft.train.linear_engine import LinearGridConfig
 
 #: The demo's backbone: linft's small pretrained ResNet shipped in the package, at the data's 64 px.
-DEMO_BACKBONE = ("demo-resnet", None)
+DEMO_BACKBONE = ("demo-resnet", "DEFAULT")
 DEMO_IMAGE_SIZE = 64
 
 #: The demo's linear fine-tuning: the paper's grid, a dropout sweep and probing, on a shorter schedule.
@@ -31,10 +34,15 @@ DEMO_IMAGE_SIZE = 64
 DEMO_LINEAR = dict(dropouts=(0.0, 0.9, 0.95), probe=True, lrs=(1e-3, 5e-4), weight_decays=(1e-4, 5e-5, 1e-5), seeds=3)
 DEMO_LINEAR_STEPS = 800
 
-#: The demo's full fine-tuning: dropout 0 and 0.9, one grid point and seed, a short schedule (lr ÷10 at half).
+#: The demo's full fine-tuning: dropout 0 and 0.9, one grid point and seed, a short schedule (lr ÷10 at half),
+#: trajectory ensembles and averages, and the tensor augmentation (:func:`demo_notes` says how this differs from
+#: the paper's protocol). ``across_runs`` adds the paper's second lr, :data:`DEMO_ACROSS_RUNS_LRS`: two grid
+#: points per held-out domain, what ensembles and soups across runs need (about twice the fine-tuning time).
 DEMO_FINETUNE = dict(dropouts=(0.0, 0.9), lrs=(1e-3,), weight_decays=(1e-4,), seeds=1)
-DEMO_FINETUNE_STEPS = 50
-DEMO_FINETUNE_EVAL_EVERY = 25
+DEMO_ACROSS_RUNS_LRS = (1e-3, 5e-4)
+DEMO_FINETUNE_STEPS = 150
+DEMO_FINETUNE_EVAL_EVERY = 50
+DEMO_AUGMENT = "tensor"
 
 #: The demo's interpolation: the plain fine-tuned run (dropout 0) of this held-out domain, 11 values of α.
 DEMO_INTERPOLATION_DOMAIN = "sketch"
@@ -62,9 +70,48 @@ class DemoConfig:
     seeds: int | None = None  # linear fine-tuning seeds; None: DEMO_LINEAR's
     finetune_steps: int = DEMO_FINETUNE_STEPS
     finetune_eval_every: int = DEMO_FINETUNE_EVAL_EVERY
+    augment: str = DEMO_AUGMENT  # full fine-tuning's augmentation (FineTuneConfig.augment)
+    trajectory: bool = True  # trajectory ensembles and weight averages of every fine-tuning run
+    across_runs: bool = False  # also lr 5e-4, and ensembles and soups across the two runs of each held-out domain
+
+    def finetune_grid(self) -> dict:
+        """The arguments of :func:`linft.train.finetune.sweep_runs` for the demo's full fine-tuning."""
+        return dict(DEMO_FINETUNE, lrs=DEMO_ACROSS_RUNS_LRS if self.across_runs else DEMO_FINETUNE["lrs"])
 
 
 STAGES = 6
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def demo_notes(config: DemoConfig) -> list[str]:
+    """How the demo's protocol differs from the paper's (written at the end of the report's ``summary.md``)."""
+    ft = config.finetune_grid()
+    augment = {"tensor": "the batched tensor augmentation on the device instead of DomainBed's PIL augmentation "
+                         "(the same family of random crop, flip, colour jitter and grayscale, not bit-identical to it: "
+                         "linft.data.tensor_augment)",
+               "pil": "DomainBed's PIL augmentation, as the paper",
+               "none": "no augmentation instead of DomainBed's"}[config.augment]
+    notes = [
+        "This is the demo, not the paper's protocol. Data: the procedural demo-shapes benchmark (4 style domains x 7 "
+        f"shapes, {config.per_class} images per domain and class, 64 px), not the paper's DomainBed datasets; "
+        "backbone: demo-resnet (small, pretrained by linft on a procedural source at 64 px), not an ImageNet "
+        "ResNet-50 at 224 px.",
+        f"Linear fine-tuning and probing: the paper's grid, {_count(config.seeds or DEMO_LINEAR['seeds'], 'seed')}, "
+        f"{config.linear_steps} steps instead of 10,000.",
+        f"Full fine-tuning: {config.finetune_steps} steps, evaluated every {config.finetune_eval_every} (lr ÷10 at "
+        f"half), instead of 10,000 and 300; lr {' and '.join(f'{lr:g}' for lr in ft['lrs'])} at weight decay "
+        f"{ft['weight_decays'][0]:g} instead of the paper's lr {{1e-3, 5e-4}} x weight decay {{1e-4, 5e-5, 1e-5}}; "
+        f"{_count(ft['seeds'], 'seed')} instead of 3; {augment}.",
+    ]
+    if config.trajectory:
+        notes.append("Trajectory ensembles and averages: over the evaluations after step 0 of each run.")
+    notes.append(f"Ensembles and soups across runs: over the {len(ft['lrs'])} grid runs of each held-out domain "
+                 "(the paper: its 6)." if config.across_runs else "No ensembles or soups across runs (one grid point; "
+                 "`linft demo --across-runs` adds lr 5e-4 and them).")
+    return notes
 
 
 def _stage_linear(out: Path, cache: Path, config: DemoConfig, progress: bool, say, took) -> Path:
@@ -72,22 +119,30 @@ def _stage_linear(out: Path, cache: Path, config: DemoConfig, progress: bool, sa
     say(f"[3/{STAGES}] linear fine-tuning (dropout {', '.join(f'{p:g}' for p in linear['dropouts'])}) and linear "
         f"probing, every held-out domain, {linear['seeds']} seeds, {config.linear_steps} steps")
     lin = train_linear(cache, out / "runs" / "linear", config=LinearGridConfig(steps=config.linear_steps),
-                       device="auto", progress=progress, **linear)
-    say(f"      trained {lin.trained} runs ({lin.skipped} already done, {lin.diverged} diverged) -> {lin.records}"
-        f"{took()}")
+                       device="auto", progress=progress, say=say if progress else None, **linear)
+    say(f"      {done_summary(lin.trained, lin.skipped, diverged=lin.diverged)} -> {lin.records}{took()}")
     return lin.records
 
 
 def _stage_finetune(out: Path, data: Path, config: DemoConfig, progress: bool, say, took) -> SweepResult:
-    say(f"[4/{STAGES}] full fine-tuning (dropout {', '.join(f'{p:g}' for p in DEMO_FINETUNE['dropouts'])}), "
-        f"every held-out domain, {config.finetune_steps} steps")
+    grid, across = config.finetune_grid(), config.across_runs
+    say(f"[4/{STAGES}] full fine-tuning (dropout {', '.join(f'{p:g}' for p in grid['dropouts'])}; lr "
+        f"{', '.join(f'{lr:g}' for lr in grid['lrs'])}), every held-out domain, {config.finetune_steps} steps, "
+        f"{config.augment} augmentation" + (", trajectory ensembles and averages" if config.trajectory else "")
+        + (", ensembles and soups across runs" if across else ""))
     ft_config = FineTuneConfig(steps=config.finetune_steps, eval_every=config.finetune_eval_every,
-                               image_size=DEMO_IMAGE_SIZE, eval_batch_size=512)
+                               image_size=DEMO_IMAGE_SIZE, eval_batch_size=512, augment=config.augment,
+                               trajectory=config.trajectory)
     backbone, weights = DEMO_BACKBONE
-    ft = finetune(data, out / "runs" / "finetune", backbone=backbone, weights=weights, config=ft_config,
-                  device="auto", progress=progress, hooks=RunHooks(), **DEMO_FINETUNE)
-    say(f"      {len(ft.runs) - ft.count('done')} runs trained ({ft.count('done')} already done, "
-        f"{ft.count('diverged')} diverged) -> {ft.out}{took()}")
+    ds = find_dataset(data)
+    ft = finetune(ds, out / "runs" / "finetune", backbone=backbone, weights=weights, config=ft_config,
+                  device="auto", progress=progress, hooks=watch_hooks(say if progress else None), **grid)
+    say(f"      {done_summary(len(ft.runs) - ft.count('done'), ft.count('done'), diverged=ft.count('diverged'))} "
+        f"-> {ft.out}{took()}")
+    if across:
+        usable = [r.run_dir for r in ft.runs if r.status != "diverged"]
+        path = evaluate_across_runs(ds, ft.out, usable, config=ft_config, device="auto", say=say if progress else None)
+        say(f"      ensembles, soups and greedy soups across the grid's runs -> {path}{took()}")
     return ft
 
 
@@ -101,7 +156,9 @@ def _stage_interpolate(out: Path, data: Path, ft: SweepResult, progress: bool, s
         f"fine-tuned run {chosen.run_dir.name}")
     interp = interpolate(data, chosen.run_dir, alphas=DEMO_ALPHAS, linearity=True, blocks=False,
                          out_dir=out / "runs" / "interpolate", device="auto", progress=progress)
-    say(f"      {interp.records_written} records -> {interp.records}; plot {interp.plot}{took()}")
+    total = sum(len(curve) for curve in interp.curves.values())
+    say(f"      {done_summary(interp.records_written, total - interp.records_written, verb='written', unit='record')} "
+        f"-> {interp.records}; plot {interp.plot}{took()}")
 
 
 def run_demo(out: str | Path = "demo_out", config: DemoConfig = DemoConfig(), *, progress: bool = True,
@@ -126,12 +183,13 @@ def run_demo(out: str | Path = "demo_out", config: DemoConfig = DemoConfig(), *,
     say(f"[2/{STAGES}] extracting features with {backbone} at {DEMO_IMAGE_SIZE} px")
     result = extract_features(data, cache, backbone=backbone, weights=weights, image_size=DEMO_IMAGE_SIZE,
                               batch_size=128, device="auto", progress=progress)
-    say(f"      {result.status}: {result.path} ({result.num_examples} images); "
-        f"verified: {'ok' if verify_cache(cache).ok else 'FAILED'}{took()}")
+    counts = done_summary(result.num_extracted, result.num_examples - result.num_extracted, verb="extracted",
+                          unit="image")
+    say(f"      {counts} -> {result.path}; verified: {'ok' if verify_cache(cache).ok else 'FAILED'}{took()}")
     records = _stage_linear(out, cache, config, progress, say, took)
     ft = _stage_finetune(out, data, config, progress, say, took)
     _stage_interpolate(out, data, ft, progress, say, took)
-    paths = write_report([out / "runs"], out / "report")
+    paths = write_report([out / "runs"], out / "report", notes=demo_notes(config))
     say(f"[{STAGES}/{STAGES}] report: {paths['summary']}{took()}")
     return DemoResult(out=out, data=data, cache=cache, records=[records, ft.out, out / "runs" / "interpolate"],
                       report=out / "report")

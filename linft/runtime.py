@@ -1,17 +1,22 @@
 """What every layer needs from the machine: the device, autocast, determinism, atomic files, progress.
 
 * :func:`resolve_device` — ``auto`` / ``cpu`` / ``cuda[:N]`` checked against what exists.
-* :func:`autocast` — reduced-precision autocast on CUDA only (the CPU computes in float32).
+* :func:`autocast` — autocast to a ``precision`` (:data:`PRECISIONS`) on CUDA only (the CPU computes in float32).
 * :func:`deterministic_cuda`, :func:`denormals_flushed` — scoped numeric settings, restored on exit.
 * :func:`atomic_write` — the one way linft writes a file that must never be seen half-written:
   write ``<path>.partial``, flush, fsync, rename over ``path``, fsync the folder.
   :func:`atomic_save` (``torch.save``) and :func:`atomic_write_text` are thin uses of it.
+* :func:`json_text` — strict JSON (NaN and ±inf written as ``null``) for every ``--json`` output and summary.
 * :func:`default_workers` — DataLoader processes decoding images when the caller does not say.
-* :func:`progress_bar` — one progress bar for every long loop (click's, on stderr, with a rate).
+* :func:`progress_bar` — one progress bar for every long loop (click's, on stderr, with a rate); when stderr
+  is not a terminal (Slurm logs, CI, ``| tee``) it prints plain lines instead (done/total, rate, ETA).
+* :func:`say_line` — one line of news on stderr that does not collide with a progress bar.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
 import time
@@ -45,9 +50,29 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def autocast(dev: torch.device, enabled: bool = True, dtype: torch.dtype = torch.bfloat16):
-    """``dtype`` autocast on CUDA when ``enabled``; a no-op elsewhere (float32 on the CPU)."""
-    return torch.autocast("cuda", dtype=dtype) if (enabled and dev.type == "cuda") else nullcontext()
+#: ``precision`` -> the autocast dtype on CUDA (None: no autocast). The CPU always computes in float32.
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: The one default of extraction, fine-tuning and interpolation (``--precision``).
+DEFAULT_PRECISION = "bfloat16"
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` when it is one of :data:`PRECISIONS`, else one LinftError naming the choices."""
+    if precision not in PRECISIONS:
+        raise LinftError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+    return precision
+
+
+def effective_precision(dev: torch.device, precision: str) -> str:
+    """What a computation on ``dev`` runs in: ``precision`` on CUDA, ``float32`` elsewhere."""
+    check_precision(precision)
+    return precision if dev.type == "cuda" else "float32"
+
+
+def autocast(dev: torch.device, precision: str = "float32"):
+    """Autocast to ``precision`` (:data:`PRECISIONS`) on CUDA; a no-op for float32 and off CUDA (float32 on the CPU)."""
+    dtype = PRECISIONS[effective_precision(dev, precision)]
+    return torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
 
 
 @contextmanager
@@ -165,17 +190,101 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
+def finite_or_none(obj):
+    """``obj`` with every NaN or ±inf float (nested in dicts, lists, tuples) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def json_text(obj, **kwargs) -> str:
+    """THE JSON linft prints or writes (``--json``, summaries): strict RFC 8259, NaN and ±inf as ``null``.
+
+    ``kwargs`` go to :func:`json.dumps` (``indent``, ``sort_keys``, ...); tuples become lists.
+    """
+    return json.dumps(finite_or_none(obj), allow_nan=False, **kwargs)
+
+
 # --------------------------------------------------------------------------- progress
+
+
+#: Without a terminal, :func:`progress_bar` prints a line every PLAIN_EVERY_SECONDS or every PLAIN_EVERY_FRACTION
+#: of the work, whichever comes first, and one when the loop ends.
+PLAIN_EVERY_SECONDS = 30.0
+PLAIN_EVERY_FRACTION = 0.1
+
+
+def is_terminal(stream) -> bool:
+    """Whether ``stream`` is an interactive terminal (False for files, pipes and closed or odd streams)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def say_line(line: str) -> None:
+    """Write ``line`` to stderr; in a terminal, first erase a progress bar drawn on the current line."""
+    sys.stderr.write(("\r\x1b[K" if is_terminal(sys.stderr) else "") + line + "\n")
+    sys.stderr.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+class _PlainProgress:
+    """Progress as plain lines: ``label: done/total unit (pct%), rate unit/s, ETA m:ss``."""
+
+    def __init__(self, total: int, label: str, unit: str, initial: int):
+        self.total, self.label, self.unit, self.done = total, label, unit, initial
+        self.start = self.last_time = time.perf_counter()
+        self.counted = 0
+        self.step = max(1, math.ceil(total * PLAIN_EVERY_FRACTION))
+        self.next_mark = (initial // self.step + 1) * self.step
+
+    def line(self, now: float, ending: bool = False) -> str:
+        elapsed = now - self.start
+        rate = self.counted / elapsed if elapsed > 0 else 0.0
+        pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        if ending:
+            tail = f"in {_duration(elapsed)}"
+        else:
+            tail = f"ETA {_duration((self.total - self.done) / rate)}" if rate > 0 else "ETA ?"
+        return f"{self.label}: {self.done}/{self.total} {self.unit}{pct}, {rate:,.1f} {self.unit}/s, {tail}"
+
+    def update(self, n: int) -> None:
+        self.done += n
+        self.counted += n
+        now = time.perf_counter()
+        if self.done >= self.next_mark or now - self.last_time >= PLAIN_EVERY_SECONDS:
+            if self.done < self.total:
+                say_line(self.line(now))
+            self.last_time = now
+            self.next_mark = (self.done // self.step + 1) * self.step
 
 
 @contextmanager
 def progress_bar(total: int, label: str, unit: str = "it", enabled: bool = True, initial: int = 0):
     """Yield ``update(n)``; shows done/total, ``unit``/s and ETA on stderr when ``enabled``.
 
-    ``initial`` counts work done before (a resumed run): it fills the bar but not the rate.
+    ``initial`` counts work done before (a resumed run): it fills the bar but not the rate. When stderr is not a
+    terminal, the bar becomes a plain line every :data:`PLAIN_EVERY_SECONDS` or :data:`PLAIN_EVERY_FRACTION` of
+    ``total`` (whichever comes first) and one line when the loop ends (with the time it took).
     """
     if not enabled:
         yield lambda n: None
+        return
+    if not is_terminal(sys.stderr):
+        plain = _PlainProgress(total, label, unit, initial)
+        yield plain.update
+        if plain.counted:
+            say_line(plain.line(time.perf_counter(), ending=True))
         return
     start = time.perf_counter()
     counted = [0]

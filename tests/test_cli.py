@@ -39,9 +39,10 @@ def test_extract_info_verify(image_folder, tmp_path):
     out = tmp_path / "c.h5"
     result = run("extract", image_folder, "--out", out, *SMALL)
     assert result.exit_code == 0, result.output
-    assert "extracted 18 images" in result.output
+    assert "18 images extracted, 0 already done" in result.output
     result = run("extract", image_folder, "--out", out, *SMALL)
-    assert result.exit_code == 0 and "already complete" in result.output
+    assert result.exit_code == 0 and "0 images extracted, 18 already done" in result.output
+    assert "already complete" in result.output
     info = run("cache", "info", out)
     assert info.exit_code == 0 and "layer4.0, layer4.1" in info.output and "complete" in info.output
     data = json.loads(run("cache", "info", out, "--json").output)
@@ -115,9 +116,9 @@ def test_train_linear_then_report(image_folder, tmp_path):
             "--device", "cpu", "--quiet", "--out", tmp_path / "runs"]
     result = run(*args)
     assert result.exit_code == 0, result.output
-    assert "trained 18 runs, 0 already finished" in result.output and "| linear FT, dropout 0.9 |" in result.output
+    assert "18 runs trained, 0 already done" in result.output and "| linear FT, dropout 0.9 |" in result.output
     again = run(*args, "--json")
-    assert again.exit_code == 0 and "trained 0 runs, 18 already finished" in again.output
+    assert again.exit_code == 0 and "0 runs trained, 18 already done" in again.output
     rows = json.loads(again.output[again.output.index("["):])
     assert {r["label"] for r in rows} == {"linear probe", "linear FT, dropout 0", "linear FT, dropout 0.9"}
     rep = run("report", tmp_path / "runs", "--out", tmp_path / "rep")

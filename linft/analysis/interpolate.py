@@ -30,8 +30,10 @@ share). The paths, each evaluated on every split:
   θ_0 carries the probe head, not the run's random initial head, so that
   f(θ_0) means something; this is also the start of the weight path.
 
-Exactness is discussed in :mod:`linft.analysis.interpolation_paths`. Evaluation
-runs in float32 unless ``amp`` asks for bfloat16 autocast on CUDA.
+Exactness is discussed in :mod:`linft.analysis.interpolation_paths`. On CUDA the
+forward passes run under autocast to ``precision`` (bfloat16 by default, as
+extraction and fine-tuning; float32 makes the paths' shared endpoints agree
+exactly); the CPU computes in float32.
 
 Memory: Φ_p and Φ_f of every evaluation image and every φ block are kept in
 float32 on the CPU: N·K·D·4 bytes per model (PACS with ResNet-50: 0.25 GB;
@@ -72,10 +74,11 @@ from linft.models.checkpoints import state_dict_sha256
 from linft.models.heads import PROBE_L2, PROBE_MAX_ITER, PROBE_TOLERANCE, LinearHead, fit_probe_head, head_keys, \
     with_head
 from linft.models.linearize import relative_linearity_gap
-from linft.protocol.records import (RECORDS_FILE, RecordWriter, RunHeader, final_records, finished_run_ids,
-                                    make_record, run_id)
+from linft.protocol.records import (RECORDS_FILE, RecordWriter, RunHeader, done_summary, final_records,
+                                    finished_run_ids, make_record, run_id)
 from linft.protocol.selection import iid_accuracy, ood_accuracy, split_counts
-from linft.runtime import atomic_write_text, progress_bar, resolve_device
+from linft.runtime import (DEFAULT_PRECISION, atomic_write_text, check_precision, effective_precision, json_text,
+                           progress_bar, resolve_device)
 
 #: path key -> (record method, label prefix)
 PATHS = {
@@ -98,13 +101,14 @@ class InterpolateConfig:
     device: str = "auto"
     batch_size: int = 256
     workers: int | None = None
-    amp: bool = False  # bfloat16 autocast on CUDA (the endpoints then agree only to bfloat16 precision)
+    precision: str = DEFAULT_PRECISION  # autocast on CUDA (float32: none; else endpoints agree to that precision)
     probe_l2: float = PROBE_L2
     plot: bool = True
 
     def check(self) -> list[float]:
         """One-line errors for settings that cannot run; returns the α values."""
         alphas = parse_alphas(self.alphas)
+        check_precision(self.precision)
         if self.batch_size < 1:
             raise LinftError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 0:
@@ -228,7 +232,8 @@ def _header(setup: _Setup, key: str, alpha: float, label: str) -> RunHeader:
                  block=block)
     hparams = {"alpha": alpha, "path": key, "pretrained_weights": ends.pretrained_weights, "probe_l2": cfg.probe_l2,
                "finetuned_run": ends.finetuned_id, "finetuned_label": meta.get("label"),
-               "finetuned_step": meta.get("step"), "image_size": setup.image_size, "block": block}
+               "finetuned_step": meta.get("step"), "image_size": setup.image_size, "block": block,
+               "precision": effective_precision(setup.dev, cfg.precision)}
     source = meta.get("source") or f"{setup.ds.file_list_sha256[:16]}:{ends.pretrained_sha256[:16]}"
     return RunHeader(method=method, label=label, dataset=setup.dataset_name, source=source, backbone=ends.backbone,
                      weights=ends.pretrained_weights, test_domain=setup.test_domain, train_domains=setup.train_domains,
@@ -250,7 +255,7 @@ def _representation_paths(setup: _Setup, progress: bool, passes: dict) -> tuple[
         net.load_state_dict(state, strict=True)
         with progress_bar(len(ds), f"{end} model: φ blocks", unit="img", enabled=progress) as update:
             phis[end], logits = pooled_features_and_logits(net, ends.block_names, setup.images, dev, channels_last,
-                                                           cfg.amp, update)
+                                                           cfg.precision, update)
         passes["forward"] += 1
         logits_f = logits
     phi_p, phi_f = phis["pretrained"], phis["fine-tuned"]
@@ -282,7 +287,7 @@ def _weight_path(setup: _Setup, pre_state: dict, progress: bool, passes: dict) -
     out = torch.empty(len(setup.alphas), len(setup.ds), dtype=torch.long)
     with progress_bar(len(setup.alphas) * len(setup.ds), "weight path", unit="img", enabled=progress) as update:
         for i, (_, logits) in enumerate(iter_weight_path(net, pre_state, setup.ends.finetuned_state, setup.alphas,
-                                                         setup.images, dev, dev.type == "cuda", setup.config.amp,
+                                                         setup.images, dev, dev.type == "cuda", setup.config.precision,
                                                          update)):
             out[i] = logits.argmax(1)
             passes["forward"] += 1
@@ -350,9 +355,9 @@ def _finish(setup: _Setup, result: InterpolationResult, records: list[dict], say
         title = f"{setup.dataset_name}, held out {setup.test_domain}, seed {setup.seed}: " \
                 f"{meta.get('label') or setup.ends.finetuned_id}"
         result.plot = plot_interpolation(run_results(records), result.summary.with_suffix(".png"), title=title)
-    atomic_write_text(result.summary, json.dumps(result.to_dict(), indent=1, ensure_ascii=False) + "\n")
-    say(f"{result.records_written} new records -> {result.records} ({len(records) - result.records_written} "
-        f"already there)")
+    atomic_write_text(result.summary, json_text(result.to_dict(), indent=1, ensure_ascii=False) + "\n")
+    say(f"{done_summary(result.records_written, len(records) - result.records_written, verb='written', unit='record')}"
+        f" -> {result.records}")
     return result
 
 
@@ -382,7 +387,7 @@ def interpolate(dataset, finetuned: str | os.PathLike, config: InterpolateConfig
     done = finished_run_ids([out / RECORDS_FILE])
     earlier = _already_done(setup, out, stem, labels, headers)
     if earlier is not None:
-        say(f"every record is already in {earlier.records}; nothing to compute")
+        say(f"{done_summary(0, len(headers), verb='written', unit='record')} -> {earlier.records} (nothing to compute)")
         return earlier
     say(f"fine-tuned: {ends.checkpoint} ({ends.metadata.get('label', '?')}, held out {setup.test_domain}, seed "
         f"{setup.seed}); pretrained: {ends.backbone} / {ends.pretrained_weights}; "

@@ -135,7 +135,7 @@ def representation_path_predictions(alphas: Sequence[float], phi_p: torch.Tensor
 
 @torch.no_grad()
 def pooled_features_and_logits(model: nn.Module, block_names: Sequence[str], images, device="cpu",
-                               channels_last: bool = False, amp: bool = False,
+                               channels_last: bool = False, precision: str = "float32",
                                update: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass of ``model`` (eval mode) over uint8 batches ``images``.
 
@@ -152,7 +152,7 @@ def pooled_features_and_logits(model: nn.Module, block_names: Sequence[str], ima
     phis = []
     try:
         for batch in images:
-            with autocast(dev, amp):
+            with autocast(dev, precision):
                 phis.append(extractor(model_input(batch, dev, channels_last)).cpu())
             if update:
                 update(len(batch))
@@ -167,8 +167,8 @@ def pooled_features_and_logits(model: nn.Module, block_names: Sequence[str], ima
 
 @torch.no_grad()
 def iter_weight_path(model: nn.Module, start_state: Mapping[str, torch.Tensor], end_state: Mapping[str, torch.Tensor],
-                     alphas: Sequence[float], images, device="cpu", channels_last: bool = False, amp: bool = False,
-                     update: Callable[[int], None] | None = None) -> Iterator[tuple[float, torch.Tensor]]:
+                     alphas: Sequence[float], images, device="cpu", channels_last: bool = False,
+                     precision: str = "float32", update: Callable[[int], None] | None = None) -> Iterator[tuple[float, torch.Tensor]]:
     """``(α, logits (N, C))`` of the weight-interpolated model θ(α) = (1-α)·start + α·end, one α at a time.
 
     Every state_dict entry is interpolated by
@@ -185,7 +185,7 @@ def iter_weight_path(model: nn.Module, start_state: Mapping[str, torch.Tensor], 
             model.load_state_dict(interpolate_state_dicts(start_state, end_state, a), strict=True)
             out = []
             for batch in images:
-                with autocast(dev, amp):
+                with autocast(dev, precision):
                     out.append(model(model_input(batch, dev, channels_last)).float().cpu())
                 if update:
                     update(len(batch))

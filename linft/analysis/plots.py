@@ -1,22 +1,34 @@
-"""Figures from selected runs: the paper's i.i.d.-vs-o.o.d. clouds, accuracy against the dropout rate, and
-Figure 1 (accuracy along the interpolation paths).
+"""Figures of a report: the paper's Figure 2 (i.i.d.-vs-o.o.d. clouds), Figure 9 (two pretrained models),
+accuracy against the dropout rate, and Figure 1 (accuracy along the interpolation paths).
 
+The data each figure draws comes from the pure functions of :mod:`linft.analysis.figures`
+(fractions); every axis shows accuracy in percent. Each figure is written as PNG
+and as PDF (vector, for papers) next to it, atomically (:func:`save_figure`).
 Figures are drawn on :class:`matplotlib.figure.Figure` objects (no pyplot, so
 importing linft never changes the caller's matplotlib backend or state).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from scipy.spatial import ConvexHull, QhullError
 
-from linft.analysis.aggregate import SelectedRun, cloud_points, domainbed_table
+from linft.analysis.aggregate import SelectedRun
+from linft.analysis.figures import FigurePoints
+from linft.runtime import atomic_write
 
 MARKERS = ("o", "D", "^", "*", "s", "v", "P", "X", "h", "<", ">")
+LINESTYLES = ("-", "--", "-.", ":")
+#: Figure 2's colours, close to the paper's: navy baseline, blue dropout, teal ensembles, sage weight averages
+#: (a role with several labels in one panel gets the colour cycle instead).
+ROLE_COLORS = {"baseline": "#1b2a47", "dropout": "#3b7dbf", "trajectory ensemble": "#3f6b73", "ensemble": "#3f6b73",
+               "trajectory average": "#8fb09a", "soup": "#8fb09a", "greedy soup": "#b08a5a"}
 
 
 def _subplots(rows: int, cols: int, figsize, squeeze: bool = True):
@@ -24,61 +36,154 @@ def _subplots(rows: int, cols: int, figsize, squeeze: bool = True):
     return fig, fig.subplots(rows, cols, squeeze=squeeze)
 
 
-def plot_clouds(clouds: dict, path: Path) -> Path:
-    """i.i.d.-vs-o.o.d. clouds with convex hulls, one panel per dataset, one marker per method."""
-    datasets = sorted({k[0] for k in clouds})
-    fig, axes = _subplots(1, max(1, len(datasets)), figsize=(5 * max(1, len(datasets)), 4.2), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
-        labels = sorted(k[1] for k in clouds if k[0] == dataset)
-        for i, label in enumerate(labels):
-            pts, exact = cloud_points(clouds[(dataset, label)])
-            color = f"C{i % 10}"
-            ax.scatter(pts[:, 0], pts[:, 1], s=12, marker=MARKERS[i % len(MARKERS)], color=color, alpha=0.5,
-                       label=f"{label} ({len(pts)}{'' if exact else ' sampled'})")
-            if len(pts) >= 3:
-                try:
-                    hull = ConvexHull(pts)
-                    ring = np.append(hull.vertices, hull.vertices[0])
-                    ax.plot(pts[ring, 0], pts[ring, 1], color=color, lw=1)
-                except QhullError:  # collinear points: no hull to draw
-                    pass
-        ax.set_title(dataset or "dataset")
-        ax.set_xlabel("iid acc")
-        ax.set_ylabel("ood acc")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+def figure_files(path: Path) -> list[Path]:
+    """The files :func:`save_figure` writes for ``path``: the PNG and the PDF beside it."""
+    path = Path(path)
+    return [path, path.with_suffix(".pdf")]
 
 
-def plot_dropout(results: list[SelectedRun], path: Path, selection: str = "iid") -> Path | None:
-    """Average o.o.d. and i.i.d. accuracy (the table's average column: grid point selected per seed,
-    mean ± SE over seeds) against the dropout rate, for each method with several rates."""
-    by_method = defaultdict(lambda: defaultdict(list))
-    for r in results:
-        if r.dropout is not None:
-            by_method[(r.dataset, r.method)][r.dropout].append(r)
-    by_method = {k: v for k, v in by_method.items() if len(v) >= 2}
-    if not by_method:
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as PNG at ``path`` and as PDF (vector) beside it, each atomically; return ``path``.
+
+    The saved page grows to hold everything drawn (``bbox_inches="tight"``: legends beside the axes), so the
+    spacing of :meth:`Figure.tight_layout` is a nicety: its "not applied" warning (very many legend entries)
+    is not shown.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Tight layout not applied")
+        fig.tight_layout()
+    png, pdf = figure_files(path)
+    atomic_write(png, lambda fh: fig.savefig(fh, format="png", dpi=150, bbox_inches="tight"))
+    atomic_write(pdf, lambda fh: fig.savefig(fh, format="pdf", bbox_inches="tight", metadata={"CreationDate": None}))
+    return png
+
+
+def _label_axes(ax, title: str) -> None:
+    """Titles, percent axis labels, and a legend beside the axes (never over the points), markers of one size."""
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("i.i.d. accuracy (%)")
+    ax.set_ylabel("o.o.d. accuracy (%)")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:  # nothing labelled: no legend (and no matplotlib warning)
+        return
+    legend = ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0,
+                       ncol=1 + (len(handles) - 1) // 18)
+    for handle in legend.legend_handles:
+        handle.set_sizes([36])
+        handle.set_alpha(1.0)
+
+
+def _draw_points(ax, fp: FigurePoints, color, label: str) -> None:
+    """One series in percent: a cloud (small translucent markers and its convex hull) or one large point."""
+    pts = 100 * fp.points
+    if fp.single:
+        ax.scatter(pts[:, 0], pts[:, 1], s=170, marker=fp.marker, color=color, edgecolor="black", linewidths=1.2,
+                   zorder=5, label=f"{label} (1 point)" if len(pts) == 1 else f"{label} ({len(pts)})")
+        return
+    few = len(pts) < 50  # a cloud of a few points (a small grid): larger and opaque, or it is not seen
+    ax.scatter(pts[:, 0], pts[:, 1], s=40 if few else 14, marker=fp.marker, color=color, alpha=0.85 if few else 0.45,
+               linewidths=0, label=f"{label} ({len(pts)}{'' if fp.exact else ' sampled'})")
+    if len(pts) >= 3:
+        try:
+            hull = ConvexHull(pts)
+            ring = np.append(hull.vertices, hull.vertices[0])
+            ax.plot(pts[ring, 0], pts[ring, 1], color=color, lw=1)
+        except QhullError:  # collinear points: no hull to draw
+            pass
+
+
+def _saved(fig: Figure | None, path: Path) -> Path | None:
+    return None if fig is None else save_figure(fig, path)
+
+
+def plot_clouds(points: dict, path: Path) -> Path | None:
+    """:func:`clouds_figure` saved at ``path`` (PNG) and beside it (PDF); None when there is nothing to draw."""
+    return _saved(clouds_figure(points), path)
+
+
+def clouds_figure(points: dict) -> Figure | None:
+    """The paper's Figure 2 from :func:`~linft.analysis.figures.figure2_points`: one panel per dataset and model
+    (models side by side), one colour per label, the paper's marker per series (● baseline, ◆ dropout,
+    ▲ ensembles, ★ weight averages; the across-run ensemble and soups as single large points with a black edge).
+    None when there is nothing to draw."""
+    if not points:
         return None
-    fig, axes = _subplots(1, 2, figsize=(9, 3.8))
-    for i, ((dataset, method), per_rate) in enumerate(sorted(by_method.items())):
-        rates = sorted(per_rate)
-        cells = [next(iter(domainbed_table(per_rate[p], selection).values()), {}).get("average") for p in rates]
+    panels = sorted({k[:2] for k in points})
+    datasets = sorted({d for d, _ in panels})
+    cols = max(sum(1 for d, _ in panels if d == ds) for ds in datasets)
+    fig, axes = _subplots(len(datasets), cols, figsize=(9.0 * cols, 4.6 * len(datasets)), squeeze=False)
+    for row, dataset in zip(axes, datasets):
+        models = [m for d, m in panels if d == dataset]
+        for ax in row[len(models):]:
+            ax.set_axis_off()
+        for ax, model in zip(row, models):
+            keys = sorted((k for k in points if k[:2] == (dataset, model)), key=lambda k: (points[k].single, k[2]))
+            shared = {role for role in ROLE_COLORS if sum(points[k].role == role for k in keys) > 1}
+            for i, key in enumerate(keys):
+                role = points[key].role
+                color = f"C{i % 10}" if role in shared or role not in ROLE_COLORS else ROLE_COLORS[role]
+                _draw_points(ax, points[key], color, key[2].removeprefix(f"{model}: "))
+            _label_axes(ax, f"{dataset or 'dataset'}" + (f"\n{model}" if model else ""))
+    return fig
+
+
+def _shade(color: str, j: int, n: int):
+    """The j-th of n shades of ``color`` (the first is the colour itself, later ones lighter)."""
+    rgb = np.array(to_rgb(color))
+    return tuple(rgb + (1 - rgb) * (0.35 * j / max(1, n - 1) if n > 1 else 0.0))
+
+
+def plot_figure9(points: dict, path: Path) -> Path | None:
+    """:func:`figure9_figure` saved at ``path`` (PNG) and beside it (PDF); None when there is nothing to draw."""
+    return _saved(figure9_figure(points), path)
+
+
+def figure9_figure(points: dict) -> Figure | None:
+    """The paper's Figure 9 from :func:`~linft.analysis.figures.figure9_points`: one panel per dataset, one colour
+    per pretrained model, ● naive and ◆ advanced fine-tuning. None when there is nothing to draw."""
+    if not points:
+        return None
+    datasets = sorted({k[0] for k in points})
+    fig, axes = _subplots(1, len(datasets), figsize=(9.0 * len(datasets), 4.6), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        models = sorted({k[1] for k in points if k[0] == dataset})
+        for i, model in enumerate(models):
+            keys = sorted((k for k in points if k[:2] == (dataset, model)),
+                          key=lambda k: (points[k].role != "naive", k[2]))
+            for j, key in enumerate(keys):
+                fp = points[key]
+                _draw_points(ax, fp, _shade(f"C{i % 10}", j, len(keys)), f"{model}: {fp.role}, {key[2]}")
+        _label_axes(ax, f"{dataset or 'dataset'}: naive vs advanced fine-tuning per pretrained model")
+    return fig
+
+
+def plot_dropout(points: dict, path: Path) -> Path | None:
+    """:func:`dropout_figure` saved at ``path`` (PNG) and beside it (PDF); None when there is nothing to draw."""
+    return _saved(dropout_figure(points), path)
+
+
+def dropout_figure(points: dict) -> Figure | None:
+    """Average o.o.d. and i.i.d. accuracy (%) (the table's average column, mean ± SE over seeds) against the
+    dropout rate, from :func:`~linft.analysis.figures.dropout_points`, one marker and line style per series.
+    None when there is nothing to draw (no series with two rates or more)."""
+    if not points:
+        return None
+    fig, axes = _subplots(1, 2, figsize=(10, 4.2))
+    multi_model = len({k[1] for k in points}) > 1
+    for i, (key, rows) in enumerate(sorted(points.items())):
+        dataset, model, method, variant = key
+        name = f"{dataset}: {variant} ({method})" + (f" [{model}]" if multi_model else "")
         for ax, metric in zip(axes, ("ood", "iid")):
-            pts = [(p, c[metric]) for p, c in zip(rates, cells) if c is not None and not np.isnan(c[metric][0])]
-            if not pts:
-                continue
-            ax.errorbar([p for p, _ in pts], [100 * m for _, (m, _) in pts], yerr=[100 * se for _, (_, se) in pts],
-                        marker="o", color=f"C{i}", label=f"{dataset} {method}", capsize=3)
-            ax.set_xlabel("dropout rate")
-            ax.set_ylabel(f"{metric} acc (%), average over held-out domains")
-            ax.grid(alpha=0.3)
+            ax.errorbar(rows["rates"], [100 * m for m, _ in rows[metric]], yerr=[100 * e for _, e in rows[metric]],
+                        marker=MARKERS[i % len(MARKERS)], linestyle=LINESTYLES[i % len(LINESTYLES)], ms=7,
+                        mfc="none", mew=1.5, color=f"C{i % 10}", label=name, capsize=3, alpha=0.85)
+    for ax, metric in zip(axes, ("o.o.d.", "i.i.d.")):
+        ax.set_xlabel("dropout rate")
+        ax.set_ylabel(f"{metric} accuracy (%), average over held-out domains")
+        ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return fig
 
 
 INTERPOLATION_STYLES = {  # method -> (line style, marker, line width)
@@ -90,7 +195,13 @@ INTERPOLATION_STYLES = {  # method -> (line style, marker, line width)
 
 
 def plot_interpolation(results: list[SelectedRun], path: Path, title: str | None = None) -> Path | None:
-    """The paper's Figure 1: accuracy against α for every interpolation path, one axes per split.
+    """:func:`interpolation_figure` saved at ``path`` (PNG) and beside it (PDF); None when there is nothing to
+    draw."""
+    return _saved(interpolation_figure(results, title), path)
+
+
+def interpolation_figure(results: list[SelectedRun], title: str | None = None) -> Figure | None:
+    """The paper's Figure 1: accuracy (%) against α for every interpolation path, one axes per split.
 
     ``results`` are :class:`SelectedRun` of records written by
     :func:`linft.analysis.interpolate.interpolate` (methods ``interpolation-*``,
@@ -146,8 +257,6 @@ def plot_interpolation(results: list[SelectedRun], path: Path, title: str | None
             ax.set_xlim(-0.05, 1.05)
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return fig
 
 

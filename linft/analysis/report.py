@@ -1,10 +1,14 @@
 """The report: tables (markdown, CSV) and figures from run records only (no model, no GPU).
 
 :func:`write_report` writes ``summary.md``, ``table.csv``, ``runs.csv``,
-``clouds.csv``, ``clouds.png``, ``dropout.png`` (when several dropout rates
-exist) and ``interpolation.png`` (when interpolation records exist) into one
-folder; every file is written atomically. :func:`summary_tables` is the short
-form the training commands print after a run.
+``clouds.csv`` and the figures that have something to draw, each as PNG and
+PDF: ``clouds`` (Figure 2), ``figure9`` (when a dataset's records come from
+several pretrained models), ``dropout`` (when a series has several dropout
+rates) and ``interpolation`` (when interpolation records exist), into one
+folder; every file is written atomically. Accuracies are fractions in [0, 1]
+in every CSV (columns named ``*_acc*``) and percent in the markdown tables and
+figures. :func:`summary_tables` is the short form the training commands print
+after a run.
 """
 
 from __future__ import annotations
@@ -15,12 +19,18 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from linft.analysis.aggregate import (SelectedRun, cloud_points, cloud_tables, domainbed_table, missing_domains,
-                                      run_results, table_markdown, table_rows)
-from linft.analysis.plots import plot_clouds, plot_dropout, plot_interpolation
+from linft.analysis.aggregate import (TIE_RULES, SelectedRun, domainbed_table, missing_domains, run_results,
+                                      table_markdown, table_rows, tie_counts)
+from linft.analysis.figures import dropout_points, figure2_points, figure9_points
+from linft.analysis.plots import figure_files, plot_clouds, plot_dropout, plot_figure9, plot_interpolation
 from linft.errors import LinftError
 from linft.protocol.records import read_records
+from linft.protocol.selection import SE_FORMULAS, check_se
 from linft.runtime import atomic_write_text
+
+#: What summary.md says about units.
+UNITS_NOTE = ("Units: accuracies are fractions in [0, 1] in every CSV (columns named *_acc*) and percent in the "
+              "markdown tables and figures.")
 
 
 def is_interpolation(result: SelectedRun) -> bool:
@@ -28,11 +38,14 @@ def is_interpolation(result: SelectedRun) -> bool:
     return result.method.startswith("interpolation-")
 
 
-def summary_tables(record_paths, selection: str = "iid") -> dict:
-    """DomainBed's table of the records: ``{"rows": [...] (for JSON), "markdown": "..." (o.o.d. then i.i.d.)}``."""
+def summary_tables(record_paths, selection: str = "iid", se: str = "sample") -> dict:
+    """DomainBed's table of the records: ``{"rows": [...] (for JSON: fractions, None where there is no value),
+    "markdown": "..." (o.o.d. then i.i.d., percent)}``; ``se`` is the standard-error convention."""
+    check_se(se)
     results = [r for r in run_results(read_records(record_paths), selection) if not is_interpolation(r)]
-    table = domainbed_table(results, selection)
-    return {"rows": table_rows(table), "markdown": table_markdown(table, "ood") + "\n" + table_markdown(table, "iid")}
+    table = domainbed_table(results, selection, se)
+    return {"rows": table_rows(table),
+            "markdown": table_markdown(table, "ood", se) + "\n" + table_markdown(table, "iid", se)}
 
 
 def _pct(x) -> str:
@@ -77,43 +90,67 @@ def _csv(rows) -> str:
     return buffer.getvalue()
 
 
+#: The fixed columns of runs.csv before the grid's hyper-parameters, and after them.
+RUNS_COLUMNS = ("dataset", "model", "label", "method", "test_domain", "seed", "dropout")
+RUNS_TAIL = ("step", "iid_acc", "ood_acc", "status")
+
+
 def _runs_csv(results: list[SelectedRun]) -> str:
-    rows = [["dataset", "label", "test_domain", "seed", "grid", "step", "iid", "ood", "status"]]
+    """One row per run at its selected step; every grid hyper-parameter (union over runs) is a column, blank
+    where a run does not have it; accuracies are fractions."""
+    grid_keys = sorted({k for r in results for k, _ in r.grid} - set(RUNS_COLUMNS) - set(RUNS_TAIL))
+    rows = [[*RUNS_COLUMNS, *grid_keys, *RUNS_TAIL]]
     for r in sorted(results, key=lambda r: (r.dataset, r.label, r.test_domain, r.grid, r.seed)):
-        rows.append([r.dataset, r.label, r.test_domain, r.seed, dict(r.grid), r.step, r.iid, r.ood, r.status])
+        grid = dict(r.grid)
+        dropout = grid.get("dropout", r.dropout)
+        rows.append([r.dataset, r.model, r.label, r.method, r.test_domain, r.seed, "" if dropout is None else dropout,
+                     *("" if grid.get(k) is None else grid[k] for k in grid_keys), r.step, r.iid, r.ood, r.status])
     return _csv(rows)
 
 
 def _table_csv(table: dict) -> str:
-    rows = [["dataset", "label", "test_domain", "iid_mean", "iid_se", "ood_mean", "ood_se", "seeds"]]
+    rows = [["dataset", "label", "test_domain", "iid_acc_mean", "iid_acc_se", "ood_acc_mean", "ood_acc_se", "seeds"]]
     for (dataset, label), row in sorted(table.items()):
         for d, cell in row.items():
             rows.append([dataset, label, d, *cell["iid"], *cell["ood"], cell["n"]])
     return _csv(rows)
 
 
-def _clouds_csv(clouds: dict) -> str:
-    rows = [["dataset", "label", "iid", "ood", "exact"]]
-    for (dataset, label), tab in sorted(clouds.items()):
-        pts, exact = cloud_points(tab)
-        rows.extend([dataset, label, x, y, exact] for x, y in pts)
+def _clouds_csv(points: dict) -> str:
+    rows = [["dataset", "model", "label", "series", "iid_acc", "ood_acc", "exact"]]
+    for (dataset, model, label), fp in sorted(points.items()):
+        rows.extend([dataset, model, label, fp.role, x, y, fp.exact] for x, y in fp.points)
     return _csv(rows)
 
 
-def _summary(results, table, clouds, record_paths, selection: str, files: list[str]) -> str:
-    counts = defaultdict(lambda: defaultdict(int))
-    for r in results:
-        counts[(r.dataset, r.label)][r.status] += 1
+def _method_notes(selection: str, se: str) -> list[str]:
     rule = ("best i.i.d. step of each run, and per seed the grid point with the best i.i.d. accuracy "
             "(training-domain validation)" if selection == "iid" else
             "oracle: best o.o.d. step of each run, and per seed the grid point with the best o.o.d. accuracy")
-    lines = ["# linft report\n", f"Selection: {rule}. Records: {', '.join(map(str, record_paths))}.\n",
-             table_markdown(table, "ood"), table_markdown(table, "iid"), "**Runs**\n",
-             "| dataset | method | ok | diverged | unfinished | cloud points |", "|---|---|---|---|---|---|"]
+    return [f"Selection: {rule}.", f"Ties: {TIE_RULES}.",
+            f"Statistics: mean ± standard error over seeds, {SE_FORMULAS[se]}; the average column is the mean over "
+            f"the dataset's held-out domains per seed, then mean ± SE over the seeds that have every domain"
+            + (". DomainBed prints the average column as the mean of the per-domain means, without SE: the same "
+               "mean when every domain has the same seeds." if se == "domainbed" else "."),
+            UNITS_NOTE]
+
+
+def _summary(results, table, points, record_paths, selection: str, se: str, files: list[str]) -> str:
+    counts = defaultdict(lambda: defaultdict(int))
+    for r in results:
+        counts[(r.dataset, r.label)][r.status] += 1
+    n_points = {(d, label): len(fp.points) for (d, _, label), fp in points.items()}
+    ties = tie_counts(results, selection)
+    lines = ["# linft report\n", f"Records: {', '.join(map(str, record_paths))}.\n",
+             *(f"{note}\n" for note in _method_notes(selection, se)),
+             table_markdown(table, "ood", se), table_markdown(table, "iid", se), "**Runs**\n",
+             "| dataset | method | ok | diverged | unfinished | cloud points | ties at the best score |",
+             "|---|---|---|---|---|---|---|"]
     for key in sorted(counts):
         c = counts[key]
-        n_cloud = len(cloud_points(clouds[key])[0]) if key in clouds else 0
-        lines.append(f"| {key[0]} | {key[1]} | {c['ok']} | {c['diverged']} | {c['unfinished']} | {n_cloud} |")
+        tied, groups = ties.get(key, (0, 0))
+        lines.append(f"| {key[0]} | {key[1]} | {c['ok']} | {c['diverged']} | {c['unfinished']} | "
+                     f"{n_points.get(key, 0)} | {tied} of {groups} |")
     for (dataset, label), domains in sorted(missing_domains(results).items()):
         lines.append(f"\n{label} on {dataset}: no usable run for held-out {', '.join(domains)}; "
                      f"its average and cloud are left out.")
@@ -125,34 +162,50 @@ def _summary(results, table, clouds, record_paths, selection: str, files: list[s
     return "\n".join(lines) + "\n"
 
 
-def _write_report(results: list[SelectedRun], record_paths, out: Path, selection: str) -> dict:
+def _figures(results, curves, points, out: Path, selection: str, se: str) -> dict:
+    """Every figure with something to draw, as ``{"<name>_png": path, "<name>_pdf": path}``."""
+    drawn = {"clouds": plot_clouds(points, out / "clouds.png"),
+             "figure9": plot_figure9(figure9_points(results), out / "figure9.png"),
+             "dropout": plot_dropout(dropout_points(results, selection, se), out / "dropout.png"),
+             "interpolation": plot_interpolation(curves, out / "interpolation.png") if curves else None}
+    paths = {}
+    for name, png in drawn.items():
+        if png is not None:
+            paths[f"{name}_png"], paths[f"{name}_pdf"] = figure_files(png)
+    return paths
+
+
+def _write_report(results: list[SelectedRun], record_paths, out: Path, selection: str, se: str,
+                  notes: list[str] = ()) -> dict:
     curves = [r for r in results if is_interpolation(r)]
     results = [r for r in results if not is_interpolation(r)]
-    table, clouds = domainbed_table(results, selection), cloud_tables(results)
+    table, points = domainbed_table(results, selection, se), figure2_points(results)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"runs": atomic_write_text(out / "runs.csv", _runs_csv(results)),
              "table": atomic_write_text(out / "table.csv", _table_csv(table)),
-             "clouds_csv": atomic_write_text(out / "clouds.csv", _clouds_csv(clouds))}
-    if clouds:
-        paths["clouds_png"] = plot_clouds(clouds, out / "clouds.png")
-    dropout_png = plot_dropout(results, out / "dropout.png", selection)
-    if dropout_png:
-        paths["dropout_png"] = dropout_png
-    interpolation_png = plot_interpolation(curves, out / "interpolation.png") if curves else None
-    if interpolation_png:
-        paths["interpolation_png"] = interpolation_png
-    summary = _summary(results, table, clouds, record_paths, selection, [p.name for p in paths.values()])
+             "clouds_csv": atomic_write_text(out / "clouds.csv", _clouds_csv(points))}
+    paths.update(_figures(results, curves, points, out, selection, se))
+    summary = _summary(results, table, points, record_paths, selection, se, [p.name for p in paths.values()])
+    if notes:  # the caller's notes, e.g. the demo's differences from the paper's protocol
+        summary += "\n**Notes**\n\n" + "".join(f"- {note}\n" for note in notes)
     paths["summary"] = atomic_write_text(out / "summary.md", summary)
     return paths
 
 
-def write_report(record_paths, out_dir, selection: str = "iid") -> dict:
-    """Write the report of the records in ``record_paths`` (files or folders) into ``out_dir``; return the paths."""
+def write_report(record_paths, out_dir, selection: str = "iid", se: str = "sample",
+                 notes: list[str] | None = None) -> dict:
+    """Write the report of the records in ``record_paths`` (files or folders) into ``out_dir``; return the paths.
+
+    ``selection``: ``iid`` or ``oracle``; ``se``: the standard-error convention (``sample``: ddof=1, linft's
+    default; ``domainbed``: ddof=0, as DomainBed's tables). ``notes``: lines appended to ``summary.md`` under
+    "Notes" (the demo states there how its protocol differs from the paper's).
+    """
+    check_se(se)
     records = read_records(record_paths)
     if not records:
         raise LinftError(f"the run records in {', '.join(map(str, record_paths))} are empty; train something first")
     results = run_results(records, selection)
     try:
-        return _write_report(results, record_paths, Path(out_dir), selection)
+        return _write_report(results, record_paths, Path(out_dir), selection, se, notes or [])
     except OSError as exc:
         raise LinftError(f"cannot write the report to {out_dir} ({exc.strerror or exc}); choose another --out") from None

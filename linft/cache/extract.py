@@ -35,7 +35,8 @@ from linft.data.images import (describe_transform, describe_views_transform, eva
 from linft.errors import LinftError
 from linft.models.blocks import PooledBlockFeatures, phi_block_names
 from linft.models.registry import Backbone, load_backbone
-from linft.runtime import autocast, commit_partial, partial_path, progress_bar, resolve_device, writable_folder
+from linft.runtime import (DEFAULT_PRECISION, PRECISIONS, autocast, check_precision, commit_partial,
+                           effective_precision, partial_path, progress_bar, resolve_device, writable_folder)
 
 
 @dataclass(frozen=True)
@@ -43,14 +44,14 @@ class ExtractConfig:
     """What to extract and how (the defaults are the paper's: ResNet-50 "ResNet #2", 224 px, all φ blocks)."""
 
     backbone: str = "resnet50"
-    weights: str | None = "DEFAULT"
+    weights: str = "DEFAULT"
     num_blocks: int | None = None  # the last K blocks of the last stage; None: all of them
     image_size: int = 224
     batch_size: int = 256
     workers: int | None = None
     device: str = "auto"
     dtype: str = "float16"  # storage
-    amp: bool = True  # float16 autocast and channels_last on CUDA (float32 on the CPU)
+    precision: str = DEFAULT_PRECISION  # autocast dtype on CUDA (float32: none); the CPU computes in float32
     skip_bad_images: bool = False
     views: int = 0  # augmented views per image (DomainBed's training augmentation)
     views_seed: int = 0
@@ -59,6 +60,7 @@ class ExtractConfig:
         """One-line errors for settings that cannot run."""
         if self.dtype not in DTYPES:
             raise LinftError(f"unknown --dtype {self.dtype}; use float16 or float32")
+        check_precision(self.precision)
         if self.image_size < 16:
             raise LinftError(f"--image-size {self.image_size} is too small; use at least 16 (DomainBed uses 224)")
         if self.batch_size < 1:
@@ -93,14 +95,23 @@ class _Extractor:
     blocks: list[str]
     module: PooledBlockFeatures
     dev: torch.device
-    amp: bool
+    precision: str  # what the forward runs in on this device (float32 off CUDA)
     dim: int
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = model_input(images, self.dev, channels_last=self.dev.type == "cuda")
-        with autocast(self.dev, self.amp, torch.float16):
+        with autocast(self.dev, self.precision):
             return self.module(x)
+
+
+def compute_text(precision: str) -> str:
+    """The cache's ``compute`` attribute for an effective precision (:func:`linft.runtime.effective_precision`).
+
+    The texts are those of earlier releases for the same computation (``float32``; ``cuda autocast float16``,
+    the former default on CUDA), so that existing caches keep their provenance.
+    """
+    return "float32" if precision == "float32" else f"cuda autocast {precision}"
 
 
 def _extractor(config: ExtractConfig) -> _Extractor:
@@ -110,7 +121,7 @@ def _extractor(config: ExtractConfig) -> _Extractor:
     module = PooledBlockFeatures(bb.model, blocks).to(dev).eval()
     if dev.type == "cuda":
         module = module.to(memory_format=torch.channels_last)
-    ext = _Extractor(bb, blocks, module, dev, bool(config.amp and dev.type == "cuda"), 0)
+    ext = _Extractor(bb, blocks, module, dev, effective_precision(dev, config.precision), 0)
     ext.dim = int(ext(torch.zeros(1, 3, config.image_size, config.image_size, dtype=torch.uint8)).shape[-1])
     return ext
 
@@ -123,7 +134,7 @@ def cache_attributes(ds: MultiDomainDataset, config: ExtractConfig, ext: _Extrac
         "weights_label": ext.backbone.weights_label, "weights_sha256": ext.backbone.weights_sha256,
         "blocks": ext.blocks, "feature_dim": ext.dim, "image_size": int(config.image_size),
         "transform": describe_transform(eval_transform(config.image_size)), "dtype": config.dtype,
-        "compute": "cuda autocast float16" if ext.amp else "float32", "dataset_name": ds.name or ds.root.name,
+        "compute": compute_text(ext.precision), "dataset_name": ds.name or ds.root.name,
         "dataset_root": str(ds.root.resolve()), "domain_names": list(ds.domains), "class_names": list(ds.classes),
         "per_domain": {d: {"count": ds.counts[d], "classes": ds.class_counts[d]} for d in ds.domains},
         "num_examples": len(ds), "file_list_sha256": ds.file_list_sha256, "linft_version": linft.__version__,
@@ -138,6 +149,14 @@ def cache_attributes(ds: MultiDomainDataset, config: ExtractConfig, ext: _Extrac
     return attrs
 
 
+def _precision_hint(existing: dict, attrs: dict) -> str:
+    """When only the precision differs from an existing file's: which precision made that file."""
+    if identity_differences(existing, attrs) != ["compute"]:
+        return ""
+    made = next((p for p in PRECISIONS if compute_text(p) == existing.get("compute")), None)
+    return f" (it was computed in {existing.get('compute')}: --precision {made} reuses it)" if made else ""
+
+
 def _up_to_date(out: Path, attrs: dict, force: bool) -> dict | None:
     """The attributes of a complete cache of the same provenance at ``out``; refuses any other file without force."""
     if not out.exists():
@@ -150,8 +169,8 @@ def _up_to_date(out: Path, attrs: dict, force: bool) -> dict | None:
             raise LinftError(f"{out} exists and is not a linft feature cache; choose another --out "
                              f"(or --force to replace it)")
         diff = ", ".join(identity_differences(existing, attrs)) or "completion"
-        raise LinftError(f"{out} holds a feature cache with different provenance ({diff}); "
-                         f"pass --force to replace it or choose another --out")
+        raise LinftError(f"{out} holds a feature cache with different provenance ({diff})"
+                         f"{_precision_hint(existing, attrs)}; pass --force to replace it or choose another --out")
     return None
 
 
@@ -169,7 +188,8 @@ def _resume_point(partial: Path, attrs: dict, force: bool) -> int:
                       stacklevel=3)
     elif not force:
         diff = ", ".join(identity_differences(previous, attrs))
-        raise LinftError(f"{partial} is an unfinished extraction with different settings ({diff}); "
+        raise LinftError(f"{partial} is an unfinished extraction with different settings ({diff})"
+                         f"{_precision_hint(previous, attrs)}; "
                          f"re-run its own command to finish it, or pass --force to discard it")
     if num_done == 0:
         partial.unlink()
@@ -215,8 +235,8 @@ def extract_features(dataset: MultiDomainDataset | str | os.PathLike, out: str |
     """Extract pooled φ-block features of every image of ``dataset`` into an HDF5 cache at ``out``.
 
     ``settings`` override fields of ``config`` (``backbone=..., weights=...``,
-    see :class:`ExtractConfig`). On CUDA the forward runs under float16
-    autocast (``amp``) and in channels_last; on CPU in float32. Features are
+    see :class:`ExtractConfig`). On CUDA the forward runs under autocast to
+    ``precision`` and in channels_last; on CPU in float32. Features are
     stored as ``dtype``. ``on_checkpoint(num_done, num_examples)`` is called each
     time a batch is on disk (the progress a resume would start from). ``views``
     > 0 also stores that many augmented views of every image (seeded per image

@@ -94,7 +94,12 @@ def identity_differences(a: dict, b: dict) -> list[str]:
 
 
 def existing_cache_attrs(path: Path) -> dict | None:
-    """Attributes of an existing linft cache at ``path``, or None if it is not one (or unreadable)."""
+    """Attributes of an existing linft cache at ``path``, or None if it is not one (or unreadable).
+
+    This is the check of a process about to write ``path`` (:mod:`linft.cache.extract`), so it opens the file
+    with HDF5's lock: a file another process is writing is one LinftError (wait for it), not a file to take
+    over. Readers that only look (:func:`open_h5`) take no lock.
+    """
     try:
         with h5py.File(path, "r") as f:
             attrs = read_attrs(f)
@@ -142,15 +147,26 @@ class FeatureCache:
 
 
 def open_h5(path: Path) -> h5py.File:
-    """The cache file at ``path`` opened read-only; a missing or unreadable file is one LinftError."""
+    """The cache file at ``path`` opened read-only and without HDF5's file lock; a missing or unreadable file is
+    one LinftError.
+
+    Without the lock, a ``.partial`` file that an extraction is writing can be read while it runs (``linft cache
+    info``, ``linft status``): what is read is the file as of the extraction's last flush (one per batch).
+    Complete caches are never written in place (an extraction writes ``.partial`` and renames it), so reading
+    them without the lock is safe.
+    """
     if not path.exists():
         hint = f" (an unfinished extraction is at {path}{PARTIAL_SUFFIX}; re-run its command)" \
             if Path(str(path) + PARTIAL_SUFFIX).exists() else ""
         raise LinftError(f"feature cache {path} does not exist{hint}; create it with `linft extract`")
     try:
-        return h5py.File(path, "r")
+        return h5py.File(path, "r", locking=False)
     except OSError as exc:
-        raise LinftError(f"{path} is not a readable HDF5 file ({exc}); re-create it with `linft extract`") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if path.name.endswith(PARTIAL_SUFFIX):
+            raise LinftError(f"{path} cannot be read now ({reason}); if an extraction is writing it, try again in a "
+                             f"moment, else re-run its `linft extract` command to finish it") from None
+        raise LinftError(f"{path} is not a readable HDF5 file ({reason}); re-create it with `linft extract`") from None
 
 
 def cache_attrs(f: h5py.File, path: Path) -> dict:

@@ -4,7 +4,9 @@
   ``Resize((S, S))`` (PIL, bilinear, antialiased) and ``PILToTensor`` (uint8).
 * :func:`train_augmentation` — DomainBed's training augmentation up to the
   tensor: ``RandomResizedCrop(S, scale=(0.7, 1))``, horizontal flip,
-  ``ColorJitter(0.3, 0.3, 0.3, 0.3)``, ``RandomGrayscale``.
+  ``ColorJitter(0.3, 0.3, 0.3, 0.3)``, ``RandomGrayscale``, per image with PIL
+  (its batched tensor version, on the device after :func:`eval_transform`, is
+  :func:`linft.data.tensor_augment.augment_batch`).
 * :data:`NORMALIZE` — ImageNet normalisation, applied on the device to the
   uint8 batch (:func:`normalize_uint8`, :func:`model_input`), so that workers
   ship 4x fewer bytes.

@@ -4,8 +4,8 @@
   network (``model.fc``); :func:`classifier_linear` finds its ``Linear``.
 * :class:`LinearHead` is a head as plain tensors; :func:`fit_probe_head` fits
   one on frozen features (the pretrained end of an interpolation has no head
-  for the task); :func:`classifier_head` and :func:`with_head` read and replace
-  a model's head.
+  for the task; LP-FT starts from it); :func:`classifier_head`, :func:`load_head`
+  and :func:`with_head` read and replace a model's head.
 * :func:`check_dropout_rate` is the one check of a dropout rate.
 """
 
@@ -95,8 +95,8 @@ def fit_probe_head(features: torch.Tensor, labels: torch.Tensor | np.ndarray, nu
     penalised) with :class:`torch.optim.LBFGS` (strong Wolfe line search,
     ``max_iter`` iterations at most), from W = 0, b = 0, in float32 on the
     features' device: deterministic, no mini-batches, no learning rate to
-    tune. This is only the pretrained endpoint's head for interpolation;
-    linear probing as a protocol method (SGD, grid, seeds) is
+    tune. This is the pretrained endpoint's head for interpolation and the
+    starting head of LP-FT (:mod:`linft.train.lp_ft`); linear probing as a protocol method (SGD, grid, seeds) is
     :func:`linft.train.linear.train_linear` with ``probe=True``.
     """
     x = features.detach().float()
@@ -133,6 +133,21 @@ def classifier_head(model: nn.Module) -> LinearHead:
         raise LinftError(f"{model.__class__.__name__} has no linear classifier 'fc' with a bias; "
                          "pass a torchvision-style ResNet checkpoint of linft finetune")
     return LinearHead(linear.weight.detach().clone(), linear.bias.detach().clone())
+
+
+def load_head(model: nn.Module, head: LinearHead) -> nn.Module:
+    """Copy ``head`` into the last linear layer of ``model.fc`` in place (its dtype and device kept); returns ``model``.
+
+    The layer's parameters stay the same objects, so an optimizer built on the model keeps working.
+    """
+    linear = classifier_linear(model)
+    if tuple(linear.weight.shape) != tuple(head.weight.shape) or linear.bias is None:
+        raise LinftError(f"the head has shape {tuple(head.weight.shape)} but the model's classifier has "
+                         f"{tuple(linear.weight.shape)}; fit the head on this model's features")
+    with torch.no_grad():
+        linear.weight.copy_(head.weight)
+        linear.bias.copy_(head.bias)
+    return model
 
 
 def head_keys(state: Mapping[str, torch.Tensor]) -> tuple[str, str]:

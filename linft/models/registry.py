@@ -3,7 +3,7 @@
 * :func:`load_backbone` builds a network by name and loads its weights from a
   torchvision enum name (``IMAGENET1K_V1`` = the paper's "ResNet #1",
   ``IMAGENET1K_V2`` = "ResNet #2", ``DEFAULT``), a local state_dict file, or
-  ``none`` (a deterministic random initialisation). Enum weights come through
+  ``none`` (a deterministic random initialisation); ``None`` is refused (say which). Enum weights come through
   torchvision's own loader and cache folder; when they cannot be had the error
   names the file and the folder to put it in.
 * :func:`register_backbone` adds an architecture that is not a torchvision
@@ -117,21 +117,25 @@ def _load_weights(model: nn.Module, state: dict, name: str, source: str) -> None
     load_state_dict_strict(model, state, f"weights {source}", f"a {name}", f"pass weights saved from a {name}")
 
 
-def load_backbone(name: str = "resnet50", weights: str | os.PathLike | None = "DEFAULT") -> Backbone:
+def load_backbone(name: str = "resnet50", weights: str | os.PathLike = "DEFAULT") -> Backbone:
     """Build backbone ``name`` and load ``weights`` strictly; the model is returned in eval mode.
 
     ``weights``: ``DEFAULT`` (the backbone's recommended weights: torchvision's
     ``DEFAULT`` member, ``IMAGENET1K_V2`` = the paper's "ResNet #2" for
     ResNet-50; the shipped file for ``demo-resnet``), a torchvision enum member
     name of that model (``IMAGENET1K_V1``, ``IMAGENET1K_V2``, ...), a path to a
-    state_dict file, or ``none``/``None`` for a random initialisation seeded
-    with :data:`NONE_WEIGHTS_SEED`. For a registered extra backbone
-    ``weights=None`` also means its default weights.
+    state_dict file, or ``"none"`` for a random initialisation seeded with
+    :data:`NONE_WEIGHTS_SEED`. ``None`` is refused: it meant random weights
+    for torchvision backbones and the shipped file for ``demo-resnet``; say
+    ``"DEFAULT"`` or ``"none"``.
     """
     check_backbone_name(name)
-    if name in _EXTRA_BACKBONES and (weights is None or str(weights).upper() == "DEFAULT"):
+    if weights is None:
+        raise LinftError('weights=None is ambiguous; pass weights="DEFAULT" (the backbone\'s recommended weights) or '
+                         'weights="none" (a seeded random initialisation)')
+    if name in _EXTRA_BACKBONES and str(weights).upper() == "DEFAULT":
         weights = _EXTRA_BACKBONES[name][1]
-    text = "none" if weights is None else os.fspath(weights)
+    text = os.fspath(weights)
 
     if text.lower() == "none":
         with torch.random.fork_rng(devices=[]):

@@ -20,6 +20,7 @@ the run's last record), plus method-specific extras.
 One rule says what is done (:func:`finished_run_ids`): a run whose records hold
 a ``final`` record. Every method writes a run's final record last, after all
 else it produces is on disk, so a run killed before it is redone or resumed.
+Every command reports it in one wording (:func:`done_summary`).
 
 Files are only ever appended to, one complete line per write, flushed. Records
 of earlier releases are read as they are (:func:`upgrade_record`).
@@ -47,6 +48,7 @@ METHODS = {
     "finetune": "full FT",
     "scratch": "from scratch",
     "linearized-finetune": "linearized FT",
+    "lp-ft": "LP-FT",
     "interpolation-weights": "weight interpolation",
     "interpolation-representation": "representation interpolation",
     "interpolation-representation-block": "representation interpolation",
@@ -142,10 +144,18 @@ def _drop_torn_last_line(path: Path) -> None:
 
 
 class RecordWriter:
-    """Appends records to ``path`` (JSON lines), one flushed line each."""
+    """Appends records to ``path`` (JSON lines), one flushed line each.
 
-    def __init__(self, path: str | os.PathLike):
+    ``sinks``: other destinations of the same records (a metrics stream such as
+    :class:`linft.protocol.sinks.TensorBoardSink`): each record, once its line is
+    on disk, is passed to every sink's ``write(record)``; :meth:`close` calls
+    each sink's ``close()`` (a sink may be written to again after it, by another
+    writer). The records file stays the reference: a sink never replaces it.
+    """
+
+    def __init__(self, path: str | os.PathLike, sinks=()):
         self.path = Path(path)
+        self.sinks = list(sinks)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             _drop_torn_last_line(self.path)
@@ -156,9 +166,13 @@ class RecordWriter:
     def write(self, record: dict) -> None:
         self._fh.write(json.dumps(record, sort_keys=True) + "\n")
         self._fh.flush()
+        for sink in self.sinks:
+            sink.write(record)
 
     def close(self) -> None:
         self._fh.close()
+        for sink in self.sinks:
+            sink.close()
 
     def __enter__(self):
         return self
@@ -227,3 +241,18 @@ def final_records(paths) -> dict[str, dict]:
 def finished_run_ids(paths) -> set[str]:
     """Ids of the runs that are done (:func:`final_records`)."""
     return set(final_records(paths))
+
+
+def done_summary(new: int, already: int, *, verb: str = "trained", unit: str = "run", diverged: int = 0,
+                 failed: int = 0) -> str:
+    """THE wording of what a command did under the "skip what is done" rule, for every command and the demo.
+
+    ``done_summary(3, 5, diverged=1)`` is ``3 runs trained (1 diverged), 5 already done``: ``new`` units were
+    ``verb`` now (``diverged`` and ``failed`` count among them), ``already`` were done before and skipped.
+    """
+    def count(n: int) -> str:
+        return f"{n:,} {unit}{'' if n == 1 else 's'}"
+
+    among = [f"{n:,} {what}" for n, what in ((diverged, "diverged"), (failed, "failed")) if n]
+    detail = f" ({', '.join(among)})" if among else ""
+    return f"{count(new)} {verb}{detail}, {already:,} already done"

@@ -8,7 +8,7 @@ A *record* is one JSON object (see :mod:`linft.protocol.records`) with
 * o.o.d. accuracy: accuracy on the whole held-out domain (its in and out parts pooled);
 * selection: per run, the evaluation step with the best i.i.d. accuracy,
   earliest on ties (``select_by_iid``), or the best o.o.d. (``select_oracle``);
-* mean ± standard error over seeds (:func:`mean_and_se`).
+* mean ± standard error over seeds (:func:`mean_and_se`, :data:`SE_CONVENTIONS`).
 """
 
 from __future__ import annotations
@@ -71,13 +71,35 @@ def _select(run_records, score):
 SELECTIONS = {"iid": select_by_iid, "oracle": select_oracle}
 
 
-def mean_and_se(values) -> tuple[float, float]:
-    """Mean and standard error (sample std / sqrt(n); 0 for a single value)."""
+#: Standard-error conventions: name -> ddof of the standard deviation in ``std(values, ddof) / sqrt(n)``.
+#: ``sample`` (linft's default) uses the sample standard deviation (ddof=1); ``domainbed`` uses numpy's default
+#: population standard deviation (ddof=0), as DomainBed's ``collect_results.format_mean`` does, so that tables
+#: compare with published DomainBed tables.
+SE_CONVENTIONS = {"sample": 1, "domainbed": 0}
+#: Each convention's formula in words (summary.md states the one used).
+SE_FORMULAS = {"sample": "SE = std(x, ddof=1) / sqrt(n) over the n seeds (sample standard deviation; 0 for n = 1)",
+               "domainbed": "SE = std(x, ddof=0) / sqrt(n) over the n seeds (population standard deviation, "
+                            "as DomainBed's format_mean)"}
+
+
+def check_se(se: str) -> str:
+    """``se`` when it names a convention of :data:`SE_CONVENTIONS`; a :class:`LinftError` otherwise."""
+    if se not in SE_CONVENTIONS:
+        raise LinftError(f"unknown standard-error convention se={se!r}; use one of {', '.join(SE_CONVENTIONS)}")
+    return se
+
+
+def mean_and_se(values, se: str = "sample") -> tuple[float, float]:
+    """Mean and standard error ``std(values, ddof) / sqrt(n)`` with the ddof of :data:`SE_CONVENTIONS` [se].
+
+    ``sample``: ddof=1 (0 for a single value); ``domainbed``: ddof=0. NaN, NaN for no value.
+    """
     v = np.asarray(list(values), dtype=float)
     if v.size == 0:
         return float("nan"), float("nan")
-    se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else 0.0
-    return float(v.mean()), se
+    ddof = SE_CONVENTIONS[check_se(se)]
+    err = float(v.std(ddof=ddof) / math.sqrt(v.size)) if v.size > ddof else 0.0
+    return float(v.mean()), err
 
 
 def group_runs(records: list[dict]) -> dict[str, list[dict]]:

@@ -57,7 +57,7 @@ class _Scorer:
 
     def logits(self, state: dict) -> torch.Tensor:
         self.net.load_state_dict(state, strict=True)
-        return predict_logits(self.net, self.eval_images, self.dev, self.config.amp, False)
+        return predict_logits(self.net, self.eval_images, self.dev, self.config.precision, False)
 
     def counts(self, predictions: torch.Tensor) -> dict:
         return split_counts(predictions, self.dataset.labels, self.split_rows, self.dataset.domains)

@@ -10,8 +10,9 @@ DomainBed's training transform; lr ÷10 at half; evaluation of every split
 with the evaluation transform every ``eval_every`` steps and at the last step.
 The variants are fields of :class:`~linft.train.finetune_model.FineTuneRun`
 and of the records: dropout rate, last-layer learning-rate multiplier,
-residual-block dropout, training from scratch (``weights="none"``) and the
-first-order model (``linearized``).
+residual-block dropout, training from scratch (``weights="none"``), the
+first-order model (``linearized``) and LP-FT (``lp_ft``: the head starts from
+the linear-probe solution, :mod:`linft.train.lp_ft`).
 
 Order of writes at an evaluation: ``selected.pt`` (when the i.i.d. accuracy
 improved), the trajectory records, the run's record, then the checkpoint
@@ -29,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,14 +39,17 @@ from linft.data.images import EvalImages
 from linft.data.splits import domain_split_rows
 from linft.errors import LinftError
 from linft.models.checkpoints import load_checkpoint
+from linft.models.heads import load_head
 from linft.protocol.grid import check_grid
 from linft.protocol.records import RecordWriter, RunHeader, existing_records, make_record
-from linft.protocol.schedule import eval_steps
-from linft.protocol.selection import iid_accuracy, split_counts
+from linft.protocol.schedule import eval_steps, lr_at, milestone_steps
+from linft.protocol.selection import iid_accuracy, ood_accuracy, split_counts
+from linft.protocol.sinks import TensorBoardSink
 from linft.runtime import atomic_save, atomic_write_text, progress_bar, resolve_device
 from linft.train.finetune_model import (FineTuneConfig, FineTuneRun, build_run_model, finetune_label,
                                         finetune_method, ordinary_state, predict_logits, run_optimizer,
                                         set_train_mode, train_batches, train_step)
+from linft.train.lp_ft import lp_ft_head
 from linft.train.run_folder import RunFolder, load_selected, run_identity
 from linft.train.trajectory import Trajectory
 
@@ -61,16 +66,43 @@ class EvalEvent:
 @dataclass
 class RunHooks:
     """Observers of a run. ``on_eval(EvalEvent)`` after an evaluation's records are written; ``on_checkpoint(step,
-    path)`` after its checkpoint is on disk; ``on_step(step)`` after every step; ``say(line)`` for one-line news."""
+    path)`` after its checkpoint is on disk; ``on_step(step)`` after every step; ``say(line)`` for one-line news;
+    ``sinks``: metrics streams that receive every record the run writes (``RecordWriter(..., sinks=)``)."""
 
     on_eval: Callable[[EvalEvent], None] | None = None
     on_checkpoint: Callable[[int, Path], None] | None = None
     on_step: Callable[[int], None] | None = None
     say: Callable[[str], None] | None = None
+    sinks: tuple = ()
 
     def tell(self, line: str) -> None:
         if self.say is not None:
             self.say(line)
+
+
+def eval_logger(say: Callable[[str], None]) -> Callable[[EvalEvent], None]:
+    """An ``on_eval`` hook that says one line per evaluation: the run (id, held-out domain, seed), step, learning
+    rate, training loss, i.i.d. accuracy and the best so far (in this process), o.o.d. accuracy."""
+    best: dict[str, tuple[float, int]] = {}
+
+    def on_eval(event: EvalEvent) -> None:
+        r, h = event.record, event.record["hparams"]
+        iid, ood = iid_accuracy(r), ood_accuracy(r)
+        if iid > best.get(r["run_id"], (-1.0, 0))[0]:
+            best[r["run_id"]] = (iid, event.step)
+        top, at = best[r["run_id"]]
+        lr = lr_at(event.step, h["lr"], milestone_steps(h["lr_milestones"], h["steps"]))
+        loss = "?" if r.get("loss") is None else f"{r['loss']:.4g}"
+        say(f"{r['run_id'][:8]} {r['test_domain']} seed {r['seed']}: step {event.step} of {h['steps']}, lr {lr:.3g}, "
+            f"loss {loss}, i.i.d. {100 * iid:.1f}% (best {100 * top:.1f}% at step {at}), o.o.d. {100 * ood:.1f}%")
+    return on_eval
+
+
+def watch_hooks(say: Callable[[str], None] | None = None, tensorboard_dir=None) -> RunHooks:
+    """The hooks of a watched sweep: ``say`` for news and one :func:`eval_logger` line per evaluation (nothing
+    when None), and TensorBoard event files of every record under ``tensorboard_dir`` (when given)."""
+    return RunHooks(on_eval=eval_logger(say) if say is not None else None, say=say,
+                    sinks=(TensorBoardSink(tensorboard_dir),) if tensorboard_dir is not None else ())
 
 
 @dataclass
@@ -107,7 +139,7 @@ class _Run:
     def evaluate(self, net: nn.Module) -> tuple[torch.Tensor, dict]:
         """Logits of ``net`` on every image, and its ``[correct, total]`` on every split."""
         dev = next(net.parameters()).device
-        logits = predict_logits(net, self.eval_images, dev, self.config.amp, self.config.channels_last)
+        logits = predict_logits(net, self.eval_images, dev, self.config.precision, self.config.channels_last)
         return logits, split_counts(logits.argmax(1), self.dataset.labels, self.split_rows, self.dataset.domains)
 
     def write(self, writer: RecordWriter, header: RunHeader, step: int, splits: dict, loss, status: str,
@@ -123,7 +155,8 @@ class _Run:
 
 def _header(ds: MultiDomainDataset, run: FineTuneRun, backbone: str, bb, config: FineTuneConfig, rid: str) -> RunHeader:
     names = ds.domains
-    hparams = {**asdict(run), **config.protocol(), "backbone": backbone, "weights": bb.weights}
+    hparams = {**asdict(run), **config.protocol(), "backbone": backbone, "weights": bb.weights,
+               **({"lp_ft_cache": config.lp_ft_cache} if run.lp_ft else {})}
     hparams.pop("test_domain")
     hparams.pop("seed")
     return RunHeader(method=finetune_method(run, bb.weights), label=finetune_label(run, bb.weights, config),
@@ -210,12 +243,13 @@ def _train(r: _Run, progress: bool, hooks: RunHooks) -> tuple[int, bool]:
     dev = next(r.model.parameters()).device
     rng_devices = [dev] if dev.type == "cuda" else []
     trained = 0
-    with RecordWriter(r.folder.records) as writer, torch.random.fork_rng(devices=rng_devices), \
+    with RecordWriter(r.folder.records, sinks=hooks.sinks) as writer, torch.random.fork_rng(devices=rng_devices), \
             progress_bar(config.steps, f"{r.header.label} | held out {run.test_domain} | seed {run.seed}",
                          unit="step", enabled=progress, initial=r.start) as update:
         set_train_mode(r.model, True, config.freeze_bn)
         nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
-        batches = train_batches(r.dataset, r.pools, config, run.seed, r.test_index, r.start)
+        batches = train_batches(r.dataset, r.pools, config, run.seed, r.test_index, r.start,
+                                r.eval_images.images if config.augment != "pil" else None)
         for step in range(r.start, config.steps):
             images, y, bad = next(batches)
             if bad:
@@ -265,6 +299,9 @@ def train_run(dataset: MultiDomainDataset, out_dir, run: FineTuneRun, *, backbon
              eval_images or EvalImages(dataset, config.image_size, config.eval_batch_size, config.workers),
              Trajectory(identity, config, backbone, weights) if config.trajectory else None)
     status = _restore(r, hooks)
+    if run.lp_ft and r.start == 0:  # a resumed run has its head in its checkpoint
+        load_head(r.model, lp_ft_head(dataset, np.sort(np.concatenate(pools)), r.model, bb.weights_sha256, config,
+                                      r.eval_images))
     trained, diverged = _train(r, progress, hooks)
     if diverged:
         hooks.tell(f"{header.label} / {run.test_domain} / seed {run.seed} / lr {run.lr:g} diverged")
@@ -282,8 +319,10 @@ def default_finetune_out(ds: MultiDomainDataset) -> Path:
 
 def sweep_runs(domains: list[str], *, test_domains=None, dropouts=(0.0,), lrs=(1e-3, 5e-4),
                weight_decays=(1e-4, 5e-5, 1e-5), seeds: int = 3, last_layer_lr_mult: float = 1.0,
-               stochastic_depth: float = 0.0, linearized: bool = False) -> list[FineTuneRun]:
+               stochastic_depth: float = 0.0, linearized: bool = False, lp_ft: bool = False) -> list[FineTuneRun]:
     """Every run of a grid: held-out domain × seed × dropout × lr × weight decay (one variant)."""
+    if lp_ft and linearized:
+        raise LinftError("--lp-ft and --linearized do not combine; run them separately")
     chosen = check_grid(domains, test_domains=test_domains, seeds=seeds, lrs=lrs, weight_decays=weight_decays,
                         dropouts=dropouts, where="the dataset")
     if not (last_layer_lr_mult > 0 and last_layer_lr_mult != float("inf")):
@@ -291,7 +330,7 @@ def sweep_runs(domains: list[str], *, test_domains=None, dropouts=(0.0,), lrs=(1
     if not 0.0 <= stochastic_depth < 1.0:
         raise LinftError(f"--stochastic-depth {stochastic_depth} is outside [0, 1); the paper uses 0.1 to 0.3")
     return [FineTuneRun(d, s, float(lr), float(wd), float(p), float(last_layer_lr_mult), float(stochastic_depth),
-                        linearized)
+                        linearized, lp_ft)
             for d in chosen for s in range(seeds) for p in dropouts for lr in lrs for wd in weight_decays]
 
 

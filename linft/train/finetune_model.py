@@ -27,14 +27,25 @@ from torch import nn
 from linft.data.folders import MultiDomainDataset
 from linft.data.images import image_loader, model_input
 from linft.data.splits import seed_hash
+from linft.data.tensor_augment import augment_batch
 from linft.errors import LinftError
 from linft.models.blocks import add_stochastic_depth
 from linft.models.heads import build_classifier, head_parameters
 from linft.models.linearize import LinearizedModel
 from linft.models.registry import Backbone, load_backbone
+from linft.protocol.records import METHODS
 from linft.protocol.schedule import lr_at, milestone_steps
-from linft.runtime import autocast
+from linft.runtime import DEFAULT_PRECISION, autocast, check_precision
 from linft.train.ensembles import ENSEMBLE_RULES
+
+
+#: Training augmentations: ``pil`` — DomainBed's PIL transform per image in DataLoader workers (the paper's
+#: protocol); ``tensor`` — the same family batched on the device (:mod:`linft.data.tensor_augment`; faster,
+#: not bit-identical to PIL); ``none`` — the evaluation transform.
+AUGMENTATIONS = ("pil", "tensor", "none")
+#: How ``augment`` enters a run's id: ``pil`` and ``none`` as the booleans of earlier releases (their runs keep
+#: their ids).
+_AUGMENT_IDENTITY = {"pil": True, "none": False}
 
 
 @dataclass(frozen=True)
@@ -48,14 +59,19 @@ class FineTuneConfig:
     lr_milestones: tuple[float, ...] = (0.5,)  # fractions of ``steps``
     image_size: int = 224
     freeze_bn: bool = True
-    augment: bool = True
+    augment: str = "pil"  # AUGMENTATIONS: DomainBed's PIL transform in workers, the batched tensor one, or none
     eval_batch_size: int = 256
     workers: int | None = None
-    amp: bool = True  # bfloat16 autocast on CUDA (float32 on the CPU)
+    precision: str = DEFAULT_PRECISION  # autocast on CUDA: float32 (none) or bfloat16; the CPU computes in float32
     channels_last: bool = True
     trajectory: bool = False  # trajectory ensemble and weight average records (from step ``eval_every`` on)
     average_every_step: bool = False  # trajectory weight average over every step (official code) instead of evals
     ensemble_rule: str = "probs"
+    lp_ft_cache: str | None = None  # LP-FT runs: the feature cache the probe head is fitted on (None: the backbone's)
+
+    def __post_init__(self):
+        if isinstance(self.augment, bool):  # earlier releases: True (DomainBed's PIL augmentation) or False
+            object.__setattr__(self, "augment", "pil" if self.augment else "none")
 
     def milestone_steps(self) -> tuple[int, ...]:
         return milestone_steps(self.lr_milestones, self.steps)
@@ -63,7 +79,9 @@ class FineTuneConfig:
     def protocol(self) -> dict:
         """The settings that change a run's result (what its id is made of)."""
         keep = ("steps", "batch_size", "eval_every", "momentum", "lr_milestones", "image_size", "freeze_bn", "augment")
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keep}
+        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keep}
+        out["augment"] = _AUGMENT_IDENTITY.get(self.augment, self.augment)
+        return out
 
     def check(self) -> None:
         """One-line errors for protocol settings that cannot run."""
@@ -75,8 +93,13 @@ class FineTuneConfig:
             raise LinftError(f"unknown ensemble rule '{self.ensemble_rule}'; use {' or '.join(ENSEMBLE_RULES)}")
         if any(not 0.0 < m <= 1.0 for m in self.lr_milestones):
             raise LinftError(f"--lr-milestones are fractions of --steps in (0, 1], got {list(self.lr_milestones)}")
+        if self.augment not in AUGMENTATIONS:
+            raise LinftError(f"unknown augmentation '{self.augment}'; use {', '.join(AUGMENTATIONS)}")
         if self.workers is not None and self.workers < 0:
             raise LinftError(f"--workers must be >= 0, got {self.workers}")
+        if check_precision(self.precision) == "float16":
+            raise LinftError("precision float16 is for extraction and interpolation: training in float16 needs loss "
+                             "scaling, which linft does not do; use bfloat16 (as fast on GPUs since Ampere) or float32")
 
 
 @dataclass(frozen=True)
@@ -91,13 +114,23 @@ class FineTuneRun:
     last_layer_lr_mult: float = 1.0
     stochastic_depth: float = 0.0
     linearized: bool = False
+    lp_ft: bool = False  # LP-FT: the head starts from the linear-probe solution (linft.train.lp_ft)
+
+    def identity(self) -> dict:
+        """The fields in the run's id; ``lp_ft`` only when set, so runs of earlier releases keep their ids."""
+        fields = asdict(self)
+        if not self.lp_ft:
+            del fields["lp_ft"]
+        return fields
 
 
 def finetune_method(run: FineTuneRun, weights: str) -> str:
     """The record method of a run (:data:`linft.protocol.records.METHODS`); ``weights="none"`` is from scratch."""
     if run.linearized:
         return "linearized-finetune"
-    return "scratch" if str(weights).lower() == "none" else "finetune"
+    if str(weights).lower() == "none":
+        return "scratch"
+    return "lp-ft" if run.lp_ft else "finetune"
 
 
 def finetune_label(run: FineTuneRun, weights: str, config: FineTuneConfig | None = None) -> str:
@@ -105,7 +138,7 @@ def finetune_label(run: FineTuneRun, weights: str, config: FineTuneConfig | None
 
     ``weights`` are the resolved weights (:attr:`linft.models.registry.Backbone.weights`).
     """
-    base = {"linearized-finetune": "linearized FT", "scratch": "from scratch", "finetune": "full FT"}
+    base = {m: METHODS[m] for m in ("linearized-finetune", "scratch", "finetune", "lp-ft")}
     parts = [base[finetune_method(run, weights)]]
     if run.last_layer_lr_mult != 1.0:
         parts.append(f"{run.last_layer_lr_mult:g}x head lr")
@@ -113,8 +146,8 @@ def finetune_label(run: FineTuneRun, weights: str, config: FineTuneConfig | None
         parts.append(f"stochastic depth {run.stochastic_depth:g}")
     if config is not None and not config.freeze_bn:
         parts.append("BN trained")
-    if config is not None and not config.augment:
-        parts.append("no augmentation")
+    if config is not None and config.augment != "pil":
+        parts.append("no augmentation" if config.augment == "none" else f"{config.augment} augmentation")
     parts.append(f"dropout {run.dropout:g}")
     return ", ".join(parts)
 
@@ -143,6 +176,9 @@ def build_run_model(backbone: str, weights, num_classes: int, run: FineTuneRun, 
     :class:`linft.models.linearize.LinearizedModel` around the initial network.
     """
     bb = load_backbone(backbone, weights)
+    if run.lp_ft and (run.linearized or bb.weights == "none"):
+        raise LinftError("LP-FT starts from a probe on pretrained features: it does not combine with --linearized or "
+                         "--weights none; run them separately")
     model = build_classifier(bb.model, num_classes, run.dropout, seed=seed_hash("linft-finetune", "init", run.seed,
                                                                                   run.test_domain))
     if run.stochastic_depth:
@@ -184,7 +220,12 @@ def step_batch(pools: list[np.ndarray], batch_size: int, seed: int, test_domain:
     """The rows of step ``step`` (``batch_size`` per training domain, with replacement) and their augmentation seeds."""
     g = torch.Generator().manual_seed(seed_hash("linft-finetune", "batch", seed, test_domain, step))
     rows = np.concatenate([pool[torch.randint(len(pool), (batch_size,), generator=g).numpy()] for pool in pools])
-    return [(int(r), seed_hash("linft-finetune", "augment", seed, test_domain, step, j)) for j, r in enumerate(rows)]
+    return [(int(r), augment_seed(seed, test_domain, step, j)) for j, r in enumerate(rows)]
+
+
+def augment_seed(seed: int, test_domain: int, step: int, j: int) -> int:
+    """The augmentation seed of image ``j`` of step ``step`` (PIL or tensor augmentation alike)."""
+    return seed_hash("linft-finetune", "augment", seed, test_domain, step, j)
 
 
 class _StepSampler(torch.utils.data.Sampler):
@@ -199,13 +240,24 @@ class _StepSampler(torch.utils.data.Sampler):
     def __iter__(self):
         for step in range(self.start, self.config.steps):
             items = step_batch(self.pools, self.config.batch_size, self.seed, self.test_domain, step)
-            yield items if self.config.augment else [(row, None) for row, _ in items]
+            yield items if self.config.augment == "pil" else [(row, None) for row, _ in items]
 
 
-def train_batches(ds: MultiDomainDataset, pools, config: FineTuneConfig, seed: int, test_domain: int,
-                  start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, str | None]]:
-    """``(uint8 images, labels, bad image or None)`` of steps ``start .. config.steps - 1``, decoded in workers."""
+def train_batches(ds: MultiDomainDataset, pools, config: FineTuneConfig, seed: int, test_domain: int, start: int,
+                  decoded: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, str | None]]:
+    """``(uint8 images, labels, bad image or None)`` of steps ``start .. config.steps - 1``, decoded in workers.
+
+    ``decoded``: every image of ``ds`` through the evaluation transform
+    (:attr:`linft.data.images.EvalImages.images`, the same decoding); when given and
+    ``config.augment`` is not ``pil``, the batches are its rows (tensor augmentation
+    happens later, on the device, in :func:`train_step`).
+    """
     sampler = _StepSampler(pools, config, seed, test_domain, start)
+    if decoded is not None and config.augment != "pil":
+        for items in sampler:
+            rows = np.array([row for row, _ in items])
+            yield decoded[torch.from_numpy(rows)], torch.from_numpy(ds.labels[rows]).long(), None
+        return
     loader = image_loader(ds, config.image_size, batches=sampler, workers=config.workers,
                           pin_memory=torch.cuda.is_available())
     for images, _views, rows, ok, errors in loader:
@@ -220,16 +272,21 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
 
     Sets the learning rates of ``step``, seeds the dropout and stochastic-depth
     masks from ``(run.seed, test_domain, step)``, runs the forward pass under
-    autocast (bfloat16 on CUDA when ``config.amp``) and channels_last when
-    ``config.channels_last``, on the model's device. The model must already be
-    in training mode (:func:`set_train_mode`).
+    autocast to ``config.precision`` on CUDA and channels_last when
+    ``config.channels_last``, on the model's device. With ``config.augment ==
+    "tensor"`` the batch is augmented there first, image ``j`` with the seed
+    :func:`augment_seed` gives it. The model must already be in training mode
+    (:func:`set_train_mode`).
     """
     dev = next(model.parameters()).device
+    if config.augment == "tensor":
+        seeds = [augment_seed(run.seed, test_domain, step, j) for j in range(len(images))]
+        images = augment_batch(images.to(dev, non_blocking=True), seeds)
     x, y = model_input(images, dev, config.channels_last), labels.to(dev, non_blocking=True)
     for g in optimizer.param_groups:
         g["lr"] = lr_at(step, g["base_lr"], config.milestone_steps())
     torch.manual_seed(seed_hash("linft-finetune", "masks", run.seed, test_domain, step))
-    with autocast(dev, config.amp):
+    with autocast(dev, config.precision):
         logits = model(x)
     loss = F.cross_entropy(logits.float(), y)
     optimizer.zero_grad(set_to_none=True)
@@ -239,13 +296,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images, dev: torch.device, amp: bool = True, channels_last: bool = True) -> torch.Tensor:
-    """Logits (N, C), float32 on the CPU, of ``model`` in eval mode over uint8 batches ``images``."""
+def predict_logits(model: nn.Module, images, dev: torch.device, precision: str = DEFAULT_PRECISION,
+                   channels_last: bool = True) -> torch.Tensor:
+    """Logits (N, C), float32 on the CPU, of ``model`` in eval mode over uint8 batches ``images`` (autocast to
+    ``precision`` on CUDA)."""
     was_training = model.training
     model.eval()
     out = []
     for batch in images:
-        with autocast(dev, amp):
+        with autocast(dev, precision):
             out.append(model(model_input(batch, dev, channels_last)).float().cpu())
     model.train(was_training)
     return torch.cat(out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,10 +21,14 @@ from linft.cache.format import FeatureCache, open_cache
 from linft.data.splits import domain_split_rows, split_names
 from linft.errors import LinftError
 from linft.protocol.grid import check_grid
-from linft.protocol.records import RECORDS_FILE, RecordWriter, RunHeader, finished_run_ids, make_record, run_id
+from linft.protocol.records import (RECORDS_FILE, RecordWriter, RunHeader, final_records, finished_run_ids,
+                                    make_record, run_id)
+from linft.protocol.selection import iid_accuracy, ood_accuracy
+from linft.protocol.sinks import TensorBoardSink
 from linft.runtime import progress_bar, resolve_device
 from linft.train.linear_engine import (EvalPoint, GridPoint, Group, LinearData, LinearGridConfig,
                                        train_linear_grid)
+from linft.train.status import divergence_note, plan_entry, write_plan
 
 
 @dataclass(frozen=True)
@@ -48,12 +53,19 @@ class LinearGrid:
 
 @dataclass
 class LinearProtocolResult:
-    """Where the records went and how many runs were trained or found finished."""
+    """Where the records went and how many runs were trained or found finished.
+
+    ``diverged`` counts the runs of this call that diverged; ``usable`` the runs of the grid (trained now or
+    before) whose final record is ``ok``; ``divergence`` is one line on the grid's diverged runs (how many, at
+    which hyper-parameters; None when none did).
+    """
 
     records: Path
     trained: int
     skipped: int
     diverged: int
+    usable: int = 0
+    divergence: str | None = None
 
 
 def default_linear_out(cache_path) -> Path:
@@ -139,12 +151,28 @@ def _group(cache: FeatureCache, rows_by_seed: dict, e: int, s: int, points, dev)
     return Group(e, s, [torch.from_numpy(rows_by_seed[s][(d, "in")]).to(dev) for d in train], list(points))
 
 
-def _record_writer(writer: RecordWriter, protocol: _Protocol, groups: list[Group], counter: dict):
-    """The engine's ``on_eval``: one record per run, a run's records ending at its divergence."""
+def grid_eval_line(step: int, steps: int, records: list[dict], runs: int, diverged: int) -> str:
+    """One line on a grid at one evaluation: training loss, best and median i.i.d. and o.o.d. accuracy over its
+    runs that have not diverged, and how many diverged."""
+    head = f"step {step} of {steps}: {runs} runs"
+    if not records:
+        return f"{head}, all diverged"
+    iid, ood = [iid_accuracy(r) for r in records], [ood_accuracy(r) for r in records]
+    return (f"{head}, loss median {np.median([r['loss'] for r in records]):.3g}, i.i.d. best {100 * max(iid):.1f}% "
+            f"median {100 * np.median(iid):.1f}%, o.o.d. best {100 * max(ood):.1f}% median "
+            f"{100 * np.median(ood):.1f}%, {diverged} diverged")
+
+
+def _record_writer(writer: RecordWriter, protocol: _Protocol, groups: list[Group], counter: dict,
+                   say: Callable[[str], None] | None = None, prefix: str = ""):
+    """The engine's ``on_eval``: one record per run, a run's records ending at its divergence; then one
+    :func:`grid_eval_line` to ``say``."""
     names = split_names(protocol.cache.domain_names)
     flagged: set[tuple[int, int]] = set()
+    runs = sum(len(g.points) for g in groups)
 
     def on_eval(ev: EvalPoint) -> None:
+        written = []
         for gi, g in enumerate(groups):
             for hi, p in enumerate(g.points):
                 if (gi, hi) in flagged:
@@ -154,14 +182,28 @@ def _record_writer(writer: RecordWriter, protocol: _Protocol, groups: list[Group
                     flagged.add((gi, hi))
                     counter["diverged"] += 1
                 splits = {n: [int(ev.correct[gi, hi, si]), int(ev.total[gi, si])] for si, n in enumerate(names)}
-                writer.write(make_record(protocol.header(g.test_domain, g.seed, p), ev.step, splits,
-                                         loss=None if is_div else float(ev.loss[gi, hi]),
-                                         status="diverged" if is_div else "ok", final=ev.final or is_div))
+                record = make_record(protocol.header(g.test_domain, g.seed, p), ev.step, splits,
+                                     loss=None if is_div else float(ev.loss[gi, hi]),
+                                     status="diverged" if is_div else "ok", final=ev.final or is_div)
+                writer.write(record)
+                if not is_div:
+                    written.append(record)
+        if say is not None:
+            say(prefix + grid_eval_line(ev.step, protocol.config.steps, written, runs, len(flagged)))
     return on_eval
 
 
+def _outcome(records_path: Path, grid_runs: dict[str, RunHeader]) -> tuple[int, str | None]:
+    """The grid's usable runs (final record ``ok``) and the line on its diverged runs."""
+    finals = final_records([records_path])
+    ended = [finals[rid] for rid in grid_runs if rid in finals]
+    diverged = [{"label": r["label"], **r["grid"]} for r in ended if r.get("status") == "diverged"]
+    return len(ended) - len(diverged), divergence_note(diverged, len(grid_runs))
+
+
 def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: LinearGridConfig | None = None, *,
-                 device="auto", progress: bool = True, **grid_fields) -> LinearProtocolResult:
+                 device="auto", progress: bool = True, say: Callable[[str], None] | None = None,
+                 tensorboard_dir=None, **grid_fields) -> LinearProtocolResult:
     """Run the leave-one-domain-out protocol of linear fine-tuning (and/or probing) from a feature cache.
 
     Every run of ``grid`` (whose fields ``grid_fields`` override:
@@ -169,6 +211,11 @@ def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: Linear
     ``out_dir/records.jsonl`` as evaluations happen. Runs already finished in
     that file are skipped, so re-running the same call completes only what
     is missing. ``cache`` is a path or a :class:`~linft.cache.format.FeatureCache`.
+    Every run of the grid is added to ``out_dir/planned.json`` (:mod:`linft.train.status`).
+
+    ``say`` receives one line per evaluation step (:func:`grid_eval_line`: a summary over the grid, not one
+    line per run); ``tensorboard_dir`` also writes the records as TensorBoard event files
+    (:class:`linft.protocol.sinks.TensorBoardSink`).
     """
     grid = LinearGrid(**{**asdict(grid), **grid_fields})
     config = config or LinearGridConfig()
@@ -179,19 +226,23 @@ def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: Linear
                             where="the cache")
     config.check()
     dev = resolve_device(device)
+    sinks = [TensorBoardSink(tensorboard_dir)] if tensorboard_dir is not None else []
     protocol = _Protocol(cache, config, 0 if cache.views is None else int(cache.views.shape[1]))
     records_path = Path(out_dir) / RECORDS_FILE
-    buckets, skipped = _buckets(protocol, [names.index(d) for d in test_names], grid.seeds, grid.points(),
-                                finished_run_ids([records_path]))
-    if not buckets:
-        return LinearProtocolResult(records_path, 0, skipped, 0)
-    data, rows_by_seed = _linear_data(cache, grid.seeds, dev)
-    counter = {"diverged": 0}
-    with RecordWriter(records_path) as writer, \
-            progress_bar(config.steps * len(buckets), "training", unit="step", enabled=progress) as update:
-        for points, pairs in buckets.items():
-            groups = [_group(cache, rows_by_seed, e, s, points, dev) for e, s in pairs]
-            train_linear_grid(data, groups, config, on_eval=_record_writer(writer, protocol, groups, counter),
-                              on_step=lambda step: update(1))
-    return LinearProtocolResult(records_path, sum(len(k) * len(v) for k, v in buckets.items()), skipped,
-                                counter["diverged"])
+    test_idx = [names.index(d) for d in test_names]
+    grid_runs = {h.run_id: h for h in (protocol.header(e, s, p) for e in test_idx for s in range(grid.seeds)
+                                        for p in grid.points())}
+    buckets, skipped = _buckets(protocol, test_idx, grid.seeds, grid.points(), finished_run_ids([records_path]))
+    trained, counter = sum(len(k) * len(v) for k, v in buckets.items()), {"diverged": 0}
+    if buckets:
+        write_plan(out_dir, {rid: plan_entry(asdict(h)) for rid, h in grid_runs.items()})
+        data, rows_by_seed = _linear_data(cache, grid.seeds, dev)
+        with RecordWriter(records_path, sinks=sinks) as writer, \
+                progress_bar(config.steps * len(buckets), "training", unit="step", enabled=progress) as update:
+            for i, (points, pairs) in enumerate(buckets.items()):
+                groups = [_group(cache, rows_by_seed, e, s, points, dev) for e, s in pairs]
+                prefix = f"[{i + 1}/{len(buckets)}] " if len(buckets) > 1 else ""
+                train_linear_grid(data, groups, config, on_step=lambda step: update(1),
+                                  on_eval=_record_writer(writer, protocol, groups, counter, say, prefix))
+    usable, divergence = _outcome(records_path, grid_runs)
+    return LinearProtocolResult(records_path, trained, skipped, counter["diverged"], usable, divergence)

@@ -10,13 +10,14 @@ done when its records hold its final record (the one rule of
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from linft.errors import LinftError
 from linft.models.checkpoints import load_checkpoint
 from linft.protocol.records import RECORDS_FILE, final_records, run_id
 from linft.train.finetune_model import FineTuneConfig, FineTuneRun
+from linft.train.lp_ft import lp_ft_identity
 
 CHECKPOINT_FILE = "checkpoint.pt"
 SELECTED_FILE = "selected.pt"
@@ -25,9 +26,12 @@ RUN_FILE = "run.json"
 
 def run_identity(run: FineTuneRun, backbone: str, weights_sha256: str, dataset_sha256: str,
                  config: FineTuneConfig) -> dict:
-    """Everything that defines a run's result (its id is the hash of this)."""
-    return {"method": "finetune", "backbone": backbone, "weights_sha256": weights_sha256,
-            "dataset": dataset_sha256, "run": asdict(run), "protocol": config.protocol()}
+    """Everything that defines a run's result (its id is the hash of this); an LP-FT run adds its probe's source."""
+    identity = {"method": "finetune", "backbone": backbone, "weights_sha256": weights_sha256,
+                "dataset": dataset_sha256, "run": run.identity(), "protocol": config.protocol()}
+    if run.lp_ft:
+        identity["lp_ft"] = lp_ft_identity(config)
+    return identity
 
 
 @dataclass(frozen=True)

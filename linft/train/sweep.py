@@ -29,9 +29,11 @@ from linft.data.images import EvalImages
 from linft.errors import LinftError
 from linft.models.registry import load_backbone
 from linft.train.across_runs import evaluate_across_runs
-from linft.train.finetune import RunHooks, finetune, train_run
-from linft.train.finetune_model import FineTuneConfig, FineTuneRun
+from linft.runtime import say_line
+from linft.train.finetune import finetune, train_run, watch_hooks
+from linft.train.finetune_model import FineTuneConfig, FineTuneRun, finetune_label
 from linft.train.run_folder import RunFolder, run_identity
+from linft.train.status import divergence_note, write_plan
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
 
@@ -45,7 +47,10 @@ class LaunchOptions:
     parameters ``slurm``: ``slurm_partition``, ``timeout_min``,
     ``gpus_per_node``, ...) or ``submitit-local``. With ``wait`` the call
     returns once every job has ended (needed for ``across_runs``: the
-    ensembles and soups of the grid's selected models).
+    ensembles and soups of the grid's selected models). ``say`` receives news
+    and one line per evaluation (in this process; a submitit job writes them,
+    and its progress lines, to its own stderr log); ``tensorboard_dir`` also
+    writes every record as TensorBoard event files.
     """
 
     launcher: str = "local"
@@ -56,6 +61,7 @@ class LaunchOptions:
     across_runs: bool = False
     progress: bool = True
     say: Callable[[str], None] | None = None
+    tensorboard_dir: str | None = None
 
 
 def check_runs(runs: list[FineTuneRun], config: FineTuneConfig, across_runs: bool = False) -> None:
@@ -68,12 +74,16 @@ def check_runs(runs: list[FineTuneRun], config: FineTuneConfig, across_runs: boo
 
 
 def _job(dataset_root: str, out_dir: str, run: dict, backbone: str, weights, config: dict, device: str,
-         dataset_name: str | None = None):
-    """One job: fine-tune (or resume, or skip) one run. Top-level so that it pickles."""
-    cfg = dict(config)
+         dataset_name: str | None = None, watch: dict | None = None):
+    """One job: fine-tune (or resume, or skip) one run. Top-level so that it pickles. ``watch``: ``log`` (one
+    line per evaluation on stderr), ``progress`` (plain progress lines when stderr is a log file),
+    ``tensorboard_dir``."""
+    cfg, watch = dict(config), watch or {}
     cfg["lr_milestones"] = tuple(cfg["lr_milestones"])
+    hooks = watch_hooks(say_line if watch.get("log") else None, watch.get("tensorboard_dir"))
     result = train_run(load_image_folder(dataset_root, dataset_name), out_dir, FineTuneRun(**run), backbone=backbone,
-                       weights=weights, config=FineTuneConfig(**cfg), device=device, progress=False)
+                       weights=weights, config=FineTuneConfig(**cfg), device=device,
+                       progress=bool(watch.get("progress")), hooks=hooks)
     return result.run_id, result.status
 
 
@@ -89,13 +99,13 @@ def _gpu_job(*args):
     return _job(*args[:6], _DEVICE, *args[7:])
 
 
-def _on_gpus(args: list[tuple], gpus: int, dataset_name) -> list[str]:
+def _on_gpus(args: list[tuple], gpus: int, dataset_name, watch: dict) -> list[str]:
     queue = mp.get_context("spawn").Manager().Queue()
     for i in range(gpus):
         queue.put(i)
     with ProcessPoolExecutor(gpus, mp_context=mp.get_context("spawn"), initializer=_claim_gpu,
                              initargs=(queue,)) as pool:
-        return [s for _, s in pool.map(_gpu_job, *zip(*[a + (None, dataset_name) for a in args]))]
+        return [s for _, s in pool.map(_gpu_job, *zip(*[a + (None, dataset_name, watch) for a in args]))]
 
 
 def _on_submitit(args: list[tuple], out_dir: Path, options: LaunchOptions, dataset_name) -> tuple[list, list[str]]:
@@ -110,7 +120,8 @@ def _on_submitit(args: list[tuple], out_dir: Path, options: LaunchOptions, datas
     params.setdefault("name", "linft-finetune")
     executor.update_parameters(**params)
     job_device = "auto" if options.launcher == "slurm" else options.device
-    jobs = executor.map_array(_job, *zip(*[a + (job_device, dataset_name) for a in args]))
+    watch = {"log": options.say is not None, "progress": options.progress, "tensorboard_dir": options.tensorboard_dir}
+    jobs = executor.map_array(_job, *zip(*[a + (job_device, dataset_name, watch) for a in args]))
     if options.say:
         options.say(f"submitted {len(jobs)} jobs: {', '.join(j.job_id for j in jobs[:5])}"
                     f"{' ...' if len(jobs) > 5 else ''}; logs in {out_dir / 'submitit'}")
@@ -127,19 +138,29 @@ def _on_submitit(args: list[tuple], out_dir: Path, options: LaunchOptions, datas
 def launch_sweep(dataset: MultiDomainDataset, out_dir, runs: list[FineTuneRun], *, backbone: str = "resnet50",
                  weights="DEFAULT", config: FineTuneConfig = FineTuneConfig(),
                  options: LaunchOptions = LaunchOptions()) -> dict:
-    """Run ``runs`` as ``options`` say; returns ``{"submitted": n, "skipped": n, "jobs": [...], "statuses": [...]}``."""
+    """Run ``runs`` as ``options`` say; returns ``{"submitted": n, "skipped": n, "jobs": [...], "statuses": [...],
+    "usable": n, "divergence": line or None}`` (``usable``: runs whose final record is ``ok``; ``divergence``: one
+    line on the runs that diverged, :func:`linft.train.status.divergence_note`). Every run is added to
+    ``out_dir/planned.json`` first when some are not done (``linft status`` counts those not started as to do)."""
     say = options.say or (lambda _line: None)
     config.check()
     if options.launcher not in LAUNCHERS:
         raise LinftError(f"unknown launcher '{options.launcher}'; use one of {', '.join(LAUNCHERS)}")
     check_runs(runs, config, options.across_runs)
+    hooks = watch_hooks(options.say, options.tensorboard_dir)  # a missing tensorboard package fails here, early
     out_dir = Path(out_dir)
-    sha = load_backbone(backbone, weights).weights_sha256
-    folders = [RunFolder.of(out_dir, run_identity(r, backbone, sha, dataset.file_list_sha256, config)) for r in runs]
+    bb = load_backbone(backbone, weights)
+    folders = [RunFolder.of(out_dir, run_identity(r, backbone, bb.weights_sha256, dataset.file_list_sha256, config))
+               for r in runs]
+    labels = [finetune_label(r, bb.weights, config) for r in runs]
+    if not all(f.is_done() for f in folders):
+        write_plan(out_dir, {f.run_id: {"label": label, "test_domain": r.test_domain, "seed": r.seed,
+                                        "grid": {"lr": r.lr, "weight_decay": r.weight_decay}}
+                             for r, f, label in zip(runs, folders, labels)})
     jobs, statuses = [], []
     if options.launcher == "local" and options.gpus <= 1:
         result = finetune(dataset, out_dir, runs=runs, backbone=backbone, weights=weights, config=config,
-                          device=options.device, progress=options.progress, hooks=RunHooks(say=options.say))
+                          device=options.device, progress=options.progress, hooks=hooks)
         todo = [r for r in result.runs if r.status != "done"]
         statuses = [r.status for r in result.runs]
     else:
@@ -148,7 +169,8 @@ def launch_sweep(dataset: MultiDomainDataset, out_dir, runs: list[FineTuneRun], 
         say(f"{len(todo)} of {len(runs)} runs to do ({len(runs) - len(todo)} already done), "
             f"launcher {options.launcher}")
         if todo and options.launcher == "local":
-            statuses = _on_gpus(args, options.gpus, dataset.name)
+            watch = {"log": options.say is not None, "tensorboard_dir": options.tensorboard_dir}
+            statuses = _on_gpus(args, options.gpus, dataset.name, watch)
         elif todo:
             jobs, statuses = _on_submitit(args, out_dir, options, dataset.name)
     if options.across_runs and options.wait:
@@ -156,5 +178,8 @@ def launch_sweep(dataset: MultiDomainDataset, out_dir, runs: list[FineTuneRun], 
         evaluate_across_runs(dataset, out_dir, usable, config=config, device=options.device,
                              eval_images=EvalImages(dataset, config.image_size, config.eval_batch_size,
                                                     config.workers), say=options.say)
+    finals = [f.final_status() for f in folders]
+    diverged = [{"label": label, "lr": r.lr, "weight_decay": r.weight_decay}
+                for r, label, final in zip(runs, labels, finals) if final == "diverged"]
     return {"submitted": len(todo), "skipped": len(runs) - len(todo), "jobs": [j.job_id for j in jobs],
-            "statuses": statuses}
+            "statuses": statuses, "usable": finals.count("ok"), "divergence": divergence_note(diverged, len(runs))}

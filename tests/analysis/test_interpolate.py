@@ -90,7 +90,7 @@ def perturbed_run(shapes, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_run(shapes, tmp_path_factory):
     """A real (3-step) run of linft.train.finetune.train_run."""
-    config = FineTuneConfig(steps=3, eval_every=2, image_size=32, batch_size=2, workers=0, amp=False,
+    config = FineTuneConfig(steps=3, eval_every=2, image_size=32, batch_size=2, workers=0, precision="float32",
                             channels_last=False)
     result = train_run(shapes, tmp_path_factory.mktemp("ft"), FineTuneRun("photo", 0, 1e-2, 0.0, dropout=0.5),
                        backbone="demo-resnet", weights="none", config=config, device="cpu", progress=False)
@@ -124,7 +124,7 @@ def endpoint_logits(shapes, perturbed_run):
     logits = {}
     for end, state in (("pretrained", with_head(ends.pretrained_state, head_p)), ("fine-tuned", ends.finetuned_state)):
         net.load_state_dict(state, strict=True)
-        logits[end] = predict_logits(net, images, CPU, False, False)
+        logits[end] = predict_logits(net, images, CPU, "float32", False)
     ties = {end: near_ties(v, split_rows, shapes.domains) for end, v in logits.items()}
     return logits, split_rows, ties
 
@@ -190,9 +190,9 @@ def test_endpoints_are_exact_on_both_paths_and_linearized(shapes, perturbed_run)
     # the two endpoint models, built independently
     ref = _fresh_net()
     ref.load_state_dict(pre)
-    f_pre = predict_logits(ref, images, CPU, False, False)
+    f_pre = predict_logits(ref, images, CPU, "float32", False)
     ref.load_state_dict(ends.finetuned_state)
-    f_ft = predict_logits(ref, images, CPU, False, False)
+    f_ft = predict_logits(ref, images, CPU, "float32", False)
     assert not torch.allclose(f_pre, f_ft)
     assert torch.equal(logits_f, f_ft)  # the same forward pass (the block hooks only read): bit for bit
 

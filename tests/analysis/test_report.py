@@ -16,12 +16,12 @@ from helpers import full_grid_records, grid_records
 
 @pytest.fixture
 def runs(tmp_path):
-    """Records of three labels: m and other on every held-out domain, partial on c only."""
+    """Records of three labels: m and "m, dropout 0.9" on every held-out domain, partial on c only."""
     with RecordWriter(tmp_path / "runs" / "records.jsonl") as w:
         for r in full_grid_records():
             w.write(r)
         for r in full_grid_records():
-            w.write({**r, "label": "other", "run_id": "o" + r["run_id"], "hparams": {"dropout": 0.9}})
+            w.write({**r, "label": "m, dropout 0.9", "run_id": "o" + r["run_id"], "hparams": {"dropout": 0.9}})
         for r in grid_records():  # a method run on one held-out domain only
             w.write({**r, "label": "partial", "run_id": "p" + r["run_id"]})
     return tmp_path / "runs"
@@ -29,25 +29,28 @@ def runs(tmp_path):
 
 def test_write_report_and_its_files(runs, tmp_path):
     paths = write_report([runs], tmp_path / "rep")
-    for name in ("summary", "table", "runs", "clouds_csv", "clouds_png", "dropout_png"):
+    for name in ("summary", "table", "runs", "clouds_csv", "clouds_png", "clouds_pdf", "dropout_png", "dropout_pdf"):
         assert paths[name].exists() and paths[name].parent == tmp_path / "rep", name
-    assert "interpolation_png" not in paths  # no interpolation records
+    assert "interpolation_png" not in paths and "figure9_png" not in paths  # no interpolation records, one model
     summary = paths["summary"].read_text()
-    assert "| m | 55.0 ± 5.0 | 55.0 ± 5.0 | 55.0 ± 5.0 | 55.0 ± 5.0 |" in summary and "| other |" in summary
+    assert "| m | 55.0 ± 5.0 | 55.0 ± 5.0 | 55.0 ± 5.0 | 55.0 ± 5.0 |" in summary
+    assert "| m, dropout 0.9 |" in summary
     assert "| partial | — | — | 55.0 ± 5.0 | — |" in summary
     assert "partial on toy: no usable run for held-out a, b" in summary
-    assert "| toy | m | 12 | 0 | 0 | 8 |" in summary and "| toy | partial | 4 | 0 | 0 | 0 |" in summary
+    assert "| toy | m | 12 | 0 | 0 | 8 | 0 of 6 |" in summary
+    assert "| toy | partial | 4 | 0 | 0 | 0 | 0 of 2 |" in summary
     with open(paths["runs"], newline="") as fh:
         run_rows = list(csv.DictReader(fh))
     assert len(run_rows) == 12 + 12 + 4 and {r["status"] for r in run_rows} == {"ok"}
     with open(paths["clouds_csv"], newline="") as fh:
         cloud_rows = list(csv.DictReader(fh))
-    # 2 grid points ^ 3 held-out domains for m and other; partial has no cloud (it lacks a and b)
-    assert sorted({r["label"] for r in cloud_rows}) == ["m", "other"] and len(cloud_rows) == 2 * 8
+    # 2 grid points ^ 3 held-out domains for both m labels; partial has no cloud (it lacks a and b)
+    assert sorted({r["label"] for r in cloud_rows}) == ["m", "m, dropout 0.9"] and len(cloud_rows) == 2 * 8
     with open(paths["table"], newline="") as fh:
         table = {(r["label"], r["test_domain"]): r for r in csv.DictReader(fh)}
-    assert float(table[("m", "average")]["ood_mean"]) == pytest.approx(0.55)
-    assert float(table[("m", "average")]["ood_se"]) == pytest.approx(0.05) and table[("m", "average")]["seeds"] == "2"
+    assert float(table[("m", "average")]["ood_acc_mean"]) == pytest.approx(0.55)
+    assert float(table[("m", "average")]["ood_acc_se"]) == pytest.approx(0.05)
+    assert table[("m", "average")]["seeds"] == "2"
 
 
 def test_summary_tables_and_rerun_rewrite_the_same_files(runs, tmp_path):

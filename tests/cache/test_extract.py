@@ -177,7 +177,7 @@ def test_sigkill_then_resume_equals_uninterrupted(image_folder, tmp_path, worker
                           "--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "4",
                           "--device", "cpu", "--quiet"], capture_output=True, text=True, timeout=300, env=env)
     assert cli.returncode == 0, cli.stderr
-    assert "resumed 6 images" in cli.stdout
+    assert "6 images extracted, 12 already done" in cli.stdout
     # the same batches in every process, computed with the same thread count: the same code path
     np.testing.assert_array_equal(open_cache(ref).features, open_cache(out).features)
 

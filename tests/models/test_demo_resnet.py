@@ -40,7 +40,7 @@ def test_shipped_checkpoint_loads_strictly_as_the_default_weights():
     bb = load_backbone("demo-resnet")  # weights=DEFAULT -> the shipped file
     assert isinstance(bb.model, DemoResNet)
     assert bb.weights == str(SHIPPED_CHECKPOINT.resolve())
-    assert load_backbone("demo-resnet", None).weights == bb.weights  # None also means the shipped file
+    assert load_backbone("demo-resnet", "DEFAULT").weights == bb.weights
     assert bb.weights != "none"
     raw = _state(SHIPPED_CHECKPOINT)
     assert set(raw) == set(bb.model.state_dict())

@@ -21,9 +21,16 @@ def test_family_names():
 
 
 def test_weights_none_is_deterministic():
-    a, b = load_backbone("resnet18", "none"), load_backbone("resnet18", None)
+    a, b = load_backbone("resnet18", "none"), load_backbone("resnet18", "NONE")
     assert a.weights == "none" and a.weights_sha256 == b.weights_sha256
     assert not a.model.training
+
+
+@pytest.mark.parametrize("name", ["resnet18", "demo-resnet"])
+def test_weights_python_none_is_refused_for_every_backbone(name):
+    # None meant random weights for torchvision backbones and the shipped file for demo-resnet: now one error for both
+    with pytest.raises(LinftError, match='weights="DEFAULT".*weights="none"'):
+        load_backbone(name, None)
 
 
 def test_state_dict_hash_sees_every_byte():

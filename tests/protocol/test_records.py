@@ -265,8 +265,9 @@ def test_previous_release_records_are_read_by_the_report(tmp_path):
     paths = write_report([tmp_path / "old"], tmp_path / "rep")
     with open(paths["table"], newline="") as fh:
         rows = list(csv.DictReader(fh))
-    got = {(r["label"], r["test_domain"]): (float(r["iid_mean"]), float(r["iid_se"]), float(r["ood_mean"]),
-                                            float(r["ood_se"]), int(r["seeds"])) for r in rows}
+    got = {(r["label"], r["test_domain"]): (float(r["iid_acc_mean"]), float(r["iid_acc_se"]),
+                                            float(r["ood_acc_mean"]), float(r["ood_acc_se"]), int(r["seeds"]))
+           for r in rows}
     assert {r["dataset"] for r in rows} == {"toy"} and set(got) == set(EXPECTED)
     for key, expected in EXPECTED.items():
         assert got[key] == pytest.approx(expected, abs=1e-12), key

@@ -589,7 +589,7 @@ def test_cli_finetune_end_to_end(data_root, tmp_path):
     assert records[0]["label"] == "from scratch, dropout 0"
     assert RunFolder(out / records[0]["run_id"]).final_status() == "ok"
     again = CliRunner().invoke(main, tiny_args(data_root, out))
-    assert again.exit_code == 0 and "0 runs launched (1 already done)" in again.output
+    assert again.exit_code == 0 and "0 runs trained, 1 already done" in again.output
     assert read_records([out]) == records
 
 
