@@ -6,7 +6,7 @@ import click
 
 from linft.cache import cache_info, verify_cache
 from linft.cache.format import describe_cache
-from linft.runtime import json_text
+from linft.output import json_text
 
 
 @click.group()

@@ -6,7 +6,7 @@ import click
 
 from linft.demo import run_demo
 from linft.data.shapes import DEMO_CLASSES, DEMO_STYLES, write_demo_data
-from linft.runtime import say_line
+from linft.output import say_line
 
 
 @click.command("demo-data")

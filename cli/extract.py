@@ -8,7 +8,7 @@ from linft.data import DOMAINBED_DATASETS, find_dataset
 from linft.cache import extract_features
 from linft.cli.options import deprecated_precision_flag, precision_of, precision_option
 from linft.protocol.records import done_summary
-from linft.runtime import say_line
+from linft.output import say_line
 
 
 @click.command()

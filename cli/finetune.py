@@ -10,7 +10,7 @@ from linft.data import find_dataset
 from linft.analysis.report import summary_tables
 from linft.cli.options import precision_option, repeatable
 from linft.protocol.records import done_summary
-from linft.runtime import json_text, say_line
+from linft.output import json_text, say_line
 from linft.train.finetune import default_finetune_out, sweep_runs
 from linft.train.finetune_model import AUGMENTATIONS, FineTuneConfig
 from linft.train.sweep import LAUNCHERS, LaunchOptions, launch_sweep

@@ -8,7 +8,7 @@ from linft.analysis.interpolate import interpolate
 from linft.analysis.interpolation_paths import DEFAULT_ALPHAS
 from linft.analysis.report import interpolation_text
 from linft.cli.options import deprecated_precision_flag, precision_of, precision_option
-from linft.runtime import json_text, say_line
+from linft.output import json_text, say_line
 
 
 @click.command("interpolate")

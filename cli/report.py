@@ -6,7 +6,7 @@ import click
 
 from linft.analysis.report import write_report
 from linft.protocol.selection import SE_CONVENTIONS
-from linft.runtime import json_text
+from linft.output import json_text
 
 
 @click.command()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from linft.runtime import json_text
+from linft.output import json_text
 from linft.train.status import DEFAULT_STALE_AFTER, describe_status, sweep_status
 
 

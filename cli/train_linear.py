@@ -9,7 +9,7 @@ import click
 from linft.analysis.report import summary_tables
 from linft.cli.options import repeatable
 from linft.protocol.records import done_summary
-from linft.runtime import json_text, say_line
+from linft.output import json_text, say_line
 from linft.train.linear import default_linear_out, train_linear
 from linft.train.linear_engine import V_INITS, LinearGridConfig
 

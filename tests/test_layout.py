@@ -19,7 +19,7 @@ PACKAGE = Path(linft.__file__).parent
 CLI = PACKAGE.parent / "cli"
 
 #: Each layer may import from itself and the layers before it in this list.
-LAYERS = ["linft.errors", "linft.runtime", "linft.data", "linft.models", "linft.cache", "linft.protocol",
+LAYERS = ["linft.errors", "linft.lazy", "linft.output", "linft.runtime", "linft.data", "linft.models", "linft.cache", "linft.protocol",
           "linft.train", "linft.analysis", "linft.demo"]
 #: Imports allowed inside a function body: optional extras only.
 OPTIONAL = {"submitit", "open_clip", "timm", "tensorboard", "torch.utils.tensorboard"}
@@ -131,3 +131,13 @@ def test_every_package_is_installed():
     listed = {p.strip() for p in config["options"]["packages"].split(",")}
     found = {module_name(p.parent / "__init__.py") for p in PACKAGE.rglob("__init__.py")} | {"linft.cli"}
     assert listed == found
+
+
+@pytest.mark.parametrize("module", ["linft.cli.report", "linft.cli.status", "linft.analysis.report",
+                                    "linft.train.status"])
+def test_commands_that_read_records_do_not_import_torch(module):
+    """`report` and `status` read records and files only: they start without torch (well under a second)."""
+    code = f"import sys, importlib\nimportlib.import_module({module!r})\nprint('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"

@@ -7,19 +7,20 @@ DomainBed's table, the 1296 clouds), ``figures`` (what each figure draws, as dat
 and ``report``.
 """
 
-from linft.analysis.aggregate import (SelectedRun, cloud_points, cloud_tables, domainbed_table, missing_domains,
-                                      run_results, table_markdown, table_rows)
-from linft.analysis.endpoints import Endpoints, load_endpoints
-from linft.analysis.interpolate import InterpolateConfig, InterpolationResult, interpolate
-from linft.analysis.interpolation_paths import (first_order_outputs, iter_weight_path, parse_alphas,
-                                                pooled_features_and_logits, representation_logits)
-from linft.analysis.figures import FigurePoints, dropout_points, figure2_points, figure9_points, figure_role
-from linft.analysis.plots import plot_clouds, plot_dropout, plot_figure9, plot_interpolation, save_figure
-from linft.analysis.report import summary_tables, write_report
+from linft.lazy import lazy_exports
 
-__all__ = ["SelectedRun", "cloud_points", "cloud_tables", "domainbed_table", "missing_domains", "run_results",
-           "table_markdown", "table_rows", "Endpoints", "load_endpoints", "InterpolateConfig", "InterpolationResult",
-           "interpolate", "first_order_outputs", "iter_weight_path", "parse_alphas", "pooled_features_and_logits",
-           "representation_logits", "FigurePoints", "dropout_points", "figure2_points", "figure9_points",
-           "figure_role", "plot_clouds", "plot_dropout", "plot_figure9", "plot_interpolation", "save_figure",
-           "summary_tables", "write_report"]
+#: submodule -> the names this package re-exports from it (imported on first use)
+_EXPORTS = {
+    "aggregate": ["SelectedRun", "cloud_points", "cloud_tables", "domainbed_table", "missing_domains", "run_results",
+                  "table_markdown", "table_rows"],
+    "endpoints": ["Endpoints", "load_endpoints"],
+    "interpolate": ["InterpolateConfig", "InterpolationResult", "interpolate"],
+    "interpolation_paths": ["first_order_outputs", "iter_weight_path", "parse_alphas", "pooled_features_and_logits",
+                            "representation_logits"],
+    "figures": ["FigurePoints", "dropout_points", "figure2_points", "figure9_points", "figure_role"],
+    "plots": ["plot_clouds", "plot_dropout", "plot_figure9", "plot_interpolation", "save_figure"],
+    "report": ["summary_tables", "write_report"],
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(n for names in _EXPORTS.values() for n in names)

@@ -77,8 +77,8 @@ from linft.models.linearize import relative_linearity_gap
 from linft.protocol.records import (RECORDS_FILE, RecordWriter, RunHeader, done_summary, final_records,
                                     finished_run_ids, make_record, run_id)
 from linft.protocol.selection import iid_accuracy, ood_accuracy, split_counts
-from linft.runtime import (DEFAULT_PRECISION, atomic_write_text, check_precision, effective_precision, json_text,
-                           progress_bar, resolve_device)
+from linft.output import atomic_write_text, json_text, progress_bar
+from linft.runtime import DEFAULT_PRECISION, check_precision, effective_precision, resolve_device
 
 #: path key -> (record method, label prefix)
 PATHS = {

@@ -21,7 +21,7 @@ from scipy.spatial import ConvexHull, QhullError
 
 from linft.analysis.aggregate import SelectedRun
 from linft.analysis.figures import FigurePoints
-from linft.runtime import atomic_write
+from linft.output import atomic_write
 
 MARKERS = ("o", "D", "^", "*", "s", "v", "P", "X", "h", "<", ">")
 LINESTYLES = ("-", "--", "-.", ":")

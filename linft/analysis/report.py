@@ -26,7 +26,7 @@ from linft.analysis.plots import figure_files, plot_clouds, plot_dropout, plot_f
 from linft.errors import LinftError
 from linft.protocol.records import read_records
 from linft.protocol.selection import SE_FORMULAS, check_se
-from linft.runtime import atomic_write_text
+from linft.output import atomic_write_text
 
 #: What summary.md says about units.
 UNITS_NOTE = ("Units: accuracies are fractions in [0, 1] in every CSV (columns named *_acc*) and percent in the "

@@ -4,11 +4,15 @@
 ``extract`` writes it; ``verify`` checks it.
 """
 
-from linft.cache.extract import ExtractConfig, ExtractResult, cache_attributes, extract_features
-from linft.cache.format import (CACHE_FORMAT_VERSION, FeatureCache, cache_info, default_cache_path, open_cache,
-                                provenance_sha256)
-from linft.cache.verify import VerifyReport, verify_cache
+from linft.lazy import lazy_exports
 
-__all__ = ["ExtractConfig", "ExtractResult", "cache_attributes", "extract_features", "CACHE_FORMAT_VERSION",
-           "FeatureCache", "cache_info", "default_cache_path", "open_cache", "provenance_sha256", "VerifyReport",
-           "verify_cache"]
+#: submodule -> the names this package re-exports from it (imported on first use)
+_EXPORTS = {
+    "extract": ["ExtractConfig", "ExtractResult", "cache_attributes", "extract_features"],
+    "format": ["CACHE_FORMAT_VERSION", "FeatureCache", "cache_info", "default_cache_path", "open_cache",
+               "provenance_sha256"],
+    "verify": ["VerifyReport", "verify_cache"],
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(n for names in _EXPORTS.values() for n in names)

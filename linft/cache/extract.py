@@ -35,8 +35,8 @@ from linft.data.images import (describe_transform, describe_views_transform, eva
 from linft.errors import LinftError
 from linft.models.blocks import PooledBlockFeatures, phi_block_names
 from linft.models.registry import Backbone, load_backbone
-from linft.runtime import (DEFAULT_PRECISION, PRECISIONS, autocast, check_precision, commit_partial,
-                           effective_precision, partial_path, progress_bar, resolve_device, writable_folder)
+from linft.output import commit_partial, partial_path, progress_bar, writable_folder
+from linft.runtime import DEFAULT_PRECISION, PRECISIONS, autocast, check_precision, effective_precision, resolve_device
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import numpy as np
 
 from linft.data.folders import MultiDomainDataset
 from linft.errors import LinftError
-from linft.runtime import PARTIAL_SUFFIX
+from linft.output import PARTIAL_SUFFIX
 
 CACHE_FORMAT_VERSION = 1
 

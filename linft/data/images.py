@@ -38,7 +38,7 @@ from torchvision import transforms
 from linft.data.folders import MultiDomainDataset
 from linft.data.splits import seed_hash
 from linft.errors import LinftError
-from linft.runtime import default_workers, progress_bar
+from linft.output import progress_bar
 
 #: ImageNet normalisation used by DomainBed's transforms.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,6 +47,15 @@ NORMALIZE = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
 #: Datasets larger than this (decoded, uint8) are decoded again at each pass instead of held in memory.
 PRELOAD_LIMIT_BYTES = 2 << 30
+
+
+def default_workers(workers: int | None = None) -> int:
+    """DataLoader processes that decode images: ``workers`` when given, else one per spare core (at most 8)."""
+    if workers is not None:
+        if workers < 0:
+            raise LinftError(f"workers must be 0 or more, got {workers}")
+        return workers
+    return min(8, max(1, (os.cpu_count() or 1) - 1))
 
 
 # --------------------------------------------------------------------------- transforms

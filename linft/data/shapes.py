@@ -31,7 +31,7 @@ from PIL import Image
 
 import linft
 from linft.errors import LinftError
-from linft.runtime import atomic_write_text
+from linft.output import atomic_write_text
 
 DEMO_CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "crescent")
 DEMO_STYLES = ("photo", "sketch", "cartoon", "painting")

@@ -6,14 +6,17 @@ one "skip what is done" rule), ``selection`` (i.i.d. and o.o.d. accuracy,
 best-i.i.d. and oracle selection, mean ± SE).
 """
 
-from linft.protocol.grid import check_grid, check_test_domains
-from linft.protocol.records import (RECORDS_FILE, RecordWriter, RunHeader, finished_run_ids, make_record,
-                                    read_records, run_id)
-from linft.protocol.schedule import eval_steps, lr_at, milestone_steps
-from linft.protocol.selection import (SELECTIONS, group_runs, iid_accuracy, mean_and_se, ood_accuracy, select_by_iid,
-                                      select_oracle, split_counts)
+from linft.lazy import lazy_exports
 
-__all__ = ["check_grid", "check_test_domains", "RECORDS_FILE", "RecordWriter", "RunHeader", "finished_run_ids",
-           "make_record", "read_records", "run_id", "eval_steps", "lr_at", "milestone_steps", "SELECTIONS",
-           "group_runs", "iid_accuracy", "mean_and_se", "ood_accuracy", "select_by_iid", "select_oracle",
-           "split_counts"]
+#: submodule -> the names this package re-exports from it (imported on first use)
+_EXPORTS = {
+    "grid": ["check_grid", "check_test_domains"],
+    "records": ["RECORDS_FILE", "RecordWriter", "RunHeader", "finished_run_ids", "make_record", "read_records",
+                "run_id"],
+    "schedule": ["eval_steps", "lr_at", "milestone_steps"],
+    "selection": ["SELECTIONS", "group_runs", "iid_accuracy", "mean_and_se", "ood_accuracy", "select_by_iid",
+                  "select_oracle", "split_counts"],
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(n for names in _EXPORTS.values() for n in names)

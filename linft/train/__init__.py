@@ -5,18 +5,22 @@ Every method writes run records through :mod:`linft.protocol.records`; the
 analysis of those records is :mod:`linft.analysis`.
 """
 
-from linft.train.across_runs import evaluate_across_runs
-from linft.train.ensembles import ENSEMBLE_RULES, RunningEnsemble, ensemble_scores
-from linft.train.finetune import EvalEvent, RunHooks, RunOutcome, SweepResult, finetune, sweep_runs, train_run
-from linft.train.finetune_model import FineTuneConfig, FineTuneRun, build_run_model, train_step
-from linft.train.linear import LinearGrid, LinearProtocolResult, train_linear
-from linft.train.linear_engine import GridPoint, Group, LinearData, LinearGridConfig, train_linear_grid
-from linft.train.pretrain import PretrainConfig, pretrain
-from linft.train.run_folder import RunFolder, load_selected
-from linft.train.sweep import LAUNCHERS, LaunchOptions, launch_sweep
+from linft.lazy import lazy_exports
 
-__all__ = ["evaluate_across_runs", "ENSEMBLE_RULES", "RunningEnsemble", "ensemble_scores", "EvalEvent", "RunHooks",
-           "RunOutcome", "SweepResult", "finetune", "sweep_runs", "train_run", "FineTuneConfig", "FineTuneRun",
-           "build_run_model", "train_step", "LinearGrid", "LinearProtocolResult", "train_linear", "GridPoint",
-           "Group", "LinearData", "LinearGridConfig", "train_linear_grid", "PretrainConfig", "pretrain", "RunFolder",
-           "load_selected", "LAUNCHERS", "LaunchOptions", "launch_sweep"]
+#: submodule -> the names this package re-exports from it (imported on first use)
+_EXPORTS = {
+    "across_runs": ["evaluate_across_runs"],
+    "ensembles": ["ENSEMBLE_RULES", "RunningEnsemble", "ensemble_scores"],
+    "finetune": ["EvalEvent", "RunHooks", "RunOutcome", "SweepResult", "finetune", "load_selected", "run_identity",
+                 "sweep_runs", "train_run", "watch_hooks"],
+    "finetune_model": ["FineTuneConfig", "FineTuneRun", "build_run_model", "train_step"],
+    "linear": ["LinearGrid", "LinearProtocolResult", "train_linear"],
+    "linear_engine": ["GridPoint", "Group", "LinearData", "LinearGridConfig", "train_linear_grid"],
+    "pretrain": ["PretrainConfig", "pretrain"],
+    "run_folder": ["RunFolder"],
+    "status": ["sweep_status"],
+    "sweep": ["LAUNCHERS", "LaunchOptions", "launch_sweep"],
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(n for names in _EXPORTS.values() for n in names)

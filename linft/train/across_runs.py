@@ -27,7 +27,7 @@ from linft.protocol.selection import iid_accuracy, split_counts
 from linft.runtime import resolve_device
 from linft.train.ensembles import ensemble_scores
 from linft.train.finetune_model import FineTuneConfig, predict_logits
-from linft.train.run_folder import load_selected
+from linft.train.finetune import load_selected
 
 ACROSS_RUNS_FOLDER = "across_runs"
 KINDS = ("ensemble", "soup", "greedy-soup")

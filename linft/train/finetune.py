@@ -26,6 +26,7 @@ checkpoint exactly as if it had never stopped (bit for bit on the CPU).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -44,14 +45,38 @@ from linft.protocol.grid import check_grid
 from linft.protocol.records import RecordWriter, RunHeader, existing_records, make_record
 from linft.protocol.schedule import eval_steps, lr_at, milestone_steps
 from linft.protocol.selection import iid_accuracy, ood_accuracy, split_counts
+from linft.output import atomic_write_text, progress_bar
 from linft.protocol.sinks import TensorBoardSink
-from linft.runtime import atomic_save, atomic_write_text, progress_bar, resolve_device
+from linft.runtime import atomic_save, resolve_device
 from linft.train.finetune_model import (FineTuneConfig, FineTuneRun, build_run_model, finetune_label,
                                         finetune_method, ordinary_state, predict_logits, run_optimizer,
                                         set_train_mode, train_batches, train_step)
-from linft.train.lp_ft import lp_ft_head
-from linft.train.run_folder import RunFolder, load_selected, run_identity
+from linft.train.lp_ft import lp_ft_head, lp_ft_identity
+from linft.train.run_folder import SELECTED_FILE, RunFolder
 from linft.train.trajectory import Trajectory
+
+
+def run_identity(run: FineTuneRun, backbone: str, weights_sha256: str, dataset_sha256: str,
+                 config: FineTuneConfig) -> dict:
+    """Everything that defines a run's result (its id is the hash of this); an LP-FT run adds its probe's source."""
+    identity = {"method": "finetune", "backbone": backbone, "weights_sha256": weights_sha256,
+                "dataset": dataset_sha256, "run": run.identity(), "protocol": config.protocol()}
+    if run.lp_ft:
+        identity["lp_ft"] = lp_ft_identity(config)
+    return identity
+
+
+def load_selected(path: str | os.PathLike) -> tuple[dict, dict]:
+    """``(state_dict, metadata)`` of a ``selected.pt`` (a run folder, or the file itself)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / SELECTED_FILE
+    if not path.is_file():
+        raise LinftError(f"{path} does not exist; pass a run folder of `linft finetune` or its selected.pt")
+    obj = load_checkpoint(path, "checkpoint", "pass a run's selected.pt")
+    if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
+        raise LinftError(f"{path} is not a linft fine-tuning checkpoint (no state_dict); pass a run's selected.pt")
+    return obj["state_dict"], dict(obj.get("metadata") or {})
 
 
 @dataclass

@@ -25,7 +25,8 @@ from linft.protocol.records import (RECORDS_FILE, RecordWriter, RunHeader, final
                                     make_record, run_id)
 from linft.protocol.selection import iid_accuracy, ood_accuracy
 from linft.protocol.sinks import TensorBoardSink
-from linft.runtime import progress_bar, resolve_device
+from linft.output import progress_bar
+from linft.runtime import resolve_device
 from linft.train.linear_engine import (EvalPoint, GridPoint, Group, LinearData, LinearGridConfig,
                                        train_linear_grid)
 from linft.train.status import divergence_note, plan_entry, write_plan

@@ -36,8 +36,8 @@ from linft.data.images import decoded_batches, fits_in_memory, normalize_uint8, 
 from linft.data.shapes import source_command
 from linft.errors import LinftError
 from linft.models.registry import backbone_names, build_backbone
-from linft.runtime import (atomic_save, denormals_flushed, deterministic_cuda, progress_bar, resolve_device,
-                           writable_folder)
+from linft.output import progress_bar, writable_folder
+from linft.runtime import atomic_save, denormals_flushed, deterministic_cuda, resolve_device
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from linft.cache.format import cache_info
 from linft.errors import LinftError
 from linft.protocol.records import DERIVED, read_records
 from linft.protocol.selection import iid_accuracy, ood_accuracy
-from linft.runtime import PARTIAL_SUFFIX, atomic_write_text
+from linft.output import PARTIAL_SUFFIX, atomic_write_text
 from linft.train.run_folder import RUN_FILE, RunFolder
 
 PLAN_FILE = "planned.json"

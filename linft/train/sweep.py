@@ -29,10 +29,11 @@ from linft.data.images import EvalImages
 from linft.errors import LinftError
 from linft.models.registry import load_backbone
 from linft.train.across_runs import evaluate_across_runs
-from linft.runtime import say_line
+from linft.output import say_line
 from linft.train.finetune import finetune, train_run, watch_hooks
 from linft.train.finetune_model import FineTuneConfig, FineTuneRun, finetune_label
-from linft.train.run_folder import RunFolder, run_identity
+from linft.train.finetune import run_identity
+from linft.train.run_folder import RunFolder
 from linft.train.status import divergence_note, write_plan
 
 LAUNCHERS = ("local", "slurm", "submitit-local")

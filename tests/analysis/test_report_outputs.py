@@ -13,7 +13,7 @@ from linft.analysis.aggregate import domainbed_table, run_results, tie_counts
 from linft.analysis.report import summary_tables, write_report
 from linft.cli.main import main
 from linft.protocol.records import RecordWriter
-from linft.runtime import json_text
+from linft.output import json_text
 
 from helpers import full_grid_records, grid_records, rec
 

@@ -42,10 +42,10 @@ from linft.models.heads import build_classifier
 from linft.models.registry import load_backbone
 from linft.protocol.records import REQUIRED_FIELDS, read_records
 from linft.protocol.selection import select_by_iid, split_counts
-from linft.train.finetune import RunHooks, sweep_runs, train_run
+from linft.train.finetune import load_selected, run_identity, RunHooks, sweep_runs, train_run
 from linft.train.finetune_model import (FineTuneConfig, FineTuneRun, build_run_model, predict_logits, set_train_mode,
                                         step_batch)
-from linft.train.run_folder import RunFolder, load_selected, run_identity
+from linft.train.run_folder import RunFolder
 
 from conftest import SHAPE_CLASSES as CLASSES, assert_one_line_error
 from helpers import assert_counts_agree, near_ties

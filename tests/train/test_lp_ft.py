@@ -24,10 +24,10 @@ from linft.data.splits import domain_split_rows
 from linft.errors import LinftError
 from linft.models.heads import classifier_head, fit_probe_head
 from linft.protocol.records import METHODS, is_known_method, read_records, run_id
-from linft.train.finetune import RunHooks, sweep_runs, train_run
+from linft.train.finetune import run_identity, RunHooks, sweep_runs, train_run
 from linft.train.finetune_model import FineTuneConfig, FineTuneRun, build_run_model
 from linft.train.lp_ft import BACKBONE_FEATURES, probe_features
-from linft.train.run_folder import RunFolder, run_identity
+from linft.train.run_folder import RunFolder
 
 from conftest import assert_one_line_error
 

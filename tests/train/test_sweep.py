@@ -25,9 +25,9 @@ from linft.models.registry import load_backbone
 from linft.protocol.records import read_records
 from linft.protocol.selection import split_counts
 from linft.train.across_runs import evaluate_across_runs
-from linft.train.finetune import sweep_runs
+from linft.train.finetune import load_selected, run_identity, sweep_runs
 from linft.train.finetune_model import FineTuneConfig, FineTuneRun, predict_logits
-from linft.train.run_folder import RunFolder, load_selected, run_identity
+from linft.train.run_folder import RunFolder
 from linft.train.sweep import LaunchOptions, launch_sweep
 
 CFG = FineTuneConfig(steps=4, batch_size=4, eval_every=100, image_size=32, eval_batch_size=64, workers=0)

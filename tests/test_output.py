@@ -1,17 +1,17 @@
-"""linft.runtime's progress without a terminal: plain lines with done/total, rate and ETA; nothing when disabled."""
+"""linft.output's progress without a terminal: plain lines with done/total, rate and ETA; nothing when disabled."""
 
 import re
 import sys
 
-from linft import runtime
-from linft.runtime import PLAIN_EVERY_FRACTION, progress_bar, say_line
+from linft import output
+from linft.output import PLAIN_EVERY_FRACTION, progress_bar, say_line
 
 LINE = re.compile(r"^work: (\d+)/40 step \((\d+)%\), [\d,.]+ step/s, (ETA \d+:\d\d|ETA \?|in \d+:\d\d)$")
 
 
 def test_progress_without_a_terminal_prints_plain_lines(capsys):
     # pytest's captured stderr is not a terminal, like a Slurm log or `| tee`
-    assert not runtime.is_terminal(sys.stderr)
+    assert not output.is_terminal(sys.stderr)
     with progress_bar(40, "work", unit="step") as update:
         for _ in range(40):
             update(1)

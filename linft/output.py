@@ -1,0 +1,210 @@
+"""Files and console output, without torch: atomic writes, strict JSON, progress, news lines.
+
+* :func:`atomic_write` — the one way linft writes a file that must never be seen half-written:
+  write ``<path>.partial``, flush, fsync, rename over ``path``, fsync the folder.
+  :func:`atomic_write_text` is a thin use of it (``linft.runtime.atomic_save`` another, for torch objects).
+* :func:`writable_folder` — a folder created when missing and checked writable.
+* :func:`json_text` — strict JSON (NaN and ±inf written as ``null``) for every ``--json`` output and summary.
+* :func:`progress_bar` — one progress bar for every long loop (click's, on stderr, with a rate); when stderr
+  is not a terminal (Slurm logs, CI, ``| tee``) it prints plain lines instead (done/total, rate, ETA).
+* :func:`say_line` — one line of news on stderr that does not collide with a progress bar.
+
+This module imports no torch, so the commands that only read records (``report``, ``status``) start at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+import click
+
+from linft.errors import LinftError
+
+PARTIAL_SUFFIX = ".partial"
+
+
+# --------------------------------------------------------------------------- files
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """``<path>.partial``: where a file is written before it takes its name."""
+    path = Path(path)
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def writable_folder(folder: str | os.PathLike) -> Path:
+    """``folder``, created when missing; a folder that cannot be created or written is one LinftError."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LinftError(f"cannot create folder {folder} ({exc.strerror}); choose another --out") from None
+    if not os.access(folder, os.W_OK):
+        raise LinftError(f"cannot write to {folder} (permission denied); choose another --out")
+    return folder
+
+
+def commit_partial(partial: Path, path: Path) -> None:
+    """fsync ``partial``, rename it over ``path`` and fsync the folder, so a crash leaves the old or the new file."""
+    with open(partial, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(partial, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # some file systems do not open folders; the rename is done all the same
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Write ``path`` through ``write(file)`` so that readers see the old file or the whole new one, never a part.
+
+    A failure (full disk, permissions) is one :class:`LinftError` naming the file; the partial file is removed
+    and an existing ``path`` is left as it was.
+    """
+    path = Path(path)
+    partial = partial_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "wb") as fh:
+            write(fh)
+            fh.flush()
+        commit_partial(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise LinftError(f"cannot write {path} ({exc.strerror or exc}); free space or choose another "
+                         f"location") from None
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """UTF-8 text through :func:`atomic_write`."""
+    return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def finite_or_none(obj):
+    """``obj`` with every NaN or ±inf float (nested in dicts, lists, tuples) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def json_text(obj, **kwargs) -> str:
+    """THE JSON linft prints or writes (``--json``, summaries): strict RFC 8259, NaN and ±inf as ``null``.
+
+    ``kwargs`` go to :func:`json.dumps` (``indent``, ``sort_keys``, ...); tuples become lists.
+    """
+    return json.dumps(finite_or_none(obj), allow_nan=False, **kwargs)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+#: Without a terminal, :func:`progress_bar` prints a line every PLAIN_EVERY_SECONDS or every PLAIN_EVERY_FRACTION
+#: of the work, whichever comes first, and one when the loop ends.
+PLAIN_EVERY_SECONDS = 30.0
+PLAIN_EVERY_FRACTION = 0.1
+
+
+def is_terminal(stream) -> bool:
+    """Whether ``stream`` is an interactive terminal (False for files, pipes and closed or odd streams)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def say_line(line: str) -> None:
+    """Write ``line`` to stderr; in a terminal, first erase a progress bar drawn on the current line."""
+    sys.stderr.write(("\r\x1b[K" if is_terminal(sys.stderr) else "") + line + "\n")
+    sys.stderr.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+class _PlainProgress:
+    """Progress as plain lines: ``label: done/total unit (pct%), rate unit/s, ETA m:ss``."""
+
+    def __init__(self, total: int, label: str, unit: str, initial: int):
+        self.total, self.label, self.unit, self.done = total, label, unit, initial
+        self.start = self.last_time = time.perf_counter()
+        self.counted = 0
+        self.step = max(1, math.ceil(total * PLAIN_EVERY_FRACTION))
+        self.next_mark = (initial // self.step + 1) * self.step
+
+    def line(self, now: float, ending: bool = False) -> str:
+        elapsed = now - self.start
+        rate = self.counted / elapsed if elapsed > 0 else 0.0
+        pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        if ending:
+            tail = f"in {_duration(elapsed)}"
+        else:
+            tail = f"ETA {_duration((self.total - self.done) / rate)}" if rate > 0 else "ETA ?"
+        return f"{self.label}: {self.done}/{self.total} {self.unit}{pct}, {rate:,.1f} {self.unit}/s, {tail}"
+
+    def update(self, n: int) -> None:
+        self.done += n
+        self.counted += n
+        now = time.perf_counter()
+        if self.done >= self.next_mark or now - self.last_time >= PLAIN_EVERY_SECONDS:
+            if self.done < self.total:
+                say_line(self.line(now))
+            self.last_time = now
+            self.next_mark = (self.done // self.step + 1) * self.step
+
+
+@contextmanager
+def progress_bar(total: int, label: str, unit: str = "it", enabled: bool = True, initial: int = 0):
+    """Yield ``update(n)``; shows done/total, ``unit``/s and ETA on stderr when ``enabled``.
+
+    ``initial`` counts work done before (a resumed run): it fills the bar but not the rate. When stderr is not a
+    terminal, the bar becomes a plain line every :data:`PLAIN_EVERY_SECONDS` or :data:`PLAIN_EVERY_FRACTION` of
+    ``total`` (whichever comes first) and one line when the loop ends (with the time it took).
+    """
+    if not enabled:
+        yield lambda n: None
+        return
+    if not is_terminal(sys.stderr):
+        plain = _PlainProgress(total, label, unit, initial)
+        yield plain.update
+        if plain.counted:
+            say_line(plain.line(time.perf_counter(), ending=True))
+        return
+    start = time.perf_counter()
+    counted = [0]
+
+    def show(_item):
+        elapsed = time.perf_counter() - start
+        rate = counted[0] / elapsed if elapsed > 0 else 0.0
+        return f"{rate:,.1f} {unit}/s"
+
+    with click.progressbar(length=total, label=label, file=sys.stderr, item_show_func=show,
+                           show_pos=True, width=24) as bar:
+        if initial:
+            bar.update(initial)
+
+        def update(n: int) -> None:
+            counted[0] += n
+            bar.update(n, current_item=True)
+
+        yield update
