@@ -10,6 +10,8 @@ from itertools import product
 import numpy as np
 import torch
 
+from linft.cache.format import FeatureCache
+
 # -- toy run records (selection, aggregation, reports) ------------------------------------------------------------
 
 
@@ -62,6 +64,16 @@ def synthetic(n_per_domain=40, seed=0):
     means = rng.normal(size=(C, K, D))
     feats = means[labels] * (1.0 - 0.3 * domains)[:, None, None] + rng.normal(size=(len(labels), K, D))
     return feats.astype(np.float32), labels.astype(np.int64), domains.astype(np.int64)
+
+
+def synthetic_cache(tmp_path, n_per_domain=30):
+    """A FeatureCache in memory of :func:`synthetic` features: domains a, b, c and classes x, y, z."""
+    feats, labels, domains = synthetic(n_per_domain)
+    names = ["a", "b", "c"]
+    paths = [f"{names[d]}/{['x', 'y', 'z'][y]}/{i}.png" for i, (d, y) in enumerate(zip(domains, labels))]
+    meta = {"domain_names": names, "class_names": ["x", "y", "z"], "provenance_sha256": "f" * 64,
+            "dataset_name": "synthetic", "backbone": "none", "weights": "none", "blocks": ["b1", "b2", "b3"]}
+    return FeatureCache(tmp_path / "fake.h5", feats, labels, domains, paths, np.ones(len(labels), bool), meta)
 
 
 # -- split counts of two code paths (fine-tuning, interpolation) --------------------------------------------------

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from linft.cache.format import FeatureCache
 from linft.data.splits import domain_split_rows
 from linft.errors import LinftError
 from linft.protocol.records import REQUIRED_FIELDS, read_records
@@ -12,21 +11,12 @@ from linft.protocol.selection import iid_accuracy, ood_accuracy
 from linft.train.linear import train_linear
 from linft.train.linear_engine import GridPoint, LinearGridConfig
 
-from helpers import C, NDOM, synthetic
+from helpers import C, NDOM, synthetic, synthetic_cache
 from reference import ATOL, RTOL, decided_and_ties, plain_sgd_run
 
 
-def make_cache(tmp_path, n_per_domain=30):
-    feats, labels, domains = synthetic(n_per_domain)
-    names = ["a", "b", "c"]
-    paths = [f"{names[d]}/{['x', 'y', 'z'][y]}/{i}.png" for i, (d, y) in enumerate(zip(domains, labels))]
-    meta = {"domain_names": names, "class_names": ["x", "y", "z"], "provenance_sha256": "f" * 64,
-            "dataset_name": "synthetic", "backbone": "none", "weights": "none", "blocks": ["b1", "b2", "b3"]}
-    return FeatureCache(tmp_path / "fake.h5", feats, labels, domains, paths, np.ones(len(labels), bool), meta)
-
-
 def test_protocol_records_and_idempotent_rerun(tmp_path):
-    cache = make_cache(tmp_path)
+    cache = synthetic_cache(tmp_path)
     config = LinearGridConfig(steps=12, batch_size=4, eval_every=5)
     res = train_linear(cache, tmp_path / "runs", dropouts=(0.0, 0.9), probe=True, lrs=(0.05,), weight_decays=(1e-3,),
                        seeds=2, config=config, device="cpu", progress=False)
@@ -61,7 +51,7 @@ def test_same_seed_same_result_whatever_else_is_in_the_grid(tmp_path):
     matmuls round differently: both are compared with the plain loop's run, losses to the tolerance and correct
     counts on every example that is not a near-tie of the loop's logits.
     """
-    cache = make_cache(tmp_path)
+    cache = synthetic_cache(tmp_path)
     config = LinearGridConfig(steps=10, batch_size=4, eval_every=3)
     train_linear(cache, tmp_path / "full", dropouts=(0.5,), lrs=(0.05, 0.01), weight_decays=(1e-3,), seeds=2,
                  config=config, device="cpu", progress=False)
@@ -94,7 +84,7 @@ def test_same_seed_same_result_whatever_else_is_in_the_grid(tmp_path):
 
 
 def test_diverged_runs_are_flagged(tmp_path):
-    cache = make_cache(tmp_path)
+    cache = synthetic_cache(tmp_path)
     res = train_linear(cache, tmp_path / "runs", dropouts=(0.0,), lrs=(1e9, 0.01), weight_decays=(0.0,), seeds=1,
                        test_domains=["a"], config=LinearGridConfig(steps=30, batch_size=4, eval_every=5),
                        device="cpu", progress=False)
@@ -127,12 +117,12 @@ def test_bad_input(tmp_path, kwargs, match):
                 config=LinearGridConfig(steps=2), device="cpu", progress=False)
     args.update(kwargs)
     with pytest.raises(LinftError, match=match):
-        train_linear(make_cache(tmp_path), tmp_path / "runs", **args)
+        train_linear(synthetic_cache(tmp_path), tmp_path / "runs", **args)
     assert not (tmp_path / "runs" / "records.jsonl").exists()  # refused before anything is written
 
 
 def test_protocol_samples_cached_views_when_present(tmp_path):
-    cache = make_cache(tmp_path)
+    cache = synthetic_cache(tmp_path)
     config = LinearGridConfig(steps=8, batch_size=4, eval_every=4)
     kwargs = dict(dropouts=(0.0,), lrs=(0.05,), weight_decays=(0.0,), seeds=1, test_domains=["a"], config=config,
                   device="cpu", progress=False)
@@ -147,7 +137,7 @@ def test_protocol_samples_cached_views_when_present(tmp_path):
 
 
 def test_training_domains_need_an_out_split(tmp_path):
-    cache = make_cache(tmp_path, n_per_domain=4)  # int(0.2 * 4) = 0 held-out images per domain
+    cache = synthetic_cache(tmp_path, n_per_domain=4)  # int(0.2 * 4) = 0 held-out images per domain
     with pytest.raises(LinftError, match="empty 'in' or 'out' split"):
         train_linear(cache, tmp_path / "runs", dropouts=(0.0,), lrs=(0.1,), weight_decays=(0.0,), seeds=1,
                      config=LinearGridConfig(steps=2), device="cpu", progress=False)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from linft.cache.format import FeatureCache
 from linft.cli.main import main
 from linft.protocol.records import read_records
 from linft.protocol.selection import iid_accuracy, ood_accuracy
@@ -14,7 +13,7 @@ from linft.train.linear import train_linear
 from linft.train.linear_engine import LinearGridConfig
 
 from conftest import make_image_folder
-from helpers import synthetic
+from helpers import synthetic_cache
 
 CONFIG = LinearGridConfig(steps=12, batch_size=4, eval_every=5)  # evaluations at steps 0, 5, 10, 11
 # lr 1e30 with weight decay 1e-3 diverges by construction: the first step moves V by lr x a cross-entropy gradient
@@ -23,18 +22,9 @@ CONFIG = LinearGridConfig(steps=12, batch_size=4, eval_every=5)  # evaluations a
 HUGE_LR = 1e30
 
 
-def make_cache(tmp_path):
-    feats, labels, domains = synthetic(30)
-    names = ["a", "b", "c"]
-    paths = [f"{names[d]}/{y}/{i}.png" for i, (d, y) in enumerate(zip(domains, labels))]
-    meta = {"domain_names": names, "class_names": ["x", "y", "z"], "provenance_sha256": "f" * 64,
-            "dataset_name": "synthetic", "backbone": "none", "weights": "none", "blocks": ["b1", "b2", "b3"]}
-    return FeatureCache(tmp_path / "fake.h5", feats, labels, domains, paths, np.ones(len(labels), bool), meta)
-
-
 def test_one_summary_line_per_evaluation_over_the_grid(tmp_path):
     lines = []
-    res = train_linear(make_cache(tmp_path), tmp_path / "runs", dropouts=(0.0, 0.9), probe=True, lrs=(0.05,),
+    res = train_linear(synthetic_cache(tmp_path), tmp_path / "runs", dropouts=(0.0, 0.9), probe=True, lrs=(0.05,),
                        weight_decays=(1e-3,), seeds=2, config=CONFIG, device="cpu", progress=False, say=lines.append)
     assert res.trained == 18 and res.usable == 18 and res.divergence is None
     assert len(lines) == 4  # one per evaluation step, not one per run
@@ -49,18 +39,18 @@ def test_one_summary_line_per_evaluation_over_the_grid(tmp_path):
 
 def test_every_run_diverging_is_said_in_one_line(tmp_path):
     lines = []
-    res = train_linear(make_cache(tmp_path), tmp_path / "runs", lrs=(HUGE_LR,), weight_decays=(1e-3,), seeds=2,
+    res = train_linear(synthetic_cache(tmp_path), tmp_path / "runs", lrs=(HUGE_LR,), weight_decays=(1e-3,), seeds=2,
                        config=CONFIG, device="cpu", progress=False, say=lines.append)
     assert (res.trained, res.diverged, res.usable) == (6, 6, 0)
     assert res.divergence == "all 6 runs diverged (linear FT, dropout 0.9; lr 1e+30; weight decay 0.001)"
     assert lines[-1].endswith("6 runs, all diverged")
-    again = train_linear(make_cache(tmp_path), tmp_path / "runs", lrs=(HUGE_LR,), weight_decays=(1e-3,), seeds=2,
+    again = train_linear(synthetic_cache(tmp_path), tmp_path / "runs", lrs=(HUGE_LR,), weight_decays=(1e-3,), seeds=2,
                          config=CONFIG, device="cpu", progress=False)
     assert (again.trained, again.usable, again.divergence) == (0, 0, res.divergence)  # done, and still nothing
 
 
 def test_some_runs_diverging_leaves_the_others_usable(tmp_path):
-    res = train_linear(make_cache(tmp_path), tmp_path / "runs", lrs=(0.05, HUGE_LR), weight_decays=(1e-3,), seeds=2,
+    res = train_linear(synthetic_cache(tmp_path), tmp_path / "runs", lrs=(0.05, HUGE_LR), weight_decays=(1e-3,), seeds=2,
                        config=CONFIG, device="cpu", progress=False)
     assert (res.trained, res.diverged, res.usable) == (12, 6, 6)
     assert res.divergence == "6 of 12 runs diverged (linear FT, dropout 0.9; lr 1e+30; weight decay 0.001)"
