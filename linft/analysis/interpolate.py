@@ -35,16 +35,8 @@ forward passes run under autocast to ``precision`` (bfloat16 by default, as
 extraction and fine-tuning; float32 makes the paths' shared endpoints agree
 exactly); the CPU computes in float32.
 
-Memory: Φ_p and Φ_f of every evaluation image and every φ block are kept in
-float32 on the CPU: N·K·D·4 bytes per model (PACS with ResNet-50: 0.25 GB;
-DomainNet: 14 GB).
-
-Records: one per α and path (:mod:`linft.protocol.records`), method
-``interpolation-weights`` / ``-representation`` / ``-representation-block``
-/ ``-linearized``, ``grid = {"alpha": α}``, step 0, final, with the
-fine-tuned run's dataset, source, held-out domain, training domains and
-seed, appended to ``OUT/records.jsonl`` once (a re-run writes only what is
-missing). ``linft report`` reads them like any other records.
+Records: one per α and path (methods ``interpolation-*``, ``grid = {"alpha": α}``,
+step 0, final), appended to ``OUT/records.jsonl`` once; ``linft report`` reads them.
 """
 
 from __future__ import annotations
