@@ -52,7 +52,7 @@ if [ "$QUICK" = 1 ]; then
     step bench_linear python3 benchmarks/linear_grid.py --device "$DEVICE" --steps 5 --plain-steps 5 --json
     step bench_finetune python3 benchmarks/finetune_step.py --device "$DEVICE" --steps 1 --rounds 1 --json
     step bench_interpolate python3 benchmarks/interpolate_cost.py --device "$DEVICE" --images 16 --steps 1 --json
-    step bench_extract python3 benchmarks/extract_throughput.py --device "$DEVICE" --images 16 --backbone resnet18 --image-size 64 --json
+    step bench_extract python3 benchmarks/extract_throughput.py --device "$DEVICE" --images 48 --batch-size 8 --backbone resnet18 --image-size 64 --json
 else
     step bench_linear python3 benchmarks/linear_grid.py --device "$DEVICE" --json
     step bench_finetune python3 benchmarks/finetune_step.py --device "$DEVICE" --json
