@@ -27,9 +27,7 @@ CFG = FineTuneConfig(steps=9, batch_size=4, eval_every=4, image_size=32, eval_ba
 RUN = FineTuneRun("photo", seed=1, lr=0.01, weight_decay=1e-4, dropout=0.5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -37,9 +37,7 @@ FROZEN = FineTuneRun(HELD_OUT, SEED, lr=0.0, weight_decay=0.0, dropout=0.5, lp_f
 CFG = dict(steps=1, eval_every=1, batch_size=4, image_size=32, eval_batch_size=64, workers=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
