@@ -11,8 +11,8 @@ from linft.lazy import lazy_exports
 
 #: submodule -> the names this package re-exports from it (imported on first use)
 _EXPORTS = {
-    "aggregate": ["SelectedRun", "cloud_points", "cloud_tables", "domainbed_table", "missing_domains", "run_results",
-                  "table_markdown", "table_rows"],
+    "aggregate": ["SelectedRun", "best_grid_points", "cloud_points", "cloud_tables", "domainbed_table",
+                  "missing_domains", "run_results", "table_markdown", "table_rows", "tie_counts"],
     "endpoints": ["Endpoints", "load_endpoints"],
     "interpolate": ["InterpolateConfig", "InterpolationResult", "interpolate"],
     "interpolation_paths": ["first_order_outputs", "iter_weight_path", "parse_alphas", "pooled_features_and_logits",
