@@ -8,7 +8,7 @@ there is no demo code path. Work already on disk is reused.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -165,7 +165,7 @@ def run_demo(out: str | Path = "demo_out", config: DemoConfig = DemoConfig(), *,
              say: Callable[[str], None] = print, **settings) -> DemoResult:
     """Generate the demo data (if absent), extract features, train linear FT and probing, fine-tune, interpolate
     and report, each stage with the library call of its command. ``settings`` override fields of ``config``."""
-    config = DemoConfig(**{**asdict(config), **settings})
+    config = replace(config, **settings)
     out = Path(out)
     data = out / "demo-shapes"
     started = time.perf_counter()

@@ -86,6 +86,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         partial.unlink(missing_ok=True)
         raise LinftError(f"cannot write {path} ({exc.strerror or exc}); free space or choose another "
                          f"location") from None
+    except BaseException:  # e.g. an object torch cannot save, or an interrupt: no .partial left behind
+        partial.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -45,7 +45,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -368,7 +368,7 @@ def interpolate(dataset, finetuned: str | os.PathLike, config: InterpolateConfig
     nothing is computed again: the result is read back from that ``.json``.
     Cost: 2 forward passes (Φ_p, Φ_f), one per α (weights), one jvp pass with ``linearity``.
     """
-    config = InterpolateConfig(**{**asdict(config), **settings})
+    config = replace(config, **settings)
     say = say or (lambda _line: None)
     setup = _setup(dataset, finetuned, config, data_root, progress)
     ends = setup.ends

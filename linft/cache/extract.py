@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -128,7 +128,7 @@ def _extractor(config: ExtractConfig) -> _Extractor:
 
 def cache_attributes(ds: MultiDomainDataset, config: ExtractConfig, ext: _Extractor) -> dict:
     """The attributes of the cache ``config`` makes of ``ds`` (``provenance_sha256`` included)."""
-    dev = ext.dev
+    dev, classes = ext.dev, ds.class_counts
     attrs = {
         "format_version": CACHE_FORMAT_VERSION, "backbone": ext.backbone.name, "weights": ext.backbone.weights,
         "weights_label": ext.backbone.weights_label, "weights_sha256": ext.backbone.weights_sha256,
@@ -136,7 +136,7 @@ def cache_attributes(ds: MultiDomainDataset, config: ExtractConfig, ext: _Extrac
         "transform": describe_transform(eval_transform(config.image_size)), "dtype": config.dtype,
         "compute": compute_text(ext.precision), "dataset_name": ds.name or ds.root.name,
         "dataset_root": str(ds.root.resolve()), "domain_names": list(ds.domains), "class_names": list(ds.classes),
-        "per_domain": {d: {"count": ds.counts[d], "classes": ds.class_counts[d]} for d in ds.domains},
+        "per_domain": {d: {"count": n, "classes": classes[d]} for d, n in ds.counts.items()},
         "num_examples": len(ds), "file_list_sha256": ds.file_list_sha256, "linft_version": linft.__version__,
         "torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
         "h5py_version": h5py.__version__,
@@ -247,7 +247,7 @@ def extract_features(dataset: MultiDomainDataset | str | os.PathLike, out: str |
     provenance at the target is refused unless ``force``.
     """
     tick = time.perf_counter()
-    config = ExtractConfig(**{**asdict(config), **settings})
+    config = replace(config, **settings)
     config.check()
     ds = dataset if isinstance(dataset, MultiDomainDataset) else load_image_folder(dataset)
     ext = _extractor(config)
@@ -334,8 +334,8 @@ def _run_extraction(f, ds: MultiDomainDataset, ext: _Extractor, config: ExtractC
                 raise LinftError(f"cannot read image {bad}; fix or remove it, or pass --skip-bad-images to record "
                                  f"and skip it")
             ok = ok.numpy()
-            # one forward for the plain images and their views: (B, 1 + V, 3, S, S)
-            feats = ext(torch.cat([images[:, None], view_images], 1).flatten(0, 1))
+            # one forward for the plain images and their views (no copy when there are no views)
+            feats = ext(torch.cat([images[:, None], view_images], 1).flatten(0, 1) if config.views else images)
             feats = feats.view(len(ok), 1 + config.views, *feats.shape[1:])
             feats[torch.from_numpy(~ok).to(ext.dev)] = 0.0
             event = None

@@ -155,15 +155,20 @@ def _jitter(x: torch.Tensor, op: int, f: torch.Tensor) -> torch.Tensor:
 
 
 def color_jitter(x: torch.Tensor, p: dict, spec: TensorAugment = DOMAINBED) -> torch.Tensor:
-    """The four jitter operations, in each image's order; an operation with amount 0 is skipped."""
+    """The four jitter operations, in each image's order; an operation with amount 0 is skipped.
+
+    Works on one copy of ``x`` updated in place (the input is left as it was)."""
     active = [a > 0 for a in (spec.brightness, spec.contrast, spec.saturation, spec.hue)]
+    if not any(active):
+        return x
+    x = x.clone()
     factors = p["factors"].to(x.device, x.dtype)
     for position in range(4):
         for op in range(4):
             rows = (p["order"][:, position] == op).nonzero()[:, 0]  # on the CPU: no device sync
             if active[op] and len(rows):
                 rows = rows.to(x.device)
-                x = x.index_copy(0, rows, _jitter(x.index_select(0, rows), op, factors[rows, op]))
+                x.index_copy_(0, rows, _jitter(x.index_select(0, rows), op, factors[rows, op]))
     return x
 
 

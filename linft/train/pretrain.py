@@ -21,7 +21,7 @@ import math
 import os
 import shlex
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -275,7 +275,7 @@ def pretrain(data_dir: str | os.PathLike, out: str | os.PathLike, config: Pretra
     plain values only); an existing ``out`` is only replaced with ``force``, and
     the file appears only once complete. ``say`` receives one line per epoch.
     """
-    config = PretrainConfig(**{**asdict(config), **settings})
+    config = replace(config, **settings)
     tick, t0 = time.perf_counter(), _dt.datetime.now(_dt.timezone.utc)
     say = say or (lambda _line: None)
     config.check()

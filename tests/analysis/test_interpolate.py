@@ -259,13 +259,15 @@ def test_sweep_records_once_per_alpha_and_path(sweep, shapes, endpoint_logits):
 def test_rerun_with_the_same_arguments_computes_nothing(shapes, perturbed_run, tmp_path):
     kw = dict(alphas="0:1:3", linearity=True, out_dir=tmp_path, device="cpu", batch_size=16, workers=0,
               progress=False)
-    first = interpolate(shapes, perturbed_run, **kw)
-    assert first.records_written == 3 * 6 and first.passes == {"forward": 2 + 3, "jvp": 1}
-    files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()}
-    assert {p.name for p in files} >= {"records.jsonl", first.summary.name, first.plot.name}
     forwards, lines = [], []
     handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, i: forwards.append(type(m)))
     try:
+        first = interpolate(shapes, perturbed_run, **kw)
+        assert forwards  # the hook sees the forward passes of a call that computes (control)
+        forwards.clear()
+        assert first.records_written == 3 * 6 and first.passes == {"forward": 2 + 3, "jvp": 1}
+        files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()}
+        assert {p.name for p in files} >= {"records.jsonl", first.summary.name, first.plot.name}
         again = interpolate(shapes, perturbed_run, say=lines.append, **kw)
     finally:
         handle.remove()

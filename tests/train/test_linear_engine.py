@@ -93,7 +93,6 @@ def test_batched_engine_equals_one_by_one_sgd(v_init, with_views):
                 assert_counts_agree(point.correct[gi, hi], rows_of, right, tie, where)
                 assert point.total[gi].tolist() == [len(rows_of[(d, part)]) for d in range(NDOM)
                                                     for part in ("in", "out")]
-            assert all(torch.equal(x, y) for x, y in zip((rv, rV, rb), snapshots[39]))
     # the tolerance excludes few examples, so the counts are really compared (12 runs x 4 steps x 120 examples)
     assert near_ties <= 0.01 * len(groups) * len(POINTS) * len(at_step) * len(labels)
 
