@@ -140,8 +140,8 @@ def _stage_finetune(out: Path, data: Path, config: DemoConfig, progress: bool, s
     say(f"      {done_summary(len(ft.runs) - ft.count('done'), ft.count('done'), diverged=ft.count('diverged'))} "
         f"-> {ft.out}{took()}")
     if across:
-        usable = [r.run_dir for r in ft.runs if r.status != "diverged"]
-        path = evaluate_across_runs(ds, ft.out, usable, config=ft_config, device="auto", say=say if progress else None)
+        path = evaluate_across_runs(ds, ft.out, [r.run_dir for r in ft.runs], config=ft_config, device="auto",
+                                    eval_images=ft.eval_images, say=say if progress else None)
         say(f"      ensembles, soups and greedy soups across the grid's runs -> {path}{took()}")
     return ft
 

@@ -28,17 +28,19 @@ from linft.runtime import resolve_device
 from linft.train.ensembles import ensemble_scores
 from linft.train.finetune_model import FineTuneConfig, predict_logits
 from linft.train.finetune import load_selected
+from linft.train.run_folder import RunFolder
 
 ACROSS_RUNS_FOLDER = "across_runs"
 KINDS = ("ensemble", "soup", "greedy-soup")
 
 
 def _groups(run_dirs) -> dict[tuple, list[tuple[dict, dict]]]:
-    """Selected models ``(state, metadata)`` per (label, held-out domain, seed), by decreasing i.i.d. accuracy."""
+    """Selected models ``(state, metadata)`` of the finished runs per (label, held-out domain, seed), by decreasing
+    i.i.d. accuracy. Unfinished and diverged runs take no part (an ensemble's record is final, never redone)."""
     groups: dict[tuple, list[tuple[dict, dict]]] = {}
-    for run_dir in map(Path, run_dirs):
-        if (run_dir / "selected.pt").exists():
-            state, meta = load_selected(run_dir)
+    for folder in map(RunFolder, map(Path, run_dirs)):
+        if folder.final_status() == "ok" and folder.selected.exists():  # finished runs only: an ensemble is final
+            state, meta = load_selected(folder.root)
             groups.setdefault((meta["label"], meta["test_domain"], meta["seed"]), []).append((state, meta))
     for members in groups.values():
         members.sort(key=lambda m: -m[1]["iid"])

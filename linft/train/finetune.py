@@ -361,10 +361,11 @@ def sweep_runs(domains: list[str], *, test_domains=None, dropouts=(0.0,), lrs=(1
 
 @dataclass
 class SweepResult:
-    """Where a sweep's runs went and what happened to each."""
+    """Where a sweep's runs went, what happened to each, and its evaluation images (decoded once, to reuse)."""
 
     out: Path
     runs: list[RunOutcome] = field(default_factory=list)
+    eval_images: EvalImages | None = None
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.runs)
@@ -382,8 +383,8 @@ def finetune(dataset, out_dir, *, backbone: str = "resnet50", weights="DEFAULT",
     hooks = hooks or RunHooks()
     ds = dataset if isinstance(dataset, MultiDomainDataset) else find_dataset(dataset, data_root)
     runs = runs if runs is not None else sweep_runs(ds.domains, **grid)
-    result = SweepResult(Path(out_dir))
     eval_images = EvalImages(ds, config.image_size, config.eval_batch_size, config.workers, progress)
+    result = SweepResult(Path(out_dir), eval_images=eval_images)
     for i, run in enumerate(runs):
         hooks.tell(f"run {i + 1}/{len(runs)}: dropout {run.dropout:g}, held out {run.test_domain}, seed {run.seed}, "
                    f"lr {run.lr:g}, weight decay {run.weight_decay:g}")

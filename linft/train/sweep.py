@@ -140,8 +140,9 @@ def launch_sweep(dataset: MultiDomainDataset, out_dir, runs: list[FineTuneRun], 
                  weights="DEFAULT", config: FineTuneConfig = FineTuneConfig(),
                  options: LaunchOptions = LaunchOptions()) -> dict:
     """Run ``runs`` as ``options`` say; returns ``{"submitted": n, "skipped": n, "jobs": [...], "statuses": [...],
-    "usable": n, "divergence": line or None}`` (``usable``: runs whose final record is ``ok``; ``divergence``: one
-    line on the runs that diverged, :func:`linft.train.status.divergence_note`). Every run is added to
+    "usable": n, "divergence": line or None}`` (``statuses``: of the runs this call launched, whatever the launcher;
+    ``usable``: runs whose final record is ``ok``; ``divergence``: one line on the runs that diverged,
+    :func:`linft.train.status.divergence_note`). Every run is added to
     ``out_dir/planned.json`` first when some are not done (``linft status`` counts those not started as to do)."""
     say = options.say or (lambda _line: None)
     config.check()
@@ -154,7 +155,9 @@ def launch_sweep(dataset: MultiDomainDataset, out_dir, runs: list[FineTuneRun], 
     folders = [RunFolder.of(out_dir, run_identity(r, backbone, bb.weights_sha256, dataset.file_list_sha256, config))
                for r in runs]
     labels = [finetune_label(r, bb.weights, config) for r in runs]
-    if not all(f.is_done() for f in folders):
+    done_before = [f.is_done() for f in folders]
+    eval_images = None
+    if not all(done_before):
         write_plan(out_dir, {f.run_id: {"label": label, "test_domain": r.test_domain, "seed": r.seed,
                                         "grid": {"lr": r.lr, "weight_decay": r.weight_decay}}
                              for r, f, label in zip(runs, folders, labels)})
@@ -162,10 +165,10 @@ def launch_sweep(dataset: MultiDomainDataset, out_dir, runs: list[FineTuneRun], 
     if options.launcher == "local" and options.gpus <= 1:
         result = finetune(dataset, out_dir, runs=runs, backbone=backbone, weights=weights, config=config,
                           device=options.device, progress=options.progress, hooks=hooks)
-        todo = [r for r in result.runs if r.status != "done"]
-        statuses = [r.status for r in result.runs]
+        todo = [r for r, before in zip(result.runs, done_before) if not before]
+        statuses, eval_images = [r.status for r in todo], result.eval_images
     else:
-        todo = [r for r, f in zip(runs, folders) if not f.is_done()]
+        todo = [r for r, before in zip(runs, done_before) if not before]
         args = [(str(dataset.root), str(out_dir), asdict(r), backbone, weights, asdict(config)) for r in todo]
         say(f"{len(todo)} of {len(runs)} runs to do ({len(runs) - len(todo)} already done), "
             f"launcher {options.launcher}")
@@ -175,10 +178,10 @@ def launch_sweep(dataset: MultiDomainDataset, out_dir, runs: list[FineTuneRun], 
         elif todo:
             jobs, statuses = _on_submitit(args, out_dir, options, dataset.name)
     if options.across_runs and options.wait:
-        usable = [f.root for f in folders if f.final_status() != "diverged"]
-        evaluate_across_runs(dataset, out_dir, usable, config=config, device=options.device,
-                             eval_images=EvalImages(dataset, config.image_size, config.eval_batch_size,
-                                                    config.workers), say=options.say)
+        evaluate_across_runs(dataset, out_dir, [f.root for f in folders], config=config, device=options.device,
+                             eval_images=eval_images or EvalImages(dataset, config.image_size,
+                                                                   config.eval_batch_size, config.workers),
+                             say=options.say)
     finals = [f.final_status() for f in folders]
     diverged = [{"label": label, "lr": r.lr, "weight_decay": r.weight_decay}
                 for r, label, final in zip(runs, labels, finals) if final == "diverged"]

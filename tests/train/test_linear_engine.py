@@ -79,7 +79,7 @@ def test_batched_engine_equals_one_by_one_sgd(v_init, with_views):
     for gi, g in enumerate(groups):
         rows_of = domain_split_rows(domains, NDOM, g.seed)
         for hi, p in enumerate(POINTS):
-            rv, rV, rb, snapshots, _ = plain_sgd_run(feats, labels, rows_of, C, g.test_domain, g.seed, p, config,
+            _, _, _, snapshots, _ = plain_sgd_run(feats, labels, rows_of, C, g.test_domain, g.seed, p, config,
                                                      views)
             assert sorted(snapshots) == sorted(at_step)
             for step, (ev, eV, eb, point) in at_step.items():

@@ -112,6 +112,21 @@ def test_ensembles_and_soups_across_runs(grid, ds):
     assert write_report([out], out / "report")["table"].is_file()
 
 
+def test_unfinished_runs_take_no_part_in_ensembles_across_runs(grid, ds, tmp_path):
+    """A run with a selected.pt but no final record yet (still training, or its job failed) is left out: the
+    ensemble's record is final, so one made from a half-trained member would never be redone."""
+    out, folders = grid
+    for f in folders:
+        shutil.copytree(f.root, tmp_path / f.run_id)
+    unfinished = RunFolder(tmp_path / folders[1].run_id)
+    lines = unfinished.records.read_text().splitlines(keepends=True)
+    unfinished.records.write_text("".join(line for line in lines if '"final": true' not in line))
+    assert unfinished.final_status() is None and unfinished.selected.exists()
+    path = evaluate_across_runs(ds, tmp_path, [tmp_path / f.run_id for f in folders], config=CFG, device="cpu")
+    records = read_records([path])
+    assert records and all(r["members"] == [folders[0].run_id] for r in records)
+
+
 def test_launch_skips_finished_runs_and_run_folders_of_the_previous_release(grid, ds, tmp_path):
     """The previous release marked a finished run with a "done" file after its final record; today the final
     record alone says it is done, so such a folder is skipped and left as it is."""
@@ -123,7 +138,7 @@ def test_launch_skips_finished_runs_and_run_folders_of_the_previous_release(grid
     runs = [RUN, replace(RUN, lr=0.005, weight_decay=0.0)]
     result = launch_sweep(ds, tmp_path, runs, backbone="demo-resnet", weights="DEFAULT", config=CFG,
                           options=LaunchOptions(device="cpu", progress=False))
-    assert result["submitted"] == 0 and result["skipped"] == 2 and result["statuses"] == ["done", "done"]
+    assert result["submitted"] == 0 and result["skipped"] == 2 and result["statuses"] == []  # launched now: none
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     assert all(RunFolder(tmp_path / f.run_id).final_status() == "ok" for f in folders)
 
