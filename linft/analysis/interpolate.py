@@ -66,8 +66,8 @@ from linft.models.checkpoints import state_dict_sha256
 from linft.models.heads import PROBE_L2, PROBE_MAX_ITER, PROBE_TOLERANCE, LinearHead, fit_probe_head, head_keys, \
     with_head
 from linft.models.linearize import relative_linearity_gap
-from linft.protocol.records import (RECORDS_FILE, RecordWriter, RunHeader, done_summary, final_records,
-                                    finished_run_ids, make_record, run_id)
+from linft.protocol.records import RECORDS_FILE, RecordWriter, RunHeader, done_summary, final_records, make_record, \
+    run_id
 from linft.protocol.selection import iid_accuracy, ood_accuracy, split_counts
 from linft.output import atomic_write_text, json_text, progress_bar
 from linft.runtime import DEFAULT_PRECISION, check_precision, effective_precision, resolve_device
@@ -218,14 +218,17 @@ def _header(setup: _Setup, key: str, alpha: float, label: str) -> RunHeader:
     ends, meta, cfg = setup.ends, setup.ends.metadata, setup.config
     method = PATHS["block" if key.startswith("block:") else key][0]
     block = key[6:] if key.startswith("block:") else None
+    precision = effective_precision(setup.dev, cfg.precision)
+    # the computed precision is part of what a record is (float32, all that earlier releases computed, keeps their ids)
+    reduced = {} if precision == "float32" else {"precision": precision}
     rid = run_id(method=method, finetuned=ends.finetuned_id, finetuned_sha256=setup.finetuned_sha256,
                  pretrained=ends.pretrained_sha256, dataset=setup.ds.file_list_sha256, image_size=setup.image_size,
                  probe_l2=cfg.probe_l2, probe_max_iter=PROBE_MAX_ITER, probe_tolerance=PROBE_TOLERANCE, alpha=alpha,
-                 block=block)
+                 block=block, **reduced)
     hparams = {"alpha": alpha, "path": key, "pretrained_weights": ends.pretrained_weights, "probe_l2": cfg.probe_l2,
                "finetuned_run": ends.finetuned_id, "finetuned_label": meta.get("label"),
                "finetuned_step": meta.get("step"), "image_size": setup.image_size, "block": block,
-               "precision": effective_precision(setup.dev, cfg.precision)}
+               "precision": precision}
     source = meta.get("source") or f"{setup.ds.file_list_sha256[:16]}:{ends.pretrained_sha256[:16]}"
     return RunHeader(method=method, label=label, dataset=setup.dataset_name, source=source, backbone=ends.backbone,
                      weights=ends.pretrained_weights, test_domain=setup.test_domain, train_domains=setup.train_domains,
@@ -317,16 +320,16 @@ def _result(setup: _Setup, out: Path, stem: str, labels: dict, curves: dict, lin
                                passes=passes, summary=out / f"{stem}.json")
 
 
-def _already_done(setup: _Setup, out: Path, stem: str, labels: dict, headers: dict) -> InterpolationResult | None:
+def _already_done(setup: _Setup, out: Path, stem: str, labels: dict, headers: dict,
+                  by_id: dict[str, dict]) -> InterpolationResult | None:
     """The result of an earlier call with the same arguments, when every one of its records is on disk.
 
-    Curves come from the records themselves; the linearity summary from the earlier call's ``.json``, which
-    must be of this very call (same α values and paths), or nothing is skipped.
+    Curves come from the records themselves (``by_id``: the final records on disk); the linearity summary from
+    the earlier call's ``.json``, which must be of this very call (same α values and paths), or nothing is skipped.
     """
     summary = out / f"{stem}.json"
     if not summary.exists():
         return None
-    by_id = final_records([out / RECORDS_FILE])
     saved = json.loads(summary.read_text())
     same_call = saved.get("alphas") == setup.alphas and set(saved.get("curves") or {}) == set(labels) \
         and (saved.get("linearity") is not None) == setup.config.linearity
@@ -376,8 +379,9 @@ def interpolate(dataset, finetuned: str | os.PathLike, config: InterpolateConfig
     stem = f"interpolation_{_safe_name(setup.test_domain)}_seed{setup.seed}_{_safe_name(ends.finetuned_id)[:16]}"
     labels = _labels(setup, _path_keys(setup))
     headers = {(key, a): _header(setup, key, a, labels[key]) for key in labels for a in setup.alphas}
-    done = finished_run_ids([out / RECORDS_FILE])
-    earlier = _already_done(setup, out, stem, labels, headers)
+    finals = final_records([out / RECORDS_FILE])
+    done = set(finals)
+    earlier = _already_done(setup, out, stem, labels, headers, finals)
     if earlier is not None:
         say(f"{done_summary(0, len(headers), verb='written', unit='record')} -> {earlier.records} (nothing to compute)")
         return earlier

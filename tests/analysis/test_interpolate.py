@@ -9,6 +9,7 @@ two code paths agree up to the images whose top-2 logit margin is a near tie.
 from __future__ import annotations
 
 import json
+from dataclasses import replace as dc_replace
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from click.testing import CliRunner
 
 import linft.models.registry as registry
 from linft.analysis.endpoints import load_endpoints
-from linft.analysis.interpolate import interpolate
+from linft.analysis.interpolate import InterpolateConfig, _header, _setup, interpolate
 from linft.analysis.interpolation_paths import (first_order_outputs, iter_weight_path, parse_alphas,
                                                 pooled_features_and_logits, representation_logits)
 from linft.analysis.report import write_report
@@ -386,3 +387,17 @@ def test_cli_table_json_and_help(shapes, perturbed_run, endpoint_logits, tmp_pat
     # the weight and representation paths at α = 0: two code paths, equal up to the pretrained end's near ties
     assert_counts_agree(data["curves"]["weights"][0]["splits"], data["curves"]["representation"][0]["splits"],
                         endpoint_logits[2]["pretrained"])
+
+
+def test_a_reduced_precision_is_part_of_the_record_ids(shapes, perturbed_run):
+    """Records computed in bfloat16 on CUDA are other records than float32 ones (a float32 re-run must not be
+    skipped as done), while float32 keeps the ids of earlier releases (no precision in them)."""
+    setup = _setup(shapes, perturbed_run, InterpolateConfig(alphas="0,1", precision="bfloat16"), None, False)
+    on_cpu = _header(setup, "weights", 1.0, "w")  # the CPU computes in float32 whatever the setting
+    on_cuda = _header(dc_replace(setup, dev=torch.device("cuda")), "weights", 1.0, "w")  # only its type is read
+    fp32 = _header(dc_replace(setup, dev=torch.device("cuda"), config=InterpolateConfig(alphas="0,1",
+                                                                                        precision="float32")),
+                   "weights", 1.0, "w")
+    assert on_cpu.hparams["precision"] == fp32.hparams["precision"] == "float32"
+    assert on_cuda.hparams["precision"] == "bfloat16"
+    assert on_cpu.run_id == fp32.run_id != on_cuda.run_id
