@@ -97,15 +97,17 @@ def figure2_points(results: list[SelectedRun]) -> dict[tuple, FigurePoints]:
     return out
 
 
-def figure9_points(results: list[SelectedRun], naive=None, advanced=None) -> dict[tuple, FigurePoints]:
+def figure9_points(results: list[SelectedRun], naive=None, advanced=None,
+                   fig2: dict[tuple, FigurePoints] | None = None) -> dict[tuple, FigurePoints]:
     """``{(dataset, model, base label): FigurePoints}`` for datasets whose records come from several models.
 
     Only labels (as recorded, without the model) that every model of the dataset has are compared. ``naive``
     and ``advanced`` name them; by default naive fine-tuning is every such label of the ``baseline`` role of
     :func:`figure_role` (no dropout, not an ensemble or average) and advanced fine-tuning every other one.
-    Points are those of :func:`figure2_points`; roles are ``naive`` (●) and ``advanced`` (◆).
+    Points are those of :func:`figure2_points` (``fig2``: already computed for ``results``, to reuse); roles are
+    ``naive`` (●) and ``advanced`` (◆).
     """
-    fig2 = figure2_points(results)
+    fig2 = figure2_points(results) if fig2 is None else fig2
     info = _label_info(results)
     models: dict[str, set] = defaultdict(set)
     for r in results:

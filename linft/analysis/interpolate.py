@@ -137,6 +137,7 @@ class InterpolationResult:
     linearity: dict | None = None
     records_written: int = 0
     passes: dict = field(default_factory=dict)
+    finetuned_label: str | None = None  # the fine-tuned run's label, as its records say
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -317,7 +318,8 @@ def _result(setup: _Setup, out: Path, stem: str, labels: dict, curves: dict, lin
                                seed=setup.seed, finetuned=str(ends.checkpoint), finetuned_id=ends.finetuned_id,
                                pretrained_weights=ends.pretrained_weights, dataset=setup.dataset_name, out=out,
                                records=out / RECORDS_FILE, linearity=linearity, records_written=written,
-                               passes=passes, summary=out / f"{stem}.json")
+                               passes=passes, summary=out / f"{stem}.json",
+                               finetuned_label=ends.metadata.get("label"))
 
 
 def _already_done(setup: _Setup, out: Path, stem: str, labels: dict, headers: dict,

@@ -67,8 +67,7 @@ def interpolation_text(result) -> str:
     """An :class:`~linft.analysis.interpolate.InterpolationResult` as text: accuracy per α and path, linearity."""
     main = [k for k in ("weights", "representation", "linearized") if k in result.curves]
     blocks = [k for k in result.curves if k.startswith("block:")]
-    label = next(iter(result.labels.values()))
-    suffix = label[label.rfind(" ["):] if label.endswith("]") else ""
+    suffix = f" [{result.finetuned_label}]" if result.finetuned_label else ""
     out = [f"{result.dataset}, held out {result.test_domain}, seed {result.seed}{suffix}: accuracy (%) per α "
            f"(α = share of the fine-tuned model)\n", _curves_table(result, main, "interpolation paths")]
     if blocks:
@@ -165,7 +164,7 @@ def _summary(results, table, points, record_paths, selection: str, se: str, file
 def _figures(results, curves, points, out: Path, selection: str, se: str) -> dict:
     """Every figure with something to draw, as ``{"<name>_png": path, "<name>_pdf": path}``."""
     drawn = {"clouds": plot_clouds(points, out / "clouds.png"),
-             "figure9": plot_figure9(figure9_points(results), out / "figure9.png"),
+             "figure9": plot_figure9(figure9_points(results, fig2=points), out / "figure9.png"),
              "dropout": plot_dropout(dropout_points(results, selection, se), out / "dropout.png"),
              "interpolation": plot_interpolation(curves, out / "interpolation.png") if curves else None}
     paths = {}

@@ -316,8 +316,8 @@ def train_run(dataset: MultiDomainDataset, out_dir, run: FineTuneRun, *, backbon
     if done is not None:
         folder.checkpoint.unlink(missing_ok=True)
         return RunOutcome(folder.root, folder.run_id, "diverged" if done == "diverged" else "done", run=run)
+    split_rows, pools = _splits(dataset, run)  # a run refused here leaves no folder behind
     atomic_write_text(folder.run_json, json.dumps({"run_id": folder.run_id, **identity}, indent=1) + "\n")
-    split_rows, pools = _splits(dataset, run)
     header = _header(dataset, run, backbone, bb, config, folder.run_id)
     r = _Run(dataset, run, config, folder, header, model, run_optimizer(model, run, config.momentum),
              dataset.domains.index(run.test_domain), split_rows, pools,
