@@ -6,10 +6,13 @@ Command modules are imported only when their command runs (:data:`COMMANDS`), so
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import click
 
@@ -17,28 +20,28 @@ from linft import __version__
 from linft.errors import LinftError
 
 
-#: command -> (module in linft.cli, attribute, one-line help shown by ``linft --help``).
+#: command -> (module in linft.cli, the command's function there).
 COMMANDS = {
-    "cache": ("cache", "cache", "Inspect feature caches written by `linft extract`."),
-    "demo": ("demo", "demo", "Run linft end to end on the built-in benchmark (CPU, a few minutes, no download)."),
-    "demo-data": ("demo", "demo_data", "Write the demo benchmark: 4 style domains x 7 shape classes as PNG files."),
-    "extract": ("extract", "extract", "Cache the average-pooled outputs of the last residual blocks for every "
-                                      "image of DATASET."),
-    "finetune": ("finetune", "finetune_cmd", "Fine-tune a pretrained backbone leave-one-domain-out, with dropout "
-                                             "on the penultimate layer."),
-    "interpolate": ("interpolate", "interpolate_cmd", "Accuracy along the weight and representation paths from a "
-                                                      "pretrained to a fine-tuned model (Figure 1)."),
-    "pretrain": ("pretrain", "pretrain_command", "Train a backbone from scratch on DATA_DIR and save its state_dict "
-                                                 "with metadata."),
-    "pretrain-source": ("pretrain", "pretrain_source", "Write the pretraining source: 5 style domains x 16 shape "
-                                                       "classes as PNG files."),
-    "report": ("report", "report", "Tables (markdown, CSV) and plots (PNG) from RECORDS files or folders of any "
-                                   "linft method."),
-    "status": ("status", "status", "Show how many runs of a sweep are done, running, interrupted, diverged or still to "
-                                   "do."),
-    "train-linear": ("train_linear", "train_linear_cmd", "Train linear fine-tuning y = V(Σ v_k⊙φ_k) + b with "
-                                                         "dropout over the whole protocol."),
+    "cache": ("cache", "cache"),
+    "demo": ("demo", "demo"),
+    "demo-data": ("demo", "demo_data"),
+    "extract": ("extract", "extract"),
+    "finetune": ("finetune", "finetune_cmd"),
+    "interpolate": ("interpolate", "interpolate_cmd"),
+    "pretrain": ("pretrain", "pretrain_command"),
+    "pretrain-source": ("pretrain", "pretrain_source"),
+    "report": ("report", "report"),
+    "status": ("status", "status"),
+    "train-linear": ("train_linear", "train_linear_cmd"),
 }
+
+
+def short_help(name: str) -> str:
+    """The first paragraph of a command's docstring, read from its source without importing it (so no torch)."""
+    module, function = COMMANDS[name]
+    source = Path(importlib.util.find_spec(f"linft.cli.{module}").origin).read_text(encoding="utf-8")
+    node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == function)
+    return " ".join(ast.get_docstring(node).split("\n\n")[0].split())
 
 
 class LinftGroup(click.Group):
@@ -50,12 +53,12 @@ class LinftGroup(click.Group):
     def get_command(self, ctx, name):
         if name not in COMMANDS:
             return None
-        module, attribute, _ = COMMANDS[name]
+        module, attribute = COMMANDS[name]
         return getattr(importlib.import_module(f"linft.cli.{module}"), attribute)
 
     def format_commands(self, ctx, formatter):
         with formatter.section("Commands"):
-            formatter.write_dl([(name, help_) for name, (_, _, help_) in sorted(COMMANDS.items())])
+            formatter.write_dl([(name, short_help(name)) for name in sorted(COMMANDS)])
 
     def invoke(self, ctx):
         def one_line_warning(message, category, filename, lineno, file=None, line=None):

@@ -19,7 +19,7 @@ from linft.output import json_text
                    "as DomainBed's tables.")
 @click.option("--json", "as_json", is_flag=True, help="Print the written file paths as JSON.")
 def report(records, out, selection, se, as_json):
-    """Tables (markdown, CSV) and plots (PNG) from RECORDS files or folders of any linft method.
+    """Tables (markdown, CSV) and figures (PNG and PDF) from RECORDS files or folders of any linft method.
 
     Writes summary.md (DomainBed-style tables in percent, mean ± SE over seeds,
     with the selection, tie and SE rules), table.csv, runs.csv and clouds.csv

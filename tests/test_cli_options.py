@@ -12,13 +12,13 @@ from linft.cli.options import repeatable
 
 
 def every_command():
-    """``(path, command)`` of every command and subcommand of ``linft``."""
-    out = []
-    for name, (module, attribute, _) in sorted(COMMANDS.items()):
-        cmd = getattr(importlib.import_module(f"linft.cli.{module}"), attribute)
+    """``(path, command)`` of every command, group and subcommand of ``linft``, at any depth."""
+    def walk(path, cmd):
         subs = cmd.commands.items() if isinstance(cmd, click.Group) else []
-        out += [(f"{name} {sub}", c) for sub, c in subs] or [(name, cmd)]
-    return out
+        return [(path, cmd)] + [pair for sub, c in subs for pair in walk(f"{path} {sub}", c)]
+
+    return [pair for name, (module, attribute) in sorted(COMMANDS.items())
+            for pair in walk(name, getattr(importlib.import_module(f"linft.cli.{module}"), attribute))]
 
 
 def test_every_repeatable_option_says_so_in_its_help():

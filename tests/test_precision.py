@@ -27,7 +27,7 @@ SMALL_ARGS = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32
 
 
 def command(name: str):
-    module, attribute, _ = COMMANDS[name]
+    module, attribute = COMMANDS[name]
     return getattr(importlib.import_module(f"linft.cli.{module}"), attribute)
 
 
