@@ -6,11 +6,10 @@ from pathlib import Path
 
 import click
 
+from linft.cli.options import precision_option, print_grid_outcome, repeatable
 from linft.data import find_dataset
-from linft.analysis.report import summary_tables
-from linft.cli.options import precision_option, repeatable
+from linft.output import say_line
 from linft.protocol.records import done_summary
-from linft.output import json_text, say_line
 from linft.train.finetune import default_finetune_out, sweep_runs
 from linft.train.finetune_model import AUGMENTATIONS, FineTuneConfig
 from linft.train.sweep import LAUNCHERS, LaunchOptions, launch_sweep
@@ -137,12 +136,6 @@ def finetune_cmd(dataset, data_root, backbone, weights, dropouts, last_layer_lr_
         click.echo(f"jobs: {' '.join(result['jobs'])}; once they have ended, run the same command again to complete "
                    f"what is missing (and, with --ensembles, evaluate the ensembles and soups)")
         return
-    if result["divergence"] and not result["usable"]:
-        click.echo(f"{result['divergence']}: no usable result; try a smaller --lr", err=True)
-        raise SystemExit(1)
-    if result["divergence"]:
-        click.echo(f"note: {result['divergence']}; the table leaves them out", err=True)
-    tables = summary_tables([out])
-    click.echo(json_text(tables["rows"], indent=2) if as_json else tables["markdown"])
+    print_grid_outcome([out], result["divergence"], result["usable"], as_json)
     if failed:
         raise SystemExit(1)

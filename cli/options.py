@@ -1,4 +1,5 @@
-"""Options several commands share: ``--precision`` (and the flags it replaced), and the help of repeatable options."""
+"""What several commands share: ``--precision`` (and the flags it replaced), the help of repeatable options, and
+what a training command prints once its grid has run."""
 
 from __future__ import annotations
 
@@ -7,7 +8,20 @@ import warnings
 import click
 from click.core import ParameterSource
 
+from linft.analysis.report import summary_tables
+from linft.output import json_text
 from linft.runtime import DEFAULT_PRECISION, PRECISIONS
+
+
+def print_grid_outcome(record_paths, divergence: str | None, usable: int, as_json: bool) -> None:
+    """After a grid: one line and exit 1 when every run diverged, a note when some did, then the table."""
+    if divergence and not usable:
+        click.echo(f"{divergence}: no usable result; try a smaller --lr", err=True)
+        raise SystemExit(1)
+    if divergence:
+        click.echo(f"note: {divergence}; the table leaves them out", err=True)
+    tables = summary_tables(record_paths)
+    click.echo(json_text(tables["rows"], indent=2) if as_json else tables["markdown"])
 
 
 def repeatable(text: str, example: str) -> str:

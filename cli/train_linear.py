@@ -6,10 +6,9 @@ from pathlib import Path
 
 import click
 
-from linft.analysis.report import summary_tables
-from linft.cli.options import repeatable
+from linft.cli.options import print_grid_outcome, repeatable
+from linft.output import say_line
 from linft.protocol.records import done_summary
-from linft.output import json_text, say_line
 from linft.train.linear import default_linear_out, train_linear
 from linft.train.linear_engine import V_INITS, LinearGridConfig
 
@@ -67,10 +66,4 @@ def train_linear_cmd(cache, dropouts, probe, probe_only, lrs, weight_decays, see
                           tensorboard_dir=tensorboard_dir)
     click.echo(f"{done_summary(result.trained, result.skipped, diverged=result.diverged)} -> {result.records}",
                err=True)
-    if result.divergence and not result.usable:
-        click.echo(f"{result.divergence}: no usable result; try a smaller --lr", err=True)
-        raise SystemExit(1)
-    if result.divergence:
-        click.echo(f"note: {result.divergence}; the table leaves them out", err=True)
-    tables = summary_tables([result.records])
-    click.echo(json_text(tables["rows"], indent=2) if as_json else tables["markdown"])
+    print_grid_outcome([result.records], result.divergence, result.usable, as_json)
