@@ -121,6 +121,19 @@ def _blur(img: np.ndarray, passes: int) -> np.ndarray:
     return img
 
 
+def _painting(size: int, rng: np.random.Generator, soft: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The ``painting`` style: blurred colour, brush-stroke blobs and strong noise."""
+    base = _random_color(rng, (0.3, 0.8), (0.4, 0.9))
+    bg = base * (0.6 + 0.8 * _smooth_noise(size, rng, 6)[..., None])
+    fg = _random_color(rng, (0.5, 1.0), (0.6, 1.0)) * (0.7 + 0.6 * _smooth_noise(size, rng, 8)[..., None])
+    img = bg * (1 - soft) + fg * soft
+    for _ in range(int(rng.integers(6, 12))):  # brush-stroke blobs
+        bx, by = rng.uniform(-1, 1, size=2)
+        blob = np.exp(-(((x - bx) / rng.uniform(0.1, 0.3)) ** 2 + ((y - by) / rng.uniform(0.05, 0.15)) ** 2))
+        img = img * (1 - 0.5 * blob[..., None]) + 0.5 * blob[..., None] * _random_color(rng)
+    return _blur(img, 2) + rng.normal(0, 0.08, img.shape).astype(np.float32)
+
+
 def render(shape: str, style: str, rng: np.random.Generator, size: int = 64) -> np.ndarray:
     """One ``size`` x ``size`` RGB uint8 image of ``shape`` drawn in ``style``."""
     u, v, x, y, px = _grid(size, rng)
@@ -154,15 +167,7 @@ def render(shape: str, style: str, rng: np.random.Generator, size: int = 64) -> 
         img = np.where(soft > 0.5, fg, bg)
         img = np.where(outline, 0.0, img)
     elif style == "painting":
-        base = _random_color(rng, (0.3, 0.8), (0.4, 0.9))
-        bg = base * (0.6 + 0.8 * _smooth_noise(size, rng, 6)[..., None])
-        fg = _random_color(rng, (0.5, 1.0), (0.6, 1.0)) * (0.7 + 0.6 * _smooth_noise(size, rng, 8)[..., None])
-        img = bg * (1 - soft) + fg * soft
-        for _ in range(int(rng.integers(6, 12))):  # brush-stroke blobs
-            bx, by = rng.uniform(-1, 1, size=2)
-            blob = np.exp(-(((x - bx) / rng.uniform(0.1, 0.3)) ** 2 + ((y - by) / rng.uniform(0.05, 0.15)) ** 2))
-            img = img * (1 - 0.5 * blob[..., None]) + 0.5 * blob[..., None] * _random_color(rng)
-        img = _blur(img, 2) + rng.normal(0, 0.08, img.shape).astype(np.float32)
+        img = _painting(size, rng, soft, x, y)
     elif style == "mosaic":  # extra styles for the pretraining source
         cells = int(rng.integers(6, 12))
         grid = _smooth_noise(size, rng, cells)
