@@ -2,7 +2,7 @@
 
 ``interpolation_paths`` (the weight, representation and first-order paths as
 functions), ``endpoints`` (the two ends of an interpolation), ``interpolate``
-(the whole measurement, written as records), ``aggregate`` (selection per run,
+(the whole measurement, written as records; what it is asked and returns: ``interpolation_result``), ``aggregate`` (selection per run,
 DomainBed's table, the 1296 clouds), ``figures`` (what each figure draws, as data), ``plots``
 and ``report``.
 """
@@ -14,7 +14,8 @@ _EXPORTS = {
     "aggregate": ["SelectedRun", "best_grid_points", "cloud_points", "cloud_tables", "domainbed_table",
                   "missing_domains", "run_results", "table_markdown", "table_rows", "tie_counts"],
     "endpoints": ["Endpoints", "load_endpoints"],
-    "interpolate": ["InterpolateConfig", "InterpolationResult", "interpolate"],
+    "interpolate": ["interpolate"],
+    "interpolation_result": ["InterpolateConfig", "InterpolationResult"],
     "interpolation_paths": ["first_order_outputs", "iter_weight_path", "parse_alphas", "pooled_features_and_logits",
                             "representation_logits"],
     "figures": ["FigurePoints", "dropout_points", "figure2_points", "figure9_points", "figure_role"],
