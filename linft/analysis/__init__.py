@@ -2,9 +2,10 @@
 
 ``interpolation_paths`` (the weight, representation and first-order paths as
 functions), ``endpoints`` (the two ends of an interpolation), ``interpolate``
-(the whole measurement, written as records; what it is asked and returns: ``interpolation_result``), ``aggregate`` (selection per run,
-DomainBed's table, the 1296 clouds), ``figures`` (what each figure draws, as data), ``plots``
-and ``report``.
+(the whole measurement, written as records) and ``interpolation_result`` (what
+it is asked and what it returns), ``aggregate`` (selection per run, DomainBed's
+table, the 1296 clouds), ``figures`` (what each figure draws, as data),
+``plots`` and ``report``.
 """
 
 from linft.lazy import lazy_exports

@@ -1,7 +1,7 @@
 """Checking a feature cache against its own attributes, and optionally against the image folder it came from.
 
 :func:`verify_cache` runs every check of :data:`CHECKS` (each a small function
-of the open file and its attributes returning ``(passed, detail)``) and never
+of the open file, its attributes and its paths, returning ``(passed, detail)``) and never
 stops at the first failure: the report lists them all. A file whose content
 cannot be read as a cache at all (a dataset or attribute missing) fails the
 check that needs it, with what is missing as the detail.
@@ -34,23 +34,29 @@ class VerifyReport:
         return all(passed for _, passed, _ in self.checks)
 
 
+def _required(paths: list[str] | None) -> list[str]:
+    if paths is None:
+        raise KeyError("the cache has no 'paths' dataset")
+    return paths
+
+
 def _num_examples(meta: dict) -> int:
     return int(meta["num_examples"])
 
 
-def check_complete(f: h5py.File, meta: dict) -> tuple[bool, str]:
+def check_complete(f: h5py.File, meta: dict, paths: list[str] | None) -> tuple[bool, str]:
     if meta.get("complete"):
         return True, "marked complete"
     return False, f"unfinished: {meta.get('num_done', 0)} of {_num_examples(meta)} images; re-run the extract command"
 
 
-def check_provenance(f: h5py.File, meta: dict) -> tuple[bool, str]:
+def check_provenance(f: h5py.File, meta: dict, paths: list[str] | None) -> tuple[bool, str]:
     if provenance_sha256(meta) == meta["provenance_sha256"]:
         return True, meta["provenance_sha256"][:16]
     return False, "attributes were edited after extraction"
 
 
-def check_shapes(f: h5py.File, meta: dict) -> tuple[bool, str]:
+def check_shapes(f: h5py.File, meta: dict, paths: list[str] | None) -> tuple[bool, str]:
     n = _num_examples(meta)
     want = (n, len(meta["blocks"]), int(meta["feature_dim"]))
     got = f["features"].shape
@@ -60,20 +66,20 @@ def check_shapes(f: h5py.File, meta: dict) -> tuple[bool, str]:
     return ok, f"features {got}, expected {want}"
 
 
-def check_file_list(f: h5py.File, meta: dict) -> tuple[bool, str]:
-    if file_list_sha256(read_paths(f)) == meta["file_list_sha256"]:
+def check_file_list(f: h5py.File, meta: dict, paths: list[str] | None) -> tuple[bool, str]:
+    if file_list_sha256(_required(paths)) == meta["file_list_sha256"]:
         return True, "paths match file_list_sha256"
     return False, "paths differ from file_list_sha256"
 
 
-def check_domain_counts(f: h5py.File, meta: dict) -> tuple[bool, str]:
+def check_domain_counts(f: h5py.File, meta: dict, paths: list[str] | None) -> tuple[bool, str]:
     counts = np.bincount(f["domains"][...], minlength=len(meta["domain_names"])).tolist()
     want = [meta["per_domain"][d]["count"] for d in meta["domain_names"]]
     return counts == want, f"{dict(zip(meta['domain_names'], counts))}"
 
 
-def check_labels(f: h5py.File, meta: dict) -> tuple[bool, str]:
-    domains, labels, paths = f["domains"][...], f["labels"][...], read_paths(f)
+def check_labels(f: h5py.File, meta: dict, paths: list[str] | None) -> tuple[bool, str]:
+    domains, labels, paths = f["domains"][...], f["labels"][...], _required(paths)
     names, classes = meta["domain_names"], meta["class_names"]
     in_range = all(a.size == 0 or (a.min() >= 0 and a.max() < len(m)) for a, m in ((labels, classes), (domains, names)))
     ok = in_range and len(paths) == len(domains) == len(labels) and all(
@@ -81,7 +87,7 @@ def check_labels(f: h5py.File, meta: dict) -> tuple[bool, str]:
     return bool(ok), "labels and domains agree with paths" if ok else "labels or domains disagree with paths"
 
 
-def check_finite(f: h5py.File, meta: dict, chunk_rows: int = 4096) -> tuple[bool, str]:
+def check_finite(f: h5py.File, meta: dict, paths: list[str] | None, chunk_rows: int = 4096) -> tuple[bool, str]:
     done = _num_examples(meta) if meta.get("complete") else int(meta.get("num_done", 0))
     bad_rows = 0
     for name in ("features", "views") if "views" in f else ("features",):
@@ -118,16 +124,16 @@ def verify_cache(path: str | os.PathLike, data: str | os.PathLike | None = None)
     checks: list[tuple[str, bool, str]] = []
     with open_h5(path) as f:
         meta = cache_attrs(f, path)
+        paths = read_paths(f) if "paths" in f else None  # read once: DomainNet has 586,575 of them
         for name, check in CHECKS.items():
             try:
-                passed, detail = check(f, meta)
+                passed, detail = check(f, meta, paths)
             except (KeyError, ValueError, TypeError, IndexError) as exc:  # a dataset or attribute is missing
                 passed, detail = False, f"cannot check: {type(exc).__name__} {exc}"
             checks.append((name, passed, detail))
         skipped = meta.get("skipped_paths", [])
         if skipped:
             checks.append(("skipped images", True, f"{len(skipped)} skipped: {', '.join(skipped[:3])}"))
-        paths = read_paths(f) if "paths" in f else []
     if data is not None:
-        checks.append(("dataset folder", *check_dataset_folder(meta, paths, data)))
+        checks.append(("dataset folder", *check_dataset_folder(meta, paths or [], data)))
     return VerifyReport(path, checks)

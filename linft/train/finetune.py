@@ -322,7 +322,7 @@ def train_run(dataset: MultiDomainDataset, out_dir, run: FineTuneRun, *, backbon
     r = _Run(dataset, run, config, folder, header, model, run_optimizer(model, run, config.momentum),
              dataset.domains.index(run.test_domain), split_rows, pools,
              eval_images or EvalImages(dataset, config.image_size, config.eval_batch_size, config.workers),
-             Trajectory(identity, config, backbone, weights) if config.trajectory else None)
+             Trajectory(identity, config, backbone) if config.trajectory else None)
     status = _restore(r, hooks)
     if run.lp_ft and r.start == 0:  # a resumed run has its head in its checkpoint
         load_head(r.model, lp_ft_head(dataset, np.sort(np.concatenate(pools)), r.model, bb.weights_sha256, config,

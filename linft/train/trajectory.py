@@ -31,8 +31,8 @@ KINDS = {"ensemble": "trajectory-ensemble", "average": "trajectory-average"}
 class Trajectory:
     """The trajectory ensemble and weight average of one run."""
 
-    def __init__(self, identity: dict, config: FineTuneConfig, backbone: str, weights):
-        self.config, self.backbone, self.weights = config, backbone, weights
+    def __init__(self, identity: dict, config: FineTuneConfig, backbone: str):
+        self.config, self.backbone = config, backbone
         self.ids = {k: run_id(**identity, derived=k, rule=config.ensemble_rule if k == "ensemble" else None,
                               every_step=config.average_every_step if k == "average" else None) for k in KINDS}
         self.average = RunningAverage()
@@ -61,7 +61,8 @@ class Trajectory:
             self.average.update(ordinary_state(run.model))
         if self._model is None:
             dev = next(run.model.parameters()).device
-            self._model = build_classifier(load_backbone(self.backbone, self.weights).model, len(ds.classes),
+            # the architecture only: the average's weights replace every entry (no weights file read again)
+            self._model = build_classifier(load_backbone(self.backbone, "none").model, len(ds.classes),
                                            run.run.dropout).to(dev)
         self._model.load_state_dict(self.average.value(), strict=True)
         _, avg_splits = run.evaluate(self._model)
