@@ -146,28 +146,37 @@ def model_input(batch: torch.Tensor, dev: torch.device, channels_last: bool) -> 
 # --------------------------------------------------------------------------- decoding
 
 
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """The image at ``path``, decoded and converted to RGB (the file is closed again)."""
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
 def load_image_uint8(path: str | os.PathLike, image_size: int) -> torch.Tensor:
     """One image through :func:`eval_transform`: uint8 (3, S, S), RGB."""
-    with Image.open(path) as img:
-        return eval_transform(image_size)(img.convert("RGB"))
+    return eval_transform(image_size)(open_rgb(path))
 
 
-def augmented_views_uint8(path: str | os.PathLike, image_size: int, num_views: int, seed: int) -> torch.Tensor:
-    """``num_views`` draws of :func:`train_augmentation` of one image, uint8 (V, 3, S, S).
+def augment_views(img: Image.Image, image_size: int, num_views: int, seed: int) -> torch.Tensor:
+    """``num_views`` draws of :func:`train_augmentation` of one RGB image, uint8 (V, 3, S, S).
 
     View ``j`` is drawn with torch's RNG seeded by ``seed_hash(seed, j)`` (the
     caller passes a per-image seed), so it is the same in any worker and on
     any resume; the caller's RNG state is restored.
     """
-    augment = train_augmentation(image_size)
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        out = []
-        with torch.random.fork_rng(devices=[]):
-            for j in range(num_views):
-                torch.manual_seed(seed_hash(seed, j))
-                out.append(augment(img))
-    return torch.stack(out) if out else torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8)
+    if num_views == 0:
+        return torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8)
+    augment, out = train_augmentation(image_size), []
+    with torch.random.fork_rng(devices=[]):
+        for j in range(num_views):
+            torch.manual_seed(seed_hash(seed, j))
+            out.append(augment(img))
+    return torch.stack(out)
+
+
+def augmented_views_uint8(path: str | os.PathLike, image_size: int, num_views: int, seed: int) -> torch.Tensor:
+    """:func:`augment_views` of the image at ``path``."""
+    return augment_views(open_rgb(path), image_size, num_views, seed)
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -183,6 +192,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __init__(self, ds: MultiDomainDataset, image_size: int, views: int = 0, views_seed: int = 0):
         self.root, self.paths, self.size = ds.root, ds.paths, image_size
         self.views, self.views_seed = views, views_seed
+        self.transform = eval_transform(image_size)
 
     def __len__(self):
         return len(self.paths)
@@ -191,10 +201,9 @@ class ImageFiles(torch.utils.data.Dataset):
         i, seed = item if isinstance(item, tuple) else (item, None)
         path = self.root / self.paths[i]
         try:
-            image = load_image_uint8(path, self.size) if seed is None \
-                else augmented_views_uint8(path, self.size, 1, seed)[0]
-            views = augmented_views_uint8(path, self.size, self.views, seed_hash("views", self.views_seed, i)) \
-                if self.views else torch.zeros(0, 3, self.size, self.size, dtype=torch.uint8)
+            img = open_rgb(path)  # decoded once for the image and all its views
+            image = self.transform(img) if seed is None else augment_views(img, self.size, 1, seed)[0]
+            views = augment_views(img, self.size, self.views, seed_hash("views", self.views_seed, i))
             return image, views, i, True, ""
         except Exception as exc:  # any decoder failure is reported by path, in the main process
             zeros = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
