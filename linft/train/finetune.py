@@ -168,13 +168,12 @@ class _Run:
         return logits, split_counts(logits.argmax(1), self.dataset.labels, self.split_rows, self.dataset.domains)
 
     def write(self, writer: RecordWriter, header: RunHeader, step: int, splits: dict, loss, status: str,
-              final: bool) -> dict | None:
-        """Write the record of ``header`` at ``step`` unless it is already on disk."""
-        if (header.run_id, step) in self.written:
-            return None
+              final: bool) -> dict:
+        """The record of ``header`` at ``step``, written unless it is already on disk."""
         record = make_record(header, step, splits, loss=loss, status=status, final=final)
-        writer.write(record)
-        self.written.add((header.run_id, step))
+        if (header.run_id, step) not in self.written:
+            writer.write(record)
+            self.written.add((header.run_id, step))
         return record
 
 
@@ -252,7 +251,7 @@ def _evaluation(r: _Run, writer: RecordWriter, step: int, loss: torch.Tensor, ho
         r.trajectory.evaluate(r, writer, step, logits, final)
     record = r.write(writer, r.header, step, splits, float(loss), "ok", final)
     if hooks.on_eval is not None:
-        hooks.on_eval(EvalEvent(step, record or make_record(r.header, step, splits, loss=float(loss)), r.model))
+        hooks.on_eval(EvalEvent(step, record, r.model))
     if not final:
         atomic_save({"run_id": r.header.run_id, "step": step, "model": r.model.state_dict(),
                      "optimizer": r.optimizer.state_dict(),
