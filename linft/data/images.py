@@ -210,20 +210,47 @@ class ImageFiles(torch.utils.data.Dataset):
             return zeros, zeros.expand(self.views, -1, -1, -1).clone(), i, False, f"{type(exc).__name__}: {exc}"
 
 
+class WorkerGuard:
+    """A DataLoader whose dead worker (killed by a signal, out of memory) ends the loop with one LinftError."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as exc:
+                if "DataLoader worker" not in str(exc):
+                    raise
+                reason = str(exc).strip().splitlines()[0]
+                raise LinftError(f"an image-decoding worker died ({reason}); the machine may be short of memory: "
+                                 f"re-run the same command with fewer --workers (0 decodes in the main process); "
+                                 f"finished work is kept") from None
+            yield batch
+
+
 def image_loader(ds: MultiDomainDataset, image_size: int, items: Sequence | None = None, *, batch_size: int = 256,
                  batches: Iterator | None = None, workers: int | None = None, views: int = 0, views_seed: int = 0,
-                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader over :class:`ImageFiles`: ``items`` in that order in batches of ``batch_size``, or the
-    batches of a batch sampler ``batches`` (lists of items). It never touches the global RNG."""
+                 pin_memory: bool = False) -> WorkerGuard:
+    """A DataLoader over :class:`ImageFiles` (in a :class:`WorkerGuard`): ``items`` in that order in batches of
+    ``batch_size``, or the batches of a batch sampler ``batches`` (lists of items). It never touches the global
+    RNG."""
     workers = default_workers(workers)
     files = ImageFiles(ds, image_size, views, views_seed)
     common = dict(num_workers=workers, pin_memory=pin_memory, prefetch_factor=4 if workers else None,
                   generator=torch.Generator().manual_seed(0))
     if batches is not None:
-        return torch.utils.data.DataLoader(files, batch_sampler=batches, **common)
+        return WorkerGuard(torch.utils.data.DataLoader(files, batch_sampler=batches, **common))
     items = list(range(len(ds))) if items is None else items
-    return torch.utils.data.DataLoader(torch.utils.data.Subset(files, items), batch_size=batch_size, shuffle=False,
-                                       **common)
+    return WorkerGuard(torch.utils.data.DataLoader(torch.utils.data.Subset(files, items), batch_size=batch_size,
+                                                   shuffle=False, **common))
 
 
 def first_bad_image(ds: MultiDomainDataset, ok: torch.Tensor, rows: torch.Tensor, errors) -> str | None:

@@ -21,11 +21,11 @@ from linft.cache.format import FeatureCache, open_cache
 from linft.data.splits import domain_split_rows, split_names
 from linft.errors import LinftError
 from linft.protocol.grid import check_grid
-from linft.protocol.records import (RECORDS_FILE, RecordWriter, RunHeader, final_records, finished_run_ids,
-                                    make_record, run_id)
+from linft.protocol.records import (RECORDS_FILE, RecordWriter, RunHeader, existing_records, final_records,
+                                    finished_run_ids, make_record, run_id)
 from linft.protocol.selection import iid_accuracy, ood_accuracy
 from linft.protocol.sinks import TensorBoardSink
-from linft.output import progress_bar
+from linft.output import output_lock, progress_bar, writable_folder
 from linft.runtime import resolve_device
 from linft.train.linear_engine import (EvalPoint, GridPoint, Group, LinearData, LinearGridConfig,
                                        train_linear_grid)
@@ -202,6 +202,22 @@ def _outcome(records_path: Path, grid_runs: dict[str, RunHeader]) -> tuple[int, 
     return len(ended) - len(diverged), divergence_note(diverged, len(grid_runs))
 
 
+def check_one_source(records_path: Path, cache: FeatureCache) -> None:
+    """Refuse a records file that holds linear runs of another feature cache (before anything is trained).
+
+    Runs of two caches in one file cannot be reported together; appending to such a file would leave the folder
+    unusable for ``report`` and for re-runs. This happens after ``extract --force`` re-made the cache (new
+    provenance) while ``--out`` kept the old folder.
+    """
+    others = {r.get("source") for r in existing_records(records_path)
+              if r.get("method") in ("linear-ft", "linear-probe")} - {cache.provenance_sha256}
+    if others:
+        other = sorted(str(o) for o in others)[0]
+        raise LinftError(f"{records_path} holds linear runs of another feature cache (source {other[:12]}, this "
+                         f"cache {cache.provenance_sha256[:12]}: the cache was re-extracted or is another one); "
+                         f"choose another --out, or move that folder away")
+
+
 def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: LinearGridConfig | None = None, *,
                  device="auto", progress: bool = True, say: Callable[[str], None] | None = None,
                  tensorboard_dir=None, **grid_fields) -> LinearProtocolResult:
@@ -229,7 +245,16 @@ def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: Linear
     dev = resolve_device(device)
     sinks = [TensorBoardSink(tensorboard_dir)] if tensorboard_dir is not None else []
     protocol = _Protocol(cache, config, 0 if cache.views is None else int(cache.views.shape[1]))
-    records_path = Path(out_dir) / RECORDS_FILE
+    records_path = writable_folder(out_dir) / RECORDS_FILE
+    with output_lock(out_dir):
+        check_one_source(records_path, cache)
+        return _train_grid(cache, out_dir, grid, config, protocol, records_path, test_names, dev, sinks, progress, say)
+
+
+def _train_grid(cache: FeatureCache, out_dir, grid: LinearGrid, config: LinearGridConfig, protocol: _Protocol,
+                records_path: Path, test_names, dev, sinks, progress: bool, say) -> LinearProtocolResult:
+    """:func:`train_linear` once its inputs are checked and its output folder locked."""
+    names = cache.domain_names
     test_idx = [names.index(d) for d in test_names]
     grid_runs = {h.run_id: h for h in (protocol.header(e, s, p) for e in test_idx for s in range(grid.seeds)
                                         for p in grid.points())}
