@@ -138,10 +138,10 @@ LOCK_NAME = ".linft.lock"
 _held_locks: dict[Path, int] = {}  # lock file -> depth, for the locks this process holds
 
 
-def lock_path(target: str | os.PathLike) -> Path:
-    """The lock file of an output: ``<folder>/.linft.lock`` for an existing folder, else ``<target>.lock``."""
+def lock_path(target: str | os.PathLike, folder: bool = False) -> Path:
+    """The lock file of an output: ``<target>/.linft.lock`` for a folder, ``<target>.lock`` for a file."""
     target = Path(target)
-    return target / LOCK_NAME if target.is_dir() else target.with_name(target.name + ".lock")
+    return target / LOCK_NAME if folder else target.with_name(target.name + ".lock")
 
 
 def _process_start(pid: int) -> str | None:
@@ -192,15 +192,16 @@ def _try_lock(path: Path, owner: dict) -> bool:
 
 
 @contextmanager
-def output_lock(target: str | os.PathLike, what: str = "output"):
-    """Hold linft's lock on ``target`` (a folder or a file) while the body writes it.
+def output_lock(target: str | os.PathLike, *, folder: bool = False):
+    """Hold linft's lock on ``target`` (a file, or a folder when ``folder``: created when missing) while the body
+    writes it.
 
     A second linft process on the same output gets one LinftError naming the owner (pid, host, command, start);
     a lock whose owner died on this host (killed, power loss) is taken over. Locks are plain files made with an
     atomic link, so they work where HDF5's own file locking is off (``HDF5_USE_FILE_LOCKING=FALSE``) and on shared
     file systems across hosts. The same process may take a lock it already holds (nested calls).
     """
-    path = lock_path(target)
+    path = lock_path(target, folder)
     key = path.absolute()
     if key in _held_locks:
         _held_locks[key] += 1

@@ -228,7 +228,7 @@ def write_report(record_paths, out_dir, selection: str = "iid", se: str = "sampl
         raise LinftError(f"the run records in {', '.join(map(str, record_paths))} are empty; train something first")
     results = run_results(records, selection)
     writable_folder(out)
-    with output_lock(out):
+    with output_lock(out, folder=True):
         staging = out / f".report{PARTIAL_SUFFIX}"
         shutil.rmtree(staging, ignore_errors=True)
         try:

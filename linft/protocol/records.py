@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from linft.errors import LinftError
+from linft.output import write_failure
 
 RECORDS_FILE = "records.jsonl"
 
@@ -164,13 +165,20 @@ class RecordWriter:
             raise LinftError(f"cannot write run records to {self.path} ({exc.strerror}); choose another --out") from None
 
     def write(self, record: dict) -> None:
-        self._fh.write(json.dumps(record, sort_keys=True) + "\n")
-        self._fh.flush()
+        try:
+            self._fh.write(json.dumps(record, sort_keys=True) + "\n")
+            self._fh.flush()
+        except OSError as exc:  # a full disk: the torn line is dropped when the file is next opened
+            raise LinftError(f"cannot write run records to {self.path} ({write_failure(exc)}); free space, then "
+                             f"re-run the same command: finished runs are kept") from None
         for sink in self.sinks:
             sink.write(record)
 
     def close(self) -> None:
-        self._fh.close()
+        try:
+            self._fh.close()
+        except OSError:  # the buffer was already flushed or its write failed and was reported
+            pass
         for sink in self.sinks:
             sink.close()
 

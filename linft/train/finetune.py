@@ -45,7 +45,7 @@ from linft.protocol.grid import check_grid
 from linft.protocol.records import RecordWriter, RunHeader, existing_records, make_record
 from linft.protocol.schedule import eval_steps, lr_at, milestone_steps
 from linft.protocol.selection import iid_accuracy, ood_accuracy, split_counts
-from linft.output import atomic_write_text, progress_bar
+from linft.output import atomic_write_text, output_lock, progress_bar
 from linft.protocol.sinks import TensorBoardSink
 from linft.runtime import atomic_save, resolve_device
 from linft.train.finetune_model import (FineTuneConfig, FineTuneRun, build_run_model, finetune_label,
@@ -316,6 +316,19 @@ def train_run(dataset: MultiDomainDataset, out_dir, run: FineTuneRun, *, backbon
         folder.checkpoint.unlink(missing_ok=True)
         return RunOutcome(folder.root, folder.run_id, "diverged" if done == "diverged" else "done", run=run)
     split_rows, pools = _splits(dataset, run)  # a run refused here leaves no folder behind
+    with output_lock(folder.root, folder=True):  # one process per run (a second launch, a Slurm resubmission)
+        return _train_locked(dataset, run, config, folder, identity, backbone, bb, model, split_rows, pools,
+                             eval_images, progress, hooks)
+
+
+def _train_locked(dataset: MultiDomainDataset, run: FineTuneRun, config: FineTuneConfig, folder: RunFolder,
+                  identity: dict, backbone: str, bb, model, split_rows, pools, eval_images, progress: bool,
+                  hooks: RunHooks) -> RunOutcome:
+    """:func:`train_run` once its folder is locked by this process."""
+    if folder.final_status() is not None:  # finished by another process while this one loaded the backbone
+        folder.checkpoint.unlink(missing_ok=True)
+        return RunOutcome(folder.root, folder.run_id, "diverged" if folder.final_status() == "diverged" else "done",
+                          run=run)
     atomic_write_text(folder.run_json, json.dumps({"run_id": folder.run_id, **identity}, indent=1) + "\n")
     header = _header(dataset, run, backbone, bb, config, folder.run_id)
     r = _Run(dataset, run, config, folder, header, model, run_optimizer(model, run, config.momentum),
@@ -384,9 +397,10 @@ def finetune(dataset, out_dir, *, backbone: str = "resnet50", weights="DEFAULT",
     runs = runs if runs is not None else sweep_runs(ds.domains, **grid)
     eval_images = EvalImages(ds, config.image_size, config.eval_batch_size, config.workers, progress)
     result = SweepResult(Path(out_dir), eval_images=eval_images)
-    for i, run in enumerate(runs):
-        hooks.tell(f"run {i + 1}/{len(runs)}: dropout {run.dropout:g}, held out {run.test_domain}, seed {run.seed}, "
-                   f"lr {run.lr:g}, weight decay {run.weight_decay:g}")
-        result.runs.append(train_run(ds, out_dir, run, backbone=backbone, weights=weights, config=config,
-                                     device=device, eval_images=eval_images, progress=progress, hooks=hooks))
+    with output_lock(out_dir, folder=True):  # a second identical command refuses at once
+        for i, run in enumerate(runs):
+            hooks.tell(f"run {i + 1}/{len(runs)}: dropout {run.dropout:g}, held out {run.test_domain}, "
+                       f"seed {run.seed}, lr {run.lr:g}, weight decay {run.weight_decay:g}")
+            result.runs.append(train_run(ds, out_dir, run, backbone=backbone, weights=weights, config=config,
+                                         device=device, eval_images=eval_images, progress=progress, hooks=hooks))
     return result

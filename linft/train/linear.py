@@ -246,7 +246,7 @@ def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: Linear
     sinks = [TensorBoardSink(tensorboard_dir)] if tensorboard_dir is not None else []
     protocol = _Protocol(cache, config, 0 if cache.views is None else int(cache.views.shape[1]))
     records_path = writable_folder(out_dir) / RECORDS_FILE
-    with output_lock(out_dir):
+    with output_lock(out_dir, folder=True):
         check_one_source(records_path, cache)
         return _train_grid(cache, out_dir, grid, config, protocol, records_path, test_names, dev, sinks, progress, say)
 

@@ -179,7 +179,7 @@ def test_a_second_train_linear_on_the_same_folder_is_refused(tmp_path):
     res = train_linear(cache, out, lrs=(0.05,), weight_decays=(1e-3,), seeds=1,
                        config=LinearGridConfig(steps=2, batch_size=4, eval_every=1), device="cpu", progress=False)
     assert res.trained == 3 and not lock.exists()
-    with output_lock(out):  # the same process may nest its own lock (the demo, a notebook)
+    with output_lock(out, folder=True):  # the same process may nest its own lock (the demo, a notebook)
         assert train_linear(cache, out, lrs=(0.05,), weight_decays=(1e-3,), seeds=1,
                             config=LinearGridConfig(steps=2, batch_size=4, eval_every=1), device="cpu",
                             progress=False).skipped == 3
