@@ -32,7 +32,7 @@ from linft.cache.format import (CACHE_FORMAT_VERSION, DTYPES, default_cache_path
                                 identity_differences, provenance_sha256, write_attrs)
 from linft.data.folders import MultiDomainDataset, load_image_folder
 from linft.data.images import (describe_transform, describe_views_transform, eval_transform, first_bad_image,
-                               image_loader, model_input)
+                               image_loader, model_input, worker_died)
 from linft.errors import LinftError
 from linft.models.blocks import PooledBlockFeatures, phi_block_names
 from linft.models.registry import Backbone, load_backbone
@@ -323,6 +323,9 @@ def _extract_locked(ds: MultiDomainDataset, out: Path, config: ExtractConfig, ex
         f.attrs["complete"] = True
         f.flush()
     except (OSError, RuntimeError) as exc:  # a full disk or file-size limit surfaces as either
+        died = worker_died(exc)  # a worker's death can surface anywhere in the loop (torch's SIGCHLD handler)
+        if died is not None:
+            raise died from None
         raise LinftError(f"writing {partial} failed ({_first_line(exc)}); free space or fix the location, "
                          f"then re-run the same command to resume (rows not proven written are redone)",
                          exit_at_once=True) from None

@@ -210,6 +210,16 @@ class ImageFiles(torch.utils.data.Dataset):
             return zeros, zeros.expand(self.views, -1, -1, -1).clone(), i, False, f"{type(exc).__name__}: {exc}"
 
 
+def worker_died(exc: BaseException) -> LinftError | None:
+    """The one-line error for a dead decoding worker (torch's RuntimeError, raised by the next batch fetch or at
+    any point by its SIGCHLD handler), or None when ``exc`` is something else."""
+    if not isinstance(exc, RuntimeError) or "DataLoader worker" not in str(exc):
+        return None
+    reason = str(exc).strip().splitlines()[0]
+    return LinftError(f"an image-decoding worker died ({reason}); the machine may be short of memory: re-run the "
+                      f"same command with fewer --workers (0 decodes in the main process); finished work is kept")
+
+
 class WorkerGuard:
     """A DataLoader whose dead worker (killed by a signal, out of memory) ends the loop with one LinftError."""
 
@@ -227,12 +237,10 @@ class WorkerGuard:
             except StopIteration:
                 return
             except RuntimeError as exc:
-                if "DataLoader worker" not in str(exc):
+                error = worker_died(exc)
+                if error is None:
                     raise
-                reason = str(exc).strip().splitlines()[0]
-                raise LinftError(f"an image-decoding worker died ({reason}); the machine may be short of memory: "
-                                 f"re-run the same command with fewer --workers (0 decodes in the main process); "
-                                 f"finished work is kept") from None
+                raise error from None
             yield batch
 
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from linft.data.folders import MultiDomainDataset, find_dataset
-from linft.data.images import EvalImages
+from linft.data.images import EvalImages, worker_died
 from linft.data.splits import domain_split_rows
 from linft.errors import LinftError
 from linft.models.checkpoints import load_checkpoint
@@ -339,7 +339,13 @@ def _train_locked(dataset: MultiDomainDataset, run: FineTuneRun, config: FineTun
     if run.lp_ft and r.start == 0:  # a resumed run has its head in its checkpoint
         load_head(r.model, lp_ft_head(dataset, np.sort(np.concatenate(pools)), r.model, bb.weights_sha256, config,
                                       r.eval_images))
-    trained, diverged = _train(r, progress, hooks)
+    try:
+        trained, diverged = _train(r, progress, hooks)
+    except RuntimeError as exc:  # a dead decoding worker surfaces anywhere in the loop (torch's SIGCHLD handler)
+        died = worker_died(exc)
+        if died is None:
+            raise
+        raise died from None
     if diverged:
         hooks.tell(f"{header.label} / {run.test_domain} / seed {run.seed} / lr {run.lr:g} diverged")
     folder.checkpoint.unlink(missing_ok=True)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -388,3 +389,31 @@ def test_a_second_extraction_to_the_same_file_is_refused_while_the_first_runs(im
     code, message = errors[0]
     assert code == 2 and "being written by another linft process" in message and f"pid {os.getpid()}" in message
     assert verify_cache(out).ok and not (tmp_path / "c.h5.lock").exists()
+
+
+def _children() -> list[int]:
+    pids = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        try:
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to find the worker processes")
+def test_a_killed_decoding_worker_is_one_line_and_the_extraction_resumes(image_folder, tmp_path):
+    ref = tmp_path / "ref.h5"
+    extract_features(image_folder, ref, **SMALL)
+    out = tmp_path / "c.h5"
+
+    def kill_workers(done, total):
+        if done == 4:
+            for pid in _children():
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(1.0)  # torch's SIGCHLD handler raises wherever the main process is then
+    with pytest.raises(LinftError, match=r"an image-decoding worker died \(DataLoader worker .*fewer --workers"):
+        extract_features(image_folder, out, on_checkpoint=kill_workers, **dict(SMALL, workers=1))
+    res = extract_features(image_folder, out, **dict(SMALL, workers=1))
+    assert res.status == "resumed" and not (tmp_path / "c.h5.lock").exists()
+    np.testing.assert_array_equal(open_cache(ref).features, open_cache(out).features)

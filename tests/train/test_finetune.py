@@ -649,3 +649,20 @@ def test_cli_incompatible_checkpoint(data_root, ds, tmp_path, content, fragment)
     after = {p.name: p.read_bytes() for p in folder.root.iterdir()}
     assert after.pop("run.json") and after == before  # nothing damaged
     assert not folder.is_done()  # nothing marked done
+
+
+def test_a_run_another_process_trains_is_refused_and_a_dead_ones_is_taken_over(reference, ds, pretrained, tmp_path):
+    """Two launches of one run (a second command, a Slurm job submitted twice) never train it together."""
+    ref_result = reference[0]
+    folder = RunFolder(tmp_path / ref_result.run_id)
+    folder.root.mkdir()
+    lock = folder.root / ".linft.lock"
+    lock.write_text(json.dumps({"pid": 1, "host": "node-17", "started": "then", "command": "linft finetune"}))
+    with pytest.raises(LinftError, match=r"being written by another linft process \(pid 1 on node-17"):
+        train(ds, tmp_path, pretrained)
+    assert not folder.records.exists() and lock.exists()
+    lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": __import__("socket").gethostname(), "started": "then",
+                                "command": "killed"}))
+    result, _ = train(ds, tmp_path, pretrained)
+    assert result.status == "trained" and not lock.exists()
+    assert records_of(result.run_dir) == reference[1]
