@@ -59,7 +59,7 @@ from linft.analysis.interpolation_result import InterpolateConfig, Interpolation
 from linft.analysis.plots import plot_interpolation
 from linft.data.folders import MultiDomainDataset, find_dataset
 from linft.data.images import EvalImages
-from linft.data.splits import domain_split_rows
+from linft.data.splits import domain_split_rows, split_seed
 from linft.errors import LinftError
 from linft.models.checkpoints import state_dict_sha256
 from linft.models.heads import PROBE_MAX_ITER, PROBE_TOLERANCE, LinearHead, fit_probe_head, head_keys, \
@@ -128,7 +128,8 @@ def _setup(dataset, finetuned, config: InterpolateConfig, data_root, progress: b
     ends = load_endpoints(finetuned, ds, pretrained=config.pretrained, backbone=config.backbone)
     meta = ends.metadata
     e = ds.domains.index(str(meta["test_domain"]))
-    split_rows = domain_split_rows(ds.domain_ids, len(ds.domains), int(meta["seed"]))
+    split_rows = domain_split_rows(ds.domain_ids, len(ds.domains),
+                                   split_seed(int(meta["seed"]), meta.get("hparams")))
     fit_rows = np.sort(np.concatenate([split_rows[(d, "in")] for d in range(len(ds.domains)) if d != e]))
     if len(fit_rows) == 0:
         raise LinftError(f"the training domains' 'in' splits of {ds.root} are empty; the probe head needs images")

@@ -37,7 +37,7 @@ from torch import nn
 
 from linft.data.folders import MultiDomainDataset, find_dataset
 from linft.data.images import EvalImages, worker_died
-from linft.data.splits import domain_split_rows
+from linft.data.splits import domain_split_rows, split_seed
 from linft.errors import LinftError
 from linft.models.checkpoints import load_checkpoint
 from linft.models.heads import load_head
@@ -190,9 +190,9 @@ def _header(ds: MultiDomainDataset, run: FineTuneRun, backbone: str, bb, config:
                      grid={"lr": run.lr, "weight_decay": run.weight_decay}, seed=run.seed, run_id=rid, attempt=rid)
 
 
-def _splits(ds: MultiDomainDataset, run: FineTuneRun) -> tuple[dict, list]:
+def _splits(ds: MultiDomainDataset, run: FineTuneRun, config: FineTuneConfig) -> tuple[dict, list]:
     names = ds.domains
-    split_rows = domain_split_rows(ds.domain_ids, len(names), run.seed)
+    split_rows = domain_split_rows(ds.domain_ids, len(names), split_seed(run.seed, config.protocol()))
     train = [d for d in range(len(names)) if names[d] != run.test_domain]
     empty = [names[d] for d in train if len(split_rows[(d, "in")]) == 0 or len(split_rows[(d, "out")]) == 0]
     if empty:
@@ -315,7 +315,7 @@ def train_run(dataset: MultiDomainDataset, out_dir, run: FineTuneRun, *, backbon
     if done is not None:
         folder.checkpoint.unlink(missing_ok=True)
         return RunOutcome(folder.root, folder.run_id, "diverged" if done == "diverged" else "done", run=run)
-    split_rows, pools = _splits(dataset, run)  # a run refused here leaves no folder behind
+    split_rows, pools = _splits(dataset, run, config)  # a run refused here leaves no folder behind
     with output_lock(folder.root, folder=True):  # one process per run (a second launch, a Slurm resubmission)
         return _train_locked(dataset, run, config, folder, identity, backbone, bb, model, split_rows, pools,
                              eval_images, progress, hooks)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from linft.cache.format import FeatureCache, open_cache
-from linft.data.splits import domain_split_rows, split_names
+from linft.data.splits import domain_split_rows, split_names, split_seed
 from linft.errors import LinftError
 from linft.protocol.grid import check_grid
 from linft.protocol.records import (RECORDS_FILE, RecordWriter, RunHeader, existing_records, final_records,
@@ -42,6 +42,7 @@ class LinearGrid:
     weight_decays: tuple = (1e-4, 5e-5, 1e-5)
     seeds: int = 3
     test_domains: tuple | None = None  # None or empty: every domain
+    split_seed: int | None = None  # one data split for every seed (0: the official code's); None: each seed its own
 
     def points(self) -> list[GridPoint]:
         """The grid points of one (held-out domain, seed): dropout rates × lr × weight decay, then the probe runs."""
@@ -90,6 +91,7 @@ class _Protocol:
     cache: FeatureCache
     config: LinearGridConfig
     num_views: int
+    split_seed: int | None = None
     attempt: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def hparams(self, p: GridPoint) -> dict:
@@ -97,7 +99,8 @@ class _Protocol:
         return {"lr": p.lr, "weight_decay": p.weight_decay, "dropout": p.dropout, "probe": p.probe,
                 "v_init": "last" if p.probe else c.v_init, "batch_size": c.batch_size, "steps": c.steps,
                 "eval_every": c.eval_every, "momentum": c.momentum, "lr_milestones": list(c.milestone_steps()),
-                "train_views": self.num_views}
+                "train_views": self.num_views,
+                **({"split_seed": self.split_seed} if self.split_seed is not None else {})}  # earlier ids kept
 
     def run_id(self, e: int, s: int, p: GridPoint) -> str:
         return run_id(method=linear_method(p.probe), source=self.cache.provenance_sha256,
@@ -126,12 +129,13 @@ def _buckets(protocol: _Protocol, test_idx: list[int], seeds: int, points: list[
     return buckets, skipped
 
 
-def _linear_data(cache: FeatureCache, seeds: int, dev: torch.device):
+def _linear_data(cache: FeatureCache, seeds: int, dev: torch.device, fixed_split: int | None = None):
     """The engine's tensors on ``dev``, and the rows of every (domain, part) split per seed."""
     names = cache.domain_names
     split_rows, rows_by_seed = {}, {}
     for s in range(seeds):
-        rows_by_seed[s] = domain_split_rows(cache.domains, len(names), s, cache.valid)
+        trial = split_seed(s, {"split_seed": fixed_split})
+        rows_by_seed[s] = domain_split_rows(cache.domains, len(names), trial, cache.valid)
         ids = np.full(len(cache.labels), -1, dtype=np.int64)
         for (d, part), rows in rows_by_seed[s].items():
             ids[rows] = 2 * d + (part == "out")
@@ -244,7 +248,9 @@ def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: Linear
     config.check()
     dev = resolve_device(device)
     sinks = [TensorBoardSink(tensorboard_dir)] if tensorboard_dir is not None else []
-    protocol = _Protocol(cache, config, 0 if cache.views is None else int(cache.views.shape[1]))
+    if grid.split_seed is not None and (isinstance(grid.split_seed, bool) or grid.split_seed < 0):
+        raise LinftError(f"--split-seed must be 0 or more, got {grid.split_seed}")
+    protocol = _Protocol(cache, config, 0 if cache.views is None else int(cache.views.shape[1]), grid.split_seed)
     records_path = writable_folder(out_dir) / RECORDS_FILE
     with output_lock(out_dir, folder=True):
         check_one_source(records_path, cache)
@@ -262,7 +268,7 @@ def _train_grid(cache: FeatureCache, out_dir, grid: LinearGrid, config: LinearGr
     trained, counter = sum(len(k) * len(v) for k, v in buckets.items()), {"diverged": 0}
     if buckets:
         write_plan(out_dir, {rid: plan_entry(asdict(h)) for rid, h in grid_runs.items()})
-        data, rows_by_seed = _linear_data(cache, grid.seeds, dev)
+        data, rows_by_seed = _linear_data(cache, grid.seeds, dev, grid.split_seed)
         with RecordWriter(records_path, sinks=sinks) as writer, \
                 progress_bar(config.steps * len(buckets), "training", unit="step", enabled=progress) as update:
             for i, (points, pairs) in enumerate(buckets.items()):

@@ -666,3 +666,12 @@ def test_a_run_another_process_trains_is_refused_and_a_dead_ones_is_taken_over(r
     result, _ = train(ds, tmp_path, pretrained)
     assert result.status == "trained" and not lock.exists()
     assert records_of(result.run_dir) == reference[1]
+
+
+def test_split_seed_enters_the_run_identity_only_when_set():
+    from linft.data.splits import split_seed
+    assert "split_seed" not in FineTuneConfig().protocol()  # earlier run ids are kept
+    assert FineTuneConfig(split_seed=0).protocol()["split_seed"] == 0
+    assert split_seed(2, FineTuneConfig(split_seed=0).protocol()) == 0 and split_seed(2, FineTuneConfig().protocol()) == 2
+    with pytest.raises(LinftError, match="--split-seed must be 0 or more"):
+        FineTuneConfig(split_seed=-1).check()
