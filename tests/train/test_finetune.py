@@ -675,3 +675,14 @@ def test_split_seed_enters_the_run_identity_only_when_set():
     assert split_seed(2, FineTuneConfig(split_seed=0).protocol()) == 0 and split_seed(2, FineTuneConfig().protocol()) == 2
     with pytest.raises(LinftError, match="--split-seed must be 0 or more"):
         FineTuneConfig(split_seed=-1).check()
+
+
+def test_a_checkpoint_left_beside_a_final_record_is_removed(reference, ds, pretrained, tmp_path):
+    """Killed after the final record and before the checkpoint's removal: the next launch sees the run done and
+    removes the stale checkpoint (it would otherwise stay forever)."""
+    ref_result = reference[0]
+    folder = RunFolder(tmp_path / ref_result.run_id)
+    shutil.copytree(ref_result.run_dir, folder.root)
+    torch.save({"run_id": ref_result.run_id, "step": 4}, folder.checkpoint)
+    again, idle = train(ds, tmp_path, pretrained)
+    assert again.status == "done" and idle.steps == [] and not folder.checkpoint.exists()
