@@ -190,7 +190,10 @@ def _header(ds: MultiDomainDataset, run: FineTuneRun, backbone: str, bb, config:
                      grid={"lr": run.lr, "weight_decay": run.weight_decay}, seed=run.seed, run_id=rid, attempt=rid)
 
 
-def _splits(ds: MultiDomainDataset, run: FineTuneRun, config: FineTuneConfig) -> tuple[dict, list]:
+def run_splits(ds: MultiDomainDataset, run: FineTuneRun,
+               config: FineTuneConfig = FineTuneConfig()) -> tuple[dict, list]:
+    """A run's split rows ``{(domain, "in"|"out"): rows}`` and its training pools (the training domains' "in" rows);
+    a training domain with an empty split is one LinftError."""
     names = ds.domains
     split_rows = domain_split_rows(ds.domain_ids, len(names), split_seed(run.seed, config.protocol()))
     train = [d for d in range(len(names)) if names[d] != run.test_domain]
@@ -315,7 +318,7 @@ def train_run(dataset: MultiDomainDataset, out_dir, run: FineTuneRun, *, backbon
     if done is not None:
         folder.checkpoint.unlink(missing_ok=True)
         return RunOutcome(folder.root, folder.run_id, "diverged" if done == "diverged" else "done", run=run)
-    split_rows, pools = _splits(dataset, run, config)  # a run refused here leaves no folder behind
+    split_rows, pools = run_splits(dataset, run, config)  # a run refused here leaves no folder behind
     with output_lock(folder.root, folder=True):  # one process per run (a second launch, a Slurm resubmission)
         return _train_locked(dataset, run, config, folder, identity, backbone, bb, model, split_rows, pools,
                              eval_images, progress, hooks)
