@@ -98,12 +98,12 @@ class _Extractor:
     precision: str  # what the forward runs in on this device (float32 off CUDA)
     dim: int
     transform: object  # PIL image -> uint8 (3, S, S): the weights' own, or DomainBed's at --image-size
-    normalize: object
+    normalize: object  # the normalisation in effect (for the record; the network folds in any but ImageNet's)
     image_size: int
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = model_input(images, self.dev, channels_last=self.dev.type == "cuda", normalize=self.normalize)
+        x = model_input(images, self.dev, channels_last=self.dev.type == "cuda")  # a network folds in any other
         with autocast(self.dev, self.precision):
             return self.module(x)
 

@@ -140,10 +140,9 @@ def normalize_uint8(batch: torch.Tensor, normalize: transforms.Normalize = NORMA
     return (batch.float().div_(255.0)).sub_(mean).div_(std)
 
 
-def model_input(batch: torch.Tensor, dev: torch.device, channels_last: bool,
-                normalize: transforms.Normalize = NORMALIZE) -> torch.Tensor:
+def model_input(batch: torch.Tensor, dev: torch.device, channels_last: bool) -> torch.Tensor:
     """uint8 images -> the normalised float batch on ``dev`` (channels_last when asked)."""
-    x = normalize_uint8(batch.to(dev, non_blocking=True), normalize)
+    x = normalize_uint8(batch.to(dev, non_blocking=True))
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 

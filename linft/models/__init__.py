@@ -8,7 +8,7 @@ checkpoint loader and strict state_dict check; ``averaging`` the weight
 averages; ``linearize`` the torch.func first-order model.
 """
 
-from linft.models import demo_resnet, vit  # noqa: F401  (register demo-resnet and the Vision Transformers)
+from linft.models import clip, demo_resnet, vit  # noqa: F401  (register clip:, demo-resnet, Vision Transformers)
 from linft.models.averaging import (RunningAverage, average_state_dicts, check_compatible, greedy_soup,
                                     interpolate_state_dicts)
 from linft.models.blocks import PooledBlockFeatures, add_stochastic_depth, phi_block_names, residual_block_names

@@ -101,7 +101,8 @@ class Backbone:
     weights: str  # resolved enum name, absolute file path, or "none"
     weights_sha256: str
     transform: object | None = None  # the weights' own evaluation transform (PIL -> uint8); None: DomainBed's
-    normalize: object | None = None  # the normalisation that transform describes (the model folds in any other)
+    normalize: object | None = None  # the normalisation in effect, for the record (None: ImageNet's); the network
+    # takes ImageNet-normalised input and folds in any other (CLIP's)
     image_size: int | None = None  # the one input size the network takes; None: any
 
     @property
@@ -114,10 +115,14 @@ class Backbone:
         DomainBed's at ``image_size`` (refused in one line when the network takes another size)."""
         if self.transform is not None:
             return self.transform, self.normalize or NORMALIZE, int(self.image_size)
+        self.check_image_size(image_size)
+        return eval_transform(image_size), NORMALIZE, int(image_size)
+
+    def check_image_size(self, image_size: int) -> None:
+        """One line when the network takes only another image size (a transformer's position embedding fixes it)."""
         if self.image_size is not None and int(image_size) != int(self.image_size):
             raise LinftError(f"{self.name} with weights {self.weights_label} takes {self.image_size} px images; "
                              f"pass --image-size {self.image_size}")
-        return (eval_transform(image_size), NORMALIZE, int(image_size))
 
 
 def check_backbone_name(name: str) -> None:

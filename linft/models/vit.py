@@ -100,13 +100,13 @@ def weights_transform(member) -> transforms.Compose:
                                transforms.CenterCrop(preset.crop_size[0]), transforms.PILToTensor()])
 
 
-def _file_image_size(state: dict, patch_size: int) -> int:
-    """The image size a state_dict's position embedding fixes: (S/p)² patches and the class token."""
+def _file_image_size(state: dict, patch_size: int) -> int | None:
+    """The image size a state_dict's position embedding fixes ((S/p)² patches and the class token); None without one
+    (the strict load then says what the file lacks)."""
     pos = state.get("encoder.pos_embedding")
     if pos is None or pos.dim() != 3:
-        raise LinftError("the state_dict has no encoder.pos_embedding; pass weights saved from a Vision Transformer")
-    side = math.isqrt(int(pos.shape[1]) - 1)
-    return side * patch_size
+        return None
+    return math.isqrt(int(pos.shape[1]) - 1) * patch_size
 
 
 def _patch_size(name: str) -> int:
