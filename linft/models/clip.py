@@ -151,7 +151,7 @@ def _tag_weights(model_name: str, tag: str):
 def _where(cfg: dict) -> str:
     """Where open_clip reads a tag's file from: the Hugging Face cache, else its download folder."""
     if cfg.get("hf_hub"):
-        from huggingface_hub import constants  # open_clip's own dependency
+        from huggingface_hub import constants  # comes with open_clip (the clip extra)
         repo, filename = os.path.split(cfg["hf_hub"])
         return (f"open_clip reads {filename or 'open_clip_pytorch_model.bin'} of the Hugging Face repo {repo} from "
                 f"{constants.HF_HUB_CACHE}")
