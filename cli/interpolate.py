@@ -86,8 +86,10 @@ def interpolate_cmd(dataset, finetuned, iid, ood, pretrained_head, probe_data, d
         if dataset is not None or not backbone or not pretrained:
             raise LinftError("Figure 1 mode (--iid) takes no DATASET and needs --backbone and --pretrained; "
                              "pass e.g. --backbone clip:ViT-B-32 --pretrained openai")
-        config = CheckpointInterpolateConfig(backbone, pretrained, finetuned, pretrained_head, probe_data, alphas,
-                                             linearity, device, batch_size, workers, precision)
+        config = CheckpointInterpolateConfig(
+            backbone=backbone, pretrained=pretrained, finetuned=finetuned, pretrained_head=pretrained_head,
+            probe_data=probe_data, alphas=alphas, linearity=linearity, device=device, batch_size=batch_size,
+            workers=workers, precision=precision)
         result = interpolate_checkpoints(iid, list(ood), config, out_dir=out or "runs/figure1", progress=not quiet,
                                          say=say)
         click.echo(json_text(result.to_dict(), indent=2, ensure_ascii=False) if as_json

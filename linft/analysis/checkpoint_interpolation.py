@@ -32,8 +32,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from linft.analysis.interpolation_paths import (DEFAULT_ALPHAS, first_order_outputs, iter_weight_path, parse_alphas,
-                                                pooled_features_and_logits, representation_logits)
+from linft.analysis.interpolation_paths import (first_order_outputs, iter_weight_path, pooled_features_and_logits,
+                                                representation_logits)
+from linft.analysis.interpolation_result import InterpolateConfig
 from linft.analysis.plots import plot_figure1
 from linft.data.folders import MultiDomainDataset, load_class_folder
 from linft.data.images import EvalImages
@@ -42,11 +43,11 @@ from linft.models.averaging import check_compatible
 from linft.models.blocks import phi_block_names
 from linft.models.checkpoints import load_checkpoint
 from linft.models.clip import open_clip_module, zero_shot_head
-from linft.models.heads import PROBE_L2, LinearHead, classifier_head, fit_probe_head, head_keys, with_head
+from linft.models.heads import LinearHead, classifier_head, fit_probe_head, head_keys, with_head
 from linft.models.linearize import relative_linearity_gap
 from linft.models.registry import Backbone, load_backbone
 from linft.output import atomic_write_text, json_text, progress_bar
-from linft.runtime import DEFAULT_PRECISION, check_precision, effective_precision, resolve_device
+from linft.runtime import effective_precision, resolve_device
 
 PRETRAINED_HEADS = ("probe", "zeroshot")
 #: ImageNet's number of classes: a head of this size gets open_clip's ImageNet class names for its zero-shot prompts.
@@ -54,28 +55,19 @@ IMAGENET_CLASSES = 1000
 
 
 @dataclass(frozen=True)
-class CheckpointInterpolateConfig:
-    """What :func:`interpolate_checkpoints` compares and how."""
+class CheckpointInterpolateConfig(InterpolateConfig):
+    """What :func:`interpolate_checkpoints` compares (``backbone``, ``pretrained`` and these), and how
+    (:class:`~linft.analysis.interpolation_result.InterpolateConfig`'s settings; ``blocks`` is not used)."""
 
-    backbone: str
-    pretrained: str
-    finetuned: str
+    finetuned: str = ""  # the fine-tuned end's weights file
     pretrained_head: str = "zeroshot"  # zeroshot | probe | a head file
     probe_data: str | None = None  # class folder the probe head is fitted on
-    alphas: str | tuple = DEFAULT_ALPHAS
-    linearity: bool = False
-    device: str = "auto"
-    batch_size: int = 256
-    workers: int | None = None
-    precision: str = DEFAULT_PRECISION
-    probe_l2: float = PROBE_L2
-    plot: bool = True
 
     def check(self) -> list[float]:
-        alphas = parse_alphas(self.alphas)
-        check_precision(self.precision)
-        if self.batch_size < 1:
-            raise LinftError(f"--batch-size must be at least 1, got {self.batch_size}")
+        alphas = super().check()
+        if not (self.backbone and self.pretrained and self.finetuned):
+            raise LinftError("interpolating two checkpoints needs the backbone, the pretrained weights and the "
+                             "fine-tuned checkpoint")
         if self.pretrained_head == "probe" and not self.probe_data:
             raise LinftError("--pretrained-head probe needs --probe-data FOLDER (images of the head's classes to fit "
                              "it on, not an evaluation set)")

@@ -89,8 +89,8 @@ def _accuracy_bounds(logits, ds, columns):
 
 def test_figure1_ends_subset_classes_and_zero_shot_head(setting):
     tmp, iid, ood, pretrained, finetuned, zs = setting
-    config = CheckpointInterpolateConfig(ARCH, str(pretrained), str(finetuned), alphas="0,0.5,1", linearity=True,
-                                         device="cpu", batch_size=16, workers=0)
+    config = CheckpointInterpolateConfig(backbone=ARCH, pretrained=str(pretrained), finetuned=str(finetuned),
+                                         alphas="0,0.5,1", linearity=True, device="cpu", batch_size=16, workers=0)
     result = interpolate_checkpoints(iid, [ood], config, out_dir=tmp / "out", progress=False)
     assert result.iid_set == "val" and result.ood_sets == ["sketch"] and result.set_sizes == {"val": 12, "sketch": 6}
     assert set(result.curves) == {"weights", "representation", "linearized"}
@@ -132,5 +132,6 @@ def test_cli_figure1_mode_and_errors(setting):
     vit = tmp / "vit.pt"
     torch.save(VisionTransformer(**TINY_VIT, num_classes=3).state_dict(), vit)
     with pytest.raises(LinftError, match="needs a CLIP backbone"):
-        interpolate_checkpoints(iid, [], CheckpointInterpolateConfig("vit-tiny", "none", str(vit), device="cpu",
-                                                                     workers=0), out_dir=tmp / "x", progress=False)
+        interpolate_checkpoints(iid, [], CheckpointInterpolateConfig(backbone="vit-tiny", pretrained="none",
+                                                                     finetuned=str(vit), device="cpu", workers=0),
+                                out_dir=tmp / "x", progress=False)
