@@ -123,7 +123,7 @@ def _build(name: str, num_classes: int = 1000) -> ClipImageTower:
 
 
 def clip_transform(clip_model: nn.Module) -> tuple[transforms.Compose, transforms.Normalize]:
-    """open_clip's evaluation preprocessing of ``clip_model`` as linft runs it: its resize and crop up to the uint8
+    """open_clip's evaluation preprocessing of ``clip_model`` (a CLIP or anything with its ``visual``) as linft runs it: its resize and crop up to the uint8
     tensor, and its normalisation (which :class:`ClipImageTower` applies inside)."""
     oc = open_clip_module()
     cfg = oc.get_model_preprocess_cfg(clip_model)
@@ -175,28 +175,24 @@ def image_tower_state(state: dict) -> tuple[dict, bool]:
 def _load(name: str, weights: str) -> Backbone:
     oc, model_name = open_clip_module(), _model_name(name)
     tags = list(oc.list_pretrained_tags_by_model(model_name))
-    clip_model = None
     if weights.lower() == "none" or (weights.upper() == "DEFAULT" and not tags):
-        clip_model, resolved = seeded(lambda: _create(model_name)), "none"
-        model = _tower(clip_model, 1000)
+        model, resolved = seeded(lambda: _tower(_create(model_name), 1000)), "none"
     elif weights in tags or weights.upper() == "DEFAULT":
-        tag = weights if weights in tags else tags[0]
-        clip_model, name = _tag_weights(model_name, tag)
+        resolved = weights if weights in tags else tags[0]
+        clip_model, name = _tag_weights(model_name, resolved)
         model = seeded(lambda: _tower(clip_model, 1000))  # the head is a placeholder (fc), seeded
-        resolved = tag
     else:
         path = weights_file(name, weights, tags)
         state, soups = image_tower_state(read_state_dict(path))
         if soups and not model_name.endswith(QUICKGELU):
             name, model_name = name + QUICKGELU, model_name + QUICKGELU
         fc = state.get("fc.weight")
-        clip_model = seeded(lambda: _create(model_name))
-        model = seeded(lambda: _tower(clip_model, int(fc.shape[0]) if fc is not None else 1000))
+        model = seeded(lambda: _tower(_create(model_name), int(fc.shape[0]) if fc is not None else 1000))
         if fc is None:  # a CLIP without a head: keep the placeholder head
             state = {**state, "fc.weight": model.fc.weight.detach(), "fc.bias": model.fc.bias.detach()}
         load_weights(model, state, name, str(path))
         resolved = str(path.resolve())
-    transform, normalize = clip_transform(clip_model)
+    transform, normalize = clip_transform(model)
     return Backbone(model=model, name=name, weights=resolved, weights_sha256=state_dict_sha256(model.state_dict()),
                     transform=transform, normalize=normalize, image_size=model.image_size)
 

@@ -57,6 +57,7 @@ def test_last_phi_is_exactly_what_the_head_reads(name):
     assert phi.shape == (5, 3, model.fc.in_features)
     assert torch.equal(phi[:, -1], head_input(model, x))
     assert not torch.allclose(phi[:, 0], phi[:, -1])
+    assert load_backbone(name, "none").weights_sha256 == load_backbone(name, "none").weights_sha256  # seeded
 
 
 def test_vit_phi_is_the_residual_stream_through_the_final_norm():

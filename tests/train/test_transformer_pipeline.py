@@ -7,10 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from linft.analysis.interpolate import interpolate
 from linft.cache.extract import extract_features
 from linft.cache.format import open_cache
+from linft.cli.main import main
 from linft.data.folders import load_image_folder
 from linft.data.images import EvalImages, normalize_uint8
 from linft.models.blocks import phi_block_names
@@ -21,7 +23,7 @@ from linft.train.finetune_model import FineTuneConfig, FineTuneRun
 from linft.train.linear import train_linear
 from linft.train.linear_engine import LinearGridConfig
 
-from conftest import TINY_CLIP
+from conftest import TINY_CLIP, assert_one_line_error
 
 pytestmark = pytest.mark.filterwarnings("ignore:the run started from random weights")
 
@@ -107,3 +109,20 @@ def test_vit_fine_tuning_resumes_exactly_and_interpolates(shapes, tmp_path):
     assert np.isfinite(result.linearity["gap"]) and result.linearity["gap"] > 0
     selected, _ = load_selected(ref.run_dir)
     assert "fc.1.weight" in selected and "encoder.layers.encoder_layer_3.self_attention.in_proj_weight" in selected
+
+
+def test_cli_extract_and_its_one_line_errors(shapes_root, tmp_path):
+    runner = CliRunner()
+    base = ["extract", str(shapes_root), "--backbone", "vit-tiny", "--weights", "none", "--device", "cpu",
+            "--workers", "0", "--quiet"]
+    res = runner.invoke(main, base + ["--image-size", "32", "--out", str(tmp_path / "c.h5")])
+    assert res.exit_code == 0, res.output
+    assert open_cache(tmp_path / "c.h5").meta["blocks"] == ["encoder.layers.encoder_layer_1",
+                                                            "encoder.layers.encoder_layer_2",
+                                                            "encoder.layers.encoder_layer_3"]
+    assert_one_line_error(runner.invoke(main, base + ["--image-size", "48"]), "vit-tiny", "takes 32 px images",
+                          "--image-size 32")
+    assert_one_line_error(runner.invoke(main, base + ["--image-size", "32", "--blocks", "5"]), "pass 1 to 4")
+    unknown = base.copy()
+    unknown[unknown.index("vit-tiny")] = "vit_q_99"
+    assert_one_line_error(runner.invoke(main, unknown), "unknown backbone 'vit_q_99'", "vit_b_16")
