@@ -122,6 +122,7 @@ def test_stochastic_depth_drops_attention_and_mlp_branches():
     assert not torch.allclose(dropped, plain)
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")  # torch scripts its jvp decompositions
 def test_first_order_model_through_attention_matches_finite_differences():
     """J(θ0)δ from the jvp through multi-head attention vs the central difference (f(θ0+εδ) − f(θ0−εδ)) / 2ε."""
     torch.manual_seed(0)
