@@ -5,9 +5,9 @@ The ends are two weights of one backbone (``--pretrained``: an enum name, an ope
 ``--finetuned``: a file — linft's, a torchvision state_dict, a model-soups / wise-ft checkpoint), the
 fine-tuned one with its head ω_f, the pretrained one with a head ω_p chosen by ``pretrained_head``:
 
-- ``zeroshot``: CLIP's zero-shot classifier (:func:`linft.models.clip.zero_shot_head`), from ImageNet's class
-  names (open_clip's ``IMAGENET_CLASSNAMES``) when the head has ImageNet's 1000 classes, else from the class
-  folders' names, and open_clip's ``OPENAI_IMAGENET_TEMPLATES`` — the paper's ω_pretrain for CLIP;
+- ``zeroshot``: CLIP's zero-shot classifier (:func:`linft.models.clip.zero_shot_head`), prompted with
+  :func:`linft.models.clip.prompt_names` (open_clip's ``IMAGENET_CLASSNAMES`` for ImageNet's 1000 classes) and
+  open_clip's ``OPENAI_IMAGENET_TEMPLATES`` — the paper's ω_pretrain for CLIP;
 - ``probe``: a linear probe fitted on the pretrained features of ``probe_data`` (a class folder);
 - a file: a head saved as ``{"weight": (C, D), "bias": (C,)}``.
 
@@ -42,16 +42,13 @@ from linft.errors import LinftError
 from linft.models.averaging import check_compatible
 from linft.models.blocks import phi_block_names
 from linft.models.checkpoints import load_checkpoint
-from linft.models.clip import open_clip_module, zero_shot_head
+from linft.models.clip import prompt_names, zero_shot_head
 from linft.models.heads import LinearHead, classifier_head, fit_probe_head, head_keys, with_head
 from linft.models.linearize import relative_linearity_gap
 from linft.models.registry import Backbone, load_backbone
 from linft.output import atomic_write_text, json_text, progress_bar
 from linft.runtime import effective_precision, resolve_device
 
-PRETRAINED_HEADS = ("probe", "zeroshot")
-#: ImageNet's number of classes: a head of this size gets open_clip's ImageNet class names for its zero-shot prompts.
-IMAGENET_CLASSES = 1000
 
 
 @dataclass(frozen=True)
@@ -128,12 +125,7 @@ def _input(bb: Backbone) -> tuple:
 def _pretrained_head(config: CheckpointInterpolateConfig, bb: Backbone, classes: list[str],
                      dev: torch.device) -> LinearHead:
     if config.pretrained_head == "zeroshot":
-        if not bb.name.startswith("clip:"):
-            raise LinftError(f"--pretrained-head zeroshot needs a CLIP backbone (clip:NAME), not {bb.name}; "
-                             "use --pretrained-head probe")
-        names = list(open_clip_module().IMAGENET_CLASSNAMES) if len(classes) == IMAGENET_CLASSES \
-            else [c.replace("_", " ") for c in classes]
-        return zero_shot_head(bb.name, config.pretrained, names, device=dev)
+        return zero_shot_head(bb.name, config.pretrained, prompt_names(classes), device=dev)
     if config.pretrained_head != "probe":
         return _head_of_file(config.pretrained_head)
     probe = load_class_folder(config.probe_data)

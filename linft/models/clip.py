@@ -39,6 +39,8 @@ from linft.models.registry import Backbone, BackboneFamily, load_weights, regist
 PREFIX = "clip:"
 QUICKGELU = "-quickgelu"
 DEFAULT_PHI_BLOCKS = 3
+#: ImageNet's number of classes: class folders of this many are ImageNet's, prompted with its class names.
+IMAGENET_CLASSES = 1000
 #: The text-tower entries of a model-soups / wise-ft checkpoint (OpenAI's CLIP without its ``transformer``).
 SOUPS_TEXT_KEYS = ("model.token_embedding.weight", "model.positional_embedding", "model.ln_final.weight",
                    "model.ln_final.bias", "model.text_projection", "model.logit_scale")
@@ -197,6 +199,14 @@ def _load(name: str, weights: str) -> Backbone:
                     transform=transform, normalize=normalize, image_size=model.image_size)
 
 
+def prompt_names(classes: list[str]) -> list[str]:
+    """The names a zero-shot head prompts with for class folders ``classes``: open_clip's ``IMAGENET_CLASSNAMES``
+    for ImageNet's 1000 (sorted wnid folders are ImageNet's class order), else the folder names (``_`` -> space)."""
+    if len(classes) == IMAGENET_CLASSES:
+        return list(open_clip_module().IMAGENET_CLASSNAMES)
+    return [c.replace("_", " ") for c in classes]
+
+
 def zero_shot_head(name: str, weights: str, class_names: list[str], templates=None,
                    device: str | torch.device = "cpu") -> LinearHead:
     """CLIP's zero-shot classifier for ``class_names`` through open_clip's tokenizer and text tower.
@@ -205,6 +215,8 @@ def zero_shot_head(name: str, weights: str, class_names: list[str], templates=No
     open_clip's ``OPENAI_IMAGENET_TEMPLATES``. Rows are the normalised mean text embedding per class times
     the model's logit scale (100 for OpenAI's); bias 0 — what model-soups starts its heads from.
     """
+    if not name.startswith(PREFIX):
+        raise LinftError(f"a zero-shot head needs a CLIP backbone (clip:NAME), not {name}; use a probe head")
     oc, model_name = open_clip_module(), _model_name(name)
     templates = list(oc.OPENAI_IMAGENET_TEMPLATES if templates is None else templates)
     if weights in oc.list_pretrained_tags_by_model(model_name.removesuffix(QUICKGELU)):

@@ -131,7 +131,7 @@ def test_cli_figure1_mode_and_errors(setting):
     assert_one_line_error(runner.invoke(main, base + ["--pretrained-head", "probe"]), "--probe-data")
     vit = tmp / "vit.pt"
     torch.save(VisionTransformer(**TINY_VIT, num_classes=3).state_dict(), vit)
-    with pytest.raises(LinftError, match="needs a CLIP backbone"):
+    with pytest.raises(LinftError, match="zero-shot head needs a CLIP backbone"):
         interpolate_checkpoints(iid, [], CheckpointInterpolateConfig(backbone="vit-tiny", pretrained="none",
                                                                      finetuned=str(vit), device="cpu", workers=0),
                                 out_dir=tmp / "x", progress=False)

@@ -253,3 +253,11 @@ def test_checkpoint_of_another_architecture_is_one_line(tmp_path):
     torch.save(load_backbone("vit-tiny", "none").model.state_dict(), path)
     with pytest.raises(LinftError, match=f"does not fit a {TINY_CLIP}"):
         load_backbone(TINY_CLIP, str(path))
+
+
+def test_zero_shot_prompts_use_open_clips_imagenet_names():
+    from linft.models.clip import prompt_names
+
+    names = prompt_names([f"n{i:08d}" for i in range(1000)])  # 1000 wnid folders: ImageNet's classes in its order
+    assert names == list(open_clip.IMAGENET_CLASSNAMES) and names[0] == "tench"
+    assert prompt_names(["great_white_shark", "tench"]) == ["great white shark", "tench"]
