@@ -16,6 +16,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 from linft.data.images import describe_transform
 from linft.errors import LinftError
 from linft.models.blocks import PooledBlockFeatures, add_stochastic_depth, phi_block_names
+from linft.models.clip import prompt_names, zero_shot_head
 from linft.models.linearize import LinearizedModel, escape_parameter_name
 from linft.models.registry import load_backbone
 from linft.models.vit import weights_transform
@@ -152,8 +153,6 @@ def test_first_order_model_through_attention_matches_finite_differences():
 
 
 def test_zero_shot_head_through_open_clips_tokenizer_and_text_tower(tmp_path):
-    from linft.models.clip import zero_shot_head
-
     torch.manual_seed(0)
     clip = open_clip.create_model(TINY_CLIP[5:]).eval()
     path = tmp_path / "clip.pt"
@@ -231,13 +230,11 @@ def test_one_line_errors(name, weights, fragment):
 
 def test_weights_not_available_offline_name_the_file(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url",  # what WeightsEnum.get_state_dict calls
                         lambda *a, **k: (_ for _ in ()).throw(ConnectionError("offline")))
     with pytest.raises(LinftError, match=r"put vit_l_16_swag-4f3808c9.pth \(https://.*\) in .*torch.*checkpoints"):
         load_backbone("vit_l_16", "IMAGENET1K_SWAG_E2E_V1")
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(pytest.importorskip("huggingface_hub.constants"), "HF_HUB_OFFLINE", True)  # no network tries
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     with pytest.raises(LinftError, match=r"clip:ViT-B-32/openai are not available .*open_clip_pytorch_model.bin.*"
                                          r"timm/vit_base_patch32_clip_224.openai"):
@@ -256,8 +253,6 @@ def test_checkpoint_of_another_architecture_is_one_line(tmp_path):
 
 
 def test_zero_shot_prompts_use_open_clips_imagenet_names():
-    from linft.models.clip import prompt_names
-
     names = prompt_names([f"n{i:08d}" for i in range(1000)])  # 1000 wnid folders: ImageNet's classes in its order
     assert names == list(open_clip.IMAGENET_CLASSNAMES) and names[0] == "tench"
     assert prompt_names(["great_white_shark", "tench"]) == ["great white shark", "tench"]
