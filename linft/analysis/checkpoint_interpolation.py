@@ -16,7 +16,8 @@ class folders: ImageNet's class order for wnid folders) and must have as many as
 classes must be among them, and its logits are restricted to the classes it has (as wise-ft evaluates
 ImageNet-A and ImageNet-R). ObjectNet's many-to-one class mapping is not supported.
 
-Paths (α = share of the fine-tuned end) as in :mod:`linft.analysis.interpolation_paths`: weights, representation
+Both ends see the images as the fine-tuned end's weights take them (its own transform, or DomainBed's at its
+size). Paths (α = share of the fine-tuned end) as in :mod:`linft.analysis.interpolation_paths`: weights, representation
 (the appendix A.1 formula on the representation the heads read), and with ``linearity`` the first-order path.
 Writes ``figure1.json`` and the plot ``figure1.png`` (the paper's form: o.o.d. against i.i.d. accuracy, one
 curve per path, α along it) into the output folder.
