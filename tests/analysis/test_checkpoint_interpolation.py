@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from torch import nn
 from PIL import Image
 from torchvision.models.vision_transformer import VisionTransformer
 
@@ -18,7 +19,9 @@ from linft.cli.main import main
 from linft.data.folders import load_class_folder
 from linft.data.images import EvalImages, normalize_uint8
 from linft.errors import LinftError
+from linft.models.blocks import PooledBlockFeatures, phi_block_names
 from linft.models.clip import zero_shot_head
+from linft.models.heads import LinearHead, fit_probe_head
 from linft.models.registry import load_backbone
 
 from conftest import TINY_CLIP, TINY_VIT, assert_one_line_error
@@ -135,3 +138,33 @@ def test_cli_figure1_mode_and_errors(setting):
         interpolate_checkpoints(iid, [], CheckpointInterpolateConfig(backbone="vit-tiny", pretrained="none",
                                                                      finetuned=str(vit), device="cpu", workers=0),
                                 out_dir=tmp / "x", progress=False)
+
+
+@pytest.mark.parametrize("kind", ["probe", "file"])
+def test_probe_and_file_heads_of_the_pretrained_end(setting, kind, tmp_path):
+    """Two Vision Transformer checkpoints (no CLIP): the pretrained end's head is a probe fitted on --probe-data or a
+    file; at α = 0 every path is that head on the pretrained features (computed here independently)."""
+    _, iid, ood, *_ = setting
+    torch.manual_seed(3)
+    vit = VisionTransformer(**TINY_VIT, num_classes=3)
+    nn.init.normal_(vit.heads.head.weight)
+    finetuned = tmp_path / "vit.pt"
+    torch.save(vit.state_dict(), finetuned)
+    pre = load_backbone("vit-tiny", "none")
+    transform, _, size = pre.input_transform(32)
+    ds = load_class_folder(iid)
+    with torch.no_grad():
+        phi = PooledBlockFeatures(pre.model, phi_block_names(pre.model, 1))(
+            normalize_uint8(EvalImages(ds, size, 64, 0, transform=transform).images))[:, -1]
+    if kind == "probe":
+        head, extra = fit_probe_head(phi, ds.labels, 3), {"pretrained_head": "probe", "probe_data": str(iid)}
+    else:
+        head = LinearHead(torch.randn(3, 32), torch.randn(3))
+        torch.save({"weight": head.weight, "bias": head.bias}, tmp_path / "head.pt")
+        extra = {"pretrained_head": str(tmp_path / "head.pt")}
+    config = CheckpointInterpolateConfig(backbone="vit-tiny", pretrained="none", finetuned=str(finetuned),
+                                         alphas="0,1", device="cpu", workers=0, **extra)
+    result = interpolate_checkpoints(iid, [ood], config, out_dir=tmp_path / "out", progress=False)
+    expected, ties = _accuracy_bounds(head(phi), ds, [0, 1, 2])
+    for path in ("weights", "representation"):
+        assert abs(result.curves[path][0]["iid"] - expected) <= ties + 1e-9, path
