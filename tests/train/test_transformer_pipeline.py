@@ -15,6 +15,7 @@ from linft.cache.format import open_cache
 from linft.cli.main import main
 from linft.data.folders import load_image_folder
 from linft.data.images import EvalImages, normalize_uint8
+from linft.errors import LinftError
 from linft.models.blocks import phi_block_names
 from linft.models.registry import load_backbone
 from linft.protocol.records import read_records
@@ -126,3 +127,18 @@ def test_cli_extract_and_its_one_line_errors(shapes_root, tmp_path):
     unknown = base.copy()
     unknown[unknown.index("vit-tiny")] = "vit_q_99"
     assert_one_line_error(runner.invoke(main, unknown), "unknown backbone 'vit_q_99'", "vit_b_16")
+
+
+def test_lp_ft_refuses_a_cache_of_another_transform(shapes, tmp_path):
+    """A CLIP cache is made with open_clip's preprocessing; LP-FT's run sees DomainBed's: one line, not a probe
+    fitted on other images."""
+    pytest.importorskip("open_clip")
+    weights = tmp_path / "clip.pt"
+    torch.save(load_backbone(TINY_CLIP, "none").model.state_dict(), weights)
+    cache = extract_features(shapes, tmp_path / "c.h5", backbone=TINY_CLIP, weights=str(weights), image_size=32,
+                             workers=0, device="cpu", progress=False).path
+    config = FineTuneConfig(steps=2, batch_size=2, eval_every=2, image_size=32, workers=0, channels_last=False,
+                            lp_ft_cache=str(cache))
+    with pytest.raises(LinftError, match="images transformed as Resize\\(32\\) \\[PIL bicubic\\], CenterCrop"):
+        train_run(shapes, tmp_path / "ft", FineTuneRun("photo", 0, 1e-3, 0.0, lp_ft=True), backbone=TINY_CLIP,
+                  weights=str(weights), config=config, device="cpu", progress=False)
