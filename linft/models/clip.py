@@ -120,7 +120,9 @@ def _tower(clip_model: nn.Module, num_classes: int) -> ClipImageTower:
     return ClipImageTower(clip_model.visual, num_classes, cfg["mean"], cfg["std"])
 
 
-def _build(name: str, num_classes: int = 1000) -> ClipImageTower:
+def _build(name: str, num_classes: int = 1000, **kwargs) -> ClipImageTower:
+    if kwargs:
+        raise LinftError(f"{name} takes no {', '.join(kwargs)} (an option of ResNets); use a ResNet-family backbone")
     return _tower(_create(_model_name(name)), num_classes)
 
 

@@ -83,11 +83,12 @@ def from_torchvision_keys(state: dict) -> dict:
 
 
 def _build(name: str, num_classes: int = 1000, image_size: int | None = None, **kwargs) -> ClassTokenViT:
-    if name in _CONFIGS:
-        config = {**_CONFIGS[name], **({"image_size": image_size} if image_size else {})}
-        return ClassTokenViT(VisionTransformer(num_classes=num_classes, **config, **kwargs))
+    if kwargs:
+        raise LinftError(f"{name} takes no {', '.join(kwargs)} (an option of ResNets); use a ResNet-family backbone")
     sized = {"image_size": image_size} if image_size else {}
-    return ClassTokenViT(torchvision.models.get_model(name, weights=None, num_classes=num_classes, **sized, **kwargs))
+    if name in _CONFIGS:
+        return ClassTokenViT(VisionTransformer(num_classes=num_classes, **{**_CONFIGS[name], **sized}))
+    return ClassTokenViT(torchvision.models.get_model(name, weights=None, num_classes=num_classes, **sized))
 
 
 def weights_transform(member) -> transforms.Compose:

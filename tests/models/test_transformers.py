@@ -18,7 +18,7 @@ from linft.errors import LinftError
 from linft.models.blocks import PooledBlockFeatures, add_stochastic_depth, phi_block_names
 from linft.models.clip import prompt_names, zero_shot_head
 from linft.models.linearize import LinearizedModel, escape_parameter_name
-from linft.models.registry import load_backbone
+from linft.models.registry import build_backbone, load_backbone
 from linft.models.vit import weights_transform
 
 from conftest import TINY_CLIP, TINY_VIT
@@ -256,3 +256,10 @@ def test_zero_shot_prompts_use_open_clips_imagenet_names():
     names = prompt_names([f"n{i:08d}" for i in range(1000)])  # 1000 wnid folders: ImageNet's classes in its order
     assert names == list(open_clip.IMAGENET_CLASSNAMES) and names[0] == "tench"
     assert prompt_names(["great_white_shark", "tench"]) == ["great white shark", "tench"]
+
+
+def test_resnet_options_are_refused_in_one_line():
+    with pytest.raises(LinftError, match="vit-tiny takes no zero_init_residual"):
+        build_backbone("vit-tiny", 3, zero_init_residual=True)  # what `linft pretrain --arch` passes
+    with pytest.raises(LinftError, match=f"{TINY_CLIP} takes no zero_init_residual"):
+        build_backbone(TINY_CLIP, 3, zero_init_residual=True)
