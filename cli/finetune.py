@@ -19,7 +19,8 @@ from linft.train.sweep import LAUNCHERS, LaunchOptions, launch_sweep
 @click.argument("dataset")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="Where DomainBed names (PACS, VLCS, ...) are looked up. Default: $LINFT_DATA_ROOT, then ./data.")
-@click.option("--backbone", default="resnet50", show_default=True, help="torchvision ResNet-family name or demo-resnet.")
+@click.option("--backbone", default="resnet50", show_default=True, help="torchvision ResNet-family name, demo-resnet, a Vision Transformer (vit_b_16 ... vit_h_14) or "
+              "clip:NAME (needs linft[clip]).")
 @click.option("--weights", default="DEFAULT", show_default=True,
               help='DEFAULT (the backbone\'s recommended weights: IMAGENET1K_V2 = "ResNet #2" for resnet50, the shipped '
                    'file for demo-resnet), a torchvision weight name (IMAGENET1K_V1 = "ResNet #1", IMAGENET1K_V2), '

@@ -85,6 +85,22 @@ def interpolation_text(result) -> str:
     return "\n".join(out)
 
 
+def checkpoint_interpolation_text(result) -> str:
+    """A :class:`~linft.analysis.checkpoint_interpolation.CheckpointInterpolation` as text (Figure 1's numbers)."""
+    keys = [k for k in ("weights", "representation", "linearized") if k in result.curves]
+    ood = ", ".join(result.ood_sets) or "none"
+    out = [f"{result.backbone}: {result.pretrained} ({result.pretrained_head} head) → {result.finetuned}; "
+           f"i.i.d. = {result.iid_set}, o.o.d. = mean of {ood}; accuracy (%) per α (share of the fine-tuned model)\n",
+           _curves_table(result, keys, "interpolation paths")]
+    if result.linearity_gap:
+        gaps = ", ".join(f"{n} {g:.4f}" for n, g in result.linearity_gap.items())
+        out.append(f"relative gap ‖f(θf) − f_lin(θf)‖ / ‖f(θf) − f(θ0)‖: {gaps}\n")
+    out.append(f"summary: {result.summary}")
+    if result.plot:
+        out.append(f"plot: {result.plot}")
+    return "\n".join(out)
+
+
 def _csv(rows) -> str:
     buffer = io.StringIO(newline="")
     csv.writer(buffer).writerows(rows)

@@ -31,7 +31,7 @@ import linft
 from linft.cache.format import (CACHE_FORMAT_VERSION, DTYPES, default_cache_path, existing_cache_attrs,
                                 identity_differences, provenance_sha256, write_attrs)
 from linft.data.folders import MultiDomainDataset, load_image_folder
-from linft.data.images import (describe_transform, describe_views_transform, eval_transform, first_bad_image,
+from linft.data.images import (describe_transform, describe_views_transform, first_bad_image,
                                image_loader, model_input, worker_died)
 from linft.errors import LinftError
 from linft.models.blocks import PooledBlockFeatures, phi_block_names
@@ -99,10 +99,13 @@ class _Extractor:
     dev: torch.device
     precision: str  # what the forward runs in on this device (float32 off CUDA)
     dim: int
+    transform: object  # PIL image -> uint8 (3, S, S): the weights' own, or DomainBed's at --image-size
+    normalize: object  # the normalisation in effect (for the record; the network folds in any but ImageNet's)
+    image_size: int
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = model_input(images, self.dev, channels_last=self.dev.type == "cuda")
+        x = model_input(images, self.dev, channels_last=self.dev.type == "cuda")  # a network folds in any other
         with autocast(self.dev, self.precision):
             return self.module(x)
 
@@ -123,8 +126,9 @@ def _extractor(config: ExtractConfig) -> _Extractor:
     module = PooledBlockFeatures(bb.model, blocks).to(dev).eval()
     if dev.type == "cuda":
         module = module.to(memory_format=torch.channels_last)
-    ext = _Extractor(bb, blocks, module, dev, effective_precision(dev, config.precision), 0)
-    ext.dim = int(ext(torch.zeros(1, 3, config.image_size, config.image_size, dtype=torch.uint8)).shape[-1])
+    transform, normalize, size = bb.input_transform(config.image_size)
+    ext = _Extractor(bb, blocks, module, dev, effective_precision(dev, config.precision), 0, transform, normalize, size)
+    ext.dim = int(ext(torch.zeros(1, 3, size, size, dtype=torch.uint8)).shape[-1])
     return ext
 
 
@@ -134,8 +138,8 @@ def cache_attributes(ds: MultiDomainDataset, config: ExtractConfig, ext: _Extrac
     attrs = {
         "format_version": CACHE_FORMAT_VERSION, "backbone": ext.backbone.name, "weights": ext.backbone.weights,
         "weights_label": ext.backbone.weights_label, "weights_sha256": ext.backbone.weights_sha256,
-        "blocks": ext.blocks, "feature_dim": ext.dim, "image_size": int(config.image_size),
-        "transform": describe_transform(eval_transform(config.image_size)), "dtype": config.dtype,
+        "blocks": ext.blocks, "feature_dim": ext.dim, "image_size": ext.image_size,
+        "transform": describe_transform(ext.transform, ext.normalize), "dtype": config.dtype,
         "compute": compute_text(ext.precision), "dataset_name": ds.name or ds.root.name,
         "dataset_root": str(ds.root.resolve()), "domain_names": list(ds.domains), "class_names": list(ds.classes),
         "per_domain": {d: {"count": n, "classes": classes[d]} for d, n in ds.counts.items()},
@@ -144,7 +148,7 @@ def cache_attributes(ds: MultiDomainDataset, config: ExtractConfig, ext: _Extrac
         "h5py_version": h5py.__version__,
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "views": int(config.views),
-        "views_transform": describe_views_transform(config.image_size) if config.views else "",
+        "views_transform": describe_views_transform(ext.image_size, ext.normalize) if config.views else "",
         "views_seed": int(config.views_seed),
     }
     attrs["provenance_sha256"] = provenance_sha256(attrs)
@@ -375,9 +379,9 @@ def _run_extraction(f, ds: MultiDomainDataset, ext: _Extractor, config: ExtractC
     n = len(ds)
     if num_done >= n:
         return 0
-    loader = image_loader(ds, config.image_size, range(num_done, n), batch_size=config.batch_size,
+    loader = image_loader(ds, ext.image_size, range(num_done, n), batch_size=config.batch_size,
                           workers=config.workers, views=config.views, views_seed=config.views_seed,
-                          pin_memory=ext.dev.type == "cuda")
+                          pin_memory=ext.dev.type == "cuda", transform=ext.transform)
     write = _BatchWriter(f, n, on_checkpoint)
     done = num_done
     with progress_bar(n, "extracting", unit="img", enabled=progress, initial=num_done) as update, \

@@ -53,7 +53,7 @@ def default_cache_path(dataset: MultiDomainDataset, backbone: str, weights: str,
     """``features_cache/<dataset>_<backbone>_<weights>.h5`` (weights file names lose their suffix)."""
     w = Path(str(weights)).stem if os.sep in str(weights) or str(weights).endswith((".pt", ".pth")) else str(weights)
     name = (dataset.name or dataset.root.name).replace(" ", "_")
-    return Path(folder) / f"{name}_{backbone}_{w}.h5"
+    return Path(folder) / f"{name}_{backbone.replace(':', '-')}_{w}.h5"  # clip:ViT-B-32 -> clip-ViT-B-32
 
 
 def provenance_sha256(attrs: dict) -> str:

@@ -238,3 +238,27 @@ def find_dataset(dataset: str | os.PathLike, data_root: str | os.PathLike | None
             f"(found {', '.join(ds.domains)}); check the download"
         )
     return ds
+
+
+
+def load_class_folder(folder: str | os.PathLike, name: str | None = None) -> MultiDomainDataset:
+    """One distribution laid out ``folder/<class>/<image>`` (ImageNet's val, ImageNet-A, ...) as a one-domain
+    dataset: its domain is the folder's name, its classes the sorted class folders, each with images, listed
+    in ``ImageFolder``'s order."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise LinftError(f"evaluation folder {folder} does not exist; pass a folder laid out <set>/<class>/<image>")
+    classes = _sorted_subdirs(folder)
+    if not classes:
+        raise LinftError(f"evaluation folder {folder} has no class sub-folders; expected {folder}/<class>/<image>")
+    paths, labels = [], []
+    for ci, c in enumerate(classes):
+        files = _class_images(folder / c)
+        if not files:
+            raise LinftError(f"class folder {folder / c} has no images ({', '.join(IMG_EXTENSIONS)}); add images "
+                             "or remove it")
+        paths.extend(f"{folder.name}/{c}/{f}" for f in files)
+        labels.extend([ci] * len(files))
+    return MultiDomainDataset(root=folder.parent, domains=[folder.name], classes=classes, paths=paths,
+                              labels=np.asarray(labels, dtype=np.int64),
+                              domain_ids=np.zeros(len(paths), dtype=np.int64), name=name or folder.name)

@@ -312,6 +312,8 @@ def train_run(dataset: MultiDomainDataset, out_dir, run: FineTuneRun, *, backbon
                          f"{', '.join(dataset.domains)}")
     dev = resolve_device(device)
     model, bb = build_run_model(backbone, weights, len(dataset.classes), run, dev, config.channels_last)
+    bb.check_image_size(config.image_size)  # fine-tuning runs DomainBed's transforms at --image-size
+    backbone = bb.name  # the architecture as resolved (clip:ViT-B-32 with OpenAI's weights: clip:ViT-B-32-quickgelu)
     identity = run_identity(run, backbone, bb.weights_sha256, dataset.file_list_sha256, config)
     folder = RunFolder.of(out_dir, identity)
     done = folder.final_status()

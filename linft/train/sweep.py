@@ -152,6 +152,8 @@ def launch_sweep(dataset: MultiDomainDataset, out_dir, runs: list[FineTuneRun], 
     hooks = watch_hooks(options.say, options.tensorboard_dir)  # a missing tensorboard package fails here, early
     out_dir = Path(out_dir)
     bb = load_backbone(backbone, weights)
+    bb.check_image_size(config.image_size)
+    backbone = bb.name  # resolved, as train_run records it
     folders = [RunFolder.of(out_dir, run_identity(r, backbone, bb.weights_sha256, dataset.file_list_sha256, config))
                for r in runs]
     labels = [finetune_label(r, bb.weights, config) for r in runs]
