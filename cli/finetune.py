@@ -31,6 +31,9 @@ from linft.train.sweep import LAUNCHERS, LaunchOptions, launch_sweep
               help="Learning-rate multiplier of the classifier head (the paper's baseline: 10).")
 @click.option("--stochastic-depth", type=float, default=0.0, show_default=True,
               help="Residual-block dropout rate on every residual branch (the paper: 0.1 to 0.3).")
+@click.option("--stochastic-depth-mode", type=click.Choice(["row", "official"]), default="row", show_default=True,
+              help="row: per example, rescaled by 1/(1-rate) in training (torchvision); official: the official "
+                   "code's, one draw for the whole batch and no rescaling.")
 @click.option("--linearized", is_flag=True, help="Train the first-order (torch.func) model around the pretrained one.")
 @click.option("--lp-ft", is_flag=True,
               help="LP-FT (Kumar et al. 2022): the head starts from the linear-probe solution on the pretrained "
@@ -87,7 +90,8 @@ from linft.train.sweep import LAUNCHERS, LaunchOptions, launch_sweep
                    "'linft[tensorboard]'; then: tensorboard --logdir DIR).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary table as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars and no line per evaluation.")
-def finetune_cmd(dataset, data_root, backbone, weights, dropouts, last_layer_lr_mult, stochastic_depth, linearized,
+def finetune_cmd(dataset, data_root, backbone, weights, dropouts, last_layer_lr_mult, stochastic_depth,
+                 stochastic_depth_mode, linearized,
                  lp_ft, lp_ft_cache, lrs, weight_decays, seeds, split_seed, steps, lr_milestones, eval_every, batch_size,
                  image_size, test_domains, ensembles, average_every_step, ensemble_rule, no_freeze_bn, augment, no_augment,
                  workers, device, precision, launcher, gpus, slurm_partition, slurm_timeout, slurm_gpus, no_wait, out,
@@ -123,6 +127,7 @@ def finetune_cmd(dataset, data_root, backbone, weights, dropouts, last_layer_lr_
                             precision=precision, lp_ft_cache=lp_ft_cache, split_seed=split_seed)
     runs = sweep_runs(ds.domains, test_domains=test_domains, dropouts=dropouts, lrs=lrs, weight_decays=weight_decays,
                       seeds=seeds, last_layer_lr_mult=last_layer_lr_mult, stochastic_depth=stochastic_depth,
+                      stochastic_depth_mode=stochastic_depth_mode,
                       linearized=linearized, lp_ft=lp_ft or lp_ft_cache is not None)
     slurm = {"timeout_min": slurm_timeout, "gpus_per_node": slurm_gpus}
     if slurm_partition:

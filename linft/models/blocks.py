@@ -149,23 +149,34 @@ def residual_branch_ends(model: nn.Module) -> list[nn.Module]:
     return [_branch_end(modules[name]) for name in residual_block_names(model)]
 
 
-def add_stochastic_depth(model: nn.Module, rate: float) -> list:
-    """Residual-block dropout: ``torchvision.ops.StochasticDepth(rate, "row")`` on every residual branch.
+#: How residual branches are dropped: ``row`` — per example, rescaled by 1/(1 − rate) in training
+#: (``torchvision.ops.StochasticDepth(rate, "row")``, linft's default); ``official`` — the official code's: one
+#: draw for the whole batch, no rescaling in training or evaluation.
+STOCHASTIC_DEPTH_MODES = ("row", "official")
+
+
+def add_stochastic_depth(model: nn.Module, rate: float, mode: str = "row") -> list:
+    """Residual-block dropout on every residual branch, with probability ``rate`` (see :data:`STOCHASTIC_DEPTH_MODES`).
 
     Implemented as a forward hook on the end of each branch (:func:`residual_branch_ends`: a ResNet's last
-    BatchNorm; a transformer's attention and MLP outputs, each dropped on its own, per example), so the
-    model's modules and state_dict keys are unchanged and pretrained weights
-    load strictly (the official code's version leaves the network randomly
-    initialised). Active in training mode only (the model's mode: frozen BatchNorms stay in eval mode).
-    Returns the hook handles.
+    BatchNorm; a transformer's attention and MLP outputs, each dropped on its own), so the model's modules and
+    state_dict keys are unchanged and pretrained weights load strictly (as the official code's do; its parameter
+    is the survival probability: 0.9 there is ``rate`` 0.1 here). Active in training mode only (the model's mode:
+    frozen BatchNorms stay in eval mode). Draws come from torch's global generator. Returns the hook handles.
     """
     if not 0.0 <= rate < 1.0:
         raise LinftError(f"--stochastic-depth {rate} is outside [0, 1); the paper uses 0.1 to 0.3")
+    if mode not in STOCHASTIC_DEPTH_MODES:
+        raise LinftError(f"unknown stochastic depth mode '{mode}'; use {' or '.join(STOCHASTIC_DEPTH_MODES)}")
     handles = []
     for end in residual_branch_ends(model):
         drop = torchvision.ops.StochasticDepth(rate, "row")
 
         def hook(module, inputs, output, drop=drop):
+            if mode == "official":  # the whole batch keeps or drops the branch; no rescaling (no host sync)
+                if not model.training:
+                    return output
+                return output * (torch.rand((), device=output.device) >= rate).to(output.dtype)
             drop.training = model.training
             return drop(output)
         handles.append(end.register_forward_hook(hook))

@@ -39,6 +39,7 @@ from linft.data.folders import MultiDomainDataset, find_dataset
 from linft.data.images import EvalImages, worker_died
 from linft.data.splits import domain_split_rows, split_seed
 from linft.errors import LinftError
+from linft.models.blocks import STOCHASTIC_DEPTH_MODES
 from linft.models.checkpoints import load_checkpoint
 from linft.models.heads import load_head
 from linft.protocol.grid import check_grid
@@ -367,7 +368,8 @@ def default_finetune_out(ds: MultiDomainDataset) -> Path:
 
 def sweep_runs(domains: list[str], *, test_domains=None, dropouts=(0.0,), lrs=(1e-3, 5e-4),
                weight_decays=(1e-4, 5e-5, 1e-5), seeds: int = 3, last_layer_lr_mult: float = 1.0,
-               stochastic_depth: float = 0.0, linearized: bool = False, lp_ft: bool = False) -> list[FineTuneRun]:
+               stochastic_depth: float = 0.0, linearized: bool = False, lp_ft: bool = False,
+               stochastic_depth_mode: str = "row") -> list[FineTuneRun]:
     """Every run of a grid: held-out domain × seed × dropout × lr × weight decay (one variant)."""
     if lp_ft and linearized:
         raise LinftError("--lp-ft and --linearized do not combine; run them separately")
@@ -377,8 +379,11 @@ def sweep_runs(domains: list[str], *, test_domains=None, dropouts=(0.0,), lrs=(1
         raise LinftError(f"--last-layer-lr-mult must be positive, got {last_layer_lr_mult}")
     if not 0.0 <= stochastic_depth < 1.0:
         raise LinftError(f"--stochastic-depth {stochastic_depth} is outside [0, 1); the paper uses 0.1 to 0.3")
+    if stochastic_depth_mode not in STOCHASTIC_DEPTH_MODES:
+        raise LinftError(f"unknown --stochastic-depth-mode '{stochastic_depth_mode}'; use "
+                         f"{' or '.join(STOCHASTIC_DEPTH_MODES)}")
     return [FineTuneRun(d, s, float(lr), float(wd), float(p), float(last_layer_lr_mult), float(stochastic_depth),
-                        linearized, lp_ft)
+                        linearized, lp_ft, stochastic_depth_mode)
             for d in chosen for s in range(seeds) for p in dropouts for lr in lrs for wd in weight_decays]
 
 

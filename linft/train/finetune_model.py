@@ -119,12 +119,16 @@ class FineTuneRun:
     stochastic_depth: float = 0.0
     linearized: bool = False
     lp_ft: bool = False  # LP-FT: the head starts from the linear-probe solution (linft.train.lp_ft)
+    stochastic_depth_mode: str = "row"  # STOCHASTIC_DEPTH_MODES: per example (torchvision) or the official code's
 
     def identity(self) -> dict:
-        """The fields in the run's id; ``lp_ft`` only when set, so runs of earlier releases keep their ids."""
+        """The fields in the run's id; ``lp_ft`` and ``stochastic_depth_mode`` only when not their defaults, so runs
+        of earlier releases keep their ids."""
         fields = asdict(self)
         if not self.lp_ft:
             del fields["lp_ft"]
+        if self.stochastic_depth_mode == "row":
+            del fields["stochastic_depth_mode"]
         return fields
 
 
@@ -147,7 +151,8 @@ def finetune_label(run: FineTuneRun, weights: str, config: FineTuneConfig | None
     if run.last_layer_lr_mult != 1.0:
         parts.append(f"{run.last_layer_lr_mult:g}x head lr")
     if run.stochastic_depth:
-        parts.append(f"stochastic depth {run.stochastic_depth:g}")
+        parts.append(f"stochastic depth {run.stochastic_depth:g}"
+                     + (" (official)" if run.stochastic_depth_mode == "official" else ""))
     if config is not None and not config.freeze_bn:
         parts.append("BN trained")
     if config is not None and config.augment != "pil":
@@ -188,7 +193,7 @@ def build_run_model(backbone: str, weights, num_classes: int, run: FineTuneRun, 
     if run.stochastic_depth:
         if run.linearized:
             raise LinftError("--linearized and --stochastic-depth do not combine; run them separately")
-        add_stochastic_depth(model, run.stochastic_depth)
+        add_stochastic_depth(model, run.stochastic_depth, run.stochastic_depth_mode)
     model = model.to(dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -36,7 +36,7 @@ from linft.data.images import EvalImages, normalize_uint8
 from linft.data.splits import domain_split_rows, split_indices
 from linft.errors import LinftError
 from linft.models.averaging import average_state_dicts
-from linft.models.blocks import add_stochastic_depth, residual_block_names
+from linft.models.blocks import add_stochastic_depth, residual_block_names, residual_branch_ends
 from linft.models.demo_resnet import demo_resnet
 from linft.models.heads import build_classifier
 from linft.models.registry import load_backbone
@@ -265,6 +265,38 @@ def test_stochastic_depth_keeps_pretrained_weights_and_drops_branches(pretrained
     set_train_mode(plain, True)
     with torch.no_grad():
         assert torch.equal(zero(x), plain(x))
+
+
+def test_official_stochastic_depth_drops_whole_branches_for_the_batch_without_rescaling(pretrained):
+    """The official code's mode: one draw per branch for the whole batch (torch's global generator, in branch
+    order), the branch kept as it is or zeroed; eval mode untouched. Compared with hooks that apply the same draws."""
+    x = torch.randn(8, 3, 32, 32)
+    model = load_backbone("demo-resnet", str(pretrained)).model
+    add_stochastic_depth(model, 0.5, "official")
+    manual = load_backbone("demo-resnet", str(pretrained)).model
+    ends = residual_branch_ends(manual)
+    torch.manual_seed(3)
+    keep = [bool(torch.rand(()) >= 0.5) for _ in ends]
+    assert 0 < sum(keep) < len(keep)  # seed 3 keeps some branches and drops others (checked here, not assumed)
+    for end, k in zip(ends, keep):
+        end.register_forward_hook(lambda m, i, o, k=k: o if k else o * 0.0)
+    set_train_mode(model, True, freeze_bn=True)
+    set_train_mode(manual, True, freeze_bn=True)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        got = model(x)
+        expected = manual(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)  # the same operations in the same order
+    model.eval()
+    plain = load_backbone("demo-resnet", str(pretrained)).model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
+    with pytest.raises(LinftError, match="unknown stochastic depth mode"):
+        add_stochastic_depth(plain, 0.1, "batch")
+    official = sweep_runs(["a", "b"], stochastic_depth=0.1, stochastic_depth_mode="official", seeds=1, lrs=(0.1,),
+                          weight_decays=(0.0,))[0]
+    assert official.identity()["stochastic_depth_mode"] == "official"
+    assert "stochastic_depth_mode" not in replace(official, stochastic_depth_mode="row").identity()  # ids kept
 
 
 @pytest.fixture(scope="module")
