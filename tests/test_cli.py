@@ -135,14 +135,15 @@ def test_train_linear_bad_input(image_folder, tmp_path, extra, fragment):
     assert_one_line_error(run("train-linear", cache, "--steps", "2", "--quiet", "--out", tmp_path / "r", *extra), fragment)
 
 
-def test_train_linear_refuses_unfinished_cache(tmp_path):
+def test_train_linear_refuses_unfinished_cache(image_folder, tmp_path):
     import h5py
 
-    with h5py.File(tmp_path / "p.h5", "w") as f:
-        f.attrs["provenance_sha256"] = "x"
+    cache = tmp_path / "p.h5"
+    assert run("extract", image_folder, "--out", cache, *SMALL).exit_code == 0
+    with h5py.File(cache, "r+") as f:  # as an extraction stopped after 10 of 18 images leaves it
         f.attrs["complete"] = False
-        f.attrs["num_examples"] = 10
-    assert_one_line_error(run("train-linear", tmp_path / "p.h5", "--quiet"), "unfinished extraction")
+        f.attrs["num_done"] = 10
+    assert_one_line_error(run("train-linear", cache, "--quiet"), "unfinished extraction (10 of 18 images)")
 
 
 def test_cli_pretrain_source_and_pretrain(tmp_path):
