@@ -151,6 +151,10 @@ class FeatureCache:
     def provenance_sha256(self) -> str:
         return self.meta["provenance_sha256"]
 
+    def usable_counts(self) -> list[int]:
+        """The number of usable images (``valid`` rows) of each domain, in ``domain_names`` order."""
+        return np.bincount(self.domains[self.valid], minlength=len(self.domain_names)).tolist()
+
     def domain_indices(self, domain: int | str) -> np.ndarray:
         """Global row indices of one domain, in its own order (what :func:`linft.data.splits.split_indices` indexes)."""
         i = self.domain_names.index(domain) if isinstance(domain, str) else int(domain)
