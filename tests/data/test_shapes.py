@@ -72,3 +72,11 @@ def test_pretraining_source_is_broader_and_disjoint_from_the_demo(tmp_path):
         assert not np.array_equal(a, b)
     with pytest.raises(LinftError, match="not empty"):
         write_pretraining_source(src, per_class=1, size=16, workers=1)
+
+
+@pytest.mark.parametrize("change,fragment", [(dict(per_class=0), "per_class 0"), (dict(per_class=-3), "per_class -3"),
+                                             (dict(seed=-1), "seed -1")])
+def test_no_images_or_a_negative_seed_are_refused_before_writing(tmp_path, change, fragment):
+    with pytest.raises(LinftError, match=fragment):
+        write_demo_data(tmp_path / "d", **{"per_class": 2, "size": 16, **change})
+    assert not (tmp_path / "d").exists()
