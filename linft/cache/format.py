@@ -211,7 +211,7 @@ def attribute_problems(meta: dict, provenance: bool = True) -> list[str]:
     if missing:
         more = f" (and {len(missing) - 4} more)" if len(missing) > 4 else ""
         return [f"lacks the attribute{'s' if len(missing) > 1 else ''} {', '.join(missing[:4])}{more}"]
-    problems = [p for p in map(lambda k: _names_problem(meta, k), ("domain_names", "class_names", "blocks")) if p]
+    problems = [p for p in (_names_problem(meta, k) for k in ("domain_names", "class_names", "blocks")) if p]
     problems += [f"has {k} {meta[k]!r}, not a whole number >= {least}"
                  for k, least in (("num_examples", 0), ("feature_dim", 1)) if not _is_count(meta[k], least)]
     per_domain = meta["per_domain"]
@@ -220,9 +220,16 @@ def attribute_problems(meta: dict, provenance: bool = True) -> list[str]:
         problems.append("has a per_domain attribute without the count of every domain")
     if meta.get("views") and not (_is_count(meta["views"], 1) and "views_transform" in meta and "views_seed" in meta):
         problems.append(f"has views {meta['views']!r} without views_transform and views_seed")
-    if provenance and not problems and provenance_sha256(meta) != meta["provenance_sha256"]:
+    if provenance and not problems and _hash_or_none(meta) != meta["provenance_sha256"]:
         problems.append("has attributes edited after extraction (provenance_sha256 is not their hash)")
     return problems
+
+
+def _hash_or_none(meta: dict) -> str | None:
+    try:
+        return provenance_sha256(meta)
+    except TypeError:  # an identity attribute edited into an array, which JSON cannot hold
+        return None
 
 
 def expected_datasets(meta: dict) -> dict[str, tuple]:
