@@ -59,7 +59,7 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
-def _utf8_name(folder, name: str) -> str:
+def _utf8_name(folder, name: str, fix: str = "or move it out of the dataset") -> str:
     """``name`` (an entry of ``folder``), refused in one line when it is not UTF-8: names are stored as UTF-8 text
     (the cache's paths, the file-list hash), and Python reads other bytes as lone surrogates that cannot be."""
     try:
@@ -67,9 +67,8 @@ def _utf8_name(folder, name: str) -> str:
     except UnicodeEncodeError:
         raw = os.fsencode(name)
         where = str(folder).encode("utf-8", "backslashreplace").decode()
-        raise LinftError(f"the name {raw!r} in {where} "
-                         f"is not UTF-8; rename it to UTF-8 (e.g. `convmv -f latin1 -t utf8 -r --notest FOLDER`) "
-                         f"or move it out of the dataset") from None
+        raise LinftError(f"the name {raw!r} in {where} is not UTF-8; rename it to UTF-8 "
+                         f"(e.g. `convmv -f latin1 -t utf8 -r --notest FOLDER`) {fix}") from None
     return name
 
 
@@ -210,6 +209,9 @@ def load_image_folder(root: str | os.PathLike, name: str | None = None) -> Multi
         )
     if not root.is_dir():
         raise LinftError(f"dataset path {root} is not a folder; pass the folder that holds the domain folders")
+    resolved = root.resolve()
+    for folder in [*reversed(resolved.parents[:-1]), resolved]:  # the cache records where its dataset is, as text
+        _utf8_name(folder.parent, folder.name, "or move the dataset to a folder whose path is UTF-8")
     domains = _sorted_subdirs(root)
     if not domains:
         raise LinftError(f"dataset folder {root} has no domain sub-folders; expected {root}/<domain>/<class>/<image>")

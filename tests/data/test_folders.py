@@ -135,3 +135,9 @@ def test_entries_that_are_not_regular_files_are_skipped(tmp_path):
     (root / "a" / "x" / "gone.png").symlink_to(tmp_path / "missing.png")  # a dangling link stays listed: reading it
     with pytest.warns(UserWarning):                                      # fails by name (or is skipped on request)
         assert "a/x/gone.png" in load_image_folder(root).paths
+
+
+def test_a_dataset_folder_whose_path_is_not_utf8_is_refused_naming_the_folder(tmp_path):
+    root = make_image_folder(tmp_path / "caf\udce9" / "d", domains=("a", "b"), classes=("x",), per_class=1)
+    with pytest.raises(LinftError, match=rf"caf\\xe9' in {tmp_path} is not UTF-8; rename it"):
+        load_image_folder(root)
