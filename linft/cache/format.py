@@ -114,11 +114,12 @@ def existing_cache_attrs(path: Path) -> dict | None:
     try:
         with h5py.File(path, "r") as f:
             attrs = read_attrs(f)
+            damaged = "provenance_sha256" not in attrs or bool(cache_problems(f, attrs)[0])
     except OSError as exc:
         if exc.errno == errno.EAGAIN or "unable to lock file" in str(exc).lower():
             raise LinftError(f"{path} is open for writing in another process; wait for it to finish") from None
         return None  # truncated or foreign: not a usable cache
-    return attrs if "provenance_sha256" in attrs else None
+    return None if damaged else attrs  # foreign, or edited (:func:`cache_problems`): not a usable cache
 
 
 
@@ -270,11 +271,19 @@ def content_problems(labels: np.ndarray, domains: np.ndarray, meta: dict) -> lis
     return problems
 
 
+def cache_problems(f: h5py.File, meta: dict) -> tuple[list[str], np.ndarray | None, np.ndarray | None]:
+    """THE structural check of an open cache: the problems of its attributes, else of its datasets, else of its ids;
+    with the labels and domains it read (None when it could not)."""
+    problems = attribute_problems(meta) or dataset_problems(f, meta)
+    if problems:
+        return problems, None, None
+    labels, domains = f["labels"][...], f["domains"][...]
+    return content_problems(labels, domains, meta), labels, domains
+
+
 def check_cache(f: h5py.File, meta: dict, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Refuse, in one line, a cache whose attributes, datasets or ids are unusable; returns its labels and domains."""
-    problems = attribute_problems(meta) or dataset_problems(f, meta)
-    labels, domains = (f["labels"][...], f["domains"][...]) if not problems else (None, None)
-    problems = problems or content_problems(labels, domains, meta)
+    problems, labels, domains = cache_problems(f, meta)
     if problems:
         raise LinftError(f"{path} is not a usable linft feature cache: it {'; it '.join(problems)}; re-create it "
                          f"with `linft extract` (`linft cache verify {path}` lists every check)")

@@ -125,3 +125,16 @@ def test_a_cache_edited_after_records_were_appended_is_refused_and_the_records_k
     result = CliRunner().invoke(main, ["train-linear", str(cache), "--out", str(out), *TRAIN, "--lr", "5e-4"])
     assert_one_line_error(result, str(cache), "edited")
     assert (out / "records.jsonl").read_bytes() == records
+
+
+def test_an_edited_partial_file_is_not_resumed_but_started_over(good_cache, tmp_path):
+    folder, out = make_image_folder(tmp_path / "toy"), tmp_path / "c.h5"
+    partial = tmp_path / "c.h5.partial"
+    partial.write_bytes(good_cache.read_bytes())
+    with h5py.File(partial, "r+") as f:  # an interrupted extraction of the same settings, then a dataset deleted
+        f.attrs["complete"], f.attrs["num_done"] = False, 8
+        del f["valid"]
+    with pytest.warns(UserWarning, match="discarding unreadable partial file"):
+        assert extract_features(folder, out, **SMALL).status == "extracted"  # no KeyError; every row recomputed
+    assert verify_cache(out).ok
+    np.testing.assert_array_equal(open_cache(out).features, open_cache(good_cache).features)
