@@ -4,7 +4,10 @@ A dataset is a folder ``root/<domain>/<class>/<image>``. Domains are the sorted
 sub-folders of ``root``; inside a domain the examples are ordered exactly as
 torchvision's ``ImageFolder`` orders them (classes sorted, then the sorted walk
 of each class folder), because DomainBed's in/out split is defined on that
-order. The class set must be identical across domains.
+order. The class set must be identical across domains. Names must be UTF-8
+(they are stored as text: the cache's paths, the file-list hash); entries
+named like images that are not regular files (a FIFO, a socket) are skipped
+with a warning, since reading one would block.
 
 The DomainBed benchmarks can also be named (``PACS``, ``VLCS``, ``OfficeHome``,
 ``TerraIncognita``, ``DomainNet``) and are then looked up under a data root in
