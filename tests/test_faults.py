@@ -47,7 +47,8 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_partial(t
 
 def test_records_that_cannot_be_written_are_one_line_and_the_file_stays_readable(tmp_path):
     from linft.protocol.records import RecordWriter, read_records
-    good = {"run_id": "r0", "step": 0, "splits": {"a_in": [1, 2]}, "test_domain": "a", "train_domains": ["b"],
+    good = {"run_id": "r0", "step": 0, "splits": {"a_in": [1, 2], "a_out": [1, 2], "b_in": [3, 4], "b_out": [1, 1]},
+            "test_domain": "a", "train_domains": ["b"],
             "seed": 0, "label": "m", "final": False}
     with RecordWriter(tmp_path / "records.jsonl") as w:
         w.write(good)

@@ -231,8 +231,8 @@ def load_backbone(name: str = "resnet50", weights: str | os.PathLike = "DEFAULT"
         else:
             path = weights_file(name, text, list(members))
             state = read_state_dict(path)
-            fc = state.get("fc.weight")
-            model = build_backbone(name, int(fc.shape[0]) if fc is not None else 1000)
+            fc = state.get("fc.weight")  # (classes, features); any other rank is refused by the strict load below
+            model = build_backbone(name, int(fc.shape[0]) if fc is not None and fc.dim() == 2 else 1000)
             load_weights(model, state, name, str(path))
             resolved = str(path.resolve())
     model.eval()

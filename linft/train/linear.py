@@ -244,7 +244,7 @@ def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: Linear
     names = cache.domain_names
     test_names = check_grid(names, test_domains=grid.test_domains, seeds=grid.seeds, lrs=grid.lrs,
                             weight_decays=grid.weight_decays, dropouts=grid.dropouts, probe=grid.probe,
-                            where="the cache")
+                            usable=cache.usable_counts(), where="the cache")
     config.check()
     dev = resolve_device(device)
     sinks = [TensorBoardSink(tensorboard_dir)] if tensorboard_dir is not None else []

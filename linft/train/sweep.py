@@ -17,6 +17,7 @@ Launchers:
 
 from __future__ import annotations
 
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -148,6 +149,9 @@ def launch_sweep(dataset: MultiDomainDataset, out_dir, runs: list[FineTuneRun], 
     config.check()
     if options.launcher not in LAUNCHERS:
         raise LinftError(f"unknown launcher '{options.launcher}'; use one of {', '.join(LAUNCHERS)}")
+    if options.launcher == "slurm" and shutil.which("srun") is None:  # what submitit looks for, with a traceback
+        raise LinftError("the slurm launcher needs Slurm, but its srun command is not found on this machine; run "
+                         "from a Slurm login node, or use launcher 'local' (or 'submitit-local') here")
     check_runs(runs, config, options.across_runs)
     hooks = watch_hooks(options.say, options.tensorboard_dir)  # a missing tensorboard package fails here, early
     out_dir = Path(out_dir)

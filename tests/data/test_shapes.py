@@ -95,3 +95,11 @@ def test_demo_data_refuses_a_folder_with_files_and_force_replaces_it_whole(tmp_p
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*.png")} == \
         {p.relative_to(fresh): p.read_bytes() for p in fresh.rglob("*.png")}
     assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("change,fragment", [(dict(per_class=0), "per_class 0"), (dict(per_class=-3), "per_class -3"),
+                                             (dict(seed=-1), "seed -1")])
+def test_no_images_or_a_negative_seed_are_refused_before_writing(tmp_path, change, fragment):
+    with pytest.raises(LinftError, match=fragment):
+        write_demo_data(tmp_path / "d", **{"per_class": 2, "size": 16, **change})
+    assert not (tmp_path / "d").exists()

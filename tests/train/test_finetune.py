@@ -673,7 +673,7 @@ def test_cli_incompatible_checkpoint(data_root, ds, tmp_path, content, fragment)
     else:
         torch.save(torch.zeros(3), folder.checkpoint)
     record = {"run_id": folder.run_id, "label": "x", "test_domain": "photo", "train_domains": ["cartoon", "sketch"],
-              "seed": 0, "step": 0, "splits": {}}
+              "seed": 0, "step": 0, "splits": {f"{d}_{part}": [1, 2] for d in ds.domains for part in ("in", "out")}}
     folder.records.write_text(json.dumps(record) + "\n")
     before = {p.name: p.read_bytes() for p in folder.root.iterdir()}
     result = CliRunner().invoke(main, tiny_args(data_root, out))
