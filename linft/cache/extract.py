@@ -12,7 +12,6 @@ complete.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ import torchvision
 
 import linft
 from linft.cache.format import (CACHE_FORMAT_VERSION, DTYPES, default_cache_path, existing_cache_attrs,
-                                identity_differences, provenance_sha256, write_attrs)
+                                identity_differences, provenance_sha256, row_digests, write_attrs)
 from linft.data.folders import MultiDomainDataset, load_image_folder
 from linft.data.images import (describe_transform, describe_views_transform, first_bad_image,
                                image_loader, model_input, worker_died)
@@ -204,18 +203,6 @@ def _resume_point(partial: Path, attrs: dict, force: bool) -> int:
     if num_done == 0:
         partial.unlink()
     return num_done
-
-
-def row_digests(features: np.ndarray, views: np.ndarray | None, valid: np.ndarray) -> np.ndarray:
-    """One 64-bit digest per row of its stored bytes (features, views, valid flag); never 0 (the fill value)."""
-    out = np.empty(len(features), dtype=np.uint64)
-    for i in range(len(features)):
-        h = hashlib.blake2b(np.ascontiguousarray(features[i]).tobytes(), digest_size=8)
-        if views is not None:
-            h.update(np.ascontiguousarray(views[i]).tobytes())
-        h.update(b"\x01" if valid[i] else b"\x00")
-        out[i] = int.from_bytes(h.digest(), "little") | (1 << 63)
-    return out
 
 
 def proven_rows(partial: Path, claimed: int, chunk: int = 4096) -> int:

@@ -124,6 +124,18 @@ def existing_cache_attrs(path: Path) -> dict | None:
 
 
 
+def row_digests(features: np.ndarray, views: np.ndarray | None, valid: np.ndarray) -> np.ndarray:
+    """One 64-bit digest per row of its stored bytes (features, views, valid flag); never 0 (the fill value)."""
+    out = np.empty(len(features), dtype=np.uint64)
+    for i in range(len(features)):
+        h = hashlib.blake2b(np.ascontiguousarray(features[i]).tobytes(), digest_size=8)
+        if views is not None:
+            h.update(np.ascontiguousarray(views[i]).tobytes())
+        h.update(b"\x01" if valid[i] else b"\x00")
+        out[i] = int.from_bytes(h.digest(), "little") | (1 << 63)
+    return out
+
+
 @dataclass
 class FeatureCache:
     """A complete feature cache in memory: arrays plus the provenance attributes in ``meta``."""

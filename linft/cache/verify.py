@@ -19,8 +19,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from linft.cache.format import (attribute_problems, cache_attrs, content_problems, dataset_problems,
-                                expected_datasets, open_h5, read_paths)
+from linft.cache.format import (attribute_problems, cache_attrs, content_problems, dataset_problems, expected_datasets,
+                                open_h5, read_paths, row_digests)
 from linft.data.folders import file_list_sha256, load_image_folder
 
 
@@ -100,10 +100,26 @@ def check_finite(f: h5py.File, meta: dict, paths: list[str] | None, chunk_rows: 
     return bad_rows == 0, f"{bad_rows} rows with NaN/inf" if bad_rows else f"{done} rows finite"
 
 
+def check_digests(f: h5py.File, meta: dict, paths: list[str] | None, chunk_rows: int = 4096) -> tuple[bool, str]:
+    """Every written row's content against the digest stored with it (caches of earlier releases have none)."""
+    if "digests" not in f:
+        return True, "no row digests (made by an earlier linft)"
+    done = _num_examples(meta) if meta.get("complete") else int(meta.get("num_done", 0))
+    views = f["views"] if "views" in f else None
+    bad = []
+    for a in range(0, done, chunk_rows):
+        b = min(done, a + chunk_rows)
+        got = row_digests(f["features"][a:b], views[a:b] if views is not None else None, f["valid"][a:b])
+        bad.extend((a + np.flatnonzero(got != f["digests"][a:b])).tolist())
+    if bad:
+        return False, f"{len(bad)} rows differ from their digest (first: row {bad[0]}); re-extract with --force"
+    return True, f"{done} rows match their digests"
+
+
 #: The checks of :func:`verify_cache`, in report order.
 CHECKS = {"complete": check_complete, "provenance": check_provenance, "shapes": check_shapes,
           "file list": check_file_list, "domain counts": check_domain_counts, "labels": check_labels,
-          "finite": check_finite}
+          "finite": check_finite, "digests": check_digests}
 
 
 def check_dataset_folder(meta: dict, paths: list[str], data: str | os.PathLike) -> tuple[bool, str]:
