@@ -10,6 +10,7 @@ import ast
 import importlib
 import importlib.util
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -44,6 +45,11 @@ def short_help(name: str) -> str:
     return " ".join(ast.get_docstring(node).split("\n\n")[0].split())
 
 
+def _terminated(signum, frame):
+    """SIGTERM handler: raise KeyboardInterrupt where the program is, so every ``finally`` runs."""
+    raise KeyboardInterrupt
+
+
 class LinftGroup(click.Group):
     """Loads each command's module when it runs; turns library errors into one line and exit 2, never a traceback."""
 
@@ -65,6 +71,9 @@ class LinftGroup(click.Group):
             click.echo(f"warning: {message}", err=True)
 
         warnings.showwarning = one_line_warning
+        # Slurm's time limit and scancel send SIGTERM: leave through the same clean-up as Ctrl-C (locks released,
+        # partial files closed), so that a resubmitted job, maybe on another host, resumes.
+        signal.signal(signal.SIGTERM, _terminated)
         try:
             return super().invoke(ctx)
         except LinftError as exc:

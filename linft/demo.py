@@ -175,7 +175,7 @@ def run_demo(out: str | Path = "demo_out", config: DemoConfig = DemoConfig(), *,
 
     if not (data / "photo").is_dir():
         say(f"[1/{STAGES}] generating the demo benchmark in {data}")
-        write_demo_data(data, seed=config.seed, per_class=config.per_class)
+        write_demo_data(data, seed=config.seed, per_class=config.per_class, force=True)  # its own folder
     else:
         say(f"[1/{STAGES}] using the demo benchmark already in {data}")
     backbone, weights = DEMO_BACKBONE

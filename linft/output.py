@@ -103,6 +103,15 @@ def commit_partial(partial: Path, path: Path) -> None:
         os.close(fd)
 
 
+class WriteError(LinftError):
+    """A file that could not be written: ``path`` and ``reason`` (:func:`write_failure`), for callers that name the
+    output in their own words (a report folder rather than one of its files)."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"cannot write {path} ({reason}); free space or choose another location")
+        self.path, self.reason = path, reason
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Write ``path`` through ``write(file)`` so that readers see the old file or the whole new one, never a part.
 
@@ -119,8 +128,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         commit_partial(partial, path)
     except OSError as exc:
         partial.unlink(missing_ok=True)
-        raise LinftError(f"cannot write {path} ({write_failure(exc)}); free space or choose another "
-                         f"location") from None
+        raise WriteError(path, write_failure(exc)) from None
     except BaseException:  # e.g. an object torch cannot save, or an interrupt: no .partial left behind
         partial.unlink(missing_ok=True)
         raise
@@ -178,17 +186,50 @@ def _read_owner(path: Path) -> dict | None:
     return owner if isinstance(owner, dict) else None
 
 
+#: ``link`` errors of file systems without hard links (some FUSE and SMB mounts): locks are then made with O_EXCL.
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS}
+
+
 def _try_lock(path: Path, owner: dict) -> bool:
-    """Create the lock file with ``owner`` in it, atomically (a complete file or none: write aside, then link)."""
+    """Create the lock file with ``owner`` in it, atomically (written aside, then linked: a complete file or none;
+    where hard links do not exist, an exclusive create). False when it exists."""
+    text = json.dumps(owner)
     aside = path.with_name(f"{path.name}.{uuid.uuid4().hex}")
-    aside.write_text(json.dumps(owner), encoding="utf-8")
     try:
-        os.link(aside, path)
+        aside.write_text(text, encoding="utf-8")
+        try:
+            os.link(aside, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
         return True
-    except FileExistsError:
-        return False
     finally:
         aside.unlink(missing_ok=True)
+
+
+def _take_over(path: Path, stale: dict | None) -> None:
+    """Remove a dead owner's lock, but only if the file still is that owner's: another process may have taken it
+    over since it was read. The file is moved aside first and put back when it is someone else's."""
+    aside = path.with_name(f"{path.name}.stale.{uuid.uuid4().hex}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    if _read_owner(aside) != stale:  # a live lock taken since: put it back
+        try:
+            os.link(aside, path)
+        except OSError:
+            pass  # the name was taken meanwhile by a third process: its lock stands
+    aside.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -202,7 +243,7 @@ def output_lock(target: str | os.PathLike, *, folder: bool = False):
     file systems across hosts. The same process may take a lock it already holds (nested calls).
     """
     path = lock_path(target, folder)
-    key = path.absolute()
+    key = Path(os.path.realpath(path))  # one key however the path is spelled
     if key in _held_locks:
         _held_locks[key] += 1
         try:
@@ -213,7 +254,7 @@ def output_lock(target: str | os.PathLike, *, folder: bool = False):
     writable_folder(path.parent)
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
              "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(3):
+    for _ in range(5):
         try:
             if _try_lock(path, owner):
                 break
@@ -225,10 +266,14 @@ def output_lock(target: str | os.PathLike, *, folder: bool = False):
                 f"{target} is being written by another linft process (pid {held.get('pid')} on {held.get('host')}, "
                 f"since {held.get('started')}: {held.get('command')}); wait for it to finish, or if it is no longer "
                 f"running, delete {path}")
-        if held is None and path.exists() and time.time() - path.stat().st_mtime < 10:
-            time.sleep(0.5)  # a lock file being replaced right now; look again
+        try:
+            young = held is None and time.time() - path.stat().st_mtime < 10
+        except FileNotFoundError:
+            continue  # released meanwhile: try again
+        if young:
+            time.sleep(0.5)  # a lock file being written right now (O_EXCL locks); look again
             continue
-        path.unlink(missing_ok=True)  # its owner is dead: take the lock over
+        _take_over(path, held)  # its owner is dead
     else:
         raise LinftError(f"cannot take the lock {path}; if no linft process writes {target}, delete it")
     _held_locks[key] = 1

@@ -116,3 +116,89 @@ def test_a_read_only_file_system_is_named_as_such():
     folder = read_only_mount()
     with pytest.raises(LinftError, match=r"\(read-only file system\); choose another --out"):
         writable_folder(folder)
+
+
+def test_a_terminated_command_releases_its_lock(tmp_path):
+    """Slurm's time limit sends SIGTERM: the command leaves through its clean-up, so the lock is gone and a
+    resubmitted job (maybe on another host, where a dead owner cannot be checked) is not refused."""
+    import signal
+    import time
+    script = textwrap.dedent(f"""
+        import time
+        import click
+        from linft.cli.main import LinftGroup
+        from linft.output import output_lock
+
+        class Group(LinftGroup):  # linft's group (its signal handling and errors) with one test command
+            def get_command(self, ctx, name):
+                return click.Group.get_command(self, ctx, name)
+
+        @click.command()
+        def hold():
+            with output_lock({str(tmp_path / 'out')!r}, folder=True):
+                print("locked", flush=True)
+                time.sleep(60)
+        group = Group(commands={{"hold": hold}})
+        group(["hold"])
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "locked"
+    lock = lock_path(tmp_path / "out", folder=True)
+    assert lock.exists()
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=60) == 130
+    assert "interrupted; re-run the same command to resume" in child.stderr.read()
+    assert not lock.exists()
+
+
+def test_a_stale_lock_taken_over_by_one_process_is_not_taken_from_it(tmp_path):
+    """Two processes saw the same dead owner; one took the lock over. The other must not remove that new lock."""
+    from linft.output import _take_over
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = lock_path(out, folder=True)
+    dead = {"pid": 2**22 + 7, "host": socket.gethostname(), "started": "then", "command": "killed"}
+    lock.write_text(json.dumps(dead))
+    with output_lock(out, folder=True):  # took it over from the dead owner
+        mine = json.loads(lock.read_text())
+        _take_over(lock, dead)  # the slower process, acting on what it read before
+        assert json.loads(lock.read_text()) == mine
+        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+            from linft.output import output_lock
+            from linft.errors import LinftError
+            try:
+                with output_lock({str(out)!r}, folder=True):
+                    print("taken")
+            except LinftError as exc:
+                print(exc)
+        """)], capture_output=True, text=True, timeout=120)
+        assert f"being written by another linft process (pid {os.getpid()}" in proc.stdout
+    assert not lock.exists() and sorted(p.name for p in out.iterdir()) == []
+
+
+def test_nested_locks_of_one_process_match_however_the_path_is_spelled(tmp_path):
+    (tmp_path / "x").mkdir()
+    with output_lock(tmp_path / "a", folder=True):
+        with output_lock(tmp_path / "x" / ".." / "a", folder=True):
+            pass
+        assert lock_path(tmp_path / "a", folder=True).exists()
+    assert not lock_path(tmp_path / "a", folder=True).exists()
+
+
+def test_a_report_on_a_full_disk_names_the_report_and_keeps_the_previous_one(tmp_path):
+    from linft.analysis.report import write_report
+    from linft.protocol.records import RecordWriter
+    sys.path.insert(0, os.path.dirname(__file__))
+    from helpers import full_grid_records
+    with RecordWriter(tmp_path / "runs" / "records.jsonl") as w:
+        for r in full_grid_records():
+            w.write(r)
+    before = {p.name: p.read_bytes() for p in write_report([tmp_path / "runs"], tmp_path / "rep").values()}
+    proc = limited(2000, f"""
+        from linft.analysis.report import write_report
+        write_report([{str(tmp_path / 'runs')!r}], {str(tmp_path / 'rep')!r}, force=True)
+    """, tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout.startswith(f"Error: cannot write the report to {tmp_path / 'rep'} (file too large")
+    assert ".partial" not in proc.stdout and "previous report, if any, is unchanged" in proc.stdout
+    assert {p.name: p.read_bytes() for p in (tmp_path / "rep").iterdir()} == before

@@ -28,7 +28,8 @@ from linft.analysis.plots import figure_files, plot_clouds, plot_dropout, plot_f
 from linft.errors import LinftError
 from linft.protocol.records import read_records
 from linft.protocol.selection import SE_FORMULAS, check_se
-from linft.output import PARTIAL_SUFFIX, atomic_write_text, output_lock, writable_folder, write_failure
+from linft.output import (PARTIAL_SUFFIX, WriteError, atomic_write_text, output_lock, writable_folder,
+                          write_failure)
 
 #: What summary.md says about units.
 UNITS_NOTE = ("Units: accuracies are fractions in [0, 1] in every CSV (columns named *_acc*) and percent in the "
@@ -256,8 +257,9 @@ def write_report(record_paths, out_dir, selection: str = "iid", se: str = "sampl
             for key, path in staged.items():
                 os.replace(path, out / path.name)
                 paths[key] = out / path.name
-        except OSError as exc:
-            raise LinftError(f"cannot write the report to {out} ({write_failure(exc)}); choose another --out "
+        except (OSError, WriteError) as exc:
+            reason = exc.reason if isinstance(exc, WriteError) else write_failure(exc)
+            raise LinftError(f"cannot write the report to {out} ({reason}); free space or choose another --out "
                              f"(the previous report, if any, is unchanged)") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)

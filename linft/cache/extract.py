@@ -179,18 +179,20 @@ def _up_to_date(out: Path, attrs: dict, force: bool) -> dict | None:
                      f"{_precision_hint(existing, attrs)}; pass --force to replace it or choose another --out")
 
 
-def _resume_point(partial: Path, attrs: dict, force: bool) -> int:
+def _resume_point(partial: Path, attrs: dict, force: bool, batch_size: int) -> int:
     """Rows already extracted in an interrupted file of the same provenance (0: start over, the file removed).
 
     Only rows whose stored digest matches their content count (:func:`proven_rows`): after a failed write (a full
-    disk) the file may claim rows that never reached the disk. ``force`` always starts over.
+    disk) the file may claim rows that never reached the disk. The point is a multiple of ``batch_size``, so the
+    redone rows go through the same batches as in one go (on GPUs a row's features may depend on its batch).
+    ``force`` always starts over.
     """
     if not partial.exists():
         return 0
     previous = None if force else existing_cache_attrs(partial)
     num_done = 0
     if previous is not None and previous["provenance_sha256"] == attrs["provenance_sha256"]:
-        num_done = proven_rows(partial, int(previous.get("num_done", 0)))
+        num_done = proven_rows(partial, int(previous.get("num_done", 0))) // batch_size * batch_size
         attrs["created"] = previous.get("created", attrs["created"])
     elif previous is None and not force:
         warnings.warn(f"discarding unreadable partial file {partial} (interrupted mid-write); starting over",
@@ -297,7 +299,7 @@ def _extract_locked(ds: MultiDomainDataset, out: Path, config: ExtractConfig, ex
         return ExtractResult(out, "up-to-date", len(ds), 0, time.perf_counter() - tick,
                              list(existing.get("skipped_paths", [])))
     partial = partial_path(out)
-    num_done = _resume_point(partial, attrs, force)
+    num_done = _resume_point(partial, attrs, force, config.batch_size)
     itemsize = np.dtype(DTYPES[config.dtype]).itemsize
     _check_location(out, (len(ds) - num_done) * (1 + config.views) * len(ext.blocks) * ext.dim * itemsize
                     + (0 if num_done else len(ds) * 120))

@@ -218,7 +218,9 @@ class ImageFiles(torch.utils.data.Dataset):
 def worker_died(exc: BaseException) -> LinftError | None:
     """The one-line error for a dead decoding worker (torch's RuntimeError, raised by the next batch fetch or at
     any point by its SIGCHLD handler), or None when ``exc`` is something else."""
-    if not isinstance(exc, RuntimeError) or "DataLoader worker" not in str(exc):
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or "DataLoader worker" not in text or \
+            not ("exited unexpectedly" in text or "killed by signal" in text):  # not an error raised in a worker
         return None
     reason = str(exc).strip().splitlines()[0]
     return LinftError(f"an image-decoding worker died ({reason}); the machine may be short of memory: re-run the "

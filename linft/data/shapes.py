@@ -33,7 +33,8 @@ from PIL import Image
 
 import linft
 from linft.errors import LinftError
-from linft.output import PARTIAL_SUFFIX, atomic_write_text, partial_path, writable_folder, write_failure
+from linft.output import (PARTIAL_SUFFIX, atomic_write_text, output_lock, partial_path, writable_folder,
+                          write_failure)
 
 DEMO_CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "crescent")
 DEMO_STYLES = ("photo", "sketch", "cartoon", "painting")
@@ -240,35 +241,52 @@ def write_shapes_dataset(
     return out
 
 
-def write_new_folder(out: str | os.PathLike, write: Callable[[Path], None], force: bool = False) -> Path:
+def _remove(path: Path) -> None:
+    """Remove a file or a folder tree, whichever ``path`` is (nothing when absent)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_new_folder(out: str | os.PathLike, write: Callable[[Path], None], force: bool = False,
+                     refusal: str = "pass --force to replace it whole (then re-extract its caches with "
+                                    "`linft extract --force`)") -> Path:
     """Make the folder ``out`` with ``write(folder)``: a folder with files in it is refused unless ``force``.
 
     The files are written into ``<out>.partial`` and the folder takes its name only once complete; with ``force``
     the old folder is then replaced whole (never merged: no image or domain of the old folder is left). A run
-    that stops half-way leaves ``out`` as it was.
+    that stops half-way leaves ``out`` as it was (the old folder is moved back if the new one cannot take its
+    place). ``refusal`` is the caller's way out of the refusal. Two commands on one ``out`` exclude each other
+    (:func:`linft.output.output_lock` on ``out``).
     """
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise LinftError(f"{out} exists and is not empty; choose a new folder, or pass --force to replace it whole "
-                         f"(then re-extract its caches with `linft extract --force`)")
-    staging = partial_path(out)
-    shutil.rmtree(staging, ignore_errors=True)
-    writable_folder(staging)
-    try:
-        write(staging)
-        if out.exists():
-            old = out.with_name(f"{out.name}.old{PARTIAL_SUFFIX}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    except OSError as exc:
-        raise LinftError(f"cannot write {out} ({write_failure(exc)}); free space or choose another folder "
-                         f"(an existing {out.name} is unchanged)") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        raise LinftError(f"{out} exists and is not empty; choose a new folder, or {refusal}")
+    writable_folder(out.parent)
+    with output_lock(out):
+        staging = partial_path(out)
+        old = out.with_name(f"{out.name}.old{PARTIAL_SUFFIX}")
+        _remove(staging)
+        writable_folder(staging)
+        try:
+            write(staging)
+            if out.exists():
+                _remove(old)
+                os.replace(out, old)
+                try:
+                    os.replace(staging, out)
+                except OSError:
+                    os.replace(old, out)  # put the old folder back
+                    raise
+                _remove(old)
+            else:
+                os.replace(staging, out)
+        except OSError as exc:
+            raise LinftError(f"cannot write {out} ({write_failure(exc)}); free space or choose another folder "
+                             f"(an existing {out.name} is unchanged)") from None
+        finally:
+            _remove(staging)
     return out
 
 
@@ -326,7 +344,7 @@ def write_pretraining_source(out: str | os.PathLike, seed: int = 0, per_class: i
         write_shapes_dataset(folder, classes=SOURCE_SHAPES, styles=SOURCE_STYLES, per_class=per_class, size=size,
                              seed=seed, seed_tag=SOURCE_SEED_TAG, workers=workers)
         atomic_write_text(folder / SOURCE_MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    return write_new_folder(out, write)
+    return write_new_folder(out, write, refusal="delete it first")
 
 
 def source_command(root: Path) -> str | None:

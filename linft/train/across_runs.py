@@ -23,6 +23,7 @@ from linft.models.heads import build_classifier
 from linft.models.registry import load_backbone
 from linft.protocol.records import RECORDS_FILE, RecordWriter, RunHeader, derived, finished_run_ids, make_record, \
     run_id
+from linft.output import output_lock, writable_folder
 from linft.protocol.selection import iid_accuracy, split_counts
 from linft.runtime import resolve_device
 from linft.train.ensembles import ensemble_scores
@@ -92,23 +93,25 @@ def evaluate_across_runs(dataset: MultiDomainDataset, out_dir, run_dirs, *, conf
     """Ensembles, soups and greedy soups of the selected models of ``run_dirs``; returns the records file."""
     dev = resolve_device(device)
     path = Path(out_dir) / ACROSS_RUNS_FOLDER / RECORDS_FILE
-    done = finished_run_ids([path])
-    eval_images = eval_images or EvalImages(dataset, config.image_size, config.eval_batch_size, config.workers)
-    with RecordWriter(path) as writer:
-        for (label, test_domain, seed), members in sorted(_groups(run_dirs).items(), key=lambda kv: kv[0]):
-            member_ids = [m[1]["run_id"] for m in members]
-            ids = {kind: run_id(across=kind, members=sorted(member_ids),
-                                rule=config.ensemble_rule if kind == "ensemble" else None) for kind in KINDS}
-            if all(i in done for i in ids.values()):
-                continue
-            if say:
-                say(f"ensembles and soups of {len(members)} runs: {label}, held out {test_domain}, seed {seed}")
-            scorer = _Scorer(dataset, members[0][1], config, eval_images, dev)
-            results, chosen = _results(scorer, [s for s, _ in members], config.ensemble_rule)
-            for kind, splits in results.items():
-                if ids[kind] not in done:
-                    hparams = {"members": len(members), "rule": config.ensemble_rule if kind == "ensemble" else None,
-                               "chosen": chosen if kind == "greedy-soup" else None}
-                    writer.write(make_record(_header(members[0][1], kind, ids[kind], hparams), 0, splits,
-                                             final=True, members=member_ids))
-    return path
+    with output_lock(writable_folder(path.parent), folder=True):  # one writer of these records
+        done = finished_run_ids([path])
+        eval_images = eval_images or EvalImages(dataset, config.image_size, config.eval_batch_size, config.workers)
+        with RecordWriter(path) as writer:
+            for (label, test_domain, seed), members in sorted(_groups(run_dirs).items(), key=lambda kv: kv[0]):
+                member_ids = [m[1]["run_id"] for m in members]
+                ids = {kind: run_id(across=kind, members=sorted(member_ids),
+                                    rule=config.ensemble_rule if kind == "ensemble" else None) for kind in KINDS}
+                if all(i in done for i in ids.values()):
+                    continue
+                if say:
+                    say(f"ensembles and soups of {len(members)} runs: {label}, held out {test_domain}, seed {seed}")
+                scorer = _Scorer(dataset, members[0][1], config, eval_images, dev)
+                results, chosen = _results(scorer, [s for s, _ in members], config.ensemble_rule)
+                for kind, splits in results.items():
+                    if ids[kind] not in done:
+                        rule = config.ensemble_rule if kind == "ensemble" else None
+                        hparams = {"members": len(members), "rule": rule,
+                                   "chosen": chosen if kind == "greedy-soup" else None}
+                        writer.write(make_record(_header(members[0][1], kind, ids[kind], hparams), 0, splits,
+                                                 final=True, members=member_ids))
+        return path

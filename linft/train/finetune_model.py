@@ -157,6 +157,8 @@ def finetune_label(run: FineTuneRun, weights: str, config: FineTuneConfig | None
         parts.append("BN trained")
     if config is not None and config.augment != "pil":
         parts.append("no augmentation" if config.augment == "none" else f"{config.augment} augmentation")
+    if config is not None and config.split_seed is not None:
+        parts.append(f"split seed {config.split_seed}")
     parts.append(f"dropout {run.dropout:g}")
     return ", ".join(parts)
 

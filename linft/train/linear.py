@@ -79,9 +79,11 @@ def linear_method(probe: bool) -> str:
     return "linear-probe" if probe else "linear-ft"
 
 
-def linear_label(point: GridPoint) -> str:
-    """The unit a report compares: linear probing, or linear fine-tuning at one dropout rate."""
-    return "linear probe" if point.probe else f"linear FT, dropout {point.dropout:g}"
+def linear_label(point: GridPoint, split_seed: int | None = None) -> str:
+    """The unit a report compares: linear probing, or linear fine-tuning at one dropout rate (and the fixed split
+    seed when one is set: runs on one split and on each seed's own split are never pooled)."""
+    label = "linear probe" if point.probe else f"linear FT, dropout {point.dropout:g}"
+    return label if split_seed is None else f"{label}, split seed {split_seed}"
 
 
 @dataclass
@@ -108,7 +110,7 @@ class _Protocol:
 
     def header(self, e: int, s: int, p: GridPoint) -> RunHeader:
         names, meta = self.cache.domain_names, self.cache.meta
-        return RunHeader(method=linear_method(p.probe), label=linear_label(p), dataset=meta.get("dataset_name"),
+        return RunHeader(method=linear_method(p.probe), label=linear_label(p, self.split_seed), dataset=meta.get("dataset_name"),
                          source=self.cache.provenance_sha256, backbone=meta.get("backbone"),
                          weights=meta.get("weights"), test_domain=names[e],
                          train_domains=[names[d] for d in range(len(names)) if d != e], hparams=self.hparams(p),

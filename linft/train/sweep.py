@@ -30,7 +30,7 @@ from linft.data.images import EvalImages
 from linft.errors import LinftError
 from linft.models.registry import load_backbone
 from linft.train.across_runs import evaluate_across_runs
-from linft.output import say_line
+from linft.output import output_lock, say_line, writable_folder
 from linft.train.finetune import finetune, train_run, watch_hooks
 from linft.train.finetune_model import FineTuneConfig, FineTuneRun, finetune_label
 from linft.train.finetune import run_identity
@@ -161,35 +161,37 @@ def launch_sweep(dataset: MultiDomainDataset, out_dir, runs: list[FineTuneRun], 
     folders = [RunFolder.of(out_dir, run_identity(r, backbone, bb.weights_sha256, dataset.file_list_sha256, config))
                for r in runs]
     labels = [finetune_label(r, bb.weights, config) for r in runs]
-    done_before = [f.is_done() for f in folders]
-    eval_images = None
-    if not all(done_before):
-        write_plan(out_dir, {f.run_id: {"label": label, "test_domain": r.test_domain, "seed": r.seed,
-                                        "grid": {"lr": r.lr, "weight_decay": r.weight_decay}}
-                             for r, f, label in zip(runs, folders, labels)})
-    jobs, statuses = [], []
-    if options.launcher == "local" and options.gpus <= 1:
-        result = finetune(dataset, out_dir, runs=runs, backbone=backbone, weights=weights, config=config,
-                          device=options.device, progress=options.progress, hooks=hooks)
-        todo = [r for r, before in zip(result.runs, done_before) if not before]
-        statuses, eval_images = [r.status for r in todo], result.eval_images
-    else:
-        todo = [r for r, before in zip(runs, done_before) if not before]
-        args = [(str(dataset.root), str(out_dir), asdict(r), backbone, weights, asdict(config)) for r in todo]
-        say(f"{len(todo)} of {len(runs)} runs to do ({len(runs) - len(todo)} already done), "
-            f"launcher {options.launcher}")
-        if todo and options.launcher == "local":
-            watch = {"log": options.say is not None, "tensorboard_dir": options.tensorboard_dir}
-            statuses = _on_gpus(args, options.gpus, dataset.name, watch)
-        elif todo:
-            jobs, statuses = _on_submitit(args, out_dir, options, dataset.name)
-    if options.across_runs and options.wait:
-        evaluate_across_runs(dataset, out_dir, [f.root for f in folders], config=config, device=options.device,
-                             eval_images=eval_images or EvalImages(dataset, config.image_size,
-                                                                   config.eval_batch_size, config.workers),
-                             say=options.say)
-    finals = [f.final_status() for f in folders]
-    diverged = [{"label": label, "lr": r.lr, "weight_decay": r.weight_decay}
-                for r, label, final in zip(runs, labels, finals) if final == "diverged"]
-    return {"submitted": len(todo), "skipped": len(runs) - len(todo), "jobs": [j.job_id for j in jobs],
-            "statuses": statuses, "usable": finals.count("ok"), "divergence": divergence_note(diverged, len(runs))}
+    writable_folder(out_dir)
+    with output_lock(out_dir, folder=True):  # a second identical launch refuses at once
+        done_before = [f.is_done() for f in folders]
+        eval_images = None
+        if not all(done_before):
+            write_plan(out_dir, {f.run_id: {"label": label, "test_domain": r.test_domain, "seed": r.seed,
+                                            "grid": {"lr": r.lr, "weight_decay": r.weight_decay}}
+                                 for r, f, label in zip(runs, folders, labels)})
+        jobs, statuses = [], []
+        if options.launcher == "local" and options.gpus <= 1:
+            result = finetune(dataset, out_dir, runs=runs, backbone=backbone, weights=weights, config=config,
+                              device=options.device, progress=options.progress, hooks=hooks)
+            todo = [r for r, before in zip(result.runs, done_before) if not before]
+            statuses, eval_images = [r.status for r in todo], result.eval_images
+        else:
+            todo = [r for r, before in zip(runs, done_before) if not before]
+            args = [(str(dataset.root), str(out_dir), asdict(r), backbone, weights, asdict(config)) for r in todo]
+            say(f"{len(todo)} of {len(runs)} runs to do ({len(runs) - len(todo)} already done), "
+                f"launcher {options.launcher}")
+            if todo and options.launcher == "local":
+                watch = {"log": options.say is not None, "tensorboard_dir": options.tensorboard_dir}
+                statuses = _on_gpus(args, options.gpus, dataset.name, watch)
+            elif todo:
+                jobs, statuses = _on_submitit(args, out_dir, options, dataset.name)
+        if options.across_runs and options.wait:
+            evaluate_across_runs(dataset, out_dir, [f.root for f in folders], config=config, device=options.device,
+                                 eval_images=eval_images or EvalImages(dataset, config.image_size,
+                                                                       config.eval_batch_size, config.workers),
+                                 say=options.say)
+        finals = [f.final_status() for f in folders]
+        diverged = [{"label": label, "lr": r.lr, "weight_decay": r.weight_decay}
+                    for r, label, final in zip(runs, labels, finals) if final == "diverged"]
+        return {"submitted": len(todo), "skipped": len(runs) - len(todo), "jobs": [j.job_id for j in jobs],
+                "statuses": statuses, "usable": finals.count("ok"), "divergence": divergence_note(diverged, len(runs))}

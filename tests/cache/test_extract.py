@@ -317,10 +317,11 @@ def test_rows_claimed_but_not_written_are_redone(image_folder, tmp_path):
     partial = Path(str(out) + ".partial")
     with h5py.File(partial, "r+") as f:
         assert f.attrs["num_done"] == 8
-        f["features"][4:8] = 0  # rows 4-7 never reached the disk
-        f["valid"][4:8] = False
+        f["features"][5:8] = 0  # rows 5-7 never reached the disk
+        f["valid"][5:8] = False
     seen = []
     res = extract_features(image_folder, out, on_checkpoint=lambda d, n: seen.append(d), **SMALL)
+    # resumed from row 4, the start of the batch of the first unproven row (batches of 4: the same batches)
     assert res.status == "resumed" and res.num_extracted == 14 and seen[0] == 8
     assert res.skipped_paths == []  # no good image reported as skipped
     a, b = open_cache(ref), open_cache(out)
@@ -416,4 +417,15 @@ def test_a_killed_decoding_worker_is_one_line_and_the_extraction_resumes(image_f
         extract_features(image_folder, out, on_checkpoint=kill_workers, **dict(SMALL, workers=1))
     res = extract_features(image_folder, out, **dict(SMALL, workers=1))
     assert res.status == "resumed" and not (tmp_path / "c.h5.lock").exists()
+    np.testing.assert_array_equal(open_cache(ref).features, open_cache(out).features)
+
+
+def test_a_lost_digest_is_not_proof(image_folder, tmp_path):
+    """The rows reached the disk but their digests did not: they are redone too."""
+    import h5py
+    ref, out = _reference_and_interrupted(image_folder, tmp_path)
+    with h5py.File(Path(str(out) + ".partial"), "r+") as f:
+        f["digests"][6] = 0
+    res = extract_features(image_folder, out, **SMALL)
+    assert res.status == "resumed" and res.num_extracted == 14
     np.testing.assert_array_equal(open_cache(ref).features, open_cache(out).features)

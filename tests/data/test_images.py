@@ -199,3 +199,13 @@ def test_normalize_uint8_equals_to_tensor_and_normalize():
     # which may compute in another order or multiply by 1/std): both are float32 with values within [-2.2, 2.7],
     # so they agree to a few roundings (ulp 2.4e-7 near 2): 1e-6 relative and absolute.
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_only_a_dead_worker_is_reported_as_one():
+    from linft.data.images import worker_died
+    died = worker_died(RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. "))
+    assert died is not None and "an image-decoding worker died (DataLoader worker (pid 4242)" in str(died)
+    assert worker_died(RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")) is not None
+    # an error raised inside a worker (torch re-raises it in the main process) is not a dead worker
+    assert worker_died(RuntimeError("Caught RuntimeError in DataLoader worker process 0.")) is None
+    assert worker_died(ValueError("DataLoader worker (pid 1) is killed by signal")) is None

@@ -1,6 +1,7 @@
 """linft.data.shapes: the procedural benchmark (demo data) and the pretraining source of demo-resnet."""
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +104,30 @@ def test_no_images_or_a_negative_seed_are_refused_before_writing(tmp_path, chang
     with pytest.raises(LinftError, match=fragment):
         write_demo_data(tmp_path / "d", **{"per_class": 2, "size": 16, **change})
     assert not (tmp_path / "d").exists()
+
+
+def test_a_forced_replacement_that_fails_at_the_last_rename_keeps_the_old_folder(tmp_path):
+    """The new folder cannot take the name (here: its write leaves the staging folder unusable for the rename): the
+    old folder is moved back, whole, and nothing is left beside it."""
+    from linft.data.shapes import write_new_folder
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+
+    def write(folder):
+        (folder / "new.txt").write_text("new")
+        os.chmod(folder, 0o755)
+        folder.rename(folder.with_name("elsewhere"))  # the staging folder is gone: os.replace(staging, out) fails
+
+    with pytest.raises(LinftError, match="an existing data is unchanged"):
+        write_new_folder(out, write, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"] and (out / "old.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "elsewhere"]
+
+
+def test_pretrain_source_refusal_names_its_own_way_out(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "x").write_text("x")
+    with pytest.raises(LinftError, match="exists and is not empty; choose a new folder, or delete it first$"):
+        write_pretraining_source(src, per_class=1, size=16, workers=1)

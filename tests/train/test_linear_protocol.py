@@ -198,9 +198,11 @@ def test_split_seed_gives_every_seed_the_same_split(tmp_path):
     rows = {s: domain_split_rows(cache.domains, NDOM, s) for s in (0, 1)}
     assert not np.array_equal(rows[0][(0, "out")], rows[1][(0, "out")])  # the two seeds' own splits differ
     assert all(r["hparams"]["split_seed"] == 0 for r in fixed) and all("split_seed" not in r["hparams"] for r in own)
+    assert {r["label"] for r in fixed} == {"linear FT, dropout 0.9, split seed 0"}  # never pooled with the default
+    assert {r["label"] for r in own} == {"linear FT, dropout 0.9"}
     assert {r["run_id"] for r in own}.isdisjoint({r["run_id"] for r in fixed})
     # seed 0 with split seed 0 is the default seed 0 run, up to its id: the same numbers
-    strip = lambda recs: [(r["step"], r["splits"], r["loss"]) for r in recs if r["seed"] == 0]
+    strip = lambda recs: [(r["step"], r["splits"], r["loss"]) for r in recs if r["seed"] == 0]  # labels differ
     assert strip(own) == strip(fixed)
     # seed 1 with split seed 0: the plain loop fed seed 0's split and seed 1's randomness gives its losses
     rows_of = domain_split_rows(cache.domains, NDOM, 0, cache.valid)
