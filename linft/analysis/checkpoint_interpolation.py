@@ -146,6 +146,20 @@ def _columns(ds: MultiDomainDataset, classes: list[str], what: str) -> torch.Ten
     return torch.tensor([classes.index(c) for c in ds.classes])
 
 
+def _named_sets(folders: list) -> list[MultiDomainDataset]:
+    """The evaluation sets of ``folders``, each named by its folder's name; two of one name are refused (one would
+    hide the other in the results)."""
+    sets = [load_class_folder(f) for f in folders]
+    seen: dict[str, MultiDomainDataset] = {}
+    for ds in sets:
+        name = ds.domains[0]
+        if name in seen:
+            raise LinftError(f"evaluation sets {seen[name].root / name} and {ds.root / name} have one name '{name}' "
+                             "(sets are named by their folder's name); give their folders distinct names")
+        seen[name] = ds
+    return sets
+
+
 def _ends(config: CheckpointInterpolateConfig, classes: list[str], dev: torch.device):
     """The network (fine-tuned, C classes), the pretrained state with ω_p, the fine-tuned state, the backbones."""
     bb_p, bb_f = load_backbone(config.backbone, config.pretrained), load_backbone(config.backbone, config.finetuned)
@@ -183,13 +197,14 @@ def interpolate_checkpoints(iid: str | os.PathLike, ood: list[str | os.PathLike]
     alphas = config.check()
     say = say or (lambda _line: None)
     dev = resolve_device(config.device)
-    iid_ds = load_class_folder(iid)
+    folders = _named_sets([iid] + list(ood))
+    iid_ds = folders[0]
     classes = list(iid_ds.classes)
     net, pre_state, fin_state, bb_p, bb_f = _ends(config, classes, dev)
     transform, size = _input(bb_f)
     sets = {ds.domains[0]: _Set(ds, _columns(ds, classes, "evaluation set"),
                                 EvalImages(ds, size, config.batch_size, config.workers, transform=transform))
-            for ds in [iid_ds] + [load_class_folder(f) for f in ood]}
+            for ds in folders}
     precision = effective_precision(dev, config.precision)
     block = phi_block_names(net, 1)
     wk, bk = head_keys(fin_state)

@@ -168,3 +168,16 @@ def test_probe_and_file_heads_of_the_pretrained_end(setting, kind, tmp_path):
     expected, ties = _accuracy_bounds(head(phi), ds, [0, 1, 2])
     for path in ("weights", "representation"):
         assert abs(result.curves[path][0]["iid"] - expected) <= ties + 1e-9, path
+
+
+def test_two_sets_of_one_name_are_refused_before_any_computation(setting, tmp_path):
+    """`--iid ~/x/val --ood ~/y/val`: both sets would be named 'val' and one would overwrite the other."""
+    _, iid, *_ = setting
+    other = _folder(tmp_path / "y" / "val", CLASSES, 1, 5)
+    config = CheckpointInterpolateConfig(backbone=TINY_CLIP, pretrained="none", finetuned=str(tmp_path / "absent.pt"),
+                                         device="cpu", workers=0)  # never read: the names are checked first
+    with pytest.raises(LinftError, match=None) as info:
+        interpolate_checkpoints(iid, [other], config, out_dir=tmp_path / "out", progress=False)
+    text = str(info.value)
+    assert f"{iid} and {other} have one name 'val'" in text and "distinct names" in text and "\n" not in text
+    assert not (tmp_path / "out").exists()
