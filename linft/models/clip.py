@@ -1,4 +1,5 @@
-"""OpenCLIP image towers as linft backbones (``clip:ViT-B-32``), and CLIP's zero-shot head; needs ``linft[clip]``.
+"""OpenCLIP ViT image towers as linft backbones (``clip:ViT-B-32``; ResNet and timm towers are refused), and
+CLIP's zero-shot head; needs ``linft[clip]``.
 
 :class:`ClipImageTower` is open_clip's image tower with ``fc`` on its
 L2-normalised embedding, ``fc(e / ‖e‖)``: what a CLIP zero-shot head and a
@@ -115,15 +116,22 @@ def _create(model_name: str, pretrained: str | None = None, **kwargs) -> nn.Modu
     return oc.create_model(model_name, pretrained=pretrained, **kwargs)
 
 
-def _tower(clip_model: nn.Module, num_classes: int) -> ClipImageTower:
-    cfg = open_clip_module().get_model_preprocess_cfg(clip_model)
+def _tower(clip_model: nn.Module, num_classes: int, name: str) -> ClipImageTower:
+    """``clip_model``'s image tower as a linft backbone; a tower that is not open_clip's ``VisionTransformer``
+    (``clip:RN50``'s ModifiedResNet, a timm tower) is refused: its φ blocks and pooling are not linft's."""
+    oc = open_clip_module()
+    if not isinstance(clip_model.visual, oc.transformer.VisionTransformer):
+        raise LinftError(f"the image tower of {name} is a {type(clip_model.visual).__name__}; linft supports "
+                         "ViT-based CLIP models only (open_clip's VisionTransformer tower: clip:ViT-B-32, "
+                         "clip:ViT-B-16, clip:ViT-L-14, ...); pass one of those")
+    cfg = oc.get_model_preprocess_cfg(clip_model)
     return ClipImageTower(clip_model.visual, num_classes, cfg["mean"], cfg["std"])
 
 
 def _build(name: str, num_classes: int = 1000, **kwargs) -> ClipImageTower:
     if kwargs:
         raise LinftError(f"{name} takes no {', '.join(kwargs)} (an option of ResNets); use a ResNet-family backbone")
-    return _tower(_create(_model_name(name)), num_classes)
+    return _tower(_create(_model_name(name)), num_classes, name)
 
 
 def clip_transform(clip_model: nn.Module) -> tuple[transforms.Compose, transforms.Normalize]:
@@ -180,18 +188,18 @@ def _load(name: str, weights: str) -> Backbone:
     oc, model_name = open_clip_module(), _model_name(name)
     tags = list(oc.list_pretrained_tags_by_model(model_name))
     if weights.lower() == "none" or (weights.upper() == "DEFAULT" and not tags):
-        model, resolved = seeded(lambda: _tower(_create(model_name), 1000)), "none"
+        model, resolved = seeded(lambda: _tower(_create(model_name), 1000, name)), "none"
     elif weights in tags or weights.upper() == "DEFAULT":
         resolved = weights if weights in tags else tags[0]
         clip_model, name = _tag_weights(model_name, resolved)
-        model = seeded(lambda: _tower(clip_model, 1000))  # the head is a placeholder (fc), seeded
+        model = seeded(lambda: _tower(clip_model, 1000, name))  # the head is a placeholder (fc), seeded
     else:
         path = weights_file(name, weights, tags)
         state, soups = image_tower_state(read_state_dict(path))
         if soups and not model_name.endswith(QUICKGELU):
             name, model_name = name + QUICKGELU, model_name + QUICKGELU
         fc = state.get("fc.weight")
-        model = seeded(lambda: _tower(_create(model_name), int(fc.shape[0]) if fc is not None else 1000))
+        model = seeded(lambda: _tower(_create(model_name), int(fc.shape[0]) if fc is not None else 1000, name))
         if fc is None:  # a CLIP without a head: keep the placeholder head
             state = {**state, "fc.weight": model.fc.weight.detach(), "fc.bias": model.fc.bias.detach()}
         load_weights(model, state, name, str(path))

@@ -263,3 +263,19 @@ def test_resnet_options_are_refused_in_one_line():
         build_backbone("vit-tiny", 3, zero_init_residual=True)  # what `linft pretrain --arch` passes
     with pytest.raises(LinftError, match=f"{TINY_CLIP} takes no zero_init_residual"):
         build_backbone(TINY_CLIP, 3, zero_init_residual=True)
+
+
+@pytest.mark.parametrize("weights", ["none", "file"])
+def test_clip_towers_that_are_not_vits_are_refused_in_one_line(weights, tmp_path):
+    """A CLIP with a ResNet image tower (clip:RN50's ModifiedResNet, here a tiny one) has no residual blocks of a
+    ViT; it is refused when built or loaded, not by an AttributeError later."""
+    rn = "clip:linft-tiny-clip-rn"
+    if weights == "file":
+        weights = str(tmp_path / "rn.pt")
+        torch.save(open_clip.create_model(rn[5:]).state_dict(), weights)
+    for load in (lambda: load_backbone(rn, weights), lambda: build_backbone(rn, 3)):
+        with pytest.raises(LinftError, match=None) as info:
+            load()
+        text = str(info.value)
+        assert f"the image tower of {rn} is a ModifiedResNet" in text and "ViT-based CLIP models" in text
+        assert "\n" not in text
