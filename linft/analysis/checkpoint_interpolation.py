@@ -123,15 +123,17 @@ def _input(bb: Backbone) -> tuple:
     return transform, size
 
 
-def _pretrained_head(config: CheckpointInterpolateConfig, bb: Backbone, classes: list[str],
-                     dev: torch.device) -> LinearHead:
+def _pretrained_head(config: CheckpointInterpolateConfig, bb: Backbone, classes: list[str], dev: torch.device,
+                     images_as: tuple) -> LinearHead:
+    """ω_p for the pretrained end ``bb``; a probe is fitted on ``probe_data`` seen as ``images_as``
+    (``(transform, size)``: the fine-tuned end's, the images every evaluation feeds both ends)."""
     if config.pretrained_head == "zeroshot":
         return zero_shot_head(bb.name, config.pretrained, prompt_names(classes), device=dev)
     if config.pretrained_head != "probe":
         return _head_of_file(config.pretrained_head)
     probe = load_class_folder(config.probe_data)
     columns = _columns(probe, classes, "the probe data")
-    transform, size = _input(bb)
+    transform, size = images_as
     images = EvalImages(probe, size, config.batch_size, config.workers, transform=transform)
     block = phi_block_names(bb.model, 1)
     phi, _ = pooled_features_and_logits(bb.model.to(dev), block, images, dev, False, config.precision)
@@ -167,7 +169,7 @@ def _ends(config: CheckpointInterpolateConfig, classes: list[str], dev: torch.de
     if head_f.weight.shape[0] != len(classes):
         raise LinftError(f"the fine-tuned head has {head_f.weight.shape[0]} classes but the i.i.d. set has "
                          f"{len(classes)} class folders; pass the i.i.d. set of the head's classes (ImageNet's val)")
-    head_p = _pretrained_head(config, bb_p, classes, dev)
+    head_p = _pretrained_head(config, bb_p, classes, dev, _input(bb_f))
     if head_p.weight.shape != head_f.weight.shape:
         raise LinftError(f"the pretrained head has shape {tuple(head_p.weight.shape)} but the fine-tuned one "
                          f"{tuple(head_f.weight.shape)}; give both ends the same classes and features")

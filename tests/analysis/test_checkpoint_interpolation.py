@@ -12,8 +12,10 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 from PIL import Image
+from torchvision import transforms
 from torchvision.models.vision_transformer import VisionTransformer
 
+from linft.analysis import checkpoint_interpolation
 from linft.analysis.checkpoint_interpolation import CheckpointInterpolateConfig, interpolate_checkpoints
 from linft.cli.main import main
 from linft.data.folders import load_class_folder
@@ -181,3 +183,38 @@ def test_two_sets_of_one_name_are_refused_before_any_computation(setting, tmp_pa
     text = str(info.value)
     assert f"{iid} and {other} have one name 'val'" in text and "distinct names" in text and "\n" not in text
     assert not (tmp_path / "out").exists()
+
+
+def test_probe_head_is_fitted_on_the_images_as_the_fine_tuned_end_takes_them(setting, tmp_path, monkeypatch):
+    """The pretrained end brings its own transform (here one that blanks every image) and the fine-tuned end,
+    a file, takes DomainBed's: the probe is fitted on the images as evaluation feeds them (the fine-tuned end's),
+    so at α = 0 every path is the probe fitted here on those features. A probe fitted on blank images would
+    see one feature vector for all classes and could not separate them."""
+    _, iid, ood, *_ = setting
+    torch.manual_seed(3)
+    finetuned = tmp_path / "vit.pt"
+    torch.save(VisionTransformer(**TINY_VIT, num_classes=3).state_dict(), finetuned)
+    blank = transforms.Compose([transforms.Resize((32, 32)), transforms.PILToTensor(), transforms.Lambda(lambda t: t * 0)])
+
+    def load(name, weights):
+        bb = load_backbone(name, weights)
+        if weights == "none":  # the pretrained end, with weights that declare their own transform
+            bb.transform = blank
+        return bb
+
+    monkeypatch.setattr(checkpoint_interpolation, "load_backbone", load)
+    pre = load_backbone("vit-tiny", "none")
+    transform, _, size = load_backbone("vit-tiny", str(finetuned)).input_transform(32)  # DomainBed's at 32 px
+    ds = load_class_folder(iid)
+    with torch.no_grad():
+        phi = PooledBlockFeatures(pre.model, phi_block_names(pre.model, 1))(
+            normalize_uint8(EvalImages(ds, size, 64, 0, transform=transform).images))[:, -1]
+    head = fit_probe_head(phi, ds.labels, 3)
+    config = CheckpointInterpolateConfig(backbone="vit-tiny", pretrained="none", finetuned=str(finetuned),
+                                         alphas="0,1", device="cpu", workers=0, pretrained_head="probe",
+                                         probe_data=str(iid))
+    result = interpolate_checkpoints(iid, [ood], config, out_dir=tmp_path / "out", progress=False)
+    expected, ties = _accuracy_bounds(head(phi), ds, [0, 1, 2])
+    assert expected - ties > 0.5  # 12 images in 32 dimensions: the probe separates its own training set
+    for path in ("weights", "representation"):
+        assert abs(result.curves[path][0]["iid"] - expected) <= ties + 1e-9, path
