@@ -2,7 +2,8 @@
 folders (i.i.d. accuracy against the mean o.o.d. accuracy).
 
 The ends are two weights of one backbone (``--pretrained``: an enum name, an open_clip tag or a file;
-``--finetuned``: a file — linft's, a torchvision state_dict, a model-soups / wise-ft checkpoint), the
+``--finetuned``: a file — linft's, a torchvision state_dict, a model-soups / wise-ft state_dict, a pickled
+wise-ft module exported as ``classifier.state_dict()`` first), the
 fine-tuned one with its head ω_f, the pretrained one with a head ω_p chosen by ``pretrained_head``:
 
 - ``zeroshot``: CLIP's zero-shot classifier (:func:`linft.models.clip.zero_shot_head`), prompted with
