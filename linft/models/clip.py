@@ -38,7 +38,8 @@ from linft.data.images import IMAGENET_MEAN, IMAGENET_STD
 from linft.errors import LinftError
 from linft.models.checkpoints import read_state_dict, state_dict_sha256
 from linft.models.heads import LinearHead
-from linft.models.registry import Backbone, BackboneFamily, load_weights, register_family, seeded, weights_file
+from linft.models.registry import (Backbone, BackboneFamily, load_weights, read_backbone_state, register_family, seeded,
+                                   weights_file)
 
 PREFIX = "clip:"
 QUICKGELU = "-quickgelu"
@@ -221,7 +222,7 @@ def _load(name: str, weights: str) -> Backbone:
         model = seeded(lambda: _tower(clip_model, 1000, name))  # the head is a placeholder (fc), seeded
     else:
         path = weights_file(name, weights, tags)
-        state, finetuned = image_tower_state(read_state_dict(path))
+        state, finetuned = image_tower_state(read_backbone_state(path))
         if finetuned:
             name = finetuned_clip_name(name)
             model_name = _model_name(name)
