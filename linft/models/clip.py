@@ -28,6 +28,7 @@ backbone is then named ``clip:<model>-quickgelu``, open_clip's name for it.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -44,6 +45,8 @@ from linft.models.registry import (Backbone, BackboneFamily, load_weights, read_
 PREFIX = "clip:"
 QUICKGELU = "-quickgelu"
 DEFAULT_PHI_BLOCKS = 3
+#: An ImageNet class folder name (WordNet id).
+WNID = re.compile(r"n\d{8}")
 #: ImageNet's number of classes: class folders of this many are ImageNet's, prompted with its class names.
 IMAGENET_CLASSES = 1000
 #: Where the CLIP model sits in a fine-tuned classifier's state_dict: model-soups' ``ModelWrapper`` (``model.``) and
@@ -239,8 +242,16 @@ def _load(name: str, weights: str) -> Backbone:
 
 def prompt_names(classes: list[str]) -> list[str]:
     """The names a zero-shot head prompts with for class folders ``classes``: open_clip's ``IMAGENET_CLASSNAMES``
-    for ImageNet's 1000 (sorted wnid folders are ImageNet's class order), else the folder names (``_`` -> space)."""
+    for ImageNet's 1000 (sorted wnid folders are ImageNet's class order), else the folder names (``_`` -> space).
+
+    1000 folders that are not all wnids (ImageNetV2's ``0`` … ``999``, sorted as strings) are refused: the names
+    would be matched to them in the wrong order."""
     if len(classes) == IMAGENET_CLASSES:
+        others = [c for c in classes if not WNID.fullmatch(c)]
+        if others:
+            raise LinftError(f"{len(others)} of the 1000 class folders are not ImageNet wnids (e.g. '{others[0]}'); "
+                             "the zero-shot head names ImageNet's classes in wnid order: rename the folders to their "
+                             "wnids (n01440764, ...)")
         return list(open_clip_module().IMAGENET_CLASSNAMES)
     return [c.replace("_", " ") for c in classes]
 

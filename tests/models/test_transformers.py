@@ -281,6 +281,15 @@ def test_zero_shot_prompts_use_open_clips_imagenet_names():
     assert prompt_names(["great_white_shark", "tench"]) == ["great white shark", "tench"]
 
 
+def test_zero_shot_prompts_refuse_imagenet_sized_folders_that_are_not_wnids():
+    """ImageNetV2's folders 0..999 sort as strings (0, 1, 10, 100, ...): matched to ImageNet's names in order they
+    would prompt class 10 with 'goldfish'; refused in one line saying to rename them."""
+    with pytest.raises(LinftError, match=None) as info:
+        prompt_names(sorted(str(i) for i in range(1000)))
+    assert "1000 of the 1000 class folders are not ImageNet wnids (e.g. '0')" in str(info.value)
+    assert "rename the folders" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_resnet_options_are_refused_in_one_line():
     with pytest.raises(LinftError, match="vit-tiny takes no zero_init_residual"):
         build_backbone("vit-tiny", 3, zero_init_residual=True)  # what `linft pretrain --arch` passes
