@@ -17,7 +17,8 @@ from linft.output import json_text, say_line
 @click.argument("dataset", required=False)
 @click.option("--finetuned", required=True, type=click.Path(exists=True),
               help="A run folder of `linft finetune` (OUT/<run_id>/) or its selected.pt; with --iid, any checkpoint "
-                   "of --backbone (linft's, a torchvision state_dict, a model-soups / wise-ft checkpoint).")
+                   "of --backbone (linft's, a torchvision state_dict, a model-soups / wise-ft state_dict; a pickled "
+                   "wise-ft module: save its classifier.state_dict() first).")
 @click.option("--iid", "iid", type=click.Path(exists=True, file_okay=False), default=None,
               help="Figure 1 mode (no DATASET): the i.i.d. set, a folder <set>/<class>/<image> whose sorted class "
                    "folders are the head's classes (ImageNet's val with wnid folders).")

@@ -11,7 +11,8 @@ from PIL import Image
 
 #: The tiny transformers of the tests, built from the real classes: torchvision's VisionTransformer as backbone
 #: "vit-tiny", and open_clip's CLIP from tests/tiny_models/linft-tiny-clip.json as "clip:linft-tiny-clip"
-#: (its real code paths, its real tokenizer: vocab 49408).
+#: (its real code paths, its real tokenizer: vocab 49408); "clip:linft-tiny-clip-rn" is a CLIP with a ResNet tower
+#: (tests/tiny_models/linft-tiny-clip-rn.json), which linft refuses.
 TINY_VIT = dict(image_size=32, patch_size=8, num_layers=4, num_heads=2, hidden_dim=32, mlp_dim=64)
 TINY_CLIP = "clip:linft-tiny-clip"
 
@@ -25,6 +26,7 @@ def _register_tiny_transformers() -> None:
     except ImportError:  # the clip extra is not installed: the CLIP tests skip
         return
     open_clip.add_model_config(Path(__file__).parent / "tiny_models" / "linft-tiny-clip.json")
+    open_clip.add_model_config(Path(__file__).parent / "tiny_models" / "linft-tiny-clip-rn.json")  # a ResNet tower
 
 
 _register_tiny_transformers()

@@ -2,7 +2,8 @@
 folders (i.i.d. accuracy against the mean o.o.d. accuracy).
 
 The ends are two weights of one backbone (``--pretrained``: an enum name, an open_clip tag or a file;
-``--finetuned``: a file — linft's, a torchvision state_dict, a model-soups / wise-ft checkpoint), the
+``--finetuned``: a file — linft's, a torchvision state_dict, a model-soups / wise-ft state_dict, a pickled
+wise-ft module exported as ``classifier.state_dict()`` first), the
 fine-tuned one with its head ω_f, the pretrained one with a head ω_p chosen by ``pretrained_head``:
 
 - ``zeroshot``: CLIP's zero-shot classifier (:func:`linft.models.clip.zero_shot_head`), prompted with
@@ -123,15 +124,17 @@ def _input(bb: Backbone) -> tuple:
     return transform, size
 
 
-def _pretrained_head(config: CheckpointInterpolateConfig, bb: Backbone, classes: list[str],
-                     dev: torch.device) -> LinearHead:
+def _pretrained_head(config: CheckpointInterpolateConfig, bb: Backbone, classes: list[str], dev: torch.device,
+                     images_as: tuple) -> LinearHead:
+    """ω_p for the pretrained end ``bb``; a probe is fitted on ``probe_data`` seen as ``images_as``
+    (``(transform, size)``: the fine-tuned end's, the images every evaluation feeds both ends)."""
     if config.pretrained_head == "zeroshot":
         return zero_shot_head(bb.name, config.pretrained, prompt_names(classes), device=dev)
     if config.pretrained_head != "probe":
         return _head_of_file(config.pretrained_head)
     probe = load_class_folder(config.probe_data)
     columns = _columns(probe, classes, "the probe data")
-    transform, size = _input(bb)
+    transform, size = images_as
     images = EvalImages(probe, size, config.batch_size, config.workers, transform=transform)
     block = phi_block_names(bb.model, 1)
     phi, _ = pooled_features_and_logits(bb.model.to(dev), block, images, dev, False, config.precision)
@@ -146,6 +149,20 @@ def _columns(ds: MultiDomainDataset, classes: list[str], what: str) -> torch.Ten
     return torch.tensor([classes.index(c) for c in ds.classes])
 
 
+def _named_sets(folders: list) -> list[MultiDomainDataset]:
+    """The evaluation sets of ``folders``, each named by its folder's name; two of one name are refused (one would
+    hide the other in the results)."""
+    sets = [load_class_folder(f) for f in folders]
+    seen: dict[str, MultiDomainDataset] = {}
+    for ds in sets:
+        name = ds.domains[0]
+        if name in seen:
+            raise LinftError(f"evaluation sets {seen[name].root / name} and {ds.root / name} have one name '{name}' "
+                             "(sets are named by their folder's name); give their folders distinct names")
+        seen[name] = ds
+    return sets
+
+
 def _ends(config: CheckpointInterpolateConfig, classes: list[str], dev: torch.device):
     """The network (fine-tuned, C classes), the pretrained state with ω_p, the fine-tuned state, the backbones."""
     bb_p, bb_f = load_backbone(config.backbone, config.pretrained), load_backbone(config.backbone, config.finetuned)
@@ -153,7 +170,7 @@ def _ends(config: CheckpointInterpolateConfig, classes: list[str], dev: torch.de
     if head_f.weight.shape[0] != len(classes):
         raise LinftError(f"the fine-tuned head has {head_f.weight.shape[0]} classes but the i.i.d. set has "
                          f"{len(classes)} class folders; pass the i.i.d. set of the head's classes (ImageNet's val)")
-    head_p = _pretrained_head(config, bb_p, classes, dev)
+    head_p = _pretrained_head(config, bb_p, classes, dev, _input(bb_f))
     if head_p.weight.shape != head_f.weight.shape:
         raise LinftError(f"the pretrained head has shape {tuple(head_p.weight.shape)} but the fine-tuned one "
                          f"{tuple(head_f.weight.shape)}; give both ends the same classes and features")
@@ -183,13 +200,14 @@ def interpolate_checkpoints(iid: str | os.PathLike, ood: list[str | os.PathLike]
     alphas = config.check()
     say = say or (lambda _line: None)
     dev = resolve_device(config.device)
-    iid_ds = load_class_folder(iid)
+    folders = _named_sets([iid] + list(ood))
+    iid_ds = folders[0]
     classes = list(iid_ds.classes)
     net, pre_state, fin_state, bb_p, bb_f = _ends(config, classes, dev)
     transform, size = _input(bb_f)
     sets = {ds.domains[0]: _Set(ds, _columns(ds, classes, "evaluation set"),
                                 EvalImages(ds, size, config.batch_size, config.workers, transform=transform))
-            for ds in [iid_ds] + [load_class_folder(f) for f in ood]}
+            for ds in folders}
     precision = effective_precision(dev, config.precision)
     block = phi_block_names(net, 1)
     wk, bk = head_keys(fin_state)

@@ -291,8 +291,8 @@ def find_dataset(dataset: str | os.PathLike, data_root: str | os.PathLike | None
 def load_class_folder(folder: str | os.PathLike, name: str | None = None) -> MultiDomainDataset:
     """One distribution laid out ``folder/<class>/<image>`` (ImageNet's val, ImageNet-A, ...) as a one-domain
     dataset: its domain is the folder's name, its classes the sorted class folders, each with images, listed
-    in ``ImageFolder``'s order."""
-    folder = Path(folder).expanduser()
+    in ``ImageFolder``'s order. The folder is resolved first (``.``, ``~``, links), so its name is its real name."""
+    folder = Path(folder).expanduser().resolve()
     if not folder.is_dir():
         raise LinftError(f"evaluation folder {folder} does not exist; pass a folder laid out <set>/<class>/<image>")
     classes = _sorted_subdirs(folder)

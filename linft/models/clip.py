@@ -1,4 +1,5 @@
-"""OpenCLIP image towers as linft backbones (``clip:ViT-B-32``), and CLIP's zero-shot head; needs ``linft[clip]``.
+"""OpenCLIP ViT image towers as linft backbones (``clip:ViT-B-32``; ResNet and timm towers are refused), and
+CLIP's zero-shot head; needs ``linft[clip]``.
 
 :class:`ClipImageTower` is open_clip's image tower with ``fc`` on its
 L2-normalised embedding, ``fc(e / ‖e‖)``: what a CLIP zero-shot head and a
@@ -14,16 +15,20 @@ float rounding), so every stage feeds it as it feeds a ResNet.
 
 Weights: an open_clip tag (``openai``, ``laion2b_s34b_b79k``, ...) from open_clip's
 cache (offline, the error names the file); a local file: linft's format
-(``visual.*``, ``fc.*``), a model-soups / wise-ft checkpoint (``model.visual.*``,
-``classification_head.*``; its text-tower entries are set aside) or a full
-open_clip state_dict (``visual.*`` plus the text tower); or ``none``. OpenAI's
-weights (the ``openai`` tag, model-soups checkpoints) use QuickGELU: the
+(``visual.*``, ``fc.*``; a fine-tuning head ``fc.1.*`` too), a model-soups / wise-ft
+state_dict (``model.visual.*`` or ``image_encoder.model.visual.*``, and
+``classification_head.*``; its text-tower entries are set aside; a pickled
+wise-ft module must first be exported as ``classifier.state_dict()``, linft
+never unpickles modules) or a full open_clip state_dict (``visual.*`` plus the
+text tower); or ``none``. OpenAI's weights (the ``openai`` tag, model-soups and
+wise-ft state_dicts, see :func:`finetuned_clip_name`) use QuickGELU: the
 backbone is then named ``clip:<model>-quickgelu``, open_clip's name for it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -34,16 +39,19 @@ from linft.data.images import IMAGENET_MEAN, IMAGENET_STD
 from linft.errors import LinftError
 from linft.models.checkpoints import read_state_dict, state_dict_sha256
 from linft.models.heads import LinearHead
-from linft.models.registry import Backbone, BackboneFamily, load_weights, register_family, seeded, weights_file
+from linft.models.registry import (Backbone, BackboneFamily, load_weights, read_backbone_state, register_family, seeded,
+                                   weights_file)
 
 PREFIX = "clip:"
 QUICKGELU = "-quickgelu"
 DEFAULT_PHI_BLOCKS = 3
+#: An ImageNet class folder name (WordNet id).
+WNID = re.compile(r"n\d{8}")
 #: ImageNet's number of classes: class folders of this many are ImageNet's, prompted with its class names.
 IMAGENET_CLASSES = 1000
-#: The text-tower entries of a model-soups / wise-ft checkpoint (OpenAI's CLIP without its ``transformer``).
-SOUPS_TEXT_KEYS = ("model.token_embedding.weight", "model.positional_embedding", "model.ln_final.weight",
-                   "model.ln_final.bias", "model.text_projection", "model.logit_scale")
+#: Where the CLIP model sits in a fine-tuned classifier's state_dict: model-soups' ``ModelWrapper`` (``model.``) and
+#: wise-ft's ``ImageClassifier`` (``image_encoder.model.``); its head is ``classification_head.*`` in both.
+FINETUNED_CLIP_PREFIXES = ("model.", "image_encoder.model.")
 #: The entries of a full open_clip state_dict that are not the image tower.
 CLIP_TEXT_PREFIXES = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection",
                       "logit_scale", "logit_bias", "attn_mask")
@@ -115,15 +123,22 @@ def _create(model_name: str, pretrained: str | None = None, **kwargs) -> nn.Modu
     return oc.create_model(model_name, pretrained=pretrained, **kwargs)
 
 
-def _tower(clip_model: nn.Module, num_classes: int) -> ClipImageTower:
-    cfg = open_clip_module().get_model_preprocess_cfg(clip_model)
+def _tower(clip_model: nn.Module, num_classes: int, name: str) -> ClipImageTower:
+    """``clip_model``'s image tower as a linft backbone; a tower that is not open_clip's ``VisionTransformer``
+    (``clip:RN50``'s ModifiedResNet, a timm tower) is refused: its φ blocks and pooling are not linft's."""
+    oc = open_clip_module()
+    if not isinstance(clip_model.visual, oc.transformer.VisionTransformer):
+        raise LinftError(f"the image tower of {name} is a {type(clip_model.visual).__name__}; linft supports "
+                         "ViT-based CLIP models only (open_clip's VisionTransformer tower: clip:ViT-B-32, "
+                         "clip:ViT-B-16, clip:ViT-L-14, ...); pass one of those")
+    cfg = oc.get_model_preprocess_cfg(clip_model)
     return ClipImageTower(clip_model.visual, num_classes, cfg["mean"], cfg["std"])
 
 
 def _build(name: str, num_classes: int = 1000, **kwargs) -> ClipImageTower:
     if kwargs:
         raise LinftError(f"{name} takes no {', '.join(kwargs)} (an option of ResNets); use a ResNet-family backbone")
-    return _tower(_create(_model_name(name)), num_classes)
+    return _tower(_create(_model_name(name)), num_classes, name)
 
 
 def clip_transform(clip_model: nn.Module) -> tuple[transforms.Compose, transforms.Normalize]:
@@ -163,35 +178,59 @@ def _where(cfg: dict) -> str:
 
 
 def image_tower_state(state: dict) -> tuple[dict, bool]:
-    """linft's keys of a weights file (``visual.*``, ``fc.*``) and whether it is a model-soups / wise-ft checkpoint
-    (OpenAI's CLIP, QuickGELU). Text-tower entries are set aside by name; anything else is kept for the strict check."""
-    if "classification_head.weight" in state:
+    """linft's keys of a weights file (``visual.*``, ``fc.*``) and whether it is a model-soups / wise-ft state_dict.
+
+    A model-soups / wise-ft state_dict holds ``classification_head.*`` and the CLIP model under ``model.``
+    (model-soups' ``ModelWrapper``) or ``image_encoder.model.`` (wise-ft's ``ImageClassifier``; a pickled wise-ft
+    module must first be exported as ``classifier.state_dict()``: linft never unpickles modules). Text-tower
+    entries are set aside by name; anything else is kept for the strict check to name."""
+    prefix = next((p for p in FINETUNED_CLIP_PREFIXES if any(k.startswith(p + "visual.") for k in state)), None)
+    if "classification_head.weight" in state and prefix is not None:
         out = {}
         for k, v in state.items():
-            if k in SOUPS_TEXT_KEYS or k.startswith("model.transformer."):
-                continue
-            k = "fc." + k[len("classification_head."):] if k.startswith("classification_head.") else k
-            out[k[len("model."):] if k.startswith("model.visual.") else k] = v
+            if k.startswith("classification_head."):
+                out["fc." + k[len("classification_head."):]] = v
+            elif not k.startswith(prefix):
+                out[k] = v
+            elif not k[len(prefix):].startswith(CLIP_TEXT_PREFIXES):
+                out[k[len(prefix):]] = v
         return out, True
     return {k: v for k, v in state.items() if not k.startswith(CLIP_TEXT_PREFIXES)}, False
+
+
+def finetuned_clip_name(name: str) -> str:
+    """The backbone a model-soups / wise-ft state_dict loaded as ``name`` is built as.
+
+    model-soups and wise-ft fine-tune OpenAI's CLIP (``clip.load``, QuickGELU). So for a model of which open_clip
+    has OpenAI weights using QuickGELU (``clip:ViT-B-32``, ``clip:ViT-L-14``, ...) the plain name becomes
+    ``clip:<model>-quickgelu``, as with the ``openai`` tag, and is recorded so; a ``-quickgelu`` name stays. Any
+    other model (no OpenAI weights: not what those codebases fine-tune) is built as named, with the activation its
+    name says. A file of these keys fine-tuned from other weights of an OpenAI model (an open_clip fork of wise-ft
+    on LAION's ViT-B-32, GELU) cannot be told apart by its keys: save it in linft's keys (``visual.*``, ``fc.*``)
+    to load it as named.
+    """
+    model_name = _model_name(name)
+    openai = open_clip_module().get_pretrained_cfg(model_name, "openai")
+    return name if model_name.endswith(QUICKGELU) or not openai.get("quick_gelu") else name + QUICKGELU
 
 
 def _load(name: str, weights: str) -> Backbone:
     oc, model_name = open_clip_module(), _model_name(name)
     tags = list(oc.list_pretrained_tags_by_model(model_name))
     if weights.lower() == "none" or (weights.upper() == "DEFAULT" and not tags):
-        model, resolved = seeded(lambda: _tower(_create(model_name), 1000)), "none"
+        model, resolved = seeded(lambda: _tower(_create(model_name), 1000, name)), "none"
     elif weights in tags or weights.upper() == "DEFAULT":
         resolved = weights if weights in tags else tags[0]
         clip_model, name = _tag_weights(model_name, resolved)
-        model = seeded(lambda: _tower(clip_model, 1000))  # the head is a placeholder (fc), seeded
+        model = seeded(lambda: _tower(clip_model, 1000, name))  # the head is a placeholder (fc), seeded
     else:
         path = weights_file(name, weights, tags)
-        state, soups = image_tower_state(read_state_dict(path))
-        if soups and not model_name.endswith(QUICKGELU):
-            name, model_name = name + QUICKGELU, model_name + QUICKGELU
+        state, finetuned = image_tower_state(read_backbone_state(path))
+        if finetuned:
+            name = finetuned_clip_name(name)
+            model_name = _model_name(name)
         fc = state.get("fc.weight")
-        model = seeded(lambda: _tower(_create(model_name), int(fc.shape[0]) if fc is not None else 1000))
+        model = seeded(lambda: _tower(_create(model_name), int(fc.shape[0]) if fc is not None else 1000, name))
         if fc is None:  # a CLIP without a head: keep the placeholder head
             state = {**state, "fc.weight": model.fc.weight.detach(), "fc.bias": model.fc.bias.detach()}
         load_weights(model, state, name, str(path))
@@ -203,8 +242,16 @@ def _load(name: str, weights: str) -> Backbone:
 
 def prompt_names(classes: list[str]) -> list[str]:
     """The names a zero-shot head prompts with for class folders ``classes``: open_clip's ``IMAGENET_CLASSNAMES``
-    for ImageNet's 1000 (sorted wnid folders are ImageNet's class order), else the folder names (``_`` -> space)."""
+    for ImageNet's 1000 (sorted wnid folders are ImageNet's class order), else the folder names (``_`` -> space).
+
+    1000 folders that are not all wnids (ImageNetV2's ``0`` … ``999``, sorted as strings) are refused: the names
+    would be matched to them in the wrong order."""
     if len(classes) == IMAGENET_CLASSES:
+        others = [c for c in classes if not WNID.fullmatch(c)]
+        if others:
+            raise LinftError(f"{len(others)} of the 1000 class folders are not ImageNet wnids (e.g. '{others[0]}'); "
+                             "the zero-shot head names ImageNet's classes in wnid order: rename the folders to their "
+                             "wnids (n01440764, ...)")
         return list(open_clip_module().IMAGENET_CLASSNAMES)
     return [c.replace("_", " ") for c in classes]
 

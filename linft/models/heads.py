@@ -159,6 +159,15 @@ def head_keys(state: Mapping[str, torch.Tensor]) -> tuple[str, str]:
                      "pass a checkpoint of linft finetune")
 
 
+def single_linear_head(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with linft's fine-tuning head ``fc.1.*`` (``Dropout → Linear``; the dropout has no entries) renamed
+    to ``fc.*``, the keys of a network whose classifier is one ``Linear`` (what a backbone is built with); a state
+    with ``fc.*`` already, or with no ``fc.1.*``, is returned as it is (a copy)."""
+    if "fc.1.weight" not in state or "fc.weight" in state:
+        return dict(state)
+    return {("fc." + k[len("fc.1."):] if k.startswith("fc.1.") else k): v for k, v in state.items()}
+
+
 def with_head(state: Mapping[str, torch.Tensor], head: LinearHead) -> dict[str, torch.Tensor]:
     """A copy of ``state`` whose classifier head is ``head`` (same dtype and device as the entries it replaces)."""
     wk, bk = head_keys(state)

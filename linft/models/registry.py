@@ -19,7 +19,8 @@ at ``--image-size``; ``image_size``: the one size a transformer accepts).
 
 Edge cases: every load is strict (:func:`linft.models.checkpoints.load_state_dict_strict`);
 a local file may be a bare state_dict or a dict with a ``state_dict`` entry
-(linft's checkpoint format), and its classifier size is taken from the file,
+(linft's checkpoint format; a fine-tuning head ``fc.1.*`` is read as ``fc.*``,
+:func:`read_backbone_state`), and its classifier size is taken from the file,
 since only the features are used.
 """
 
@@ -40,6 +41,7 @@ from torch import nn
 from linft.data.images import NORMALIZE, eval_transform
 from linft.errors import LinftError
 from linft.models.checkpoints import load_state_dict_strict, read_state_dict, state_dict_sha256
+from linft.models.heads import single_linear_head
 
 #: Other names for the torchvision weights the paper uses.
 WEIGHT_ALIASES = {"IMAGENET1K_V1": "ResNet #1", "IMAGENET1K_V2": "ResNet #2"}
@@ -161,6 +163,14 @@ def weights_file(name: str, text: str, choices: list[str]) -> Path:
     return path
 
 
+def read_backbone_state(path: Path) -> dict:
+    """The state_dict of a backbone's weights file (:func:`~linft.models.checkpoints.read_state_dict`), its
+    classifier as the backbone's one ``Linear`` ``fc``: the head ``fc.1.*`` of linft's fine-tuning checkpoints
+    (``selected.pt``) is read as ``fc.*`` (:func:`~linft.models.heads.single_linear_head`). Every family reads
+    its files through here."""
+    return single_linear_head(read_state_dict(path))
+
+
 def torchvision_state_dict(name: str, weights_name: str):
     """``(state_dict, enum member)``: torchvision's weights through torchvision, or say exactly where to put the file."""
     enum = torchvision.models.get_model_weights(name)
@@ -230,7 +240,7 @@ def load_backbone(name: str = "resnet50", weights: str | os.PathLike = "DEFAULT"
             load_weights(model, state, name, f"{name}/{resolved}")
         else:
             path = weights_file(name, text, list(members))
-            state = read_state_dict(path)
+            state = read_backbone_state(path)
             fc = state.get("fc.weight")  # (classes, features); any other rank is refused by the strict load below
             model = build_backbone(name, int(fc.shape[0]) if fc is not None and fc.dim() == 2 else 1000)
             load_weights(model, state, name, str(path))

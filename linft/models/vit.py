@@ -24,8 +24,8 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from linft.data.images import IMAGENET_MEAN, IMAGENET_STD, NORMALIZE
 from linft.errors import LinftError
-from linft.models.checkpoints import read_state_dict, state_dict_sha256
-from linft.models.registry import (Backbone, BackboneFamily, load_weights, register_family, seeded,
+from linft.models.checkpoints import state_dict_sha256
+from linft.models.registry import (Backbone, BackboneFamily, load_weights, read_backbone_state, register_family, seeded,
                                    torchvision_state_dict, weights_file)
 
 #: torchvision's Vision Transformers.
@@ -127,7 +127,7 @@ def _load(name: str, weights: str) -> Backbone:
         resolved, transform = member.name, weights_transform(member)
     else:
         path = weights_file(name, weights, list(members))
-        state = from_torchvision_keys(read_state_dict(path))
+        state = from_torchvision_keys(read_backbone_state(path))
         fc = state.get("fc.weight")
         model = _build(name, int(fc.shape[0]) if fc is not None else 1000, _file_image_size(state, _patch_size(name)))
         load_weights(model, state, name, str(path))

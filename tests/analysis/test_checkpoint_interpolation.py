@@ -12,8 +12,10 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 from PIL import Image
+from torchvision import transforms
 from torchvision.models.vision_transformer import VisionTransformer
 
+from linft.analysis import checkpoint_interpolation
 from linft.analysis.checkpoint_interpolation import CheckpointInterpolateConfig, interpolate_checkpoints
 from linft.cli.main import main
 from linft.data.folders import load_class_folder
@@ -126,10 +128,13 @@ def test_cli_figure1_mode_and_errors(setting):
     _folder(tmp / "other", ["tench", "zebra"], 1, 2)
     assert_one_line_error(runner.invoke(main, base[:-9] + ["--iid", str(iid), "--ood", str(tmp / "other"), "--quiet"]),
                           "classes the head does not know (zebra)")
-    # ends of two architectures: the GELU tower of the name without -quickgelu against QuickGELU's soups checkpoint
+    # the name without -quickgelu: both ends are built as named (the tiny model has no OpenAI weights to call for
+    # QuickGELU), neither is renamed
     other = base.copy()
     other[other.index(ARCH)] = TINY_CLIP
-    assert_one_line_error(runner.invoke(main, other), f"the pretrained end is a {TINY_CLIP} but the fine-tuned one a {ARCH}")
+    res = runner.invoke(main, other + ["--out", str(tmp / "gelu")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp / "gelu" / "figure1.json").read_text())["backbone"] == TINY_CLIP
     # zero-shot needs CLIP; probe needs data
     assert_one_line_error(runner.invoke(main, base + ["--pretrained-head", "probe"]), "--probe-data")
     vit = tmp / "vit.pt"
@@ -166,5 +171,53 @@ def test_probe_and_file_heads_of_the_pretrained_end(setting, kind, tmp_path):
                                          alphas="0,1", device="cpu", workers=0, **extra)
     result = interpolate_checkpoints(iid, [ood], config, out_dir=tmp_path / "out", progress=False)
     expected, ties = _accuracy_bounds(head(phi), ds, [0, 1, 2])
+    for path in ("weights", "representation"):
+        assert abs(result.curves[path][0]["iid"] - expected) <= ties + 1e-9, path
+
+
+def test_two_sets_of_one_name_are_refused_before_any_computation(setting, tmp_path):
+    """`--iid ~/x/val --ood ~/y/val`: both sets would be named 'val' and one would overwrite the other."""
+    _, iid, *_ = setting
+    other = _folder(tmp_path / "y" / "val", CLASSES, 1, 5)
+    config = CheckpointInterpolateConfig(backbone=TINY_CLIP, pretrained="none", finetuned=str(tmp_path / "absent.pt"),
+                                         device="cpu", workers=0)  # never read: the names are checked first
+    with pytest.raises(LinftError, match=None) as info:
+        interpolate_checkpoints(iid, [other], config, out_dir=tmp_path / "out", progress=False)
+    text = str(info.value)
+    assert f"{iid} and {other} have one name 'val'" in text and "distinct names" in text and "\n" not in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_probe_head_is_fitted_on_the_images_as_the_fine_tuned_end_takes_them(setting, tmp_path, monkeypatch):
+    """The pretrained end brings its own transform (here one that blanks every image) and the fine-tuned end,
+    a file, takes DomainBed's: the probe is fitted on the images as evaluation feeds them (the fine-tuned end's),
+    so at α = 0 every path is the probe fitted here on those features. A probe fitted on blank images would
+    see one feature vector for all classes and could not separate them."""
+    _, iid, ood, *_ = setting
+    torch.manual_seed(3)
+    finetuned = tmp_path / "vit.pt"
+    torch.save(VisionTransformer(**TINY_VIT, num_classes=3).state_dict(), finetuned)
+    blank = transforms.Compose([transforms.Resize((32, 32)), transforms.PILToTensor(), transforms.Lambda(lambda t: t * 0)])
+
+    def load(name, weights):
+        bb = load_backbone(name, weights)
+        if weights == "none":  # the pretrained end, with weights that declare their own transform
+            bb.transform = blank
+        return bb
+
+    monkeypatch.setattr(checkpoint_interpolation, "load_backbone", load)
+    pre = load_backbone("vit-tiny", "none")
+    transform, _, size = load_backbone("vit-tiny", str(finetuned)).input_transform(32)  # DomainBed's at 32 px
+    ds = load_class_folder(iid)
+    with torch.no_grad():
+        phi = PooledBlockFeatures(pre.model, phi_block_names(pre.model, 1))(
+            normalize_uint8(EvalImages(ds, size, 64, 0, transform=transform).images))[:, -1]
+    head = fit_probe_head(phi, ds.labels, 3)
+    config = CheckpointInterpolateConfig(backbone="vit-tiny", pretrained="none", finetuned=str(finetuned),
+                                         alphas="0,1", device="cpu", workers=0, pretrained_head="probe",
+                                         probe_data=str(iid))
+    result = interpolate_checkpoints(iid, [ood], config, out_dir=tmp_path / "out", progress=False)
+    expected, ties = _accuracy_bounds(head(phi), ds, [0, 1, 2])
+    assert expected - ties > 0.5  # 12 images in 32 dimensions: the probe separates its own training set
     for path in ("weights", "representation"):
         assert abs(result.curves[path][0]["iid"] - expected) <= ties + 1e-9, path

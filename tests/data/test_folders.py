@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from linft.data.folders import (
-    DOMAINBED_DATASETS, MultiDomainDataset, file_list_sha256, find_dataset, load_image_folder,
+    DOMAINBED_DATASETS, MultiDomainDataset, file_list_sha256, find_dataset, load_class_folder, load_image_folder,
 )
 from linft.errors import LinftError
 
@@ -141,3 +141,15 @@ def test_a_dataset_folder_whose_path_is_not_utf8_is_refused_naming_the_folder(tm
     root = make_image_folder(tmp_path / "caf\udce9" / "d", domains=("a", "b"), classes=("x",), per_class=1)
     with pytest.raises(LinftError, match=rf"caf\\xe9' in {tmp_path} is not UTF-8; rename it"):
         load_image_folder(root)
+
+
+def test_class_folder_given_as_dot_is_named_by_its_real_name(tmp_path, monkeypatch):
+    """`--iid .`: the set is named after the folder itself (not ""), its paths relative to its parent."""
+    for c in ("b", "a"):
+        (tmp_path / "val" / c).mkdir(parents=True)
+        (tmp_path / "val" / c / "0.png").write_bytes(b"")
+    monkeypatch.chdir(tmp_path / "val")
+    ds = load_class_folder(".")
+    assert ds.domains == ["val"] and ds.name == "val" and ds.root == tmp_path.resolve()
+    assert list(ds.paths) == ["val/a/0.png", "val/b/0.png"]  # ImageFolder's order, under the folder's name
+    assert [os.path.isfile(ds.root / p) for p in ds.paths] == [True, True]

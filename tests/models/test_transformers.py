@@ -16,7 +16,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 from linft.data.images import describe_transform
 from linft.errors import LinftError
 from linft.models.blocks import PooledBlockFeatures, add_stochastic_depth, phi_block_names
-from linft.models.clip import prompt_names, zero_shot_head
+from linft.models.clip import finetuned_clip_name, prompt_names, zero_shot_head
 from linft.models.linearize import LinearizedModel, escape_parameter_name
 from linft.models.registry import build_backbone, load_backbone
 from linft.models.vit import weights_transform
@@ -179,16 +179,18 @@ def test_zero_shot_head_through_open_clips_tokenizer_and_text_tower(tmp_path):
     assert len(open_clip.OPENAI_IMAGENET_TEMPLATES) == 80
 
 
-def test_model_soups_checkpoint_loads_as_it_is(tmp_path):
-    """A state_dict of model-soups' ModelWrapper (model = OpenAI's CLIP without its text transformer, and a
-    classification_head): the image tower and head load strictly, the text entries are set aside, QuickGELU."""
+@pytest.mark.parametrize("prefix", ["model.", "image_encoder.model."])
+def test_model_soups_and_wise_ft_state_dicts_load_as_they_are(tmp_path, prefix):
+    """A state_dict of model-soups' ModelWrapper (``model.``: OpenAI's CLIP without its text transformer, and a
+    classification_head) or of wise-ft's ImageClassifier (``image_encoder.model.``): the image tower and head load
+    strictly, the text entries are set aside; the QuickGELU tower the name says."""
     torch.manual_seed(0)
     clip = open_clip.create_model(TINY_CLIP[5:], force_quick_gelu=True).eval()
-    state = {f"model.{k}": v for k, v in clip.state_dict().items() if not k.startswith("transformer.")}
+    state = {f"{prefix}{k}": v for k, v in clip.state_dict().items() if not k.startswith("transformer.")}
     state["classification_head.weight"], state["classification_head.bias"] = torch.randn(5, 16), torch.randn(5)
     path = tmp_path / "model_0.pt"
     torch.save(state, path)
-    bb = load_backbone(TINY_CLIP, str(path))
+    bb = load_backbone(TINY_CLIP + "-quickgelu", str(path))
     assert bb.name == TINY_CLIP + "-quickgelu" and bb.model.fc.out_features == 5
     assert torch.equal(bb.model.fc.weight, state["classification_head.weight"])
     x = torch.randn(2, 3, 32, 32)
@@ -197,10 +199,31 @@ def test_model_soups_checkpoint_loads_as_it_is(tmp_path):
         logits = nn.functional.linear(feats / feats.norm(dim=-1, keepdim=True), state["classification_head.weight"],
                                       state["classification_head.bias"])  # model-soups' ModelWrapper.forward
         torch.testing.assert_close(bb.model(x), logits, rtol=1e-5, atol=1e-6)
-    state["model.visual.extra"] = torch.zeros(1)
+    state[f"{prefix}visual.extra"] = torch.zeros(1)
     torch.save(state, path)
     with pytest.raises(LinftError, match="has extra 'visual.extra'"):
-        load_backbone(TINY_CLIP, str(path))
+        load_backbone(TINY_CLIP + "-quickgelu", str(path))
+
+
+def test_a_model_soups_file_never_changes_the_activation_of_a_model_without_openai_weights(tmp_path):
+    """QuickGELU is chosen for a model-soups / wise-ft file only where OpenAI's weights of the named model use it
+    (those codebases fine-tune OpenAI's CLIP); the tiny model has none: it is built as named, with GELU."""
+    assert finetuned_clip_name("clip:ViT-B-32") == "clip:ViT-B-32-quickgelu"  # open_clip's 'openai' tag: QuickGELU
+    assert finetuned_clip_name("clip:ViT-B-32-quickgelu") == "clip:ViT-B-32-quickgelu"
+    assert finetuned_clip_name("clip:ViT-H-14") == "clip:ViT-H-14"  # no OpenAI weights
+    torch.manual_seed(0)
+    clip = open_clip.create_model(TINY_CLIP[5:]).eval()  # GELU, as the name says
+    state = {f"model.{k}": v for k, v in clip.state_dict().items() if not k.startswith("transformer.")}
+    state["classification_head.weight"], state["classification_head.bias"] = torch.randn(5, 16), torch.randn(5)
+    torch.save(state, tmp_path / "model_0.pt")
+    bb = load_backbone(TINY_CLIP, str(tmp_path / "model_0.pt"))
+    assert bb.name == TINY_CLIP
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = clip.encode_image(x * bb.model.input_scale + bb.model.input_shift, normalize=True)
+        torch.testing.assert_close(bb.model(x), nn.functional.linear(feats, state["classification_head.weight"],
+                                                                     state["classification_head.bias"]),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_clip_preprocessing_is_open_clips(tmp_path):
@@ -258,8 +281,33 @@ def test_zero_shot_prompts_use_open_clips_imagenet_names():
     assert prompt_names(["great_white_shark", "tench"]) == ["great white shark", "tench"]
 
 
+def test_zero_shot_prompts_refuse_imagenet_sized_folders_that_are_not_wnids():
+    """ImageNetV2's folders 0..999 sort as strings (0, 1, 10, 100, ...): matched to ImageNet's names in order they
+    would prompt class 10 with 'goldfish'; refused in one line saying to rename them."""
+    with pytest.raises(LinftError, match=None) as info:
+        prompt_names(sorted(str(i) for i in range(1000)))
+    assert "1000 of the 1000 class folders are not ImageNet wnids (e.g. '0')" in str(info.value)
+    assert "rename the folders" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_resnet_options_are_refused_in_one_line():
     with pytest.raises(LinftError, match="vit-tiny takes no zero_init_residual"):
         build_backbone("vit-tiny", 3, zero_init_residual=True)  # what `linft pretrain --arch` passes
     with pytest.raises(LinftError, match=f"{TINY_CLIP} takes no zero_init_residual"):
         build_backbone(TINY_CLIP, 3, zero_init_residual=True)
+
+
+@pytest.mark.parametrize("weights", ["none", "file"])
+def test_clip_towers_that_are_not_vits_are_refused_in_one_line(weights, tmp_path):
+    """A CLIP with a ResNet image tower (clip:RN50's ModifiedResNet, here a tiny one) has no residual blocks of a
+    ViT; it is refused when built or loaded, not by an AttributeError later."""
+    rn = "clip:linft-tiny-clip-rn"
+    if weights == "file":
+        weights = str(tmp_path / "rn.pt")
+        torch.save(open_clip.create_model(rn[5:]).state_dict(), weights)
+    for load in (lambda: load_backbone(rn, weights), lambda: build_backbone(rn, 3)):
+        with pytest.raises(LinftError, match=None) as info:
+            load()
+        text = str(info.value)
+        assert f"the image tower of {rn} is a ModifiedResNet" in text and "ViT-based CLIP models" in text
+        assert "\n" not in text

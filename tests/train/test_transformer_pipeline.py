@@ -4,6 +4,8 @@ first-order path (a jvp through attention). Tiny ViT and CLIP of the real classe
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -142,3 +144,27 @@ def test_lp_ft_refuses_a_cache_of_another_transform(shapes, tmp_path):
     with pytest.raises(LinftError, match="images transformed as Resize\\(32\\) \\[PIL bicubic\\], CenterCrop"):
         train_run(shapes, tmp_path / "ft", FineTuneRun("photo", 0, 1e-3, 0.0, lp_ft=True), backbone=TINY_CLIP,
                   weights=str(weights), config=config, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("backbone", ["demo-resnet", "vit-tiny", TINY_CLIP])
+def test_a_linft_selected_checkpoint_loads_as_a_backbone(backbone, shapes, tmp_path):
+    """`load_backbone(name, ".../selected.pt")`: linft's head fc.1.* (Dropout → Linear) is read as the backbone's fc;
+    the loaded network computes what the run's network computed at its selected step (in eval mode, where the
+    dropout is the identity)."""
+    if backbone.startswith("clip:"):
+        pytest.importorskip("open_clip")
+    networks = {}
+
+    def remember(event):
+        networks[event.step] = copy.deepcopy(event.model).eval()
+
+    result = train_run(shapes, tmp_path / "run", RUN, backbone=backbone, weights="none", config=CFG, device="cpu",
+                       progress=False, hooks=RunHooks(on_eval=remember))
+    state, meta = load_selected(result.run_dir)
+    assert "fc.1.weight" in state and "fc.weight" not in state
+    bb = load_backbone(backbone, str(result.run_dir / "selected.pt"))
+    assert isinstance(bb.model.fc, torch.nn.Linear) and bb.model.fc.out_features == 2
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(bb.model(x), networks[meta["step"]](x), rtol=1e-5, atol=1e-5)
