@@ -28,14 +28,19 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from linft.data.splits import seed_hash
 from linft.errors import LinftError
 from linft.models.heads import check_dropout_rate
 from linft.protocol.schedule import eval_steps, lr_at, milestone_steps
+from linft.train.linear_draws import (NOISE, ROWS, VIEWS, draw_rows, draw_views, group_key, padded_pools, row_words,
+                                      unit_noise)
+from linft.train.linear_eval import EVAL_FORMS, evaluate_grid
+from linft.train.linear_step import RunBlock, kernel_step, new_block, torch_step
+from linft.train.sparse_step import load_kernel
 
 V_INITS = ("normal", "last")
+STEP_KINDS = ("auto", "sparse", "torch")
 
 
 # --------------------------------------------------------------------------- the model (pure functions)
@@ -101,26 +106,10 @@ class Group:
 
 
 def group_generator(seed: int, test_domain: int, purpose: str, device) -> torch.Generator:
-    """The random stream of a group: one per purpose (``batches``, ``init``), seeded by DomainBed's seed_hash."""
+    """The initialisation stream of a group (``purpose`` ``init``), seeded by DomainBed's seed_hash."""
     g = torch.Generator(device=device)
     g.manual_seed(seed_hash("linft-linear", purpose, seed, test_domain))
     return g
-
-
-def draw_batch(pools: list[torch.Tensor], batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    """``batch_size`` rows per training domain, uniformly with replacement, concatenated in domain order."""
-    return torch.cat([pool[torch.randint(len(pool), (batch_size,), generator=generator, device=pool.device)]
-                      for pool in pools])
-
-
-def draw_views(num_rows: int, num_views: int, generator: torch.Generator, device) -> torch.Tensor:
-    """Which cached augmented view each batch row uses this step (uniform)."""
-    return torch.randint(num_views, (num_rows,), generator=generator, device=device)
-
-
-def draw_noise(num_rows: int, dim: int, generator: torch.Generator, device) -> torch.Tensor:
-    """Uniform noise for the dropout masks of one step (shared by the runs of a group)."""
-    return torch.rand(num_rows, dim, generator=generator, device=device)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -149,6 +138,8 @@ class LinearGridConfig:
     v_init: str = "last"
     lr_milestones: tuple[float, ...] = (0.5,)  # fractions of ``steps``
     eval_chunk: int = 4096
+    step_kind: str = "auto"  # "sparse": the compiled sparse step (CPU), "torch": the pure-torch step, "auto": sparse when available
+    eval_form: str = "auto"  # see linft.train.linear_eval
     extra: dict = field(default_factory=dict)
 
     def milestone_steps(self) -> tuple[int, ...]:
@@ -161,6 +152,10 @@ class LinearGridConfig:
                 raise LinftError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.v_init not in V_INITS:
             raise LinftError(f"unknown v init '{self.v_init}'; use one of {', '.join(V_INITS)}")
+        if self.step_kind not in STEP_KINDS:
+            raise LinftError(f"unknown step kind '{self.step_kind}'; use one of {', '.join(STEP_KINDS)}")
+        if self.eval_form not in EVAL_FORMS:
+            raise LinftError(f"unknown evaluation form '{self.eval_form}'; use one of {', '.join(EVAL_FORMS)}")
 
 
 @dataclass
@@ -175,73 +170,90 @@ class LinearData:
     views: torch.Tensor | None = None  # (N, V, K, D) augmented views: one is drawn per row and step
 
 
-@dataclass
-class _GridState:
-    """Parameters, momentum buffers and random streams of every run of a grid, stacked (G, H, ...)."""
-
-    params: list[torch.Tensor]  # v (G, H, K, D), V (G, H, C, D), b (G, H, C)
-    bufs: list[torch.Tensor]
-    masks: list[torch.Tensor | None]  # probe runs keep v fixed
-    lr: torch.Tensor  # (G, H)
-    wd: torch.Tensor  # (G, H)
-    rate_groups: list[tuple[float, torch.Tensor]]  # dropout rate -> the grid points that use it
-    batch_gens: list[torch.Generator]
-    diverged: torch.Tensor  # (G, H) bool
 
 
-def _initial_state(data: LinearData, groups: list[Group], config: LinearGridConfig) -> _GridState:
-    points, device = groups[0].points, data.features.device
+# --------------------------------------------------------------------------- the engine
+
+
+def _initial_blocks(data: LinearData, groups: list[Group], config: LinearGridConfig) -> list[RunBlock]:
+    """The grid's runs as blocks: the dropout runs for the compiled sparse step (when it is used), the others for
+    the torch step. Every grid point of a group starts from the same V, b (and v, probes aside)."""
+    points, dev = groups[0].points, data.features.device
     _, K, D = data.features.shape
-    G, H, C = len(groups), len(points), data.num_classes
-    f32 = dict(device=device, dtype=torch.float32)
-    v, V, b = torch.empty(G, H, K, D, **f32), torch.empty(G, H, C, D, **f32), torch.empty(G, H, C, **f32)
-    batch_gens = []
-    for gi, g in enumerate(groups):
-        for hi, p in enumerate(points):
-            gen = group_generator(g.seed, g.test_domain, "init", device)  # same init for every point of a group
-            v[gi, hi], V[gi, hi], b[gi, hi] = initial_parameters(K, D, C, gen, config.v_init, p.probe, device)
-        batch_gens.append(group_generator(g.seed, g.test_domain, "batches", device))
-    params = [t.requires_grad_(True) for t in (v, V, b)]
-    train_v = torch.tensor([0.0 if p.probe else 1.0 for p in points], **f32).view(1, H, 1, 1).expand(G, H, 1, 1)
-    rate_groups = [(r, torch.tensor([h for h, p in enumerate(points) if p.dropout == r], device=device))
-                   for r in sorted({p.dropout for p in points})]
-    return _GridState(params=params, bufs=[torch.zeros_like(t) for t in params], masks=[train_v, None, None],
-                      lr=torch.tensor([p.lr for p in points], **f32).expand(G, H),
-                      wd=torch.tensor([p.weight_decay for p in points], **f32).expand(G, H),
-                      rate_groups=rate_groups, batch_gens=batch_gens,
-                      diverged=torch.zeros(G, H, dtype=torch.bool, device=device))
+    C = data.num_classes
+    kernel = _kernel_for(data, config)
+    sparse = sorted((h for h, p in enumerate(points) if p.dropout > 0 and not p.probe),
+                    key=lambda h: points[h].dropout) if kernel is not None else []
+    parts = [(sparse, kernel), ([h for h in range(len(points)) if h not in sparse], None)]
+    inits = []
+    for g in groups:
+        inits.append({probe: initial_parameters(K, D, C, group_generator(g.seed, g.test_domain, "init", dev),
+                                                config.v_init, probe, dev) for probe in (False, True)})
+    blocks = []
+    for hs, kern in parts:
+        if not hs:
+            continue
+        init = [torch.stack([torch.stack([inits[gi][points[h].probe][t] for h in hs]) for gi in range(len(groups))])
+                for t in range(3)]
+        blocks.append(new_block(hs, [points[h].dropout for h in hs], [points[h].lr for h in hs],
+                                [points[h].weight_decay for h in hs], [points[h].probe for h in hs], init, kern))
+    return blocks
 
 
-def _draw_step(data: LinearData, groups: list[Group], state: _GridState, batch_size: int):
-    """The step's features (G, B, K, D) in float32, labels (G, B) and dropout noise (G, B, D), per group."""
-    gens, device = state.batch_gens, data.features.device
-    rows = torch.stack([draw_batch(g.train_pools, batch_size, gen) for g, gen in zip(groups, gens)])
-    B = rows.shape[1]
-    if data.views is None:
-        phi = data.features[rows].float()
-    else:
-        which = torch.stack([draw_views(B, data.views.shape[1], gen, device) for gen in gens])
-        phi = data.views[rows, which].float()
-    u = torch.stack([draw_noise(B, phi.shape[-1], gen, device) for gen in gens])
-    return phi, data.labels[rows], u
+def _kernel_for(data: LinearData, config: LinearGridConfig):
+    """The compiled sparse step when ``config.step_kind`` asks for it and the data allow it, else None."""
+    if config.step_kind == "torch":
+        return None
+    source = data.features if data.views is None else data.views
+    usable = source.dtype in (torch.float16, torch.float32) and source.is_contiguous()
+    kernel, why = load_kernel() if source.device.type == "cpu" else (None, "it runs on the CPU only")
+    if config.step_kind == "sparse" and (kernel is None or not usable):
+        why = why or f"features of dtype {source.dtype} (float16 or float32 contiguous needed)"
+        raise LinftError(f"the compiled sparse step is not available: {why}; use step kind auto or torch")
+    return kernel if usable else None
 
 
-@torch.no_grad()
-def _sgd_update(state: _GridState, grads, step: int, milestones: tuple[int, ...], momentum: float) -> None:
-    """``torch.optim.SGD`` (momentum, weight decay added to the gradient) on every live run at once."""
-    G, H = state.lr.shape
-    step_lr = lr_at(step, state.lr, milestones) * ~state.diverged
-    for t, grad, buf, mask in zip(state.params, grads, state.bufs, state.masks):
-        shape = (G, H) + (1,) * (t.dim() - 2)
-        d_p = grad + state.wd.view(shape) * t
-        if step == 0:
-            buf.copy_(d_p)  # torch.optim.SGD starts the momentum buffer at the first gradient
-        else:
-            buf.mul_(momentum).add_(d_p)
-        update = step_lr.view(shape) * buf
-        if mask is not None:
-            update = update * mask
-        t.sub_(update)
+@dataclass
+class _Draws:
+    """The group keys and padded training pools from which every step's rows and masks are drawn."""
+
+    keys: torch.Tensor  # (G,)
+    pools: torch.Tensor  # (G, T, P)
+    sizes: torch.Tensor  # (G, T)
+
+
+def _step(data: LinearData, draws: _Draws, blocks: list[RunBlock], step: int, config: LinearGridConfig,
+          lr_factor: float) -> None:
+    """One training step of every run: the step's rows, views and masks, then each block's step."""
+    T = draws.pools.shape[1]
+    B = T * config.batch_size
+    rows = draw_rows(draws.pools, draws.sizes, row_words(draws.keys, step, ROWS, B), config.batch_size)
+    which = None if data.views is None else draw_views(row_words(draws.keys, step, VIEWS, B), data.views.shape[1])
+    words = row_words(draws.keys, step, NOISE, B)
+    y = data.labels[rows]
+    phi = noise = None
+    for block in blocks:
+        lr = block.lr * lr_factor
+        if block.kernel is not None:
+            K, D = data.features.shape[1:]
+            offs = rows * (K * D) if which is None else (rows * data.views.shape[1] + which) * (K * D)
+            source = data.features if which is None else data.views
+            kernel_step(block, source, offs, y, words, lr, config.momentum)
+            continue
+        if phi is None:
+            phi = (data.features[rows] if which is None else data.views[rows, which]).float()
+        if block.masked and noise is None:
+            noise = unit_noise(words, phi.shape[-1])
+        torch_step(block, phi, y, noise if block.masked else None, lr, config.momentum)
+
+
+def _grid_tensors(blocks: list[RunBlock]):
+    """``v`` (G, H, K, D), ``Vt`` (G, H, D, C), ``b``, loss and live (G, H) in the groups' grid-point order."""
+    order = torch.tensor([h for blk in blocks for h in blk.points])
+    inv = torch.argsort(order).to(blocks[0].live.device)
+    cat = lambda ts: torch.cat(ts, 1).index_select(1, inv) if len(ts) > 1 else ts[0]
+    return (*(cat([blk.params[i] for blk in blocks]) for i in range(3)), cat([blk.loss for blk in blocks]),
+            cat([blk.live for blk in blocks]))
 
 
 def train_linear_grid(data: LinearData, groups: list[Group], config: LinearGridConfig = LinearGridConfig(),
@@ -259,79 +271,24 @@ def train_linear_grid(data: LinearData, groups: list[Group], config: LinearGridC
         raise LinftError("every group of one call must have the same grid points")
     for p in groups[0].points:
         check_dropout_rate(p.dropout)
-    state = _initial_state(data, groups, config)
-    v, V, b = state.params
-    G, H, C = len(groups), len(groups[0].points), data.num_classes
+    config.check()
+    dev = data.features.device
+    blocks = _initial_blocks(data, groups, config)
+    pools, sizes = padded_pools([g.train_pools for g in groups], dev)
+    draws = _Draws(torch.tensor([group_key(g.seed, g.test_domain) for g in groups], device=dev), pools, sizes)
     milestones, evals = config.milestone_steps(), set(eval_steps(config.steps, config.eval_every))
     seed_split = torch.stack([data.split_rows[g.seed] for g in groups])  # (G, N)
     totals = np.stack([np.bincount(data.split_rows[g.seed][data.split_rows[g.seed] >= 0].cpu().numpy(),
                                    minlength=data.num_splits) for g in groups])
     for step in range(config.steps):
-        phi, y, u = _draw_step(data, groups, state, config.batch_size)
-        B = phi.shape[1]
-        logits = _train_logits(phi, u, v, V, b, state.rate_groups)  # (G, H, B, C)
-        loss = F.cross_entropy(logits.reshape(G * H * B, C), y[:, None, :].expand(G, H, B).reshape(-1),
-                               reduction="none").view(G, H, B).mean(-1)
-        state.diverged |= ~torch.isfinite(loss)
-        live = ~state.diverged
-        grads = torch.autograd.grad(loss[live].sum(), state.params, allow_unused=False) if live.any() \
-            else [torch.zeros_like(t) for t in state.params]
-        _sgd_update(state, grads, step, milestones, config.momentum)
+        _step(data, draws, blocks, step, config, lr_at(step, 1.0, milestones))
         if on_step is not None:
             on_step(step)
         if step in evals and on_eval is not None:
-            correct = _evaluate(data.features, data.labels, seed_split, v.detach(), V.detach(), b.detach(),
-                                data.num_splits, config.eval_chunk)
-            on_eval(EvalPoint(step=step, correct=correct, total=totals, loss=loss.detach().cpu().numpy(),
-                              diverged=state.diverged.cpu().numpy(), final=step == config.steps - 1))
-    return v.detach(), V.detach(), b.detach()
-
-
-def _train_logits(phi, u, v, V, b, rate_groups):
-    """Training logits (G, H, B, C) of every run, with each run's dropout mask.
-
-    ``V · (m ⊙ Σ_k v_k ⊙ φ_k) / (1-λ) = Σ_k (V ⊙ v_k) · (m ⊙ φ_k) / (1-λ)``: the
-    mask ``m = u ≥ λ`` depends only on the group's noise and the rate, so
-    runs of one rate share the masked features and one batched matmul
-    (B x K·D by K·D x H·C per group) serves them all. This avoids
-    materialising a (G, H, B, D) adapted representation, which is what makes
-    stacking runs pay off on a CPU.
-    """
-    G, B, K, D = phi.shape
-    H, C = V.shape[1], V.shape[2]
-    W = (V.unsqueeze(3) * v.unsqueeze(2)).reshape(G, H, C, K * D)  # (G, H, C, K·D)
-    parts, order = [], []
-    for rate, hidx in rate_groups:
-        if rate > 0:
-            psi = phi * ((u >= rate).unsqueeze(2) / (1.0 - rate))
-        else:
-            psi = phi
-        Wr = W.index_select(1, hidx).reshape(G, len(hidx) * C, K * D)
-        parts.append(torch.bmm(psi.reshape(G, B, K * D), Wr.transpose(1, 2)).view(G, B, len(hidx), C))
-        order.append(hidx)
-    logits = torch.cat(parts, 2) if len(parts) > 1 else parts[0]
-    if len(parts) > 1:
-        logits = logits.index_select(2, torch.argsort(torch.cat(order)))
-    return logits.permute(0, 2, 1, 3) + b[:, :, None, :]
-
-
-def _evaluate(features, labels, seed_split, v, V, b, num_splits, chunk):
-    """Correct counts (G, H, S) of every run on every split, without dropout.
-
-    Uses ``logits = Σ_k φ_k (V ⊙ v_k)^T + b`` so that one matmul per chunk of
-    rows serves all runs.
-    """
-    G, H, K, D = v.shape
-    C = V.shape[2]
-    W = (V[:, :, None, :, :] * v[:, :, :, None, :])  # (G, H, K, C, D)
-    W = W.permute(2, 4, 0, 1, 3).reshape(K * D, G * H * C)
-    correct = torch.zeros(G, H, num_splits, device=features.device, dtype=torch.float64)
-    N = features.shape[0]
-    for a in range(0, N, chunk):
-        phi = features[a:a + chunk].float().reshape(-1, K * D)
-        logits = (phi @ W).view(-1, G, H, C) + b
-        right = (logits.argmax(-1) == labels[a:a + chunk, None, None]).double()  # (n, G, H)
-        split = seed_split[:, a:a + chunk]  # (G, n)
-        onehot = F.one_hot(split.clamp(min=0), num_splits).double() * (split >= 0)[..., None]  # (G, n, S)
-        correct += torch.einsum("ngh,gns->ghs", right, onehot)
-    return correct.round().long().cpu().numpy()
+            v, Vt, b, loss, live = _grid_tensors(blocks)
+            correct = evaluate_grid(data.features, data.labels, seed_split, v, Vt, b, data.num_splits,
+                                    config.eval_chunk, config.eval_form)
+            on_eval(EvalPoint(step=step, correct=correct, total=totals, loss=loss.cpu().numpy(),
+                              diverged=(~live).cpu().numpy(), final=step == config.steps - 1))
+    v, Vt, b, _, _ = _grid_tensors(blocks)
+    return v, Vt.transpose(-1, -2).contiguous(), b
