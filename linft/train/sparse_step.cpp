@@ -1,6 +1,6 @@
 // The sparse fused step of the linear engine (linft/train/sparse_step.py builds and calls it).
 //
-// For every group g (one thread each) and every batch row: draw the row's dropout noise
+// For every group g (each group in one thread) and every batch row: draw the row's dropout noise
 // (u = lowbias32(unit ^ word) >> 8, as linft/train/linear_draws.py), list the units kept at the smallest
 // rate, gather their features once, then for each run of the group (runs sorted by rate, so each one's kept
 // units are a sub-list of the previous one's) compute on the kept units only:
@@ -128,9 +128,9 @@ static void group_step(const Args& a, int64_t g) {
     }
 }
 
-extern "C" int linft_sparse_step(const Args* a, int half, int threads) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t g = 0; g < a->G; ++g) {
+// Groups [g0, g1): the caller runs disjoint ranges in parallel threads (ctypes releases the GIL).
+extern "C" int linft_sparse_step(const Args* a, int half, int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
         if (half) group_step<uint16_t>(*a, g); else group_step<float>(*a, g);
     }
     return 0;

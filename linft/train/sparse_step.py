@@ -3,11 +3,13 @@
 ``sparse_step.cpp`` (next to this file) computes, for the dropout runs of every
 group, only the (row, unit) pairs that dropout keeps, and fuses forward,
 backward and the SGD update (see its header). It is plain C++ (no Python or
-torch headers), so it builds in about a second with ``g++ -O3 -march=native
--fopenmp`` into ``~/.cache/linft/kernels`` (``$LINFT_KERNEL_CACHE``, else
+torch headers, no OpenMP), so it builds in about a second with ``g++ -O3
+-march=native`` into ``~/.cache/linft/kernels`` (``$LINFT_KERNEL_CACHE``, else
 ``$XDG_CACHE_HOME/linft/kernels``), keyed by the source, the compiler and the
 CPU's flags; a build is written under a temporary name and renamed, so
-concurrent processes never load half a file.
+concurrent processes never load half a file. Groups run in parallel in
+``torch.get_num_threads()`` Python threads (a ctypes call releases the GIL),
+each group in one thread, so the results do not depend on the thread count.
 
 :func:`sparse_kernel` returns the loaded kernel, or None when it cannot be
 had (no compiler, a failed build, a GPU, or ``LINFT_SPARSE_KERNEL=0``): the
@@ -23,6 +25,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -30,7 +33,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("sparse_step.cpp")
 #: flag sets tried in order: the first that builds is used
-FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
+FLAG_SETS = (["-O3", "-march=native"], ["-O3"])
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -98,7 +101,7 @@ def load_kernel() -> tuple[ctypes.CDLL | None, str]:
     if lib is None:
         return None, why
     dll = ctypes.CDLL(str(lib))
-    dll.linft_sparse_step.argtypes = [ctypes.POINTER(Args), ctypes.c_int, ctypes.c_int]
+    dll.linft_sparse_step.argtypes = [ctypes.POINTER(Args), ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     dll.linft_sparse_step.restype = ctypes.c_int
     dll.linft_unit_noise.argtypes = [ctypes.c_uint32, ctypes.c_uint32]
     dll.linft_unit_noise.restype = ctypes.c_uint32
@@ -125,4 +128,15 @@ def run_sparse_step(dll: ctypes.CDLL, feats: torch.Tensor, offs, labels, words, 
     a = Args(_ptr(feats), _ptr(offs), _ptr(labels), _ptr(words), G, offs.shape[1], K, D, C, H,
              *(_ptr(t) for t in (*params, *bufs, *grads)), _ptr(thr), _ptr(scale), _ptr(lr), _ptr(wd),
              momentum, _ptr(live), _ptr(loss))
-    dll.linft_sparse_step(ctypes.byref(a), int(feats.dtype == torch.float16), torch.get_num_threads())
+    half, threads = int(feats.dtype == torch.float16), min(torch.get_num_threads(), G)
+    if threads == 1:
+        dll.linft_sparse_step(ctypes.byref(a), half, 0, G)
+        return
+    bounds = [G * i // threads for i in range(threads + 1)]
+    list(_pool(threads).map(lambda i: dll.linft_sparse_step(ctypes.byref(a), half, bounds[i], bounds[i + 1]),
+                            range(threads)))
+
+
+@lru_cache(maxsize=None)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="linft-sparse")
