@@ -184,7 +184,8 @@ def _initial_blocks(data: LinearData, groups: list[Group], config: LinearGridCon
     kernel = _kernel_for(data, config)
     sparse = sorted((h for h, p in enumerate(points) if p.dropout > 0 and not p.probe),
                     key=lambda h: points[h].dropout) if kernel is not None else []
-    parts = [(sparse, kernel), ([h for h in range(len(points)) if h not in sparse], None)]
+    rest = sorted((h for h in range(len(points)) if h not in sparse), key=lambda h: points[h].dropout)
+    parts = [(sparse, kernel), (rest, None)]
     inits = []
     for g in groups:
         inits.append({probe: initial_parameters(K, D, C, group_generator(g.seed, g.test_domain, "init", dev),
@@ -251,8 +252,10 @@ def _grid_tensors(blocks: list[RunBlock]):
     """``v`` (G, H, K, D), ``Vt`` (G, H, D, C), ``b``, loss and live (G, H) in the groups' grid-point order."""
     order = torch.tensor([h for blk in blocks for h in blk.points])
     inv = torch.argsort(order).to(blocks[0].live.device)
-    cat = lambda ts: torch.cat(ts, 1).index_select(1, inv) if len(ts) > 1 else ts[0]
-    return (*(cat([blk.params[i] for blk in blocks]) for i in range(3)), cat([blk.loss for blk in blocks]),
+    cat = lambda ts: torch.cat(ts, 1).index_select(1, inv)
+    C = blocks[0].params[2].shape[-1]
+    return (cat([blk.params[0] for blk in blocks]), cat([blk.params[1][..., :C] for blk in blocks]),
+            cat([blk.params[2] for blk in blocks]), cat([blk.loss for blk in blocks]),
             cat([blk.live for blk in blocks]))
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from linft.train.linear_draws import keep_threshold
-from linft.train.sparse_step import run_sparse_step
+from linft.train.sparse_step import padded_classes, run_sparse_step
 
 
 @dataclass
@@ -29,7 +29,8 @@ class RunBlock:
     """Runs of a grid that one step function trains, stacked (G, h, ...) over groups and the block's grid points.
 
     ``params`` are ``v`` (G, h, K, D), ``Vt`` (G, h, D, C) (the head transposed: a unit's C weights are
-    contiguous) and ``b`` (G, h, C); ``bufs`` their momentum buffers; ``grads`` the compiled step's gradient
+    contiguous; padded with zero columns to :func:`~linft.train.sparse_step.padded_classes` for the kernel) and
+    ``b`` (G, h, C); ``bufs`` their momentum buffers; ``grads`` the compiled step's gradient
     scratch (None for the torch step); ``live`` (G, h) bool, False once a run's loss was not finite.
     """
 
@@ -44,6 +45,8 @@ class RunBlock:
     live: torch.Tensor  # (G, h) bool
     loss: torch.Tensor  # (G, h) float32, this step's training loss
     masked: bool  # some run drops out
+    rates: list[float]  # the dropout rate of each run (the block's runs are sorted by rate)
+    slices: list[tuple[int, int]]  # runs of equal rate: (start, end)
     kernel: object = None  # the compiled sparse step, or None
     grads: list[torch.Tensor] | None = None
 
@@ -51,7 +54,10 @@ class RunBlock:
 def new_block(points: list[int], rates, lrs, wds, probes, init: list[torch.Tensor], kernel=None) -> RunBlock:
     """A block of the grid points ``points`` from their initial parameters ``init`` (v, V, b of shape (G, h, ...))."""
     v, V, b = init
-    params = [v.contiguous(), V.transpose(-1, -2).contiguous(), b.contiguous()]
+    Vt = V.transpose(-1, -2)
+    if kernel is not None:  # the kernel's head rows are padded to a multiple of 8 classes
+        Vt = F.pad(Vt, (0, padded_classes(Vt.shape[-1]) - Vt.shape[-1]))
+    params = [v.contiguous(), Vt.contiguous(), b.contiguous()]
     f32 = dict(device=v.device, dtype=torch.float32)
     G, h = v.shape[:2]
     block = RunBlock(points=points, params=params, bufs=[torch.zeros_like(t) for t in params],
@@ -60,35 +66,48 @@ def new_block(points: list[int], rates, lrs, wds, probes, init: list[torch.Tenso
                      scale=torch.tensor([1.0 / (1.0 - r) for r in rates], **f32),
                      train_v=torch.tensor([0.0 if p else 1.0 for p in probes], **f32),
                      live=torch.ones(G, h, dtype=torch.bool, device=v.device), loss=torch.zeros(G, h, **f32),
-                     masked=any(r > 0 for r in rates), kernel=kernel)
+                     masked=any(r > 0 for r in rates), rates=list(rates),
+                     slices=rate_slices(list(rates)), kernel=kernel)
     if kernel is not None:
         block.grads = [torch.zeros_like(t) for t in params]
     return block
 
 
+def rate_slices(rates: list[float]) -> list[tuple[int, int]]:
+    """``(start, end)`` of each stretch of equal dropout rate in ``rates`` (a block's runs are sorted by rate)."""
+    starts = [i for i in range(len(rates)) if i == 0 or rates[i] != rates[i - 1]]
+    return list(zip(starts, starts[1:] + [len(rates)]))
+
+
 def torch_step(block: RunBlock, phi: torch.Tensor, y: torch.Tensor, noise: torch.Tensor | None,
                lr: torch.Tensor, momentum: float) -> None:
     """Forward, hand-written backward and SGD update of every run of ``block`` on the step's features
-    ``phi`` (G, B, K, D) float32, labels ``y`` (G, B) and unit noise (G, B, D) (None: no run drops out)."""
+    ``phi`` (G, B, K, D) float32, labels ``y`` (G, B) and unit noise (G, B, D) (None: no run drops out).
+
+    Folded form: ``logits = Σ_k (m ⊙ φ_k / (1-λ)) · (V ⊙ v_k)ᵀ + b``; runs of one rate share the masked
+    features, so one batched matmul (B × K·D by K·D × runs·C per group) serves them all, forward and backward.
+    """
     v, Vt, b = block.params
-    G, h, _, D = v.shape
+    G, h, K, D = v.shape
     B, C = phi.shape[1], Vt.shape[-1]
-    rep = torch.einsum("gbkd,ghkd->ghbd", phi, v)  # Φ̃ of every run and row
-    mask = None
-    if noise is not None:
-        mask = (noise[:, None] >= block.thr.view(1, h, 1, 1)) * block.scale.view(1, h, 1, 1)
-        rep = rep * mask
-    logp = torch.baddbmm(b.reshape(G * h, 1, C), rep.reshape(G * h, B, D), Vt.reshape(G * h, D, C))
-    logp = logp.view(G, h, B, C).log_softmax(-1)
-    onehot = F.one_hot(y, C).to(phi.dtype)[:, None]  # (G, 1, B, C)
-    block.loss.copy_(-(logp * onehot).sum(-1).mean(-1))
-    gz = (logp.exp() - onehot) / B
-    g_Vt = rep.transpose(-1, -2) @ gz
-    g_rep = gz @ Vt.transpose(-1, -2)
-    if mask is not None:
-        g_rep = g_rep * mask
-    g_v = torch.einsum("ghbd,gbkd->ghkd", g_rep, phi) * block.train_v.view(1, h, 1, 1)
-    sgd_update(block, [g_v, g_Vt, gz.sum(2)], lr, momentum)
+    W = (v[..., None] * Vt[:, :, None]).reshape(G, h, K * D, C)  # (V ⊙ v_k)ᵀ of every run
+    onehot = F.one_hot(y, C).to(phi.dtype)  # (G, B, C)
+    g_W, losses, g_b = [], [], []
+    for a, e in block.slices:
+        psi = phi if noise is None or block.rates[a] == 0 else \
+            phi * ((noise >= block.thr[a]) * block.scale[a])[:, :, None, :]
+        psi = psi.reshape(G, B, K * D)
+        Wr = W[:, a:e].permute(0, 2, 1, 3).reshape(G, K * D, (e - a) * C)
+        logp = torch.baddbmm(b[:, a:e].reshape(G, 1, -1), psi, Wr).view(G, B, e - a, C).log_softmax(-1)
+        losses.append(-(logp * onehot[:, :, None]).sum(-1).mean(1))  # (G, e - a)
+        gz = (logp.exp() - onehot[:, :, None]) / B  # (G, B, e - a, C)
+        g_b.append(gz.sum(1))
+        g_W.append((gz.reshape(G, B, -1).transpose(1, 2) @ psi).view(G, e - a, C, K, D))
+    block.loss.copy_(torch.cat(losses, 1))
+    g_W = torch.cat(g_W, 1)  # (G, h, C, K, D)
+    g_Vt = (g_W * v[:, :, None]).sum(3).transpose(-1, -2)
+    g_v = (g_W * Vt.transpose(-1, -2)[:, :, :, None]).sum(2) * block.train_v.view(1, h, 1, 1)
+    sgd_update(block, [g_v, g_Vt, torch.cat(g_b, 1)], lr, momentum)
 
 
 @torch.no_grad()

@@ -14,6 +14,9 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 static inline uint32_t mix(uint32_t x) {
     x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
@@ -23,6 +26,9 @@ static inline uint32_t mix(uint32_t x) {
 static inline float load(const float* p, int64_t i) { return p[i]; }
 
 static inline float load(const uint16_t* p, int64_t i) {  // IEEE half -> float, exact
+#if defined(__F16C__)
+    return _cvtsh_ss(p[i]);
+#else
     uint32_t h = p[i], sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ffu, bits;
     if (e == 0) {
         if (m == 0) { bits = sign; }
@@ -31,108 +37,169 @@ static inline float load(const uint16_t* p, int64_t i) {  // IEEE half -> float,
     else { bits = sign | ((e + 112) << 23) | (m << 13); }
     float f; std::memcpy(&f, &bits, 4);
     return f;
+#endif
 }
 
 struct Args {
     const void* feats; const int64_t* offs; const int64_t* labels; const int64_t* words;
-    int64_t G, B, K, D, C, H;
+    int64_t G, B, K, D, C, Cp, H;  // Cp: the row length of Vt (C padded with zeros to a multiple of 8)
     float *v, *Vt, *b, *bv, *bVt, *bb, *gv, *gVt, *gb;
     const int64_t* thr; const float* scale; const float* lr; const float* wd; float momentum;
     uint8_t* live; float* loss;
 };
 
-template <typename T>
+// The units of one row kept at threshold t (u padded with zeros to a multiple of 64; t >= 1), in order.
+static int64_t kept_units(const uint32_t* u, int64_t D, uint32_t t, int32_t* out) {
+    int64_t n = 0;
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+        uint64_t m = 0;
+        for (int j = 0; j < 64; ++j) m |= (uint64_t)(u[d0 + j] >= t) << j;
+        while (m) { out[n++] = (int32_t)(d0 + __builtin_ctzll(m)); m &= m - 1; }
+    }
+    return n;
+}
+
+typedef float v8 __attribute__((vector_size(32)));  // GCC/Clang vector extension: 8 floats
+static inline v8 ld8(const float* p) { v8 x; std::memcpy(&x, p, sizeof x); return x; }
+static inline void st8(float* p, v8 x) { std::memcpy(p, &x, sizeof x); }
+
+// The forward and backward of one run on one row's kept units; returns the row's cross-entropy.
+// NV > 0: a unit's head row is NV vectors of 8 floats (C <= 8·NV), held in registers; NV = 0: any C (loops).
+template <int NV>
+static inline double run_row(const Args& a, int64_t run, int64_t h, int64_t n, const int32_t* __restrict__ pos,
+                             const int32_t* __restrict__ base, const float* __restrict__ phi, int64_t nb, int64_t y,
+                             float* __restrict__ r, float* __restrict__ z) {
+    const int64_t K = a.K, D = a.D, C = a.C, CP = NV ? 8 * NV : a.Cp;
+    const float s = a.scale[h];
+    const float* __restrict__ v = a.v + run * K * D; const float* __restrict__ Vt = a.Vt + run * D * CP;
+    const float* b = a.b + run * C;
+    float* __restrict__ gv = a.gv + run * K * D; float* __restrict__ gVt = a.gVt + run * D * CP;
+    float* gb = a.gb + run * C;
+    for (int64_t c = 0; c < CP; ++c) z[c] = c < C ? b[c] : 0.f;
+    v8 zv[NV ? NV : 1];
+    for (int q = 0; q < NV; ++q) zv[q] = ld8(z + 8 * q);
+    for (int64_t j = 0; j < n; ++j) {
+        const int64_t p = pos ? pos[j] : j, d = base[p];
+        float acc = 0.f;
+        for (int64_t k = 0; k < K; ++k) acc += v[k * D + d] * phi[k * nb + p];
+        const float rj = s * acc;
+        r[j] = rj;
+        const float* __restrict__ Vd = Vt + d * CP;
+        if (NV) { for (int q = 0; q < NV; ++q) zv[q] += rj * ld8(Vd + 8 * q); }
+        else { for (int64_t c = 0; c < CP; ++c) z[c] += rj * Vd[c]; }
+    }
+    for (int q = 0; q < NV; ++q) st8(z + 8 * q, zv[q]);
+    float zmax = z[0];
+    for (int64_t c = 1; c < C; ++c) zmax = z[c] > zmax ? z[c] : zmax;
+    const float zy = z[y] - zmax;
+    double se = 0.0;
+    for (int64_t c = 0; c < C; ++c) { z[c] = std::exp(z[c] - zmax); se += z[c]; }
+    const float inv = (float)(1.0 / se), invB = 1.0f / (float)a.B;
+    for (int64_t c = 0; c < C; ++c) { z[c] = (z[c] * inv - (c == y)) * invB; gb[c] += z[c]; }
+    for (int64_t c = C; c < CP; ++c) z[c] = 0.f;
+    for (int q = 0; q < NV; ++q) zv[q] = ld8(z + 8 * q);
+    for (int64_t j = 0; j < n; ++j) {
+        const int64_t p = pos ? pos[j] : j, d = base[p];
+        const float* __restrict__ Vd = Vt + d * CP; float* __restrict__ gVd = gVt + d * CP;
+        const float rj = r[j];
+        float back = 0.f;
+        if (NV) {
+            v8 bk = ld8(Vd) * zv[0];
+            st8(gVd, ld8(gVd) + rj * zv[0]);
+            for (int q = 1; q < NV; ++q) { bk += ld8(Vd + 8 * q) * zv[q]; st8(gVd + 8 * q, ld8(gVd + 8 * q) + rj * zv[q]); }
+            back = ((bk[0] + bk[1]) + (bk[2] + bk[3])) + ((bk[4] + bk[5]) + (bk[6] + bk[7]));
+        } else {
+            for (int64_t c = 0; c < CP; ++c) { back += Vd[c] * z[c]; gVd[c] += rj * z[c]; }
+        }
+        back *= s;
+        for (int64_t k = 0; k < K; ++k) gv[k * D + d] += back * phi[k * nb + p];
+    }
+    return std::log(se) - zy;
+}
+
+// torch.optim.SGD on one run (momentum buffer started at zero), gradients zeroed; a non-finite loss kills the run.
+static void update_run(const Args& a, int64_t run, int64_t h, double loss) {
+    const int64_t K = a.K, D = a.D, C = a.C, CP = a.Cp;
+    a.loss[run] = (float)loss;
+    float* ps[3] = {a.v + run * K * D, a.Vt + run * D * CP, a.b + run * C};
+    float* bs[3] = {a.bv + run * K * D, a.bVt + run * D * CP, a.bb + run * C};
+    float* gs[3] = {a.gv + run * K * D, a.gVt + run * D * CP, a.gb + run * C};
+    const int64_t sizes[3] = {K * D, D * CP, C};
+    const bool ok = std::isfinite((float)loss);
+    if (!ok) a.live[run] = 0;
+    const float lr = a.lr[h], wd = a.wd[h], m = a.momentum;
+    for (int t = 0; t < 3; ++t) {
+        float* __restrict__ p = ps[t]; float* __restrict__ buf = bs[t]; float* __restrict__ gr = gs[t];
+        if (ok) {
+            for (int64_t e = 0; e < sizes[t]; ++e) {
+                const float dp = gr[e] + wd * p[e];
+                buf[e] = m * buf[e] + dp;
+                p[e] -= lr * buf[e];
+                gr[e] = 0.f;
+            }
+        } else {
+            std::memset(gr, 0, sizes[t] * sizeof(float));
+        }
+    }
+}
+
+// One group: first every row's noise, kept units (at the smallest rate) and their features; then each run in turn
+// over all rows, so that a run's parameters and gradients stay in the core's cache, and its SGD update at once.
+template <typename T, int NV>
 static void group_step(const Args& a, int64_t g) {
-    const int64_t K = a.K, D = a.D, C = a.C, H = a.H, B = a.B;
+    const int64_t K = a.K, D = a.D, H = a.H, B = a.B, D64 = (D + 63) / 64 * 64;
     const T* feats = static_cast<const T*>(a.feats);
-    std::vector<uint32_t> u(D);
-    std::vector<int32_t> base(D), kept(D);
-    std::vector<float> phi(K * D), r(D), z(C);
-    std::vector<int32_t> pos(D);  // positions in the base list of the units a run keeps
-    std::vector<double> lsum(H, 0.0);
+    const uint32_t t0 = (uint32_t)a.thr[0];
+    std::vector<uint32_t> u(D64, 0);
+    std::vector<int64_t> start(B + 1, 0);
+    std::vector<int32_t> base, pos(D);
+    std::vector<uint32_t> ukept;
+    std::vector<float> phi, r(D), z(a.Cp);
+    base.reserve(B * D / 4); ukept.reserve(B * D / 4); phi.reserve(K * B * D / 4);
+    std::vector<int32_t> rowbase(D);
     for (int64_t i = 0; i < B; ++i) {
         const int64_t row = g * B + i;
         const uint32_t w = (uint32_t)a.words[row];
         for (int64_t d = 0; d < D; ++d) u[d] = mix((uint32_t)d ^ w) >> 8;
-        int64_t nb = 0;
-        const uint32_t t0 = (uint32_t)a.thr[0];
-        for (int64_t d = 0; d < D; ++d) { base[nb] = (int32_t)d; nb += u[d] >= t0; }
+        const int64_t nb = kept_units(u.data(), D, t0, rowbase.data());
+        start[i + 1] = start[i] + nb;
         const int64_t off = a.offs[row];
+        for (int64_t j = 0; j < nb; ++j) { base.push_back(rowbase[j]); ukept.push_back(u[rowbase[j]]); }
         for (int64_t k = 0; k < K; ++k)
-            for (int64_t j = 0; j < nb; ++j) phi[k * nb + j] = load(feats, off + k * D + base[j]);
-        const int64_t y = a.labels[row];
-        int64_t n = 0; int64_t last_thr = -1;
-        for (int64_t h = 0; h < H; ++h) {
-            const int64_t run = g * H + h;
-            if (!a.live[run]) continue;
-            if (a.thr[h] != last_thr) {
-                n = 0;
-                for (int64_t j = 0; j < nb; ++j) { pos[n] = (int32_t)j; n += u[base[j]] >= (uint32_t)a.thr[h]; }
-                last_thr = a.thr[h];
-            }
-            const float s = a.scale[h];
-            const float* v = a.v + run * K * D; const float* Vt = a.Vt + run * D * C; const float* b = a.b + run * C;
-            float* gv = a.gv + run * K * D; float* gVt = a.gVt + run * D * C; float* gb = a.gb + run * C;
-            for (int64_t c = 0; c < C; ++c) z[c] = b[c];
-            for (int64_t j = 0; j < n; ++j) {
-                const int64_t p = pos[j], d = base[p];
-                float acc = 0.f;
-                for (int64_t k = 0; k < K; ++k) acc += v[k * D + d] * phi[k * nb + p];
-                r[j] = s * acc;
-                const float* Vd = Vt + d * C;
-                for (int64_t c = 0; c < C; ++c) z[c] += r[j] * Vd[c];
-            }
-            float zmax = z[0];
-            for (int64_t c = 1; c < C; ++c) zmax = z[c] > zmax ? z[c] : zmax;
-            const float zy = z[y] - zmax;
-            double se = 0.0;
-            for (int64_t c = 0; c < C; ++c) { z[c] = std::exp(z[c] - zmax); se += z[c]; }
-            lsum[h] += std::log(se) - zy;
-            const float inv = (float)(1.0 / se) , invB = 1.0f / (float)B;
-            for (int64_t c = 0; c < C; ++c) { z[c] = (z[c] * inv - (c == y)) * invB; gb[c] += z[c]; }
-            for (int64_t j = 0; j < n; ++j) {
-                const int64_t p = pos[j], d = base[p];
-                const float* Vd = Vt + d * C; float* gVd = gVt + d * C;
-                float back = 0.f;
-                for (int64_t c = 0; c < C; ++c) { back += Vd[c] * z[c]; gVd[c] += r[j] * z[c]; }
-                back *= s;
-                for (int64_t k = 0; k < K; ++k) gv[k * D + d] += back * phi[k * nb + p];
-            }
-        }
+            for (int64_t j = 0; j < nb; ++j) phi.push_back(load(feats, off + k * D + rowbase[j]));
     }
     for (int64_t h = 0; h < H; ++h) {
         const int64_t run = g * H + h;
         if (!a.live[run]) continue;
-        const float l = (float)(lsum[h] / (double)B);
-        a.loss[run] = l;
-        float* ps[3] = {a.v + run * K * D, a.Vt + run * D * C, a.b + run * C};
-        float* bs[3] = {a.bv + run * K * D, a.bVt + run * D * C, a.bb + run * C};
-        float* gs[3] = {a.gv + run * K * D, a.gVt + run * D * C, a.gb + run * C};
-        const int64_t sizes[3] = {K * D, D * C, C};
-        const bool ok = std::isfinite(l);
-        if (!ok) a.live[run] = 0;
-        const float lr = a.lr[h], wd = a.wd[h], m = a.momentum;
-        for (int t = 0; t < 3; ++t) {
-            float* __restrict__ p = ps[t]; float* __restrict__ buf = bs[t]; float* __restrict__ gr = gs[t];
-            if (ok) {
-                for (int64_t e = 0; e < sizes[t]; ++e) {
-                    const float dp = gr[e] + wd * p[e];
-                    buf[e] = m * buf[e] + dp;
-                    p[e] -= lr * buf[e];
-                    gr[e] = 0.f;
-                }
-            } else {
-                std::memset(gr, 0, sizes[t] * sizeof(float));
+        const uint32_t t = (uint32_t)a.thr[h];
+        double lsum = 0.0;
+        for (int64_t i = 0; i < B; ++i) {
+            const int64_t nb = start[i + 1] - start[i];
+            const uint32_t* uk = ukept.data() + start[i];
+            int64_t n = nb;
+            if (t != t0) {
+                n = 0;
+                for (int64_t j = 0; j < nb; ++j) { pos[n] = (int32_t)j; n += uk[j] >= t; }
             }
+            lsum += run_row<NV>(a, run, h, n, t == t0 ? nullptr : pos.data(), base.data() + start[i],
+                                phi.data() + K * start[i], nb, a.labels[g * B + i], r.data(), z.data());
         }
+        update_run(a, run, h, lsum / (double)B);
+    }
+}
+
+template <typename T>
+static void groups_step(const Args* a, int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+        if (a->Cp == 8) group_step<T, 1>(*a, g);
+        else if (a->Cp == 16) group_step<T, 2>(*a, g);
+        else group_step<T, 0>(*a, g);
     }
 }
 
 // Groups [g0, g1): the caller runs disjoint ranges in parallel threads (ctypes releases the GIL).
 extern "C" int linft_sparse_step(const Args* a, int half, int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-        if (half) group_step<uint16_t>(*a, g); else group_step<float>(*a, g);
-    }
+    if (half) groups_step<uint16_t>(a, g0, g1); else groups_step<float>(a, g0, g1);
     return 0;
 }
 
