@@ -248,14 +248,13 @@ def _step(data: LinearData, draws: _Draws, blocks: list[RunBlock], step: int, co
         torch_step(block, phi, y, noise if block.masked else None, lr, config.momentum)
 
 
-def _grid_tensors(blocks: list[RunBlock]):
+def _grid_tensors(blocks: list[RunBlock], num_blocks: int):
     """``v`` (G, H, K, D), ``Vt`` (G, H, D, C), ``b``, loss and live (G, H) in the groups' grid-point order."""
     order = torch.tensor([h for blk in blocks for h in blk.points])
     inv = torch.argsort(order).to(blocks[0].live.device)
     cat = lambda ts: torch.cat(ts, 1).index_select(1, inv)
-    C = blocks[0].params[2].shape[-1]
-    return (cat([blk.params[0] for blk in blocks]), cat([blk.params[1][..., :C] for blk in blocks]),
-            cat([blk.params[2] for blk in blocks]), cat([blk.loss for blk in blocks]),
+    models = [blk.model(num_blocks) for blk in blocks]
+    return (*(cat([m[i] for m in models]) for i in range(3)), cat([blk.loss for blk in blocks]),
             cat([blk.live for blk in blocks]))
 
 
@@ -288,10 +287,10 @@ def train_linear_grid(data: LinearData, groups: list[Group], config: LinearGridC
         if on_step is not None:
             on_step(step)
         if step in evals and on_eval is not None:
-            v, Vt, b, loss, live = _grid_tensors(blocks)
+            v, Vt, b, loss, live = _grid_tensors(blocks, data.features.shape[1])
             correct = evaluate_grid(data.features, data.labels, seed_split, v, Vt, b, data.num_splits,
                                     config.eval_chunk, config.eval_form)
             on_eval(EvalPoint(step=step, correct=correct, total=totals, loss=loss.cpu().numpy(),
                               diverged=(~live).cpu().numpy(), final=step == config.steps - 1))
-    v, Vt, b, _, _ = _grid_tensors(blocks)
+    v, Vt, b, _, _ = _grid_tensors(blocks, data.features.shape[1])
     return v, Vt.transpose(-1, -2).contiguous(), b

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from linft.train.linear_draws import keep_threshold
-from linft.train.sparse_step import padded_classes, run_sparse_step
+from linft.train.sparse_step import padded, run_sparse_step
 
 
 @dataclass
@@ -29,8 +29,8 @@ class RunBlock:
     """Runs of a grid that one step function trains, stacked (G, h, ...) over groups and the block's grid points.
 
     ``params`` are ``v`` (G, h, K, D), ``Vt`` (G, h, D, C) (the head transposed: a unit's C weights are
-    contiguous; padded with zero columns to :func:`~linft.train.sparse_step.padded_classes` for the kernel) and
-    ``b`` (G, h, C); ``bufs`` their momentum buffers; ``grads`` the compiled step's gradient
+    contiguous) and ``b`` (G, h, C); for the kernel ``v`` is (G, h, D, Kp) and ``Vt`` (G, h, D, Cp), zero-padded
+    (:func:`~linft.train.sparse_step.padded`); :meth:`model` gives the model's shapes in either case; ``bufs`` their momentum buffers; ``grads`` the compiled step's gradient
     scratch (None for the torch step); ``live`` (G, h) bool, False once a run's loss was not finite.
     """
 
@@ -50,13 +50,21 @@ class RunBlock:
     kernel: object = None  # the compiled sparse step, or None
     grads: list[torch.Tensor] | None = None
 
+    def model(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``v`` (G, h, K, D), ``Vt`` (G, h, D, C), ``b`` (G, h, C) (views, padding dropped)."""
+        v, Vt, b = self.params
+        if self.kernel is not None:
+            v = v[..., :num_blocks].transpose(-1, -2)
+        return v, Vt[..., :b.shape[-1]], b
+
 
 def new_block(points: list[int], rates, lrs, wds, probes, init: list[torch.Tensor], kernel=None) -> RunBlock:
     """A block of the grid points ``points`` from their initial parameters ``init`` (v, V, b of shape (G, h, ...))."""
     v, V, b = init
     Vt = V.transpose(-1, -2)
-    if kernel is not None:  # the kernel's head rows are padded to a multiple of 8 classes
-        Vt = F.pad(Vt, (0, padded_classes(Vt.shape[-1]) - Vt.shape[-1]))
+    if kernel is not None:  # the kernel's rows: a unit's K weights of v and C weights of the head, zero-padded
+        v = F.pad(v.transpose(-1, -2), (0, padded(v.shape[-2], 4) - v.shape[-2]))
+        Vt = F.pad(Vt, (0, padded(Vt.shape[-1], 8) - Vt.shape[-1]))
     params = [v.contiguous(), Vt.contiguous(), b.contiguous()]
     f32 = dict(device=v.device, dtype=torch.float32)
     G, h = v.shape[:2]

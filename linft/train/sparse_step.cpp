@@ -40,21 +40,36 @@ static inline float load(const uint16_t* p, int64_t i) {  // IEEE half -> float,
 #endif
 }
 
+// A whole feature row as floats (a sequential read, 8 halves per instruction where the CPU has F16C).
+static inline void load_row(const float* src, int64_t n, float* out) { std::memcpy(out, src, n * sizeof(float)); }
+
+static inline void load_row(const uint16_t* src, int64_t n, float* out) {
+    int64_t e = 0;
+#if defined(__F16C__)
+    for (; e + 8 <= n; e += 8)
+        _mm256_storeu_ps(out + e, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + e))));
+#endif
+    for (; e < n; ++e) out[e] = load(src, e);
+}
+
 struct Args {
     const void* feats; const int64_t* offs; const int64_t* labels; const int64_t* words;
-    int64_t G, B, K, D, C, Cp, H;  // Cp: the row length of Vt (C padded with zeros to a multiple of 8)
+    int64_t G, B, K, Kp, D, C, Cp, H;  // v is (D, Kp), Vt (D, Cp): K and C padded with zeros (Kp to 4, Cp to 8)
     float *v, *Vt, *b, *bv, *bVt, *bb, *gv, *gVt, *gb;
     const int64_t* thr; const float* scale; const float* lr; const float* wd; float momentum;
     uint8_t* live; float* loss;
 };
 
-// The units of one row kept at threshold t (u padded with zeros to a multiple of 64; t >= 1), in order.
-static int64_t kept_units(const uint32_t* u, int64_t D, uint32_t t, int32_t* out) {
+// The units of one row kept at threshold t (t >= 1), in order; flags: scratch of D rounded up to 8 bytes.
+static int64_t kept_units(const uint32_t* u, int64_t D, uint32_t t, uint8_t* flags, int32_t* out) {
+    const int64_t D8 = (D + 7) / 8 * 8;
+    for (int64_t d = 0; d < D; ++d) flags[d] = u[d] >= t;
+    for (int64_t d = D; d < D8; ++d) flags[d] = 0;
     int64_t n = 0;
-    for (int64_t d0 = 0; d0 < D; d0 += 64) {
-        uint64_t m = 0;
-        for (int j = 0; j < 64; ++j) m |= (uint64_t)(u[d0 + j] >= t) << j;
-        while (m) { out[n++] = (int32_t)(d0 + __builtin_ctzll(m)); m &= m - 1; }
+    for (int64_t d0 = 0; d0 < D8; d0 += 8) {
+        uint64_t w;
+        std::memcpy(&w, flags + d0, 8);
+        while (w) { out[n++] = (int32_t)(d0 + (__builtin_ctzll(w) >> 3)); w &= w - 1; }
     }
     return n;
 }
@@ -65,15 +80,15 @@ static inline void st8(float* p, v8 x) { std::memcpy(p, &x, sizeof x); }
 
 // The forward and backward of one run on one row's kept units; returns the row's cross-entropy.
 // NV > 0: a unit's head row is NV vectors of 8 floats (C <= 8·NV), held in registers; NV = 0: any C (loops).
-template <int NV>
+template <int NV, int KPS>
 static inline double run_row(const Args& a, int64_t run, int64_t h, int64_t n, const int32_t* __restrict__ pos,
                              const int32_t* __restrict__ base, const float* __restrict__ phi, int64_t nb, int64_t y,
                              float* __restrict__ r, float* __restrict__ z) {
-    const int64_t K = a.K, D = a.D, C = a.C, CP = NV ? 8 * NV : a.Cp;
+    const int64_t KP = KPS ? KPS : a.Kp, D = a.D, C = a.C, CP = NV ? 8 * NV : a.Cp;
     const float s = a.scale[h];
-    const float* __restrict__ v = a.v + run * K * D; const float* __restrict__ Vt = a.Vt + run * D * CP;
+    const float* __restrict__ v = a.v + run * D * KP; const float* __restrict__ Vt = a.Vt + run * D * CP;
     const float* b = a.b + run * C;
-    float* __restrict__ gv = a.gv + run * K * D; float* __restrict__ gVt = a.gVt + run * D * CP;
+    float* __restrict__ gv = a.gv + run * D * KP; float* __restrict__ gVt = a.gVt + run * D * CP;
     float* gb = a.gb + run * C;
     for (int64_t c = 0; c < CP; ++c) z[c] = c < C ? b[c] : 0.f;
     v8 zv[NV ? NV : 1];
@@ -81,7 +96,7 @@ static inline double run_row(const Args& a, int64_t run, int64_t h, int64_t n, c
     for (int64_t j = 0; j < n; ++j) {
         const int64_t p = pos ? pos[j] : j, d = base[p];
         float acc = 0.f;
-        for (int64_t k = 0; k < K; ++k) acc += v[k * D + d] * phi[k * nb + p];
+        for (int64_t k = 0; k < KP; ++k) acc += v[d * KP + k] * phi[p * KP + k];
         const float rj = s * acc;
         r[j] = rj;
         const float* __restrict__ Vd = Vt + d * CP;
@@ -112,19 +127,19 @@ static inline double run_row(const Args& a, int64_t run, int64_t h, int64_t n, c
             for (int64_t c = 0; c < CP; ++c) { back += Vd[c] * z[c]; gVd[c] += rj * z[c]; }
         }
         back *= s;
-        for (int64_t k = 0; k < K; ++k) gv[k * D + d] += back * phi[k * nb + p];
+        for (int64_t k = 0; k < KP; ++k) gv[d * KP + k] += back * phi[p * KP + k];
     }
     return std::log(se) - zy;
 }
 
 // torch.optim.SGD on one run (momentum buffer started at zero), gradients zeroed; a non-finite loss kills the run.
 static void update_run(const Args& a, int64_t run, int64_t h, double loss) {
-    const int64_t K = a.K, D = a.D, C = a.C, CP = a.Cp;
+    const int64_t KP = a.Kp, D = a.D, C = a.C, CP = a.Cp;
     a.loss[run] = (float)loss;
-    float* ps[3] = {a.v + run * K * D, a.Vt + run * D * CP, a.b + run * C};
-    float* bs[3] = {a.bv + run * K * D, a.bVt + run * D * CP, a.bb + run * C};
-    float* gs[3] = {a.gv + run * K * D, a.gVt + run * D * CP, a.gb + run * C};
-    const int64_t sizes[3] = {K * D, D * CP, C};
+    float* ps[3] = {a.v + run * D * KP, a.Vt + run * D * CP, a.b + run * C};
+    float* bs[3] = {a.bv + run * D * KP, a.bVt + run * D * CP, a.bb + run * C};
+    float* gs[3] = {a.gv + run * D * KP, a.gVt + run * D * CP, a.gb + run * C};
+    const int64_t sizes[3] = {D * KP, D * CP, C};
     const bool ok = std::isfinite((float)loss);
     if (!ok) a.live[run] = 0;
     const float lr = a.lr[h], wd = a.wd[h], m = a.momentum;
@@ -143,30 +158,37 @@ static void update_run(const Args& a, int64_t run, int64_t h, double loss) {
     }
 }
 
+// Scratch of one thread, kept from call to call (no allocation, no page faults in the steady state).
+struct Scratch {
+    std::vector<uint32_t> u, ukept;
+    std::vector<uint8_t> flags;
+    std::vector<int64_t> start;
+    std::vector<int32_t> base, pos, rowbase;
+    std::vector<float> phi, rowf, r, z;
+};
+
 // One group: first every row's noise, kept units (at the smallest rate) and their features; then each run in turn
 // over all rows, so that a run's parameters and gradients stay in the core's cache, and its SGD update at once.
-template <typename T, int NV>
+template <typename T, int NV, int KPS>
 static void group_step(const Args& a, int64_t g) {
-    const int64_t K = a.K, D = a.D, H = a.H, B = a.B, D64 = (D + 63) / 64 * 64;
+    const int64_t K = a.K, KP = KPS ? KPS : a.Kp, D = a.D, H = a.H, B = a.B;
     const T* feats = static_cast<const T*>(a.feats);
     const uint32_t t0 = (uint32_t)a.thr[0];
-    std::vector<uint32_t> u(D64, 0);
-    std::vector<int64_t> start(B + 1, 0);
-    std::vector<int32_t> base, pos(D);
-    std::vector<uint32_t> ukept;
-    std::vector<float> phi, r(D), z(a.Cp);
-    base.reserve(B * D / 4); ukept.reserve(B * D / 4); phi.reserve(K * B * D / 4);
-    std::vector<int32_t> rowbase(D);
+    thread_local Scratch S;
+    S.u.resize(D); S.flags.resize(D + 8); S.start.assign(B + 1, 0); S.pos.resize(D); S.rowbase.resize(D);
+    S.rowf.resize(K * D); S.r.resize(D); S.z.resize(a.Cp);
+    S.base.clear(); S.ukept.clear(); S.phi.clear();
     for (int64_t i = 0; i < B; ++i) {
         const int64_t row = g * B + i;
         const uint32_t w = (uint32_t)a.words[row];
-        for (int64_t d = 0; d < D; ++d) u[d] = mix((uint32_t)d ^ w) >> 8;
-        const int64_t nb = kept_units(u.data(), D, t0, rowbase.data());
-        start[i + 1] = start[i] + nb;
-        const int64_t off = a.offs[row];
-        for (int64_t j = 0; j < nb; ++j) { base.push_back(rowbase[j]); ukept.push_back(u[rowbase[j]]); }
-        for (int64_t k = 0; k < K; ++k)
-            for (int64_t j = 0; j < nb; ++j) phi.push_back(load(feats, off + k * D + rowbase[j]));
+        for (int64_t d = 0; d < D; ++d) S.u[d] = mix((uint32_t)d ^ w) >> 8;
+        const int64_t nb = kept_units(S.u.data(), D, t0, S.flags.data(), S.rowbase.data());
+        S.start[i + 1] = S.start[i] + nb;
+        const T* src = feats + a.offs[row];
+        load_row(src, K * D, S.rowf.data());
+        for (int64_t j = 0; j < nb; ++j) { S.base.push_back(S.rowbase[j]); S.ukept.push_back(S.u[S.rowbase[j]]); }
+        for (int64_t j = 0; j < nb; ++j)
+            for (int64_t k = 0; k < KP; ++k) S.phi.push_back(k < K ? S.rowf[k * D + S.rowbase[j]] : 0.f);
     }
     for (int64_t h = 0; h < H; ++h) {
         const int64_t run = g * H + h;
@@ -174,15 +196,15 @@ static void group_step(const Args& a, int64_t g) {
         const uint32_t t = (uint32_t)a.thr[h];
         double lsum = 0.0;
         for (int64_t i = 0; i < B; ++i) {
-            const int64_t nb = start[i + 1] - start[i];
-            const uint32_t* uk = ukept.data() + start[i];
+            const int64_t nb = S.start[i + 1] - S.start[i];
+            const uint32_t* uk = S.ukept.data() + S.start[i];
             int64_t n = nb;
             if (t != t0) {
                 n = 0;
-                for (int64_t j = 0; j < nb; ++j) { pos[n] = (int32_t)j; n += uk[j] >= t; }
+                for (int64_t j = 0; j < nb; ++j) { S.pos[n] = (int32_t)j; n += uk[j] >= t; }
             }
-            lsum += run_row<NV>(a, run, h, n, t == t0 ? nullptr : pos.data(), base.data() + start[i],
-                                phi.data() + K * start[i], nb, a.labels[g * B + i], r.data(), z.data());
+            lsum += run_row<NV, KPS>(a, run, h, n, t == t0 ? nullptr : S.pos.data(), S.base.data() + S.start[i],
+                                S.phi.data() + KP * S.start[i], nb, a.labels[g * B + i], S.r.data(), S.z.data());
         }
         update_run(a, run, h, lsum / (double)B);
     }
@@ -191,9 +213,9 @@ static void group_step(const Args& a, int64_t g) {
 template <typename T>
 static void groups_step(const Args* a, int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
-        if (a->Cp == 8) group_step<T, 1>(*a, g);
-        else if (a->Cp == 16) group_step<T, 2>(*a, g);
-        else group_step<T, 0>(*a, g);
+        if (a->Cp == 8 && a->Kp == 4) group_step<T, 1, 4>(*a, g);
+        else if (a->Cp == 16 && a->Kp == 4) group_step<T, 2, 4>(*a, g);
+        else group_step<T, 0, 0>(*a, g);
     }
 }
 
