@@ -138,6 +138,20 @@ def step_costs(points, runs) -> dict:
     return {"dense_mflop": dense / 1e6, "sparse_mflop": sparse / 1e6, "row_mbytes": groups * B * K * D * 2 / 1e6}
 
 
+def graph_check(data, domains, dev, steps: int) -> dict:
+    """The 72-run grid of dropout 0.9 with the step captured as a CUDA graph and eager: per-step time of each and
+    the largest parameter difference (the same kernels replayed: expected 0)."""
+    groups = groups_of(domains, points_of("0.9"), 72, dev)
+    out = {}
+    for graph in (True, False):
+        marks = []
+        params = train_linear_grid(data, groups, LinearGridConfig(steps=steps, eval_every=10 * steps, cuda_graph=graph),
+                                   on_step=lambda s: marks.append(clock(dev)))
+        out["graph" if graph else "eager"] = (1000 * float(np.median(np.diff(marks[5:]))), params)
+    diff = max(float((a - b).abs().max()) for a, b in zip(out["graph"][1], out["eager"][1]))
+    return {"graph_ms_per_step": out["graph"][0], "eager_ms_per_step": out["eager"][0], "max_param_diff": diff}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -145,12 +159,17 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--grids", default="0.9,mixed")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--graph-check", type=int, default=0, metavar="STEPS",
+                    help="only compare the captured (CUDA graph) and the eager step over STEPS steps")
     args = ap.parse_args()
     dev = resolve_device(args.device)
     if dev.type == "cpu":
         torch.set_num_threads(1)
     feats, labels, domains = synthetic(dev)
     data = LinearData(feats, labels, {s: torch.zeros(N, dtype=torch.long, device=dev) for s in range(12)}, 2, C)
+    if args.graph_check:
+        print(json.dumps(graph_check(data, domains, dev, args.graph_check), indent=2))
+        return
     machine = floors(dev)
     results = []
     for grid in args.grids.split(","):

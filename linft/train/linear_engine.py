@@ -41,6 +41,8 @@ from linft.train.sparse_step import load_kernel
 
 V_INITS = ("normal", "last")
 STEP_KINDS = ("auto", "sparse", "torch")
+#: eager steps before a CUDA graph of the step is captured
+GRAPH_WARMUP = 3
 
 
 # --------------------------------------------------------------------------- the model (pure functions)
@@ -140,6 +142,7 @@ class LinearGridConfig:
     eval_chunk: int = 4096
     step_kind: str = "auto"  # "sparse": the compiled sparse step (CPU), "torch": the pure-torch step, "auto": sparse when available
     eval_form: str = "auto"  # see linft.train.linear_eval
+    cuda_graph: bool = True  # on CUDA, capture the step once and replay it
     extra: dict = field(default_factory=dict)
 
     def milestone_steps(self) -> tuple[int, ...]:
@@ -223,15 +226,18 @@ class _Draws:
     sizes: torch.Tensor  # (G, T)
 
 
-def _step(data: LinearData, draws: _Draws, blocks: list[RunBlock], step: int, config: LinearGridConfig,
-          lr_factor: float) -> None:
-    """One training step of every run: the step's rows, views and masks, then each block's step."""
+def _step(data: LinearData, draws: _Draws, blocks: list[RunBlock], config: LinearGridConfig,
+          step: torch.Tensor, lr_factor: torch.Tensor) -> None:
+    """One training step of every run: the step's rows, views and masks, then each block's step.
+
+    ``step`` and ``lr_factor`` are 0-dim tensors on the device, so that a captured CUDA graph replays any step.
+    """
     T = draws.pools.shape[1]
     B = T * config.batch_size
     rows = draw_rows(draws.pools, draws.sizes, row_words(draws.keys, step, ROWS, B), config.batch_size)
     which = None if data.views is None else draw_views(row_words(draws.keys, step, VIEWS, B), data.views.shape[1])
     words = row_words(draws.keys, step, NOISE, B)
-    y = data.labels[rows]
+    y = data.labels[rows].long()
     phi = noise = None
     for block in blocks:
         lr = block.lr * lr_factor
@@ -246,6 +252,38 @@ def _step(data: LinearData, draws: _Draws, blocks: list[RunBlock], step: int, co
         if block.masked and noise is None:
             noise = unit_noise(words, phi.shape[-1])
         torch_step(block, phi, y, noise if block.masked else None, lr, config.momentum)
+
+
+class _Stepper:
+    """Runs :func:`_step`; on CUDA (``config.cuda_graph``) the step is captured once as a CUDA graph after
+    :data:`GRAPH_WARMUP` eager steps and replayed for every later step (the step has no host synchronisation)."""
+
+    def __init__(self, data: LinearData, draws: _Draws, blocks: list[RunBlock], config: LinearGridConfig):
+        self.args = (data, draws, blocks, config)
+        dev = data.features.device
+        self.step = torch.zeros((), dtype=torch.long, device=dev)
+        self.lr_factor = torch.ones((), device=dev)
+        self.capture = dev.type == "cuda" and config.cuda_graph
+        self.graph = None
+
+    def __call__(self, step: int, lr_factor: float) -> None:
+        self.step.fill_(step)
+        self.lr_factor.fill_(lr_factor)
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.capture and step >= GRAPH_WARMUP:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                _step(*self.args, self.step, self.lr_factor)
+            self.graph.replay()
+        elif self.capture:  # warm-up steps on a side stream, as CUDA graph capture requires
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                _step(*self.args, self.step, self.lr_factor)
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            _step(*self.args, self.step, self.lr_factor)
 
 
 def _grid_tensors(blocks: list[RunBlock], num_blocks: int):
@@ -282,8 +320,9 @@ def train_linear_grid(data: LinearData, groups: list[Group], config: LinearGridC
     seed_split = torch.stack([data.split_rows[g.seed] for g in groups])  # (G, N)
     totals = np.stack([np.bincount(data.split_rows[g.seed][data.split_rows[g.seed] >= 0].cpu().numpy(),
                                    minlength=data.num_splits) for g in groups])
+    stepper = _Stepper(data, draws, blocks, config)
     for step in range(config.steps):
-        _step(data, draws, blocks, step, config, lr_at(step, 1.0, milestones))
+        stepper(step, lr_at(step, 1.0, milestones))
         if on_step is not None:
             on_step(step)
         if step in evals and on_eval is not None:

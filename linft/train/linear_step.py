@@ -99,7 +99,7 @@ def torch_step(block: RunBlock, phi: torch.Tensor, y: torch.Tensor, noise: torch
     G, h, K, D = v.shape
     B, C = phi.shape[1], Vt.shape[-1]
     W = (v[..., None] * Vt[:, :, None]).reshape(G, h, K * D, C)  # (V ⊙ v_k)ᵀ of every run
-    onehot = F.one_hot(y, C).to(phi.dtype)  # (G, B, C)
+    onehot = torch.zeros(G, B, C, device=phi.device).scatter_(-1, y[..., None], 1.0)  # (G, B, C), no host sync
     g_W, losses, g_b = [], [], []
     for a, e in block.slices:
         psi = phi if noise is None or block.rates[a] == 0 else \
