@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from linft.cache.chunks import H5Rows, window_steps
 from linft.data.splits import seed_hash
 from linft.errors import LinftError
 from linft.models.heads import check_dropout_rate
@@ -171,6 +172,18 @@ class LinearData:
     num_splits: int
     num_classes: int
     views: torch.Tensor | None = None  # (N, V, K, D) augmented views: one is drawn per row and step
+    #: bytes that the rows read from the file for a window of steps may take, when the training array (views, else
+    #: features) is an :class:`~linft.cache.chunks.H5Rows` left in the file (None: no limit)
+    stream_budget: int | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.labels.device
+
+    @property
+    def train_array(self):
+        """What a step reads its rows from: the views when there are, else the features."""
+        return self.features if self.views is None else self.views
 
 
 
@@ -181,7 +194,7 @@ class LinearData:
 def _initial_blocks(data: LinearData, groups: list[Group], config: LinearGridConfig) -> list[RunBlock]:
     """The grid's runs as blocks: the dropout runs for the compiled sparse step (when it is used), the others for
     the torch step. Every grid point of a group starts from the same V, b (and v, probes aside)."""
-    points, dev = groups[0].points, data.features.device
+    points, dev = groups[0].points, data.device
     _, K, D = data.features.shape
     C = data.num_classes
     kernel = _kernel_for(data, config)
@@ -208,8 +221,8 @@ def _kernel_for(data: LinearData, config: LinearGridConfig):
     """The compiled sparse step when ``config.step_kind`` asks for it and the data allow it, else None."""
     if config.step_kind == "torch":
         return None
-    source = data.features if data.views is None else data.views
-    usable = source.dtype in (torch.float16, torch.float32) and source.is_contiguous()
+    source = data.train_array
+    usable = source.dtype in (torch.float16, torch.float32) and (isinstance(source, H5Rows) or source.is_contiguous())
     kernel, why = load_kernel() if source.device.type == "cpu" else (None, "it runs on the CPU only")
     if config.step_kind == "sparse" and (kernel is None or not usable):
         why = why or f"features of dtype {source.dtype} (float16 or float32 contiguous needed)"
@@ -226,29 +239,59 @@ class _Draws:
     sizes: torch.Tensor  # (G, T)
 
 
+def _batch_rows(draws: _Draws, step, batch_size: int) -> torch.Tensor:
+    return draw_rows(draws.pools, draws.sizes, row_words(draws.keys, step, ROWS, draws.pools.shape[1] * batch_size),
+                     batch_size)
+
+
+class _Window:
+    """The rows of the next steps read from a training array left in the file: one sorted read serves as many
+    steps as ``data.stream_budget`` allows (the draws are a function of the step, so they are known ahead)."""
+
+    def __init__(self, data: LinearData, draws: _Draws, config: LinearGridConfig):
+        self.data, self.draws, self.config = data, draws, config
+        src = data.train_array
+        G, T = draws.sizes.shape
+        self.steps = window_steps(G * T * config.batch_size, int(np.prod(src.shape[1:])) * src.dtype.itemsize,
+                                  data.stream_budget, config.steps)
+        self.end = 0
+        self.rows = self.table = None
+
+    def __call__(self, step: int):
+        """(sorted global rows, their data) covering ``step``."""
+        if step >= self.end:
+            self.table = None  # free the last window before reading the next
+            steps = range(step, min(step + self.steps, self.config.steps))
+            drawn = torch.cat([_batch_rows(self.draws, s, self.config.batch_size).flatten() for s in steps])
+            self.rows = torch.unique(drawn)  # sorted
+            self.table = torch.from_numpy(self.data.train_array.take(self.rows.cpu().numpy())).to(self.data.device)
+            self.end = steps.stop
+        return self.rows, self.table
+
+
 def _step(data: LinearData, draws: _Draws, blocks: list[RunBlock], config: LinearGridConfig,
-          step: torch.Tensor, lr_factor: torch.Tensor) -> None:
+          step: torch.Tensor, lr_factor: torch.Tensor, window=None) -> None:
     """One training step of every run: the step's rows, views and masks, then each block's step.
 
-    ``step`` and ``lr_factor`` are 0-dim tensors on the device, so that a captured CUDA graph replays any step.
+    ``step`` and ``lr_factor`` are 0-dim tensors on the device, so that a captured CUDA graph replays any step;
+    ``window`` is the (rows, data) of a :class:`_Window` when the training array is read from the file.
     """
-    T = draws.pools.shape[1]
-    B = T * config.batch_size
-    rows = draw_rows(draws.pools, draws.sizes, row_words(draws.keys, step, ROWS, B), config.batch_size)
+    B = draws.pools.shape[1] * config.batch_size
+    rows = _batch_rows(draws, step, config.batch_size)
     which = None if data.views is None else draw_views(row_words(draws.keys, step, VIEWS, B), data.views.shape[1])
     words = row_words(draws.keys, step, NOISE, B)
     y = data.labels[rows].long()
+    source, at = (data.train_array, rows) if window is None else (window[1], torch.searchsorted(window[0], rows))
     phi = noise = None
     for block in blocks:
         lr = block.lr * lr_factor
         if block.kernel is not None:
-            K, D = data.features.shape[1:]
-            offs = rows * (K * D) if which is None else (rows * data.views.shape[1] + which) * (K * D)
-            source = data.features if which is None else data.views
+            K, D = source.shape[-2:]
+            offs = at * (K * D) if which is None else (at * source.shape[1] + which) * (K * D)
             kernel_step(block, source, offs, y, words, lr, config.momentum)
             continue
         if phi is None:
-            phi = (data.features[rows] if which is None else data.views[rows, which]).float()
+            phi = (source[at] if which is None else source[at, which]).float()
         if block.masked and noise is None:
             noise = unit_noise(words, phi.shape[-1])
         torch_step(block, phi, y, noise if block.masked else None, lr, config.momentum)
@@ -260,16 +303,19 @@ class _Stepper:
 
     def __init__(self, data: LinearData, draws: _Draws, blocks: list[RunBlock], config: LinearGridConfig):
         self.args = (data, draws, blocks, config)
-        dev = data.features.device
+        dev = data.device
         self.step = torch.zeros((), dtype=torch.long, device=dev)
         self.lr_factor = torch.ones((), device=dev)
-        self.capture = dev.type == "cuda" and config.cuda_graph
+        self.window = _Window(data, draws, config) if isinstance(data.train_array, H5Rows) else None
+        self.capture = dev.type == "cuda" and config.cuda_graph and self.window is None
         self.graph = None
 
     def __call__(self, step: int, lr_factor: float) -> None:
         self.step.fill_(step)
         self.lr_factor.fill_(lr_factor)
-        if self.graph is not None:
+        if self.window is not None:
+            _step(*self.args, self.step, self.lr_factor, self.window(step))
+        elif self.graph is not None:
             self.graph.replay()
         elif self.capture and step >= GRAPH_WARMUP:
             self.graph = torch.cuda.CUDAGraph()
@@ -312,7 +358,7 @@ def train_linear_grid(data: LinearData, groups: list[Group], config: LinearGridC
     for p in groups[0].points:
         check_dropout_rate(p.dropout)
     config.check()
-    dev = data.features.device
+    dev = data.device
     blocks = _initial_blocks(data, groups, config)
     pools, sizes = padded_pools([g.train_pools for g in groups], dev)
     draws = _Draws(torch.tensor([group_key(g.seed, g.test_domain) for g in groups], device=dev), pools, sizes)
