@@ -40,18 +40,6 @@ static inline float load(const uint16_t* p, int64_t i) {  // IEEE half -> float,
 #endif
 }
 
-// A whole feature row as floats (a sequential read, 8 halves per instruction where the CPU has F16C).
-static inline void load_row(const float* src, int64_t n, float* out) { std::memcpy(out, src, n * sizeof(float)); }
-
-static inline void load_row(const uint16_t* src, int64_t n, float* out) {
-    int64_t e = 0;
-#if defined(__F16C__)
-    for (; e + 8 <= n; e += 8)
-        _mm256_storeu_ps(out + e, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + e))));
-#endif
-    for (; e < n; ++e) out[e] = load(src, e);
-}
-
 struct Args {
     const void* feats; const int64_t* offs; const int64_t* labels; const int64_t* words;
     int64_t G, B, K, Kp, D, C, Cp, H;  // v is (D, Kp), Vt (D, Cp): K and C padded with zeros (Kp to 4, Cp to 8)
@@ -102,8 +90,8 @@ static double run_rows(const Args& a, int64_t g, int64_t run, int64_t h, const P
     for (int64_t tt = 0; tt < NT; ++tt)
         for (int64_t i = 0; i < B; ++i) {
             float* __restrict__ zi = z + i * CP;
-            v8 acc[NV ? NV : 1];
-            for (int q = 0; q < NV; ++q) acc[q] = ld8(zi + 8 * q);
+            v8 acc[2][NV ? NV : 1] = {};  // two partial sums: one chain would wait on the FMA latency
+            for (int q = 0; q < NV; ++q) acc[0][q] = ld8(zi + 8 * q);
             for (int64_t e = P.ptr[i * (NT + 1) + tt]; e < P.ptr[i * (NT + 1) + tt + 1]; ++e) {
                 const int64_t p = sel[e], d = base[p];
                 float dot = 0.f;
@@ -111,10 +99,10 @@ static double run_rows(const Args& a, int64_t g, int64_t run, int64_t h, const P
                 const float re = s * dot;
                 r[e] = re;
                 const float* __restrict__ Vd = Vt + d * CP;
-                if (NV) { for (int q = 0; q < NV; ++q) acc[q] += re * ld8(Vd + 8 * q); }
+                if (NV) { for (int q = 0; q < NV; ++q) acc[e & 1][q] += re * ld8(Vd + 8 * q); }
                 else { for (int64_t c = 0; c < CP; ++c) zi[c] += re * Vd[c]; }
             }
-            for (int q = 0; q < NV; ++q) st8(zi + 8 * q, acc[q]);
+            for (int q = 0; q < NV; ++q) st8(zi + 8 * q, acc[0][q] + acc[1][q]);
         }
     double lsum = 0.0;
     const float invB = 1.0f / (float)B;
@@ -204,7 +192,7 @@ struct Scratch {
     std::vector<uint8_t> flags;
     std::vector<int64_t> start;
     std::vector<int32_t> base;
-    std::vector<float> phi, rowf, r, z;
+    std::vector<float> phi, r, z;
     Pairs pairs;
 };
 
@@ -217,7 +205,7 @@ static void group_step(const Args& a, int64_t g) {
     const uint32_t t0 = (uint32_t)a.thr[0];
     thread_local Scratch S;
     S.u.resize(D); S.flags.resize(D + 8); S.start.assign(B + 1, 0);
-    S.rowf.resize(K * D); S.r.resize(B * D); S.z.resize(B * a.Cp);
+    S.r.resize(B * D); S.z.resize(B * a.Cp);
     S.base.resize(B * D); S.ukept.resize(B * D); S.phi.resize(B * D * KP);
     for (int64_t i = 0; i < B; ++i) {
         const int64_t row = g * B + i;
@@ -230,12 +218,12 @@ static void group_step(const Args& a, int64_t g) {
         int32_t* base = S.base.data() + S.start[i];
         const int64_t nb = kept_units(S.u.data(), D, t0, S.flags.data(), base);
         S.start[i + 1] = S.start[i] + nb;
-        load_row(feats + a.offs[row], K * D, S.rowf.data());
+        const T* src = feats + a.offs[row];
         uint32_t* uk = S.ukept.data() + S.start[i];
         float* ph = S.phi.data() + KP * S.start[i];
         for (int64_t j = 0; j < nb; ++j) {
             uk[j] = S.u[base[j]];
-            for (int64_t k = 0; k < KP; ++k) ph[j * KP + k] = k < K ? S.rowf[k * D + base[j]] : 0.f;
+            for (int64_t k = 0; k < KP; ++k) ph[j * KP + k] = k < K ? load(src, k * D + base[j]) : 0.f;
         }
     }
     int64_t last = -1;
