@@ -10,15 +10,19 @@ block and 0 elsewhere, and only ``V, b`` trained.
 
 :func:`train_linear_grid` trains every (held-out domain, seed) *group* times
 every grid point (lr, weight decay, dropout, probe) as stacked tensors of
-shape (G, H, ...): one einsum per step for all runs. Each run follows the
-protocol exactly as a plain ``torch.optim.SGD`` loop would (momentum 0.9,
-weight decay added to the gradient, lr ÷10 at the milestones, 32 examples
-per training domain drawn with replacement from the "in" splits, evaluation
-every ``eval_every`` steps and at the last step). Runs of one group share
-their batches, dropout noise and initialisation, as in the official code
-(runs with the same seed see the same batches whatever their lr and weight
-decay); a keep-mask is ``u >= λ`` on noise ``u`` shared by the group, so
-different dropout rates also share their noise.
+shape (G, H, ...), in blocks (:mod:`linft.train.linear_step`): on a CPU the
+dropout runs take the compiled sparse step (:mod:`linft.train.sparse_step`,
+only the kept (row, unit) pairs), the others the pure-torch step; on CUDA the
+torch step, captured once as a CUDA graph. Each run follows the protocol
+exactly as a plain ``torch.optim.SGD`` loop would (momentum 0.9, weight decay
+added to the gradient, lr ÷10 at the milestones, 32 examples per training
+domain drawn with replacement from the "in" splits, evaluation every
+``eval_every`` steps and at the last step). Runs of one group share their
+batches, dropout noise and initialisation, as in the official code (runs
+with the same seed see the same batches whatever their lr and weight decay);
+the draws are hashes of (group, step, row, unit) (:mod:`linft.train.linear_draws`),
+so masks are nested across dropout rates. A training array left in the cache
+file (:class:`~linft.cache.chunks.H5Rows`) is read a window of steps at a time.
 """
 
 from __future__ import annotations
@@ -223,7 +227,7 @@ def _kernel_for(data: LinearData, config: LinearGridConfig):
         return None
     source = data.train_array
     usable = source.dtype in (torch.float16, torch.float32) and (isinstance(source, H5Rows) or source.is_contiguous())
-    kernel, why = load_kernel() if source.device.type == "cpu" else (None, "it runs on the CPU only")
+    kernel, why = load_kernel() if data.device.type == "cpu" else (None, "it runs on the CPU only")
     if config.step_kind == "sparse" and (kernel is None or not usable):
         why = why or f"features of dtype {source.dtype} (float16 or float32 contiguous needed)"
         raise LinftError(f"the compiled sparse step is not available: {why}; use step kind auto or torch")

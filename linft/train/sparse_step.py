@@ -11,10 +11,10 @@ concurrent processes never load half a file. Groups run in parallel in
 ``torch.get_num_threads()`` Python threads (a ctypes call releases the GIL),
 each group in one thread, so the results do not depend on the thread count.
 
-:func:`sparse_kernel` returns the loaded kernel, or None when it cannot be
-had (no compiler, a failed build, a GPU, or ``LINFT_SPARSE_KERNEL=0``): the
+:func:`load_kernel` returns the loaded kernel, or None and the reason when it
+cannot be had (no compiler, a failed build, or ``LINFT_SPARSE_KERNEL=0``): the
 engine then uses its pure-torch step, which computes the same functions
-densely (:mod:`linft.train.linear_engine`).
+densely (:mod:`linft.train.linear_step`), as it does on a GPU.
 """
 
 from __future__ import annotations
@@ -106,11 +106,6 @@ def load_kernel() -> tuple[ctypes.CDLL | None, str]:
     dll.linft_unit_noise.argtypes = [ctypes.c_uint32, ctypes.c_uint32]
     dll.linft_unit_noise.restype = ctypes.c_uint32
     return dll, ""
-
-
-def sparse_kernel(device: torch.device) -> ctypes.CDLL | None:
-    """The kernel for ``device`` (CPU only), or None: the engine's pure-torch step then runs."""
-    return load_kernel()[0] if device.type == "cpu" else None
 
 
 def padded(n: int, multiple: int) -> int:
