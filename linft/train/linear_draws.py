@@ -35,18 +35,24 @@ def group_key(seed: int, test_domain: int) -> int:
     return seed_hash("linft-linear", "draws", seed, test_domain)
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``x · c mod 2^32`` for int64 ``x`` in [0, 2^32) without int64 overflow (two 16-bit halves of ``c``)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & MASK32
+def _signed32(c: int) -> int:
+    """A 32-bit constant as the int32 with the same bits."""
+    return c - (1 << 32) if c >= 1 << 31 else c
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int32 tensors: int32 products wrap modulo 2^32 (two's complement, as C's uint32 products do);
+    a masked arithmetic shift is the logical shift."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _signed32(0x7FEB352D)
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _signed32(0x846CA68B)
+    return x ^ ((x >> 16) & 0xFFFF)
 
 
 def lowbias32(x: torch.Tensor) -> torch.Tensor:
-    """Chris Wellons' 32-bit integer mixer on int64 tensors holding 32-bit words (the C kernel's ``mix``)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    """Chris Wellons' 32-bit integer mixer (the C kernel's ``mix``): int64 tensors of 32-bit words in and out."""
+    return _mix32(x.to(torch.int32)).long() & MASK32
 
 
 def row_words(keys: torch.Tensor, step: int | torch.Tensor, purpose: int, num_rows: int) -> torch.Tensor:
@@ -62,9 +68,9 @@ def keep_threshold(rate: float) -> int:
 
 
 def unit_noise(words: torch.Tensor, dim: int) -> torch.Tensor:
-    """(..., dim) int64 noise in [0, 2^24) of every unit of every row (``words`` from :func:`row_words` NOISE)."""
-    units = torch.arange(dim, device=words.device)
-    return lowbias32(words[..., None] ^ units) >> (32 - NOISE_BITS)
+    """(..., dim) int32 noise in [0, 2^24) of every unit of every row (``words`` from :func:`row_words` NOISE)."""
+    units = torch.arange(dim, device=words.device, dtype=torch.int32)
+    return (_mix32(words.to(torch.int32)[..., None] ^ units) >> (32 - NOISE_BITS)) & ((1 << NOISE_BITS) - 1)
 
 
 def keep_mask(words: torch.Tensor, dim: int, rate: float) -> torch.Tensor:

@@ -111,11 +111,12 @@ def torch_step(block: RunBlock, phi: torch.Tensor, y: torch.Tensor, noise: torch
         gz = (logp.exp() - onehot[:, :, None]) / B  # (G, B, e - a, C)
         g_b.append(gz.sum(1))
         g_W.append((gz.reshape(G, B, -1).transpose(1, 2) @ psi).view(G, e - a, C, K, D))
-    block.loss.copy_(torch.cat(losses, 1))
-    g_W = torch.cat(g_W, 1)  # (G, h, C, K, D)
+    one = lambda parts: parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+    block.loss.copy_(one(losses))
+    g_W = one(g_W)  # (G, h, C, K, D)
     g_Vt = (g_W * v[:, :, None]).sum(3).transpose(-1, -2)
     g_v = (g_W * Vt.transpose(-1, -2)[:, :, :, None]).sum(2) * block.train_v.view(1, h, 1, 1)
-    sgd_update(block, [g_v, g_Vt, torch.cat(g_b, 1)], lr, momentum)
+    sgd_update(block, [g_v, g_Vt, one(g_b)], lr, momentum)
 
 
 @torch.no_grad()
