@@ -9,8 +9,8 @@ Grids: ``0.9`` (6 points per (held-out domain, seed): lr × weight decay at drop
 2, 12 and 48 groups) and ``mixed`` (24 points: dropout 0, 0.5, 0.9 and the probe; 24, 72 and 288 runs are 1, 3
 and 12 groups). Variants, interleaved in one process and repeated ``--repeats`` times (the median is reported):
 
-* ``one by one`` — one run with a plain ``torch.optim.SGD`` loop (ms per run-step, times the runs; each kind of
-  grid point timed);
+* ``one by one`` — one run with a plain ``torch.optim.SGD`` loop, rows and masks from torch's generator (ms per
+  run-step, times the runs; each kind of grid point timed);
 * ``engine`` — :func:`train_linear_grid` as linft runs it (the compiled sparse step for the dropout runs on a CPU);
 * ``torch step`` — the same with ``step_kind="torch"``: the pure-torch fallback (dense, masked).
 
@@ -33,7 +33,6 @@ import torch.nn.functional as F
 
 from linft.protocol.schedule import eval_steps
 from linft.runtime import resolve_device
-from linft.train.linear_draws import NOISE, ROWS, draw_rows, group_key, keep_mask, padded_pools, row_words
 from linft.train.linear_engine import (GridPoint, Group, LinearData, LinearGridConfig, group_generator,
                                        initial_parameters, linear_ft_logits, train_linear_grid)
 from linft.train.linear_eval import evaluate_grid
@@ -85,13 +84,12 @@ def plain_ms(feats, labels, domains, point, steps, dev) -> float:
                                                                          "last", point.probe, dev))
     opt = torch.optim.SGD([V, b] if point.probe else [v, V, b], lr=point.lr, momentum=0.9,
                           weight_decay=point.weight_decay)
-    pools, sizes = padded_pools([[torch.from_numpy(np.flatnonzero(domains == d)).to(dev) for d in range(1, NDOM)]], dev)
-    key = torch.tensor([group_key(0, 0)], device=dev)
-    B = (NDOM - 1) * BATCH
+    pools = [torch.from_numpy(np.flatnonzero(domains == d)).to(dev) for d in range(1, NDOM)]
+    gen = torch.Generator(device=dev).manual_seed(0)
     marks = []
-    for step in range(steps):
-        rows = draw_rows(pools, sizes, row_words(key, step, ROWS, B), BATCH)[0]
-        keep = keep_mask(row_words(key, step, NOISE, B), D, point.dropout)[0]
+    for step in range(steps):  # rows and masks drawn as people write it, with torch's generator
+        rows = torch.cat([p[torch.randint(len(p), (BATCH,), generator=gen, device=dev)] for p in pools])
+        keep = torch.rand(len(rows), D, generator=gen, device=dev) >= point.dropout
         loss = F.cross_entropy(linear_ft_logits(feats[rows].float(), v, V, b, keep, point.dropout), labels[rows])
         opt.zero_grad()
         loss.backward()
