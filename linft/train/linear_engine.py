@@ -336,14 +336,14 @@ class _Stepper:
             _step(*self.args, self.step, self.lr_factor)
 
 
-def _grid_tensors(blocks: list[RunBlock], num_blocks: int):
+def _grid_tensors(blocks: list[RunBlock], num_classes: int):
     """``v`` (G, H, K, D), ``Vt`` (G, H, D, C), ``b``, loss and live (G, H) in the groups' grid-point order."""
     order = torch.tensor([h for blk in blocks for h in blk.points])
     inv = torch.argsort(order).to(blocks[0].live.device)
     cat = lambda ts: torch.cat(ts, 1).index_select(1, inv)
-    models = [blk.model(num_blocks) for blk in blocks]
-    return (*(cat([m[i] for m in models]) for i in range(3)), cat([blk.loss for blk in blocks]),
-            cat([blk.live for blk in blocks]))
+    models = [blk.model(num_classes) for blk in blocks]
+    return (*(cat([m[i] for m in models]) for i in range(3)),
+            cat([blk.loss[:, :len(blk.points)] for blk in blocks]), cat([blk.live[:, :len(blk.points)] for blk in blocks]))
 
 
 def train_linear_grid(data: LinearData, groups: list[Group], config: LinearGridConfig = LinearGridConfig(),
@@ -376,10 +376,10 @@ def train_linear_grid(data: LinearData, groups: list[Group], config: LinearGridC
         if on_step is not None:
             on_step(step)
         if step in evals and on_eval is not None:
-            v, Vt, b, loss, live = _grid_tensors(blocks, data.features.shape[1])
+            v, Vt, b, loss, live = _grid_tensors(blocks, data.num_classes)
             correct = evaluate_grid(data.features, data.labels, seed_split, v, Vt, b, data.num_splits,
                                     config.eval_chunk, config.eval_form)
             on_eval(EvalPoint(step=step, correct=correct, total=totals, loss=loss.cpu().numpy(),
                               diverged=(~live).cpu().numpy(), final=step == config.steps - 1))
-    v, Vt, b, _, _ = _grid_tensors(blocks, data.features.shape[1])
+    v, Vt, b, _, _ = _grid_tensors(blocks, data.num_classes)
     return v, Vt.transpose(-1, -2).contiguous(), b

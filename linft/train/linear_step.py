@@ -29,8 +29,8 @@ class RunBlock:
     """Runs of a grid that one step function trains, stacked (G, h, ...) over groups and the block's grid points.
 
     ``params`` are ``v`` (G, h, K, D), ``Vt`` (G, h, D, C) (the head transposed: a unit's C weights are
-    contiguous) and ``b`` (G, h, C); for the kernel ``v`` is (G, h, D, Kp) and ``Vt`` (G, h, D, Cp), zero-padded
-    (:func:`~linft.train.sparse_step.padded`); :meth:`model` gives the model's shapes in either case; ``bufs`` their momentum buffers; ``grads`` the compiled step's gradient
+    contiguous) and ``b`` (G, h, C); for the kernel, chunks of 8 runs as SIMD lanes (:func:`to_lanes`, runs and
+    classes zero-padded to multiples of 8, per-run tensors padded too); :meth:`model` gives the model's shapes; ``bufs`` their momentum buffers; ``grads`` the compiled step's gradient
     scratch (None for the torch step); ``live`` (G, h) bool, False once a run's loss was not finite.
     """
 
@@ -45,40 +45,68 @@ class RunBlock:
     live: torch.Tensor  # (G, h) bool
     loss: torch.Tensor  # (G, h) float32, this step's training loss
     masked: bool  # some run drops out
+    num_classes: int
     rates: list[float]  # the dropout rate of each run (the block's runs are sorted by rate)
     slices: list[tuple[int, int]]  # runs of equal rate: (start, end)
     kernel: object = None  # the compiled sparse step, or None
     grads: list[torch.Tensor] | None = None
 
-    def model(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``v`` (G, h, K, D), ``Vt`` (G, h, D, C), ``b`` (G, h, C) (views, padding dropped)."""
-        v, Vt, b = self.params
-        if self.kernel is not None:
-            v = v[..., :num_blocks].transpose(-1, -2)
-        return v, Vt[..., :b.shape[-1]], b
+
+    def model(self, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``v`` (G, h, K, D), ``Vt`` (G, h, D, C), ``b`` (G, h, C), padding dropped."""
+        v, Vt, b = self.params if self.kernel is None else from_lanes(*self.params)
+        h = len(self.points)
+        return v[:, :h], Vt[:, :h, :, :num_classes], b[:, :h, :num_classes]
 
 
 def new_block(points: list[int], rates, lrs, wds, probes, init: list[torch.Tensor], kernel=None) -> RunBlock:
-    """A block of the grid points ``points`` from their initial parameters ``init`` (v, V, b of shape (G, h, ...))."""
+    """A block of the grid points ``points`` from their initial parameters ``init`` (v, V, b of shape (G, h, ...)).
+
+    For the kernel the runs are padded to a multiple of 8 (dead lanes: never kept, lr 0) and the classes too.
+    """
     v, V, b = init
     Vt = V.transpose(-1, -2)
-    if kernel is not None:  # the kernel's rows: a unit's K weights of v and C weights of the head, zero-padded
-        v = F.pad(v.transpose(-1, -2), (0, padded(v.shape[-2], 4) - v.shape[-2]))
-        Vt = F.pad(Vt, (0, padded(Vt.shape[-1], 8) - Vt.shape[-1]))
+    G, h = v.shape[:2]
+    if kernel is not None:
+        hp, C = padded(h), b.shape[-1]
+        v, Vt, b = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, hp - h)) for t in (v, Vt, b))
+        Vt, b = F.pad(Vt, (0, padded(C) - C)), F.pad(b, (0, padded(C) - C))
+        v, Vt, b = to_lanes(v, Vt, b)
+        rates, lrs, wds, probes = (list(x) + [pad] * (hp - h) for x, pad in
+                                   ((rates, 1.0), (lrs, 0.0), (wds, 0.0), (probes, False)))
     params = [v.contiguous(), Vt.contiguous(), b.contiguous()]
     f32 = dict(device=v.device, dtype=torch.float32)
-    G, h = v.shape[:2]
+    live = torch.ones(G, len(rates), dtype=torch.bool, device=v.device)
+    live[:, h:] = False
     block = RunBlock(points=points, params=params, bufs=[torch.zeros_like(t) for t in params],
                      lr=torch.tensor(lrs, **f32), wd=torch.tensor(wds, **f32),
                      thr=torch.tensor([keep_threshold(r) for r in rates], dtype=torch.long, device=v.device),
-                     scale=torch.tensor([1.0 / (1.0 - r) for r in rates], **f32),
+                     scale=torch.tensor([1.0 / (1.0 - r) if r < 1 else 0.0 for r in rates], **f32),
                      train_v=torch.tensor([0.0 if p else 1.0 for p in probes], **f32),
-                     live=torch.ones(G, h, dtype=torch.bool, device=v.device), loss=torch.zeros(G, h, **f32),
-                     masked=any(r > 0 for r in rates), rates=list(rates),
+                     live=live, loss=torch.zeros(G, len(rates), **f32),
+                     masked=any(r > 0 for r in rates), num_classes=V.shape[-2], rates=list(rates),
                      slices=rate_slices(list(rates)), kernel=kernel)
     if kernel is not None:
         block.grads = [torch.zeros_like(t) for t in params]
     return block
+
+
+def to_lanes(v, Vt, b):
+    """(G, h, K, D), (G, h, D, C), (G, h, C) with h a multiple of 8 -> the kernel's chunks of 8 runs as SIMD lanes:
+    (G, h/8, D, K, 8), (G, h/8, D, C, 8), (G, h/8, C, 8)."""
+    G, h = v.shape[:2]
+    v = v.reshape(G, h // 8, 8, *v.shape[2:]).permute(0, 1, 4, 3, 2)
+    Vt = Vt.reshape(G, h // 8, 8, *Vt.shape[2:]).permute(0, 1, 3, 4, 2)
+    b = b.reshape(G, h // 8, 8, b.shape[-1]).permute(0, 1, 3, 2)
+    return v, Vt, b
+
+
+def from_lanes(v, Vt, b):
+    """The inverse of :func:`to_lanes` (views)."""
+    G, Q = v.shape[:2]
+    return (v.permute(0, 1, 4, 3, 2).reshape(G, 8 * Q, v.shape[3], v.shape[2]),
+            Vt.permute(0, 1, 4, 2, 3).reshape(G, 8 * Q, Vt.shape[2], Vt.shape[3]),
+            b.permute(0, 1, 3, 2).reshape(G, 8 * Q, b.shape[2]))
 
 
 def rate_slices(rates: list[float]) -> list[tuple[int, int]]:
@@ -136,4 +164,4 @@ def kernel_step(block: RunBlock, feats: torch.Tensor, offs: torch.Tensor, y: tor
                 lr: torch.Tensor, momentum: float) -> None:
     """The compiled sparse step of ``block`` (:mod:`linft.train.sparse_step`), in place."""
     run_sparse_step(block.kernel, feats, offs, y, words, block.params, block.bufs, block.grads, block.thr,
-                    block.scale, lr.contiguous(), block.wd, momentum, block.live, block.loss)
+                    block.scale, lr.contiguous(), block.wd, momentum, block.live, block.loss, block.num_classes)

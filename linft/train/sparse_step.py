@@ -43,7 +43,7 @@ class Args(ctypes.Structure):
     """The kernel's argument block (``struct Args`` of sparse_step.cpp, same order)."""
 
     _fields_ = [("feats", _P), ("offs", _P), ("labels", _P), ("words", _P),
-                ("G", _I), ("B", _I), ("K", _I), ("Kp", _I), ("D", _I), ("C", _I), ("Cp", _I), ("H", _I),
+                ("G", _I), ("B", _I), ("K", _I), ("D", _I), ("C", _I), ("Cp", _I), ("H", _I),
                 ("v", _P), ("Vt", _P), ("b", _P), ("bv", _P), ("bVt", _P), ("bb", _P),
                 ("gv", _P), ("gVt", _P), ("gb", _P),
                 ("thr", _P), ("scale", _P), ("lr", _P), ("wd", _P), ("momentum", ctypes.c_float),
@@ -108,9 +108,9 @@ def load_kernel() -> tuple[ctypes.CDLL | None, str]:
     return dll, ""
 
 
-def padded(n: int, multiple: int) -> int:
-    """``n`` rounded up to a multiple of ``multiple``: the kernel's rows of v (K blocks, to 4) and of the head
-    (C classes, to 8), zero-padded, so that a unit's weights are whole SIMD registers."""
+def padded(n: int, multiple: int = 8) -> int:
+    """``n`` rounded up to a multiple of ``multiple``: the kernel's runs (one SIMD lane each, 8 per register) and
+    classes (8 or 16 are held in registers) are zero-padded to multiples of 8."""
     return -(-n // multiple) * multiple
 
 
@@ -120,14 +120,14 @@ def _ptr(t: torch.Tensor) -> int:
 
 
 def run_sparse_step(dll: ctypes.CDLL, feats: torch.Tensor, offs, labels, words, params, bufs, grads,
-                    thr, scale, lr, wd, momentum: float, live, loss) -> None:
-    """One fused step of every sparse run in place (shapes: params/bufs/grads ``vt`` (G, H, D, Kp) and ``Vt``
-    (G, H, D, Cp) (K blocks and C classes padded with zeros to :func:`padded`), ``b`` (G, H, C); ``offs``,
-    ``labels``, ``words`` (G, B); ``live`` bool and ``loss`` float32 (G, H); ``thr`` int64 (ascending, >= 1) and
-    ``scale``, ``lr``, ``wd`` float32 (H,))."""
-    G, H, D, Kp = params[0].shape
-    K, C, Cp = feats.shape[-2], params[2].shape[-1], params[1].shape[-1]
-    a = Args(_ptr(feats), _ptr(offs), _ptr(labels), _ptr(words), G, offs.shape[1], K, Kp, D, C, Cp, H,
+                    thr, scale, lr, wd, momentum: float, live, loss, num_classes: int) -> None:
+    """One fused step of every sparse run in place. Runs are lanes: params/bufs/grads ``v`` (G, Q, D, K, 8),
+    ``Vt`` (G, Q, D, Cp, 8), ``b`` (G, Q, Cp, 8) for Q chunks of 8 runs (lane = run, runs and classes zero-padded
+    by :func:`padded`); ``offs``, ``labels``, ``words`` (G, B); ``live`` bool and ``loss`` float32 (G, 8·Q);
+    ``thr`` int64 (ascending, >= 1) and ``scale``, ``lr``, ``wd`` float32 (8·Q,)."""
+    G, Q, D, K, _ = params[0].shape
+    Cp = params[1].shape[3]
+    a = Args(_ptr(feats), _ptr(offs), _ptr(labels), _ptr(words), G, offs.shape[1], K, D, num_classes, Cp, 8 * Q,
              *(_ptr(t) for t in (*params, *bufs, *grads)), _ptr(thr), _ptr(scale), _ptr(lr), _ptr(wd),
              momentum, _ptr(live), _ptr(loss))
     half, threads = int(feats.dtype == torch.float16), min(torch.get_num_threads(), G)
