@@ -137,17 +137,18 @@ def test_engine_equals_plain_sgd_over_hundreds_of_steps_with_an_lr_drop(step_kin
             assert_counts_agree(seen[399].correct[gi, hi], rows_of, right, tie, (gi, hi))
 
 
-def feature_grid(dtype, views=False, n_per_domain=60, dim=64):
+def feature_grid(dtype, views=False, n_per_domain=60, dim=64, classes=C, lr_scales=(1.0,)):
     """Wider float16/float32 features (D = 64) and a grid of every kind of run, for the two step kinds."""
     rng = np.random.default_rng(1)
-    labels = rng.integers(0, C, NDOM * n_per_domain)
+    labels = rng.integers(0, classes, NDOM * n_per_domain)
     domains = np.repeat(np.arange(NDOM), n_per_domain)
-    feats = (rng.normal(size=(C, K, dim))[labels] + rng.normal(size=(len(labels), K, dim))).astype(np.float32)
+    feats = (rng.normal(size=(classes, K, dim))[labels] + rng.normal(size=(len(labels), K, dim))).astype(np.float32)
     X = torch.from_numpy(feats).to(dtype)
-    data = LinearData(X, torch.from_numpy(labels), {s: split_ids(domains, s) for s in (0,)}, 2 * NDOM, C,
+    data = LinearData(X, torch.from_numpy(labels), {s: split_ids(domains, s) for s in (0,)}, 2 * NDOM, classes,
                       views=torch.stack([X, (X.float() * 0.5).to(dtype)], 1) if views else None)
-    points = [GridPoint(0.005, 1e-3, 0.9), GridPoint(0.01, 1e-4, 0.5), GridPoint(0.002, 0.0, 0.95),
-              GridPoint(0.01, 1e-3, 0.0), GridPoint(0.01, 1e-3, 0.0, True), GridPoint(0.002, 1e-3, 0.9)]
+    points = [GridPoint(f * lr, wd, p, probe) for f in lr_scales for lr, wd, p, probe in
+              [(0.005, 1e-3, 0.9, False), (0.01, 1e-4, 0.5, False), (0.002, 0.0, 0.95, False),
+               (0.01, 1e-3, 0.0, False), (0.01, 1e-3, 0.0, True), (0.002, 1e-3, 0.9, False)]]
     groups = []
     for e in range(NDOM):
         rows_of = domain_split_rows(domains, NDOM, 0)
@@ -156,11 +157,14 @@ def feature_grid(dtype, views=False, n_per_domain=60, dim=64):
 
 
 @pytest.mark.skipif(load_kernel()[0] is None, reason="no compiled kernel")
-@pytest.mark.parametrize("dtype,views", [(torch.float16, False), (torch.float32, True), (torch.float16, True)])
-def test_sparse_step_equals_torch_step(dtype, views):
+@pytest.mark.parametrize("dtype,views,classes,lr_scales", [
+    (torch.float16, False, C, (1.0,)), (torch.float32, True, C, (1.0,)), (torch.float16, True, C, (1.0,)),
+    (torch.float32, False, 20, (1.0,)), (torch.float32, False, C, (1.0, 0.5, 0.25))])
+def test_sparse_step_equals_torch_step(dtype, views, classes, lr_scales):
     """The compiled sparse step and the pure-torch fallback: two code paths, the same runs to the tolerance
-    (float16 features and views are read by the kernel itself), and the same evaluation counts but near-ties."""
-    data, groups = feature_grid(dtype, views)
+    (float16 features and views are read by the kernel itself; 20 classes take its path for any number of
+    classes; 12 dropout runs per group fill two chunks of 8 lanes), and the same evaluation counts but near-ties."""
+    data, groups = feature_grid(dtype, views, classes=classes, lr_scales=lr_scales)
     out = {}
     for kind in ("sparse", "torch"):
         seen = {}
