@@ -91,6 +91,16 @@ static void select_pairs(const std::vector<int64_t>& start, const int32_t* base,
     }
 }
 
+// The dropped-out representation of one kept (row, unit) pair for the 8 lanes: r = sm · Σ_k v[d, k] φ[k], with
+// sm = the lane's scale where the pair is kept at its threshold, else 0.
+static inline v8 kept_r(const float* __restrict__ v, const float* __restrict__ phi, int64_t K, int64_t p, int64_t d,
+                        uint32_t u, v8i thr, v8 scale, v8& sm) {
+    sm = (v8i{} + (int32_t)u) >= thr ? scale : v8{};
+    v8 dot = v8{};
+    for (int64_t k = 0; k < K; ++k) dot += ld8(v + (d * K + k) * 8) * phi[p * K + k];
+    return dot * sm;
+}
+
 // Forward and backward of the 8 runs of chunk q of group g on their kept pairs, gradients accumulated; returns
 // nothing, writes each lane's summed cross-entropy to lsum. NC > 0: Cp = NC classes held in registers.
 template <int NC>
@@ -115,11 +125,8 @@ static void chunk_rows(const Args& a, int64_t g, int64_t q, const Pairs& P, cons
             for (int c = 0; c < NC; ++c) z[c] = ld8(zi + 8 * c);
             for (int64_t e = P.ptr[i * (NT + 1) + tt]; e < P.ptr[i * (NT + 1) + tt + 1]; ++e) {
                 const int64_t p = sel[e], d = base[p];
-                const v8i u = v8i{} + (int32_t)ukept[p];
-                const v8 sm = u >= thr ? scale : v8{};
-                v8 dot = v8{};
-                for (int64_t k = 0; k < K; ++k) dot += ld8(v + (d * K + k) * 8) * phi[p * K + k];
-                const v8 r = dot * sm;
+                v8 sm;
+                const v8 r = kept_r(v, phi, K, p, d, ukept[p], thr, scale, sm);
                 const float* __restrict__ Vd = Vt + d * CP * 8;
                 if (NC) { for (int c = 0; c < NC; ++c) z[c] += r * ld8(Vd + 8 * c); }
                 else { for (int64_t c = 0; c < CP; ++c) st8(zi + 8 * c, ld8(zi + 8 * c) + r * ld8(Vd + 8 * c)); }
@@ -150,11 +157,8 @@ static void chunk_rows(const Args& a, int64_t g, int64_t q, const Pairs& P, cons
             for (int c = 0; c < NC; ++c) gz[c] = ld8(zi + 8 * c);
             for (int64_t e = P.ptr[i * (NT + 1) + tt]; e < P.ptr[i * (NT + 1) + tt + 1]; ++e) {
                 const int64_t p = sel[e], d = base[p];
-                const v8i u = v8i{} + (int32_t)ukept[p];
-                const v8 sm = u >= thr ? scale : v8{};
-                v8 dot = v8{};
-                for (int64_t k = 0; k < K; ++k) dot += ld8(v + (d * K + k) * 8) * phi[p * K + k];
-                const v8 r = dot * sm;
+                v8 sm;
+                const v8 r = kept_r(v, phi, K, p, d, ukept[p], thr, scale, sm);
                 const float* __restrict__ Vd = Vt + d * CP * 8; float* __restrict__ gVd = gVt + d * CP * 8;
                 v8 back = v8{};
                 if (NC) {
