@@ -286,3 +286,20 @@ def test_lr_schedule_and_eval_steps():
     assert lr_at(25000, 1.0, (15000, 25000)) == pytest.approx(0.01)
     assert eval_steps(10_000, 300)[:3] == [0, 300, 600] and eval_steps(10_000, 300)[-2:] == [9900, 9999]
     assert LinearGridConfig(steps=40, lr_milestones=(0.5,)).milestone_steps() == (20,)
+
+
+@pytest.mark.skipif(load_kernel()[0] is None, reason="no compiled kernel")
+def test_sparse_step_does_not_depend_on_the_thread_count():
+    """Groups run in parallel threads, each group in one thread: the dropout runs come out bit for bit the same."""
+    data, groups = feature_grid(torch.float16)
+    sparse = [h for h, p in enumerate(groups[0].points) if p.dropout > 0 and not p.probe]
+    before = torch.get_num_threads()
+    out = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            out.append(train_linear_grid(data, groups, LinearGridConfig(steps=20, batch_size=4, step_kind="sparse")))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*out):
+        assert torch.equal(a[:, sparse], b[:, sparse])
