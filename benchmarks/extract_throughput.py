@@ -2,6 +2,7 @@
 
     python benchmarks/extract_throughput.py                      # CPU defaults (resnet50, 224 px)
     python benchmarks/extract_throughput.py --device cuda --images 8192 --batch-size 256
+    python benchmarks/extract_throughput.py --backbone vit_b_16       # a Vision Transformer (random weights)
 
 Three measurements over the same JPEG files, backbone and batch size:
 
@@ -97,6 +98,8 @@ def plain_loop(paths, root, out, backbone, weights, image_size, batch_size, dev)
     model = load_backbone(backbone, weights).model.to(dev).eval()
     names = phi_block_names(model)
     got = {}
+    # a ResNet block's output is average-pooled; a transformer's as its head reads it (final norm, class token)
+    pool = getattr(model, "pool_block_output", lambda o: o.mean((2, 3)))
     for n in names:
         dict(model.named_modules())[n].register_forward_hook(lambda m, i, o, n=n: got.__setitem__(n, o))
     tf = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.ToTensor(),
@@ -107,7 +110,7 @@ def plain_loop(paths, root, out, backbone, weights, image_size, batch_size, dev)
         for i in range(0, len(paths), batch_size):
             x = torch.stack([tf(Image.open(root / p).convert("RGB")) for p in paths[i:i + batch_size]]).to(dev)
             model(x)
-            feats = torch.stack([got[n].mean((2, 3)) for n in names], 1).cpu().numpy().astype(np.float16)
+            feats = torch.stack([pool(got[n]) for n in names], 1).cpu().numpy().astype(np.float16)
             if dset is None:
                 dset = f.create_dataset("features", shape=(0, *feats.shape[1:]), maxshape=(None, *feats.shape[1:]),
                                         dtype=np.float16)

@@ -7,8 +7,10 @@
 # Installs linft without dependencies (never with the pins), then runs, each in its own step with its wall time:
 # the CUDA paths end to end on the built-in benchmark (extract with bfloat16 autocast (the default --precision) and
 # channels_last, and with float16, linear fine-tuning on the GPU, full fine-tuning with bfloat16 autocast and
-# --ensembles, a linearized run, interpolation with the jvp path and in float32, report), then the four benchmarks with --device cuda
-# (and the linear engine's step captured as a CUDA graph against the eager step: time per step, largest difference). Output and JSON figures
+# --ensembles, a linearized run, interpolation with the jvp path and in float32, report), the same stages on
+# transformers (torchvision ViT-B/16 and, when open_clip is installed, CLIP ViT-B/32, random weights: nothing
+# downloads), then the benchmarks with --device cuda (ViT-B/16 too; and the linear engine's step captured as a CUDA graph
+# against the eager step: time per step, largest difference). Output and JSON figures
 # go to ${OUT:-/tmp/linft_gpu_check}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +34,7 @@ step() {  # step NAME COMMAND...: run, time, keep going on failure
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 
-if [ "$QUICK" = 1 ]; then LSTEPS=20; FSTEPS=6; EVERY=3; PER=12; else LSTEPS=2000; FSTEPS=300; EVERY=100; PER=150; fi
+if [ "$QUICK" = 1 ]; then LSTEPS=20; FSTEPS=6; EVERY=3; PER=12; VSTEPS=4; else LSTEPS=2000; FSTEPS=300; EVERY=100; PER=150; VSTEPS=100; fi
 step demo_data linft demo-data "$W/data" --per-class "$PER"
 step extract linft extract "$W/data" --backbone demo-resnet --image-size 64 --device "$DEVICE" --out "$W/c.h5" --quiet
 step extract_fp16 linft extract "$W/data" --backbone demo-resnet --image-size 64 --device "$DEVICE" --precision float16 --out "$W/c16.h5" --quiet
@@ -49,18 +51,38 @@ step interpolate linft interpolate "$W/data" --finetuned "$RUN" --linearity --de
 step interpolate_fp32 linft interpolate "$W/data" --finetuned "$RUN" --precision float32 --no-blocks --device "$DEVICE" --out "$W/interp_fp32" --quiet
 step report linft report "$W/lin" "$W/ft" "$W/interp" --out "$W/report" --json
 
+# transformers: every stage on torchvision's ViT-B/16 (224 px), extraction on CLIP ViT-B/32 when open_clip is there
+VIT=(--backbone vit_b_16 --weights none --image-size 224 --device "$DEVICE")
+step extract_vit linft extract "$W/data" "${VIT[@]}" --out "$W/cvit.h5" --quiet
+step train_linear_vit linft train-linear "$W/cvit.h5" --dropout 0.9 --seeds 1 --steps "$LSTEPS" --device "$DEVICE" --out "$W/linvit" --quiet
+step finetune_vit linft finetune "$W/data" "${VIT[@]}" --dropout 0.9 --stochastic-depth 0.1 --lr 1e-3 --weight-decay 1e-4 \
+    --seeds 1 --test-domains sketch --steps "$VSTEPS" --eval-every "$VSTEPS" --out "$W/ftvit" --quiet
+step finetune_vit_linearized linft finetune "$W/data" "${VIT[@]}" --linearized --lr 1e-3 --weight-decay 1e-4 \
+    --seeds 1 --test-domains sketch --steps "$VSTEPS" --eval-every "$VSTEPS" --out "$W/ftvitlin" --quiet
+VRUN=$(dirname "$(ls "$W"/ftvit/*/selected.pt | head -1)")
+step interpolate_vit linft interpolate "$W/data" --finetuned "$VRUN" --linearity --no-blocks --device "$DEVICE" --out "$W/interpvit" --quiet
+if python3 -c "import open_clip" 2> /dev/null; then
+    step extract_clip linft extract "$W/data" --backbone clip:ViT-B-32 --weights none --device "$DEVICE" --out "$W/cclip.h5" --quiet
+else
+    echo "=== extract_clip: skipped (open_clip not installed: pip install open_clip_torch)"
+fi
+
 if [ "$QUICK" = 1 ]; then
     step bench_linear python3 benchmarks/linear_grid.py --device "$DEVICE" --steps 5 --repeats 1 --grids 0.9 --json
     step linear_graph python3 benchmarks/linear_grid.py --device "$DEVICE" --graph-check 12
     step bench_finetune python3 benchmarks/finetune_step.py --device "$DEVICE" --steps 1 --rounds 1 --json
     step bench_interpolate python3 benchmarks/interpolate_cost.py --device "$DEVICE" --images 16 --steps 1 --json
     step bench_extract python3 benchmarks/extract_throughput.py --device "$DEVICE" --images 48 --batch-size 8 --backbone resnet18 --image-size 64 --json
+    step bench_extract_vit python3 benchmarks/extract_throughput.py --device "$DEVICE" --images 48 --batch-size 8 --backbone vit_b_16 --json
+    step bench_finetune_vit python3 benchmarks/finetune_step.py --device "$DEVICE" --backbone vit_b_16 --batch-size 4 --steps 1 --rounds 1 --json
 else
     step bench_linear python3 benchmarks/linear_grid.py --device "$DEVICE" --json
     step linear_graph python3 benchmarks/linear_grid.py --device "$DEVICE" --graph-check 300
     step bench_finetune python3 benchmarks/finetune_step.py --device "$DEVICE" --json
     step bench_interpolate python3 benchmarks/interpolate_cost.py --device "$DEVICE" --backbone resnet50 --image-size 224 --json
     step bench_extract python3 benchmarks/extract_throughput.py --device "$DEVICE" --images 2048 --batch-size 256 --json
+    step bench_extract_vit python3 benchmarks/extract_throughput.py --device "$DEVICE" --images 2048 --batch-size 256 --backbone vit_b_16 --json
+    step bench_finetune_vit python3 benchmarks/finetune_step.py --device "$DEVICE" --backbone vit_b_16 --json
 fi
 rm -rf "$W"
 echo "gpu_check: $([ $status = 0 ] && echo all steps ok || echo SOME STEPS FAILED); logs in $OUT_DIR"

@@ -14,16 +14,19 @@ from linft.output import say_line
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same files.")
 @click.option("--per-class", type=int, default=150, show_default=True, help="Images per domain and class.")
 @click.option("--size", type=int, default=64, show_default=True, help="Image side in pixels (16 to 64).")
-def demo_data(out_dir, seed, per_class, size):
+@click.option("--force", is_flag=True, help="Replace a folder that is not empty, whole (refused without it).")
+def demo_data(out_dir, seed, per_class, size, force):
     """Write the demo benchmark: 4 style domains x 7 shape classes as PNG files.
 
     The layout is OUT_DIR/<domain>/<class>/<image>.png, ready for `linft extract`.
+    OUT_DIR must be new or empty unless --force, which replaces it whole (then
+    re-extract caches made from it with `linft extract --force`).
 
     \b
     Example:
       linft demo-data data/demo --seed 0
     """
-    path = write_demo_data(out_dir, seed=seed, per_class=per_class, size=size)
+    path = write_demo_data(out_dir, seed=seed, per_class=per_class, size=size, force=force)
     n = per_class * len(DEMO_CLASSES)
     click.echo(f"wrote {len(DEMO_STYLES)} domains ({', '.join(DEMO_STYLES)}) x {n} images to {path}")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from linft.cli.options import precision_option, print_grid_outcome, repeatable
+from linft.cli.options import precision_option, print_grid_outcome, repeatable, split_seed_option
 from linft.data import find_dataset
 from linft.output import say_line
 from linft.protocol.records import done_summary
@@ -19,7 +19,8 @@ from linft.train.sweep import LAUNCHERS, LaunchOptions, launch_sweep
 @click.argument("dataset")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="Where DomainBed names (PACS, VLCS, ...) are looked up. Default: $LINFT_DATA_ROOT, then ./data.")
-@click.option("--backbone", default="resnet50", show_default=True, help="torchvision ResNet-family name or demo-resnet.")
+@click.option("--backbone", default="resnet50", show_default=True, help="torchvision ResNet-family name, demo-resnet, a Vision Transformer (vit_b_16 ... vit_h_14) or "
+              "clip:NAME (needs linft[clip]).")
 @click.option("--weights", default="DEFAULT", show_default=True,
               help='DEFAULT (the backbone\'s recommended weights: IMAGENET1K_V2 = "ResNet #2" for resnet50, the shipped '
                    'file for demo-resnet), a torchvision weight name (IMAGENET1K_V1 = "ResNet #1", IMAGENET1K_V2), '
@@ -30,6 +31,9 @@ from linft.train.sweep import LAUNCHERS, LaunchOptions, launch_sweep
               help="Learning-rate multiplier of the classifier head (the paper's baseline: 10).")
 @click.option("--stochastic-depth", type=float, default=0.0, show_default=True,
               help="Residual-block dropout rate on every residual branch (the paper: 0.1 to 0.3).")
+@click.option("--stochastic-depth-mode", type=click.Choice(["row", "official"]), default="row", show_default=True,
+              help="row: per example, rescaled by 1/(1-rate) in training (torchvision); official: the official "
+                   "code's, one draw for the whole batch and no rescaling.")
 @click.option("--linearized", is_flag=True, help="Train the first-order (torch.func) model around the pretrained one.")
 @click.option("--lp-ft", is_flag=True,
               help="LP-FT (Kumar et al. 2022): the head starts from the linear-probe solution on the pretrained "
@@ -42,10 +46,13 @@ from linft.train.sweep import LAUNCHERS, LaunchOptions, launch_sweep
 @click.option("--weight-decay", "weight_decays", type=float, multiple=True, default=(1e-4, 5e-5, 1e-5),
               show_default=True, help=repeatable("Weight decays of the grid.", "--weight-decay 1e-4 --weight-decay 1e-5"))
 @click.option("--seeds", type=int, default=3, show_default=True, help="Trial seeds 0..N-1 (split, batches, masks, head init).")
+@split_seed_option()
 @click.option("--steps", type=int, default=10_000, show_default=True, help="SGD steps per run.")
 @click.option("--lr-milestones", "lr_milestones", type=float, multiple=True, default=(0.5,), show_default=True,
-              help=repeatable("Fractions of --steps where the lr is divided by 10.",
-                              "--lr-milestones 0.5 --lr-milestones 0.8333 (DomainNet, 30,000 steps)"))
+              help=repeatable("Where the lr is divided by 10: fractions of --steps (up to 1) or step numbers "
+                              "(above 1). The official code: --steps 10001 with 5000 and 10000 (its last update at "
+                              "lr/100); on DomainNet 15000 and 25000 with --eval-every 1000.",
+                              "--lr-milestones 15000 --lr-milestones 25000"))
 @click.option("--eval-every", type=int, default=300, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per training domain per step.")
 @click.option("--image-size", type=int, default=224, show_default=True)
@@ -83,8 +90,9 @@ from linft.train.sweep import LAUNCHERS, LaunchOptions, launch_sweep
                    "'linft[tensorboard]'; then: tensorboard --logdir DIR).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary table as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars and no line per evaluation.")
-def finetune_cmd(dataset, data_root, backbone, weights, dropouts, last_layer_lr_mult, stochastic_depth, linearized,
-                 lp_ft, lp_ft_cache, lrs, weight_decays, seeds, steps, lr_milestones, eval_every, batch_size,
+def finetune_cmd(dataset, data_root, backbone, weights, dropouts, last_layer_lr_mult, stochastic_depth,
+                 stochastic_depth_mode, linearized,
+                 lp_ft, lp_ft_cache, lrs, weight_decays, seeds, split_seed, steps, lr_milestones, eval_every, batch_size,
                  image_size, test_domains, ensembles, average_every_step, ensemble_rule, no_freeze_bn, augment, no_augment,
                  workers, device, precision, launcher, gpus, slurm_partition, slurm_timeout, slurm_gpus, no_wait, out,
                  tensorboard_dir, as_json, quiet):
@@ -116,9 +124,10 @@ def finetune_cmd(dataset, data_root, backbone, weights, dropouts, last_layer_lr_
                             eval_every=eval_every, image_size=image_size,
                             freeze_bn=not no_freeze_bn, augment="none" if no_augment else augment, workers=workers,
                             trajectory=ensembles, average_every_step=average_every_step, ensemble_rule=ensemble_rule,
-                            precision=precision, lp_ft_cache=lp_ft_cache)
+                            precision=precision, lp_ft_cache=lp_ft_cache, split_seed=split_seed)
     runs = sweep_runs(ds.domains, test_domains=test_domains, dropouts=dropouts, lrs=lrs, weight_decays=weight_decays,
                       seeds=seeds, last_layer_lr_mult=last_layer_lr_mult, stochastic_depth=stochastic_depth,
+                      stochastic_depth_mode=stochastic_depth_mode,
                       linearized=linearized, lp_ft=lp_ft or lp_ft_cache is not None)
     slurm = {"timeout_min": slurm_timeout, "gpus_per_node": slurm_gpus}
     if slurm_partition:

@@ -37,6 +37,13 @@ def precision_option(note: str = ""):
                              f"code); the CPU always computes in float32.{' ' + note if note else ''}")
 
 
+def split_seed_option():
+    """``--split-seed N``: one data split for every seed (train-linear and finetune)."""
+    return click.option("--split-seed", type=int, default=None,
+                        help="Split the data with this trial seed for every seed (the official code: 0, one split for "
+                             "all seeds). Default: each seed its own split, as DomainBed.")
+
+
 def deprecated_precision_flag(flag: str, meaning: str):
     """A hidden flag of an earlier release that now means ``--precision meaning``."""
     return click.option(flag, "deprecated_flag", is_flag=True, hidden=True,

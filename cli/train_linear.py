@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from linft.cli.options import print_grid_outcome, repeatable
+from linft.cli.options import print_grid_outcome, repeatable, split_seed_option
 from linft.output import say_line
 from linft.protocol.records import done_summary
 from linft.train.linear import default_linear_out, train_linear
@@ -24,6 +24,7 @@ from linft.train.linear_engine import V_INITS, LinearGridConfig
 @click.option("--weight-decay", "weight_decays", type=float, multiple=True, default=(1e-4, 5e-5, 1e-5),
               show_default=True, help=repeatable("Weight decays of the grid.", "--weight-decay 1e-4 --weight-decay 1e-5"))
 @click.option("--seeds", type=int, default=3, show_default=True, help="Trial seeds 0..N-1 (split, batches, masks, init).")
+@split_seed_option()
 @click.option("--steps", type=int, default=10_000, show_default=True, help="SGD steps per run; lr ÷10 at half.")
 @click.option("--eval-every", type=int, default=300, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Examples per training domain per step.")
@@ -44,8 +45,8 @@ from linft.train.linear_engine import V_INITS, LinearGridConfig
                    "file in chunks (default: everything in memory).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary table as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no line per evaluation.")
-def train_linear_cmd(cache, dropouts, probe, probe_only, lrs, weight_decays, seeds, steps, eval_every, batch_size,
-                     v_init, test_domains, device, out, tensorboard_dir, memory_gib, as_json, quiet):
+def train_linear_cmd(cache, dropouts, probe, probe_only, lrs, weight_decays, seeds, split_seed, steps, eval_every,
+                     batch_size, v_init, test_domains, device, out, tensorboard_dir, memory_gib, as_json, quiet):
     """Train linear fine-tuning y = V(Σ v_k⊙φ_k) + b with dropout over the whole protocol.
 
     Every held-out domain x seed x lr x weight decay x dropout rate trains at
@@ -64,7 +65,7 @@ def train_linear_cmd(cache, dropouts, probe, probe_only, lrs, weight_decays, see
     out = Path(out) if out else default_linear_out(cache)
     config = LinearGridConfig(steps=steps, batch_size=batch_size, eval_every=eval_every, v_init=v_init)
     result = train_linear(cache, out, dropouts=() if probe_only else dropouts, probe=probe or probe_only, lrs=lrs,
-                          weight_decays=weight_decays, seeds=seeds, test_domains=test_domains, config=config,
+                          weight_decays=weight_decays, seeds=seeds, split_seed=split_seed, test_domains=test_domains, config=config,
                           device=device, progress=not quiet, say=None if quiet else say_line,
                           tensorboard_dir=tensorboard_dir,
                           memory_budget=None if memory_gib is None else int(memory_gib * 2**30))

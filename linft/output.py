@@ -3,7 +3,11 @@
 * :func:`atomic_write` — the one way linft writes a file that must never be seen half-written:
   write ``<path>.partial``, flush, fsync, rename over ``path``, fsync the folder.
   :func:`atomic_write_text` is a thin use of it (``linft.runtime.atomic_save`` another, for torch objects).
-* :func:`writable_folder` — a folder created when missing and checked writable.
+* :func:`writable_folder` — a folder created when missing and checked writable (a read-only file system is named
+  as such). :func:`human_bytes` — sizes in messages (``12.3 MiB``, never ``0.00 GiB``).
+* :func:`output_lock` — the one lock of an output (a folder or a file) while a command writes it: owner pid, host
+  and command in the lock file; a second command refuses in one line; a lock left by a dead process on this host
+  is taken over.
 * :func:`json_text` — strict JSON (NaN and ±inf written as ``null``) for every ``--json`` output and summary.
 * :func:`progress_bar` — one progress bar for every long loop (click's, on stderr, with a rate); when stderr
   is not a terminal (Slurm logs, CI, ``| tee``) it prints plain lines instead (done/total, rate, ETA).
@@ -14,11 +18,14 @@ This module imports no torch, so the commands that only read records (``report``
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import socket
 import sys
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -39,15 +46,43 @@ def partial_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
+def human_bytes(n: float) -> str:
+    """``n`` bytes for people: ``512 B``, ``3.4 KiB``, ``12.3 MiB``, ``1.50 GiB``."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def read_only_file_system(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` lies on a file system mounted read-only."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+def write_failure(exc: OSError) -> str:
+    """Why a write failed, in words that say what to do (``read-only file system``, ``disk full``, ...)."""
+    if exc.errno == errno.EROFS:
+        return "read-only file system"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on the device or quota exceeded; free space"
+    if exc.errno == errno.EFBIG:
+        return "file too large for this file system or process limit"
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
 def writable_folder(folder: str | os.PathLike) -> Path:
     """``folder``, created when missing; a folder that cannot be created or written is one LinftError."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise LinftError(f"cannot create folder {folder} ({exc.strerror}); choose another --out") from None
+        raise LinftError(f"cannot create folder {folder} ({write_failure(exc)}); choose another --out") from None
     if not os.access(folder, os.W_OK):
-        raise LinftError(f"cannot write to {folder} (permission denied); choose another --out")
+        why = "read-only file system" if read_only_file_system(folder) else "permission denied"
+        raise LinftError(f"cannot write to {folder} ({why}); choose another --out")
     return folder
 
 
@@ -84,7 +119,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         commit_partial(partial, path)
     except OSError as exc:
         partial.unlink(missing_ok=True)
-        raise LinftError(f"cannot write {path} ({exc.strerror or exc}); free space or choose another "
+        raise LinftError(f"cannot write {path} ({write_failure(exc)}); free space or choose another "
                          f"location") from None
     except BaseException:  # e.g. an object torch cannot save, or an interrupt: no .partial left behind
         partial.unlink(missing_ok=True)
@@ -95,6 +130,113 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """UTF-8 text through :func:`atomic_write`."""
     return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+#: The lock file of an output folder; a file output ``x`` is locked by ``x.lock``.
+LOCK_NAME = ".linft.lock"
+
+_held_locks: dict[Path, int] = {}  # lock file -> depth, for the locks this process holds
+
+
+def lock_path(target: str | os.PathLike, folder: bool = False) -> Path:
+    """The lock file of an output: ``<target>/.linft.lock`` for a folder, ``<target>.lock`` for a file."""
+    target = Path(target)
+    return target / LOCK_NAME if folder else target.with_name(target.name + ".lock")
+
+
+def _process_start(pid: int) -> str | None:
+    """A process's start time (Linux ``/proc``), to tell a live owner from a new process that reuses its pid."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_alive(owner: dict) -> bool | None:
+    """True/False for an owner on this host; None when it runs elsewhere (cannot be checked from here)."""
+    if owner.get("host") != socket.gethostname():
+        return None
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    started = owner.get("process_start")
+    return started is None or _process_start(pid) in (None, started)
+
+
+def _read_owner(path: Path) -> dict | None:
+    try:
+        owner = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def _try_lock(path: Path, owner: dict) -> bool:
+    """Create the lock file with ``owner`` in it, atomically (a complete file or none: write aside, then link)."""
+    aside = path.with_name(f"{path.name}.{uuid.uuid4().hex}")
+    aside.write_text(json.dumps(owner), encoding="utf-8")
+    try:
+        os.link(aside, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        aside.unlink(missing_ok=True)
+
+
+@contextmanager
+def output_lock(target: str | os.PathLike, *, folder: bool = False):
+    """Hold linft's lock on ``target`` (a file, or a folder when ``folder``: created when missing) while the body
+    writes it.
+
+    A second linft process on the same output gets one LinftError naming the owner (pid, host, command, start);
+    a lock whose owner died on this host (killed, power loss) is taken over. Locks are plain files made with an
+    atomic link, so they work where HDF5's own file locking is off (``HDF5_USE_FILE_LOCKING=FALSE``) and on shared
+    file systems across hosts. The same process may take a lock it already holds (nested calls).
+    """
+    path = lock_path(target, folder)
+    key = path.absolute()
+    if key in _held_locks:
+        _held_locks[key] += 1
+        try:
+            yield path
+        finally:
+            _held_locks[key] -= 1
+        return
+    writable_folder(path.parent)
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
+             "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        try:
+            if _try_lock(path, owner):
+                break
+        except OSError as exc:
+            raise LinftError(f"cannot lock {target} ({write_failure(exc)}); choose another --out") from None
+        held = _read_owner(path)
+        if held is not None and _owner_alive(held) is not False:
+            raise LinftError(
+                f"{target} is being written by another linft process (pid {held.get('pid')} on {held.get('host')}, "
+                f"since {held.get('started')}: {held.get('command')}); wait for it to finish, or if it is no longer "
+                f"running, delete {path}")
+        if held is None and path.exists() and time.time() - path.stat().st_mtime < 10:
+            time.sleep(0.5)  # a lock file being replaced right now; look again
+            continue
+        path.unlink(missing_ok=True)  # its owner is dead: take the lock over
+    else:
+        raise LinftError(f"cannot take the lock {path}; if no linft process writes {target}, delete it")
+    _held_locks[key] = 1
+    try:
+        yield path
+    finally:
+        del _held_locks[key]
+        path.unlink(missing_ok=True)
 
 
 def finite_or_none(obj):

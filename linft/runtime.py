@@ -10,6 +10,7 @@ Files, JSON and progress output are :mod:`linft.output` (no torch there).
 
 from __future__ import annotations
 
+import errno
 import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -102,5 +103,19 @@ def denormals_flushed():
 
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` through :func:`atomic_write` (save tensors and plain values only)."""
-    return atomic_write(path, lambda fh: torch.save(obj, fh))
+    """``torch.save(obj)`` through :func:`atomic_write` (save tensors and plain values only).
+
+    torch reports a failed write (a full disk) as a RuntimeError of its stream writer: it is one LinftError, as
+    any other failed write, and no ``.partial`` file is left.
+    """
+    def save(fh) -> None:
+        try:
+            torch.save(obj, fh)
+        except RuntimeError as exc:
+            cause = exc.__context__
+            if isinstance(cause, OSError):  # the file's write failed; torch's zip writer then fails on its own
+                raise cause from None
+            if "failed writing" not in str(exc):  # not a write failure: a bug, shown as such
+                raise
+            raise OSError(errno.EIO, str(exc).strip().splitlines()[0]) from None
+    return atomic_write(path, save)

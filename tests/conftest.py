@@ -9,6 +9,26 @@ import pytest
 import torch
 from PIL import Image
 
+#: The tiny transformers of the tests, built from the real classes: torchvision's VisionTransformer as backbone
+#: "vit-tiny", and open_clip's CLIP from tests/tiny_models/linft-tiny-clip.json as "clip:linft-tiny-clip"
+#: (its real code paths, its real tokenizer: vocab 49408).
+TINY_VIT = dict(image_size=32, patch_size=8, num_layers=4, num_heads=2, hidden_dim=32, mlp_dim=64)
+TINY_CLIP = "clip:linft-tiny-clip"
+
+
+def _register_tiny_transformers() -> None:
+    from linft.models.vit import register_vit_config
+
+    register_vit_config("vit-tiny", **TINY_VIT)
+    try:
+        import open_clip
+    except ImportError:  # the clip extra is not installed: the CLIP tests skip
+        return
+    open_clip.add_model_config(Path(__file__).parent / "tiny_models" / "linft-tiny-clip.json")
+
+
+_register_tiny_transformers()
+
 DOMAINS = ("domB", "domA", "dom C")  # unsorted on purpose; one name with a space, like "Real World"
 CLASSES = ("cat", "dog")
 

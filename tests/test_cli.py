@@ -137,14 +137,15 @@ def test_train_linear_bad_input(image_folder, tmp_path, extra, fragment):
     assert_one_line_error(run("train-linear", cache, "--steps", "2", "--quiet", "--out", tmp_path / "r", *extra), fragment)
 
 
-def test_train_linear_refuses_unfinished_cache(tmp_path):
+def test_train_linear_refuses_unfinished_cache(image_folder, tmp_path):
     import h5py
 
-    with h5py.File(tmp_path / "p.h5", "w") as f:
-        f.attrs["provenance_sha256"] = "x"
+    cache = tmp_path / "p.h5"
+    assert run("extract", image_folder, "--out", cache, *SMALL).exit_code == 0
+    with h5py.File(cache, "r+") as f:  # as an extraction stopped after 10 of 18 images leaves it
         f.attrs["complete"] = False
-        f.attrs["num_examples"] = 10
-    assert_one_line_error(run("train-linear", tmp_path / "p.h5", "--quiet"), "unfinished extraction")
+        f.attrs["num_done"] = 10
+    assert_one_line_error(run("train-linear", cache, "--quiet"), "unfinished extraction (10 of 18 images)")
 
 
 def test_cli_pretrain_source_and_pretrain(tmp_path):
@@ -167,3 +168,22 @@ def test_cli_pretrain_source_and_pretrain(tmp_path):
     assert_one_line_error(runner.invoke(main, args), "already exists", "--force")  # refuses to replace it
     result = runner.invoke(main, ["pretrain", str(tmp_path / "nowhere"), "--out", str(tmp_path / "n.pt")])
     assert_one_line_error(result, "does not exist")
+
+
+def test_train_linear_refuses_a_domain_whose_images_were_all_skipped_before_training(image_folder, tmp_path):
+    import h5py
+
+    cache, out = tmp_path / "c.h5", tmp_path / "runs"
+    assert run("extract", image_folder, "--out", cache, *SMALL).exit_code == 0
+    with h5py.File(cache, "r+") as f:  # as --skip-bad-images leaves a domain of unreadable images
+        f["valid"][...] = f["valid"][...] & (f["domains"][...] != 0)
+    assert_one_line_error(run("train-linear", cache, "--steps", "2", "--quiet", "--test-domains", "dom C", "--out", out),
+                          "domain 'dom C' has no usable image")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option,fragment", [("--per-class=0", "per_class 0"), ("--per-class=-3", "per_class -3"),
+                                             ("--seed=-1", "seed -1")])
+def test_demo_data_bad_numbers_are_one_line(tmp_path, option, fragment):
+    assert_one_line_error(run("demo-data", tmp_path / "d", "--size", "16", "--per-class", "1", option), fragment)
+    assert not (tmp_path / "d").exists()

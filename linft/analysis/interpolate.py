@@ -59,7 +59,7 @@ from linft.analysis.interpolation_result import InterpolateConfig, Interpolation
 from linft.analysis.plots import plot_interpolation
 from linft.data.folders import MultiDomainDataset, find_dataset
 from linft.data.images import EvalImages
-from linft.data.splits import domain_split_rows
+from linft.data.splits import domain_split_rows, split_seed
 from linft.errors import LinftError
 from linft.models.checkpoints import state_dict_sha256
 from linft.models.heads import PROBE_MAX_ITER, PROBE_TOLERANCE, LinearHead, fit_probe_head, head_keys, \
@@ -68,7 +68,7 @@ from linft.models.linearize import relative_linearity_gap
 from linft.protocol.records import RECORDS_FILE, RecordWriter, RunHeader, done_summary, final_records, make_record, \
     run_id
 from linft.protocol.selection import iid_accuracy, ood_accuracy, split_counts
-from linft.output import atomic_write_text, json_text, progress_bar
+from linft.output import atomic_write_text, json_text, output_lock, progress_bar, writable_folder
 from linft.runtime import effective_precision, resolve_device
 
 #: path key -> (record method, label prefix)
@@ -128,7 +128,8 @@ def _setup(dataset, finetuned, config: InterpolateConfig, data_root, progress: b
     ends = load_endpoints(finetuned, ds, pretrained=config.pretrained, backbone=config.backbone)
     meta = ends.metadata
     e = ds.domains.index(str(meta["test_domain"]))
-    split_rows = domain_split_rows(ds.domain_ids, len(ds.domains), int(meta["seed"]))
+    split_rows = domain_split_rows(ds.domain_ids, len(ds.domains),
+                                   split_seed(int(meta["seed"]), meta.get("hparams")))
     fit_rows = np.sort(np.concatenate([split_rows[(d, "in")] for d in range(len(ds.domains)) if d != e]))
     if len(fit_rows) == 0:
         raise LinftError(f"the training domains' 'in' splits of {ds.root} are empty; the probe head needs images")
@@ -316,6 +317,15 @@ def interpolate(dataset, finetuned: str | os.PathLike, config: InterpolateConfig
     stem = f"interpolation_{_safe_name(setup.test_domain)}_seed{setup.seed}_{_safe_name(ends.finetuned_id)[:16]}"
     labels = _labels(setup, _path_keys(setup))
     headers = {(key, a): _header(setup, key, a, labels[key]) for key in labels for a in setup.alphas}
+    writable_folder(out)
+    with output_lock(out, folder=True):  # a second identical command refuses instead of writing records twice
+        return _interpolate_locked(setup, config, out, stem, labels, headers, progress, say)
+
+
+def _interpolate_locked(setup: _Setup, config: InterpolateConfig, out: Path, stem: str, labels: dict, headers: dict,
+                        progress: bool, say: Callable[[str], None]) -> InterpolationResult:
+    """:func:`interpolate` once its output folder is locked by this process."""
+    ends = setup.ends
     finals = final_records([out / RECORDS_FILE])
     done = set(finals)
     earlier = _already_done(setup, out, stem, labels, headers, finals)

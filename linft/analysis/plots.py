@@ -260,3 +260,39 @@ def interpolation_figure(results: list[SelectedRun], title: str | None = None) -
     return fig
 
 
+
+
+#: Figure 1's paths: (line style, marker, colour); the paper draws weights dashed, representations solid.
+FIGURE1_STYLES = {"weights": ("--", "o", "C3"), "representation": ("-", "s", "C0"), "linearized": (":", "^", "C2")}
+
+
+def plot_figure1(curves: dict, path: Path, title: str | None = None) -> Path | None:
+    """:func:`figure1_figure` saved at ``path`` (PNG) and beside it (PDF)."""
+    return _saved(figure1_figure(curves, title), path)
+
+
+def figure1_figure(curves: dict, title: str | None = None) -> Figure | None:
+    """The paper's Figure 1: mean o.o.d. accuracy (%) against i.i.d. accuracy (%) along each interpolation path.
+
+    ``curves[path] = [{"alpha", "iid", "ood"}, ...]`` (:func:`linft.analysis.checkpoint_interpolation.
+    interpolate_checkpoints`); α runs along each curve, the pretrained end (α = 0) marked ◆, the fine-tuned
+    end (α = 1) ★. None when no curve has an o.o.d. accuracy.
+    """
+    drawn = {k: [p for p in v if p.get("ood") is not None] for k, v in curves.items()}
+    if not any(drawn.values()):
+        return None
+    fig, ax = _subplots(1, 1, figsize=(6, 5))
+    for key, points in drawn.items():
+        ls, marker, color = FIGURE1_STYLES.get(key, ("-", "o", "C7"))
+        xs, ys = [100 * p["iid"] for p in points], [100 * p["ood"] for p in points]
+        ax.plot(xs, ys, linestyle=ls, marker=marker, ms=4, color=color, label=f"{key} interpolation")
+        for p, x, y in zip(points, xs, ys):
+            if p["alpha"] in (0.0, 1.0):
+                ax.scatter([x], [y], s=120, marker="D" if p["alpha"] == 0.0 else "*", color=color,
+                           edgecolor="black", zorder=5)
+    ax.set_xlabel("i.i.d. accuracy (%)")
+    ax.set_ylabel("mean o.o.d. accuracy (%)")
+    ax.set_title((title + "\n" if title else "") + "◆ pretrained (α = 0), ★ fine-tuned (α = 1)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return fig

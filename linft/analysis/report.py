@@ -16,6 +16,8 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from linft.analysis.plots import figure_files, plot_clouds, plot_dropout, plot_f
 from linft.errors import LinftError
 from linft.protocol.records import read_records
 from linft.protocol.selection import SE_FORMULAS, check_se
-from linft.output import atomic_write_text
+from linft.output import PARTIAL_SUFFIX, atomic_write_text, output_lock, writable_folder, write_failure
 
 #: What summary.md says about units.
 UNITS_NOTE = ("Units: accuracies are fractions in [0, 1] in every CSV (columns named *_acc*) and percent in the "
@@ -78,6 +80,22 @@ def interpolation_text(result) -> str:
         out += [f"  {w:<10} iid {_pct(lin[w]['iid'])}  ood {_pct(lin[w]['ood'])}" for w in ("f(θf)", "f_lin(θf)", "f(θ0)")]
         out.append(f"  relative gap ‖f(θf) − f_lin(θf)‖ / ‖f(θf) − f(θ0)‖ = {lin['gap']:.4f}\n")
     out.append(f"records: {result.records} ({result.records_written} new)")
+    if result.plot:
+        out.append(f"plot: {result.plot}")
+    return "\n".join(out)
+
+
+def checkpoint_interpolation_text(result) -> str:
+    """A :class:`~linft.analysis.checkpoint_interpolation.CheckpointInterpolation` as text (Figure 1's numbers)."""
+    keys = [k for k in ("weights", "representation", "linearized") if k in result.curves]
+    ood = ", ".join(result.ood_sets) or "none"
+    out = [f"{result.backbone}: {result.pretrained} ({result.pretrained_head} head) → {result.finetuned}; "
+           f"i.i.d. = {result.iid_set}, o.o.d. = mean of {ood}; accuracy (%) per α (share of the fine-tuned model)\n",
+           _curves_table(result, keys, "interpolation paths")]
+    if result.linearity_gap:
+        gaps = ", ".join(f"{n} {g:.4f}" for n, g in result.linearity_gap.items())
+        out.append(f"relative gap ‖f(θf) − f_lin(θf)‖ / ‖f(θf) − f(θ0)‖: {gaps}\n")
+    out.append(f"summary: {result.summary}")
     if result.plot:
         out.append(f"plot: {result.plot}")
     return "\n".join(out)
@@ -174,8 +192,14 @@ def _figures(results, curves, points, out: Path, selection: str, se: str) -> dic
     return paths
 
 
+#: Every file a report may hold; a folder holding one of them holds a report (refused without ``force``).
+REPORT_FILES = ("summary.md", "table.csv", "runs.csv", "clouds.csv",
+                *(f"{name}.{ext}" for name in ("clouds", "figure9", "dropout", "interpolation") for ext in ("png", "pdf")))
+
+
 def _write_report(results: list[SelectedRun], record_paths, out: Path, selection: str, se: str,
                   notes: list[str] = ()) -> dict:
+    """Write every file into ``out`` (a staging folder); return their paths."""
     curves = [r for r in results if is_interpolation(r)]
     results = [r for r in results if not is_interpolation(r)]
     table, points = domainbed_table(results, selection, se), figure2_points(results)
@@ -191,20 +215,50 @@ def _write_report(results: list[SelectedRun], record_paths, out: Path, selection
     return paths
 
 
+def existing_report(out_dir) -> list[str]:
+    """The report files already in ``out_dir`` (none when it does not exist)."""
+    out_dir = Path(out_dir)
+    return [name for name in REPORT_FILES if (out_dir / name).exists()]
+
+
 def write_report(record_paths, out_dir, selection: str = "iid", se: str = "sample",
-                 notes: list[str] | None = None) -> dict:
+                 notes: list[str] | None = None, force: bool = False) -> dict:
     """Write the report of the records in ``record_paths`` (files or folders) into ``out_dir``; return the paths.
 
     ``selection``: ``iid`` or ``oracle``; ``se``: the standard-error convention (``sample``: ddof=1, linft's
     default; ``domainbed``: ddof=0, as DomainBed's tables). ``notes``: lines appended to ``summary.md`` under
     "Notes" (the demo states there how its protocol differs from the paper's).
+
+    A folder that already holds a report is refused unless ``force``; then the new report replaces the old one
+    whole (its files are written aside first and moved in once all are written; old report files the new one
+    does not make are removed, other files are left alone).
     """
     check_se(se)
+    out = Path(out_dir)
+    old = existing_report(out)
+    if old and not force:
+        raise LinftError(f"{out} already holds a report ({', '.join(old[:3])}); pass --force to replace it or "
+                         f"choose another --out")
     records = read_records(record_paths)
     if not records:
         raise LinftError(f"the run records in {', '.join(map(str, record_paths))} are empty; train something first")
     results = run_results(records, selection)
-    try:
-        return _write_report(results, record_paths, Path(out_dir), selection, se, notes or [])
-    except OSError as exc:
-        raise LinftError(f"cannot write the report to {out_dir} ({exc.strerror or exc}); choose another --out") from None
+    writable_folder(out)
+    with output_lock(out, folder=True):
+        staging = out / f".report{PARTIAL_SUFFIX}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            staged = _write_report(results, record_paths, staging, selection, se, notes or [])
+            for name in old:
+                if name not in {p.name for p in staged.values()}:
+                    (out / name).unlink()
+            paths = {}
+            for key, path in staged.items():
+                os.replace(path, out / path.name)
+                paths[key] = out / path.name
+        except OSError as exc:
+            raise LinftError(f"cannot write the report to {out} ({write_failure(exc)}); choose another --out "
+                             f"(the previous report, if any, is unchanged)") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return paths

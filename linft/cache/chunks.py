@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from linft.cache.format import CACHE_FORMAT_VERSION, FeatureCache, cache_attrs, open_h5, read_paths
+from linft.cache.format import FeatureCache, open_cache, open_h5
 from linft.errors import LinftError
 
 GIB = 2**30
@@ -45,34 +45,21 @@ class H5Rows:
         return out
 
 
-def _array_bytes(f, name: str) -> int:
-    return int(np.prod(f[name].shape)) * f[name].dtype.itemsize if name in f else 0
-
-
 def open_cache_within(path: str | os.PathLike, memory_budget: int | None) -> FeatureCache:
-    """A complete cache with ``features``, then ``views``, in memory while they fit ``memory_budget`` bytes (None:
-    no limit), the others as :class:`H5Rows`."""
-    path = Path(path)
-    with open_h5(path) as f:
-        meta = cache_attrs(f, path)
-        if not meta.get("complete"):
-            raise LinftError(f"{path} is an unfinished extraction; re-run the same `linft extract` command to finish it")
-        if meta.get("format_version", 0) > CACHE_FORMAT_VERSION:
-            raise LinftError(f"{path} was written by a newer linft (format {meta['format_version']}); upgrade linft")
-        left = float("inf") if memory_budget is None else memory_budget
-        arrays, streamed = {"features": None, "views": None}, []
-        for name in ("features", "views"):
-            size = _array_bytes(f, name)
-            if name in f and size <= left:
-                arrays[name], left = f[name][...], left - size
-            elif name in f:
-                streamed.append(name)
-        cache = FeatureCache(path=path, features=arrays["features"], labels=f["labels"][...],
-                             domains=f["domains"][...], paths=read_paths(f), valid=f["valid"][...], meta=meta,
-                             views=arrays["views"])
-    for name in streamed:
-        setattr(cache, name, H5Rows(path, name))
-    return cache
+    """A complete cache (:func:`~linft.cache.format.open_cache`, the same checks) with ``features``, then
+    ``views``, in memory while they fit ``memory_budget`` bytes (None: no limit), the others as :class:`H5Rows`."""
+    left = float("inf") if memory_budget is None else memory_budget
+
+    def read(name, dataset):
+        nonlocal left
+        size = int(np.prod(dataset.shape)) * dataset.dtype.itemsize
+        if size <= left:
+            left -= size
+            return dataset[...]
+        left = 0  # the views are not read into memory when the features were not
+        return H5Rows(path, name)
+
+    return open_cache(path, read)
 
 
 def in_memory_bytes(cache: FeatureCache) -> int:

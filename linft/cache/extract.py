@@ -28,14 +28,15 @@ import torchvision
 
 import linft
 from linft.cache.format import (CACHE_FORMAT_VERSION, DTYPES, default_cache_path, existing_cache_attrs,
-                                identity_differences, provenance_sha256, write_attrs)
+                                identity_differences, provenance_sha256, row_digests, write_attrs)
 from linft.data.folders import MultiDomainDataset, load_image_folder
-from linft.data.images import (describe_transform, describe_views_transform, eval_transform, first_bad_image,
-                               image_loader, model_input)
+from linft.data.images import (describe_transform, describe_views_transform, first_bad_image,
+                               image_loader, model_input, worker_died)
 from linft.errors import LinftError
 from linft.models.blocks import PooledBlockFeatures, phi_block_names
 from linft.models.registry import Backbone, load_backbone
-from linft.output import commit_partial, partial_path, progress_bar, writable_folder
+from linft.output import (commit_partial, human_bytes, output_lock, partial_path, progress_bar,
+                          read_only_file_system, writable_folder)
 from linft.runtime import DEFAULT_PRECISION, PRECISIONS, autocast, check_precision, effective_precision, resolve_device
 
 
@@ -97,10 +98,13 @@ class _Extractor:
     dev: torch.device
     precision: str  # what the forward runs in on this device (float32 off CUDA)
     dim: int
+    transform: object  # PIL image -> uint8 (3, S, S): the weights' own, or DomainBed's at --image-size
+    normalize: object  # the normalisation in effect (for the record; the network folds in any but ImageNet's)
+    image_size: int
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = model_input(images, self.dev, channels_last=self.dev.type == "cuda")
+        x = model_input(images, self.dev, channels_last=self.dev.type == "cuda")  # a network folds in any other
         with autocast(self.dev, self.precision):
             return self.module(x)
 
@@ -121,8 +125,9 @@ def _extractor(config: ExtractConfig) -> _Extractor:
     module = PooledBlockFeatures(bb.model, blocks).to(dev).eval()
     if dev.type == "cuda":
         module = module.to(memory_format=torch.channels_last)
-    ext = _Extractor(bb, blocks, module, dev, effective_precision(dev, config.precision), 0)
-    ext.dim = int(ext(torch.zeros(1, 3, config.image_size, config.image_size, dtype=torch.uint8)).shape[-1])
+    transform, normalize, size = bb.input_transform(config.image_size)
+    ext = _Extractor(bb, blocks, module, dev, effective_precision(dev, config.precision), 0, transform, normalize, size)
+    ext.dim = int(ext(torch.zeros(1, 3, size, size, dtype=torch.uint8)).shape[-1])
     return ext
 
 
@@ -132,8 +137,8 @@ def cache_attributes(ds: MultiDomainDataset, config: ExtractConfig, ext: _Extrac
     attrs = {
         "format_version": CACHE_FORMAT_VERSION, "backbone": ext.backbone.name, "weights": ext.backbone.weights,
         "weights_label": ext.backbone.weights_label, "weights_sha256": ext.backbone.weights_sha256,
-        "blocks": ext.blocks, "feature_dim": ext.dim, "image_size": int(config.image_size),
-        "transform": describe_transform(eval_transform(config.image_size)), "dtype": config.dtype,
+        "blocks": ext.blocks, "feature_dim": ext.dim, "image_size": ext.image_size,
+        "transform": describe_transform(ext.transform, ext.normalize), "dtype": config.dtype,
         "compute": compute_text(ext.precision), "dataset_name": ds.name or ds.root.name,
         "dataset_root": str(ds.root.resolve()), "domain_names": list(ds.domains), "class_names": list(ds.classes),
         "per_domain": {d: {"count": n, "classes": classes[d]} for d, n in ds.counts.items()},
@@ -142,7 +147,7 @@ def cache_attributes(ds: MultiDomainDataset, config: ExtractConfig, ext: _Extrac
         "h5py_version": h5py.__version__,
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "views": int(config.views),
-        "views_transform": describe_views_transform(config.image_size) if config.views else "",
+        "views_transform": describe_views_transform(ext.image_size, ext.normalize) if config.views else "",
         "views_seed": int(config.views_seed),
     }
     attrs["provenance_sha256"] = provenance_sha256(attrs)
@@ -162,26 +167,30 @@ def _up_to_date(out: Path, attrs: dict, force: bool) -> dict | None:
     if not out.exists():
         return None
     existing = existing_cache_attrs(out)
+    if force:  # always re-extract: images may have changed in place (same names, same provenance)
+        return None
     if existing is not None and existing.get("complete") and existing["provenance_sha256"] == attrs["provenance_sha256"]:
         return existing
-    if not force:
-        if existing is None:
-            raise LinftError(f"{out} exists and is not a linft feature cache; choose another --out "
-                             f"(or --force to replace it)")
-        diff = ", ".join(identity_differences(existing, attrs)) or "completion"
-        raise LinftError(f"{out} holds a feature cache with different provenance ({diff})"
-                         f"{_precision_hint(existing, attrs)}; pass --force to replace it or choose another --out")
-    return None
+    if existing is None:
+        raise LinftError(f"{out} exists and is not a linft feature cache; choose another --out "
+                         f"(or --force to replace it)")
+    diff = ", ".join(identity_differences(existing, attrs)) or "completion"
+    raise LinftError(f"{out} holds a feature cache with different provenance ({diff})"
+                     f"{_precision_hint(existing, attrs)}; pass --force to replace it or choose another --out")
 
 
 def _resume_point(partial: Path, attrs: dict, force: bool) -> int:
-    """Rows already extracted in an interrupted file of the same provenance (0: start over, the file removed)."""
+    """Rows already extracted in an interrupted file of the same provenance (0: start over, the file removed).
+
+    Only rows whose stored digest matches their content count (:func:`proven_rows`): after a failed write (a full
+    disk) the file may claim rows that never reached the disk. ``force`` always starts over.
+    """
     if not partial.exists():
         return 0
-    previous = existing_cache_attrs(partial)
+    previous = None if force else existing_cache_attrs(partial)
     num_done = 0
     if previous is not None and previous["provenance_sha256"] == attrs["provenance_sha256"]:
-        num_done = int(previous.get("num_done", 0))
+        num_done = proven_rows(partial, int(previous.get("num_done", 0)))
         attrs["created"] = previous.get("created", attrs["created"])
     elif previous is None and not force:
         warnings.warn(f"discarding unreadable partial file {partial} (interrupted mid-write); starting over",
@@ -196,12 +205,33 @@ def _resume_point(partial: Path, attrs: dict, force: bool) -> int:
     return num_done
 
 
+def proven_rows(partial: Path, claimed: int, chunk: int = 4096) -> int:
+    """How many leading rows of an interrupted extraction are proven written: their digests match their content.
+
+    A file without digests (an older linft) proves nothing. Reading back costs one pass over the rows done.
+    """
+    try:
+        with h5py.File(partial, "r") as f:
+            if "digests" not in f:
+                return 0
+            views = f["views"] if "views" in f else None
+            for a in range(0, claimed, chunk):
+                b = min(claimed, a + chunk)
+                got = row_digests(f["features"][a:b], views[a:b] if views is not None else None, f["valid"][a:b])
+                bad = np.flatnonzero(got != f["digests"][a:b])
+                if len(bad):
+                    return a + int(bad[0])
+    except (OSError, RuntimeError, KeyError):
+        return 0
+    return claimed
+
+
 def _check_location(out: Path, needed_bytes: int) -> None:
     writable_folder(out.parent)
     free = shutil.disk_usage(out.parent).free
     if free < needed_bytes + (16 << 20):
-        raise LinftError(f"not enough disk space in {out.parent}: the cache needs about {needed_bytes / 2**30:.2f} "
-                         f"GiB, {free / 2**30:.2f} GiB free; free some space or choose another --out")
+        raise LinftError(f"not enough disk space in {out.parent}: the cache needs about {human_bytes(needed_bytes)} "
+                         f"plus 16 MiB of headroom, {human_bytes(free)} free; free some space or choose another --out")
 
 
 def _open_partial(partial: Path, ds: MultiDomainDataset, attrs: dict, num_done: int) -> h5py.File:
@@ -216,6 +246,7 @@ def _open_partial(partial: Path, ds: MultiDomainDataset, attrs: dict, num_done: 
     f.create_dataset("domains", data=ds.domain_ids.astype(np.int64))
     f.create_dataset("paths", data=ds.paths, dtype=h5py.string_dtype("utf-8"))
     f.create_dataset("valid", shape=(n,), dtype=bool, fillvalue=False)
+    f.create_dataset("digests", shape=(n,), dtype=np.uint64, fillvalue=0)
     if views:
         f.create_dataset("views", shape=(n, views, k, dim), dtype=dtype, chunks=(max(1, rows // views), views, k, dim))
     write_attrs(f, attrs)
@@ -253,6 +284,14 @@ def extract_features(dataset: MultiDomainDataset | str | os.PathLike, out: str |
     ext = _extractor(config)
     attrs = cache_attributes(ds, config, ext)
     out = (Path(out) if out is not None else default_cache_path(ds, config.backbone, ext.backbone.weights)).expanduser()
+    writable_folder(out.parent)
+    with output_lock(out):
+        return _extract_locked(ds, out, config, ext, attrs, force, progress, on_checkpoint, tick)
+
+
+def _extract_locked(ds: MultiDomainDataset, out: Path, config: ExtractConfig, ext: _Extractor, attrs: dict,
+                    force: bool, progress: bool, on_checkpoint, tick: float) -> ExtractResult:
+    """:func:`extract_features` once the target is known and locked by this process."""
     existing = _up_to_date(out, attrs, force)
     if existing is not None:
         return ExtractResult(out, "up-to-date", len(ds), 0, time.perf_counter() - tick,
@@ -265,8 +304,8 @@ def extract_features(dataset: MultiDomainDataset | str | os.PathLike, out: str |
     try:
         f = _open_partial(partial, ds, attrs, num_done)
     except (OSError, RuntimeError) as exc:  # h5py reports some write failures as RuntimeError
-        raise LinftError(f"cannot write {partial} ({_first_line(exc)}); check the location or choose another "
-                         f"--out") from None
+        why = "read-only file system" if read_only_file_system(partial.parent) else _first_line(exc)
+        raise LinftError(f"cannot write {partial} ({why}); check the location or choose another --out") from None
     try:
         extracted = _run_extraction(f, ds, ext, config, num_done, progress, on_checkpoint)
         skipped = [ds.paths[i] for i in np.flatnonzero(~f["valid"][...])]
@@ -275,8 +314,12 @@ def extract_features(dataset: MultiDomainDataset | str | os.PathLike, out: str |
         f.attrs["complete"] = True
         f.flush()
     except (OSError, RuntimeError) as exc:  # a full disk or file-size limit surfaces as either
+        died = worker_died(exc)  # a worker's death can surface anywhere in the loop (torch's SIGCHLD handler)
+        if died is not None:
+            raise died from None
         raise LinftError(f"writing {partial} failed ({_first_line(exc)}); free space or fix the location, "
-                         f"then re-run the same command to resume", exit_at_once=True) from None
+                         f"then re-run the same command to resume (rows not proven written are redone)",
+                         exit_at_once=True) from None
     finally:
         try:
             f.close()
@@ -292,7 +335,7 @@ class _BatchWriter:
 
     def __init__(self, f: h5py.File, num_examples: int, on_checkpoint):
         self.f, self.n, self.on_checkpoint = f, num_examples, on_checkpoint
-        self.features, self.valid = f["features"], f["valid"]
+        self.features, self.valid, self.digests = f["features"], f["valid"], f["digests"]
         self.views = f["views"] if "views" in f else None
         self.pending = None
 
@@ -304,10 +347,13 @@ class _BatchWriter:
         if event is not None:
             event.synchronize()
         host = host.numpy().astype(self.features.dtype, copy=False)
+        views = host[:, 1:] if self.views is not None else None
         self.features[a:b] = host[:, 0]
-        if self.views is not None:
-            self.views[a:b] = host[:, 1:]
+        if views is not None:
+            self.views[a:b] = views
         self.valid[a:b] = ok
+        self.digests[a:b] = row_digests(host[:, 0], views, ok)
+        self.f.flush()  # the rows first, then the progress that claims them
         self.f.attrs["num_done"] = b
         self.f.flush()
         if self.on_checkpoint is not None:
@@ -320,9 +366,9 @@ def _run_extraction(f, ds: MultiDomainDataset, ext: _Extractor, config: ExtractC
     n = len(ds)
     if num_done >= n:
         return 0
-    loader = image_loader(ds, config.image_size, range(num_done, n), batch_size=config.batch_size,
+    loader = image_loader(ds, ext.image_size, range(num_done, n), batch_size=config.batch_size,
                           workers=config.workers, views=config.views, views_seed=config.views_seed,
-                          pin_memory=ext.dev.type == "cuda")
+                          pin_memory=ext.dev.type == "cuda", transform=ext.transform)
     write = _BatchWriter(f, n, on_checkpoint)
     done = num_done
     with progress_bar(n, "extracting", unit="img", enabled=progress, initial=num_done) as update, \

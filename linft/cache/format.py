@@ -7,13 +7,18 @@ One HDF5 file per (backbone, weights, dataset, transform), readable with ``h5ls`
   (DomainBed's training augmentation, ``extract --views V``), ``labels`` (N,) int64,
   ``domains`` (N,) int64, ``paths`` (N,) utf-8 (``domain/class/file``),
   ``valid`` (N,) bool (False for images skipped with ``skip_bad_images``;
-  their features are zero);
+  their features are zero), ``digests`` (N,) uint64 (a digest of each row's stored bytes, by which a
+  resumed extraction proves which rows reached the disk; absent from caches of earlier releases);
 * attributes: scalars as they are, lists and dicts as JSON text (see
   :data:`JSON_ATTRS`); ``complete`` says whether the file may be used and
   ``provenance_sha256`` identifies its content (records of later stages carry it).
 
 :func:`open_cache` reads a complete file into memory and refuses others;
 :func:`cache_info` reads the attributes of any linft cache, complete or not.
+Both, and :mod:`linft.cache.verify`, check the file's structure with the same
+functions (:func:`attribute_problems`, :func:`dataset_problems`,
+:func:`content_problems`): a file that is HDF5 but was edited or is not
+linft's is one :class:`~linft.errors.LinftError`, never a ``KeyError``.
 Writing is :mod:`linft.cache.extract`; checking is :mod:`linft.cache.verify`.
 """
 
@@ -46,13 +51,17 @@ IDENTITY_ATTRS = (
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
+#: Attributes every cache holds: the identity, its hash, and what the readers and :func:`describe_cache` use.
+REQUIRED_ATTRS = (*IDENTITY_ATTRS, "provenance_sha256", "feature_dim", "per_domain", "complete", "weights",
+                  "weights_label", "dataset_name", "dataset_root", "linft_version", "torch_version",
+                  "torchvision_version", "device", "created")
 
 
 def default_cache_path(dataset: MultiDomainDataset, backbone: str, weights: str, folder="features_cache") -> Path:
     """``features_cache/<dataset>_<backbone>_<weights>.h5`` (weights file names lose their suffix)."""
     w = Path(str(weights)).stem if os.sep in str(weights) or str(weights).endswith((".pt", ".pth")) else str(weights)
     name = (dataset.name or dataset.root.name).replace(" ", "_")
-    return Path(folder) / f"{name}_{backbone}_{w}.h5"
+    return Path(folder) / f"{name}_{backbone.replace(':', '-')}_{w}.h5"  # clip:ViT-B-32 -> clip-ViT-B-32
 
 
 def provenance_sha256(attrs: dict) -> str:
@@ -76,7 +85,10 @@ def read_attrs(f: h5py.File) -> dict:
         elif isinstance(v, np.generic):
             v = v.item()
         if k in JSON_ATTRS and isinstance(v, str):
-            v = json.loads(v)
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError:
+                pass  # left as text: attribute_problems names it
         out[k] = v
     return out
 
@@ -103,12 +115,25 @@ def existing_cache_attrs(path: Path) -> dict | None:
     try:
         with h5py.File(path, "r") as f:
             attrs = read_attrs(f)
+            damaged = "provenance_sha256" not in attrs or bool(cache_problems(f, attrs)[0])
     except OSError as exc:
         if exc.errno == errno.EAGAIN or "unable to lock file" in str(exc).lower():
             raise LinftError(f"{path} is open for writing in another process; wait for it to finish") from None
         return None  # truncated or foreign: not a usable cache
-    return attrs if "provenance_sha256" in attrs else None
+    return None if damaged else attrs  # foreign, or edited (:func:`cache_problems`): not a usable cache
 
+
+
+def row_digests(features: np.ndarray, views: np.ndarray | None, valid: np.ndarray) -> np.ndarray:
+    """One 64-bit digest per row of its stored bytes (features, views, valid flag); never 0 (the fill value)."""
+    out = np.empty(len(features), dtype=np.uint64)
+    for i in range(len(features)):
+        h = hashlib.blake2b(np.ascontiguousarray(features[i]).tobytes(), digest_size=8)
+        if views is not None:
+            h.update(np.ascontiguousarray(views[i]).tobytes())
+        h.update(b"\x01" if valid[i] else b"\x00")
+        out[i] = int.from_bytes(h.digest(), "little") | (1 << 63)
+    return out
 
 
 @dataclass
@@ -139,6 +164,10 @@ class FeatureCache:
     @property
     def provenance_sha256(self) -> str:
         return self.meta["provenance_sha256"]
+
+    def usable_counts(self) -> list[int]:
+        """The number of usable images (``valid`` rows) of each domain, in ``domain_names`` order."""
+        return np.bincount(self.domains[self.valid], minlength=len(self.domain_names)).tolist()
 
     def domain_indices(self, domain: int | str) -> np.ndarray:
         """Global row indices of one domain, in its own order (what :func:`linft.data.splits.split_indices` indexes)."""
@@ -177,6 +206,103 @@ def cache_attrs(f: h5py.File, path: Path) -> dict:
     return meta
 
 
+def _is_count(v, least: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _names_problem(meta: dict, key: str) -> str | None:
+    names = meta[key]
+    if isinstance(names, list) and names and all(isinstance(n, str) for n in names) and len(set(names)) == len(names):
+        return None
+    return f"has a {key} attribute that is not a JSON list of distinct names ({str(names)[:40]})"
+
+
+def attribute_problems(meta: dict, provenance: bool = True) -> list[str]:
+    """What is wrong with a cache's attributes: missing ones, ones of the wrong type, and (with ``provenance``) a
+    ``provenance_sha256`` that is not their hash (attributes edited after extraction). Each problem reads after
+    "the cache ..."."""
+    missing = [k for k in REQUIRED_ATTRS if k not in meta]
+    if missing:
+        more = f" (and {len(missing) - 4} more)" if len(missing) > 4 else ""
+        return [f"lacks the attribute{'s' if len(missing) > 1 else ''} {', '.join(missing[:4])}{more}"]
+    problems = [p for p in (_names_problem(meta, k) for k in ("domain_names", "class_names", "blocks")) if p]
+    problems += [f"has {k} {meta[k]!r}, not a whole number >= {least}"
+                 for k, least in (("num_examples", 0), ("feature_dim", 1)) if not _is_count(meta[k], least)]
+    per_domain = meta["per_domain"]
+    if not problems and not (isinstance(per_domain, dict) and all(
+            isinstance(per_domain.get(d), dict) and _is_count(per_domain[d].get("count")) for d in meta["domain_names"])):
+        problems.append("has a per_domain attribute without the count of every domain")
+    if meta.get("views") and not (_is_count(meta["views"], 1) and "views_transform" in meta and "views_seed" in meta):
+        problems.append(f"has views {meta['views']!r} without views_transform and views_seed")
+    if provenance and not problems and _hash_or_none(meta) != meta["provenance_sha256"]:
+        problems.append("has attributes edited after extraction (provenance_sha256 is not their hash)")
+    return problems
+
+
+def _hash_or_none(meta: dict) -> str | None:
+    try:
+        return provenance_sha256(meta)
+    except TypeError:  # an identity attribute edited into an array, which JSON cannot hold
+        return None
+
+
+def expected_datasets(meta: dict) -> dict[str, tuple]:
+    """Each dataset of a cache with attributes ``meta`` (free of :func:`attribute_problems`) and its shape."""
+    n, row = meta["num_examples"], (len(meta["blocks"]), meta["feature_dim"])
+    shapes = {"features": (n, *row), "labels": (n,), "domains": (n,), "paths": (n,), "valid": (n,)}
+    if meta.get("views"):
+        shapes["views"] = (n, meta["views"], *row)
+    return shapes
+
+
+def _kind_ok(name: str, ds: h5py.Dataset) -> bool:
+    if name in ("features", "views"):
+        return ds.dtype.kind == "f"
+    if name in ("labels", "domains"):
+        return ds.dtype.kind in "iu"
+    return ds.dtype == np.bool_ if name == "valid" else h5py.check_string_dtype(ds.dtype) is not None
+
+
+def dataset_problems(f: h5py.File, meta: dict) -> list[str]:
+    """Missing datasets, and datasets of the wrong shape or type, against the attributes ``meta`` (free of
+    :func:`attribute_problems`)."""
+    shapes = expected_datasets(meta)
+    missing = [k for k in shapes if not isinstance(f.get(k), h5py.Dataset)]
+    if missing:
+        return [f"lacks the dataset{'s' if len(missing) > 1 else ''} {', '.join(missing)}"]
+    return [f"has a {k} dataset of shape {f[k].shape} and type {f[k].dtype} (expected shape {want})"
+            for k, want in shapes.items() if f[k].shape != want or not _kind_ok(k, f[k])]
+
+
+def content_problems(labels: np.ndarray, domains: np.ndarray, meta: dict) -> list[str]:
+    """Class and domain ids outside the ``class_names`` and ``domain_names`` lists."""
+    problems = []
+    for name, ids, names in (("labels", labels, meta["class_names"]), ("domains", domains, meta["domain_names"])):
+        bad = np.flatnonzero((ids < 0) | (ids >= len(names)))
+        if bad.size:
+            problems.append(f"has {bad.size} {name} outside 0..{len(names) - 1} ({int(ids[bad[0]])} in row {bad[0]})")
+    return problems
+
+
+def cache_problems(f: h5py.File, meta: dict) -> tuple[list[str], np.ndarray | None, np.ndarray | None]:
+    """THE structural check of an open cache: the problems of its attributes, else of its datasets, else of its ids;
+    with the labels and domains it read (None when it could not)."""
+    problems = attribute_problems(meta) or dataset_problems(f, meta)
+    if problems:
+        return problems, None, None
+    labels, domains = f["labels"][...], f["domains"][...]
+    return content_problems(labels, domains, meta), labels, domains
+
+
+def check_cache(f: h5py.File, meta: dict, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Refuse, in one line, a cache whose attributes, datasets or ids are unusable; returns its labels and domains."""
+    problems, labels, domains = cache_problems(f, meta)
+    if problems:
+        raise LinftError(f"{path} is not a usable linft feature cache: it {'; it '.join(problems)}; re-create it "
+                         f"with `linft extract` (`linft cache verify {path}` lists every check)")
+    return labels, domains
+
+
 def read_paths(f: h5py.File) -> list[str]:
     """The ``paths`` dataset as ``str``."""
     return [p.decode() if isinstance(p, bytes) else p for p in f["paths"][...]]
@@ -187,33 +313,40 @@ def cache_info(path: str | os.PathLike) -> dict:
     path = Path(path)
     with open_h5(path) as f:
         info = cache_attrs(f, path)
+        check_cache(f, info, path)
         info["datasets"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in f.items()}
     info["path"] = str(path)
     info["file_bytes"] = path.stat().st_size
     return info
 
 
-def open_cache(path: str | os.PathLike) -> FeatureCache:
-    """Read a complete cache into memory (one read per dataset); refuses incomplete files."""
+def open_cache(path: str | os.PathLike, read_array=None) -> FeatureCache:
+    """Read a complete cache into memory (one read per dataset); refuses incomplete files.
+
+    ``read_array(name, dataset)`` reads ``features`` and ``views`` (default: into memory;
+    :func:`linft.cache.chunks.open_cache_within` leaves those that do not fit a budget in the file).
+    """
+    read = read_array or (lambda name, dataset: dataset[...])
     path = Path(path)
     with open_h5(path) as f:
         meta = cache_attrs(f, path)
+        if _is_count(meta.get("format_version")) and meta["format_version"] > CACHE_FORMAT_VERSION:
+            raise LinftError(f"{path} was written by a newer linft (format {meta['format_version']}); upgrade linft")
+        labels, domains = check_cache(f, meta, path)
         if not meta.get("complete"):
             raise LinftError(
-                f"{path} is an unfinished extraction ({meta.get('num_done', 0)} of {meta.get('num_examples')} images); "
+                f"{path} is an unfinished extraction ({meta.get('num_done', 0)} of {meta['num_examples']} images); "
                 f"re-run the same `linft extract` command to finish it"
             )
-        if meta.get("format_version", 0) > CACHE_FORMAT_VERSION:
-            raise LinftError(f"{path} was written by a newer linft (format {meta['format_version']}); upgrade linft")
         return FeatureCache(
             path=path,
-            features=f["features"][...],
-            labels=f["labels"][...],
-            domains=f["domains"][...],
+            features=read("features", f["features"]),
+            labels=labels,
+            domains=domains,
             paths=read_paths(f),
             valid=f["valid"][...],
             meta=meta,
-            views=f["views"][...] if "views" in f else None,
+            views=read("views", f["views"]) if "views" in f else None,
         )
 
 

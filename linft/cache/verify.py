@@ -2,9 +2,12 @@
 
 :func:`verify_cache` runs every check of :data:`CHECKS` (each a small function
 of the open file, its attributes and its paths, returning ``(passed, detail)``) and never
-stops at the first failure: the report lists them all. A file whose content
-cannot be read as a cache at all (a dataset or attribute missing) fails the
-check that needs it, with what is missing as the detail.
+stops at the first failure: the report lists them all. The structural checks
+are those every reader makes (:func:`linft.cache.format.attribute_problems`,
+:func:`~linft.cache.format.dataset_problems`, :func:`~linft.cache.format.content_problems`),
+reported here as failed checks: a file whose content cannot be read as a cache
+(a dataset or attribute missing) fails the check that needs it, with what is
+missing as the detail.
 """
 
 from __future__ import annotations
@@ -16,10 +19,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from linft.cache.format import cache_attrs, open_h5, provenance_sha256, read_paths
+from linft.cache.format import (attribute_problems, cache_attrs, content_problems, dataset_problems, expected_datasets,
+                                open_h5, read_paths, row_digests)
 from linft.data.folders import file_list_sha256, load_image_folder
-
-ROW_DATASETS = ("labels", "domains", "paths", "valid")
 
 
 @dataclass
@@ -50,20 +52,18 @@ def check_complete(f: h5py.File, meta: dict, paths: list[str] | None) -> tuple[b
     return False, f"unfinished: {meta.get('num_done', 0)} of {_num_examples(meta)} images; re-run the extract command"
 
 
+def _problems(problems: list[str], passed: str) -> tuple[bool, str]:
+    return (False, "the cache " + "; it ".join(problems)) if problems else (True, passed)
+
+
 def check_provenance(f: h5py.File, meta: dict, paths: list[str] | None) -> tuple[bool, str]:
-    if provenance_sha256(meta) == meta["provenance_sha256"]:
-        return True, meta["provenance_sha256"][:16]
-    return False, "attributes were edited after extraction"
+    return _problems(attribute_problems(meta), meta["provenance_sha256"][:16])
 
 
 def check_shapes(f: h5py.File, meta: dict, paths: list[str] | None) -> tuple[bool, str]:
-    n = _num_examples(meta)
-    want = (n, len(meta["blocks"]), int(meta["feature_dim"]))
-    got = f["features"].shape
-    ok = got == want and all(f[k].shape == (n,) for k in ROW_DATASETS)
-    if meta.get("views"):
-        ok = ok and "views" in f and f["views"].shape == (n, meta["views"], *want[1:])
-    return ok, f"features {got}, expected {want}"
+    if attribute_problems(meta, provenance=False):
+        return False, "cannot check: attributes are missing or unusable (see provenance)"
+    return _problems(dataset_problems(f, meta), f"features {expected_datasets(meta)['features']}")
 
 
 def check_file_list(f: h5py.File, meta: dict, paths: list[str] | None) -> tuple[bool, str]:
@@ -81,8 +81,10 @@ def check_domain_counts(f: h5py.File, meta: dict, paths: list[str] | None) -> tu
 def check_labels(f: h5py.File, meta: dict, paths: list[str] | None) -> tuple[bool, str]:
     domains, labels, paths = f["domains"][...], f["labels"][...], _required(paths)
     names, classes = meta["domain_names"], meta["class_names"]
-    in_range = all(a.size == 0 or (a.min() >= 0 and a.max() < len(m)) for a, m in ((labels, classes), (domains, names)))
-    ok = in_range and len(paths) == len(domains) == len(labels) and all(
+    out_of_range = content_problems(labels, domains, meta)
+    if out_of_range:
+        return _problems(out_of_range, "")
+    ok = len(paths) == len(domains) == len(labels) and all(
         p.split("/")[0] == names[d] and p.split("/")[1] == classes[y] for p, d, y in zip(paths, domains, labels))
     return bool(ok), "labels and domains agree with paths" if ok else "labels or domains disagree with paths"
 
@@ -98,10 +100,26 @@ def check_finite(f: h5py.File, meta: dict, paths: list[str] | None, chunk_rows: 
     return bad_rows == 0, f"{bad_rows} rows with NaN/inf" if bad_rows else f"{done} rows finite"
 
 
+def check_digests(f: h5py.File, meta: dict, paths: list[str] | None, chunk_rows: int = 4096) -> tuple[bool, str]:
+    """Every written row's content against the digest stored with it (caches of earlier releases have none)."""
+    if "digests" not in f:
+        return True, "no row digests (made by an earlier linft)"
+    done = _num_examples(meta) if meta.get("complete") else int(meta.get("num_done", 0))
+    views = f["views"] if "views" in f else None
+    bad = []
+    for a in range(0, done, chunk_rows):
+        b = min(done, a + chunk_rows)
+        got = row_digests(f["features"][a:b], views[a:b] if views is not None else None, f["valid"][a:b])
+        bad.extend((a + np.flatnonzero(got != f["digests"][a:b])).tolist())
+    if bad:
+        return False, f"{len(bad)} rows differ from their digest (first: row {bad[0]}); re-extract with --force"
+    return True, f"{done} rows match their digests"
+
+
 #: The checks of :func:`verify_cache`, in report order.
 CHECKS = {"complete": check_complete, "provenance": check_provenance, "shapes": check_shapes,
           "file list": check_file_list, "domain counts": check_domain_counts, "labels": check_labels,
-          "finite": check_finite}
+          "finite": check_finite, "digests": check_digests}
 
 
 def check_dataset_folder(meta: dict, paths: list[str], data: str | os.PathLike) -> tuple[bool, str]:

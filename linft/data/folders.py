@@ -4,7 +4,10 @@ A dataset is a folder ``root/<domain>/<class>/<image>``. Domains are the sorted
 sub-folders of ``root``; inside a domain the examples are ordered exactly as
 torchvision's ``ImageFolder`` orders them (classes sorted, then the sorted walk
 of each class folder), because DomainBed's in/out split is defined on that
-order. The class set must be identical across domains.
+order. The class set must be identical across domains. Names must be UTF-8
+(they are stored as text: the cache's paths, the file-list hash); entries
+named like images that are not regular files (a FIFO, a socket) are skipped
+with a warning, since reading one would block.
 
 The DomainBed benchmarks can also be named (``PACS``, ``VLCS``, ``OfficeHome``,
 ``TerraIncognita``, ``DomainNet``) and are then looked up under a data root in
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,16 +62,47 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
+def _utf8_name(folder, name: str, fix: str = "or move it out of the dataset") -> str:
+    """``name`` (an entry of ``folder``), refused in one line when it is not UTF-8: names are stored as UTF-8 text
+    (the cache's paths, the file-list hash), and Python reads other bytes as lone surrogates that cannot be."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = os.fsencode(name)
+        where = str(folder).encode("utf-8", "backslashreplace").decode()
+        raise LinftError(f"the name {raw!r} in {where} is not UTF-8; rename it to UTF-8 "
+                         f"(e.g. `convmv -f latin1 -t utf8 -r --notest FOLDER`) {fix}") from None
+    return name
+
+
 def _sorted_subdirs(folder: Path) -> list[str]:
     with os.scandir(folder) as it:
-        return sorted(entry.name for entry in it if entry.is_dir())
+        return sorted(_utf8_name(folder, entry.name) for entry in it if entry.is_dir())
 
 
-def _class_images(class_dir: Path) -> list[str]:
+def _is_special(path: str) -> bool:
+    """Whether ``path`` exists but is not a regular file (a FIFO, socket or device, which a reader may block on).
+    A dangling link is not special: reading it fails by name."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _warn_special(special: list[str]) -> None:
+    """One warning for the entries :func:`_class_images` left out (not regular files)."""
+    if special:
+        warnings.warn(f"skipped {len(special)} entr{'y that is' if len(special) == 1 else 'ies that are'} not a "
+                      f"regular file (a FIFO, socket or device) though named like an image: {', '.join(special[:3])}")
+
+
+def _class_images(class_dir: Path, special: list[str]) -> list[str]:
     """Image files under one class folder, in ``ImageFolder``'s order, relative to it.
 
     Linked folders are followed (as ``ImageFolder`` does), but a link back to a
-    folder already being walked (a loop) is refused, naming the link.
+    folder already being walked (a loop) is refused, naming the link. Entries
+    named like images that are not regular files are left out and added to
+    ``special``; a name that is not UTF-8 is refused.
     """
     found = []
     for dirpath, _dirnames, filenames in sorted(os.walk(class_dir, followlinks=True)):
@@ -76,8 +112,14 @@ def _class_images(class_dir: Path) -> list[str]:
             raise LinftError(f"{dirpath} links back to {real}, a folder it is inside (a loop); remove the link")
         rel = os.path.relpath(dirpath, class_dir)
         for name in sorted(filenames):
-            if _is_image(name):
-                found.append(name if rel == "." else f"{Path(rel).as_posix()}/{name}")
+            if not _is_image(name):
+                continue
+            path = name if rel == "." else f"{Path(rel).as_posix()}/{name}"
+            _utf8_name(class_dir, path)
+            if _is_special(os.path.join(dirpath, name)):
+                special.append(os.path.join(dirpath, name))
+            else:
+                found.append(path)
     return found
 
 
@@ -177,6 +219,9 @@ def load_image_folder(root: str | os.PathLike, name: str | None = None) -> Multi
         )
     if not root.is_dir():
         raise LinftError(f"dataset path {root} is not a folder; pass the folder that holds the domain folders")
+    resolved = root.resolve()
+    for folder in [*reversed(resolved.parents[:-1]), resolved]:  # the cache records where its dataset is, as text
+        _utf8_name(folder.parent, folder.name, "or move the dataset to a folder whose path is UTF-8")
     domains = _sorted_subdirs(root)
     if not domains:
         raise LinftError(f"dataset folder {root} has no domain sub-folders; expected {root}/<domain>/<class>/<image>")
@@ -186,10 +231,11 @@ def load_image_folder(root: str | os.PathLike, name: str | None = None) -> Multi
     paths: list[str] = []
     labels: list[int] = []
     domain_ids: list[int] = []
+    special: list[str] = []
     for di, d in enumerate(domains):
         n_domain = 0
         for ci, c in enumerate(classes):
-            files = _class_images(root / d / c)
+            files = _class_images(root / d / c, special)
             if not files:
                 raise LinftError(
                     f"class '{c}' of domain '{d}' has no images ({', '.join(IMG_EXTENSIONS)}); "
@@ -199,6 +245,7 @@ def load_image_folder(root: str | os.PathLike, name: str | None = None) -> Multi
             labels.extend([ci] * len(files))
             n_domain += len(files)
         domain_ids.extend([di] * n_domain)
+    _warn_special(special)
     return MultiDomainDataset(
         root=root,
         domains=domains,
@@ -238,3 +285,28 @@ def find_dataset(dataset: str | os.PathLike, data_root: str | os.PathLike | None
             f"(found {', '.join(ds.domains)}); check the download"
         )
     return ds
+
+
+
+def load_class_folder(folder: str | os.PathLike, name: str | None = None) -> MultiDomainDataset:
+    """One distribution laid out ``folder/<class>/<image>`` (ImageNet's val, ImageNet-A, ...) as a one-domain
+    dataset: its domain is the folder's name, its classes the sorted class folders, each with images, listed
+    in ``ImageFolder``'s order."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise LinftError(f"evaluation folder {folder} does not exist; pass a folder laid out <set>/<class>/<image>")
+    classes = _sorted_subdirs(folder)
+    if not classes:
+        raise LinftError(f"evaluation folder {folder} has no class sub-folders; expected {folder}/<class>/<image>")
+    paths, labels, special = [], [], []
+    for ci, c in enumerate(classes):
+        files = _class_images(folder / c, special)
+        if not files:
+            raise LinftError(f"class folder {folder / c} has no images ({', '.join(IMG_EXTENSIONS)}); add images "
+                             "or remove it")
+        paths.extend(f"{folder.name}/{c}/{f}" for f in files)
+        labels.extend([ci] * len(files))
+    _warn_special(special)
+    return MultiDomainDataset(root=folder.parent, domains=[folder.name], classes=classes, paths=paths,
+                              labels=np.asarray(labels, dtype=np.int64),
+                              domain_ids=np.zeros(len(paths), dtype=np.int64), name=name or folder.name)

@@ -101,6 +101,9 @@ def _describe_one(t, brief_normalize: bool = False) -> str:
             (t.brightness, 1.0), (t.contrast, 1.0), (t.saturation, 1.0), (t.hue, 0.0))))
     if isinstance(t, transforms.RandomGrayscale):
         return "RandomGrayscale" if t.p == 0.1 else f"RandomGrayscale(p={t.p:g})"
+    if isinstance(t, transforms.CenterCrop):
+        size = t.size[0] if t.size[0] == t.size[1] else tuple(t.size)
+        return f"CenterCrop({size})"
     if isinstance(t, (transforms.PILToTensor, transforms.ToTensor)):
         return "ToTensor"
     if isinstance(t, transforms.Normalize):
@@ -125,9 +128,9 @@ def describe_transform(transform: transforms.Compose, normalize: transforms.Norm
     return ", ".join(_describe_one(t, brief_normalize) for t in steps)
 
 
-def describe_views_transform(image_size: int) -> str:
+def describe_views_transform(image_size: int, normalize: transforms.Normalize = NORMALIZE) -> str:
     """The stored description of the augmented views of a cache (:func:`train_augmentation`, then normalisation)."""
-    return describe_transform(train_augmentation(image_size), brief_normalize=True)
+    return describe_transform(train_augmentation(image_size), normalize, brief_normalize=True)
 
 
 def normalize_uint8(batch: torch.Tensor, normalize: transforms.Normalize = NORMALIZE) -> torch.Tensor:
@@ -187,12 +190,14 @@ class ImageFiles(torch.utils.data.Dataset):
     transform). With ``views`` > 0 every item also carries that many augmented
     views, seeded per row by ``views_seed``. Returns ``(image uint8 (3, S, S),
     views uint8 (V, 3, S, S), i, ok, error)``; ``error`` is "" when ``ok``.
+    ``transform`` replaces the evaluation transform (a backbone's own, giving S x S images).
     """
 
-    def __init__(self, ds: MultiDomainDataset, image_size: int, views: int = 0, views_seed: int = 0):
+    def __init__(self, ds: MultiDomainDataset, image_size: int, views: int = 0, views_seed: int = 0,
+                 transform: transforms.Compose | None = None):
         self.root, self.paths, self.size = ds.root, ds.paths, image_size
         self.views, self.views_seed = views, views_seed
-        self.transform = eval_transform(image_size)
+        self.transform = eval_transform(image_size) if transform is None else transform
 
     def __len__(self):
         return len(self.paths)
@@ -210,20 +215,55 @@ class ImageFiles(torch.utils.data.Dataset):
             return zeros, zeros.expand(self.views, -1, -1, -1).clone(), i, False, f"{type(exc).__name__}: {exc}"
 
 
+def worker_died(exc: BaseException) -> LinftError | None:
+    """The one-line error for a dead decoding worker (torch's RuntimeError, raised by the next batch fetch or at
+    any point by its SIGCHLD handler), or None when ``exc`` is something else."""
+    if not isinstance(exc, RuntimeError) or "DataLoader worker" not in str(exc):
+        return None
+    reason = str(exc).strip().splitlines()[0]
+    return LinftError(f"an image-decoding worker died ({reason}); the machine may be short of memory: re-run the "
+                      f"same command with fewer --workers (0 decodes in the main process); finished work is kept")
+
+
+class WorkerGuard:
+    """A DataLoader whose dead worker (killed by a signal, out of memory) ends the loop with one LinftError."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as exc:
+                error = worker_died(exc)
+                if error is None:
+                    raise
+                raise error from None
+            yield batch
+
+
 def image_loader(ds: MultiDomainDataset, image_size: int, items: Sequence | None = None, *, batch_size: int = 256,
                  batches: Iterator | None = None, workers: int | None = None, views: int = 0, views_seed: int = 0,
-                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader over :class:`ImageFiles`: ``items`` in that order in batches of ``batch_size``, or the
-    batches of a batch sampler ``batches`` (lists of items). It never touches the global RNG."""
+                 pin_memory: bool = False, transform: transforms.Compose | None = None) -> WorkerGuard:
+    """A DataLoader over :class:`ImageFiles` (in a :class:`WorkerGuard`): ``items`` in that order in batches of
+    ``batch_size``, or the batches of a batch sampler ``batches`` (lists of items). It never touches the global
+    RNG."""
     workers = default_workers(workers)
-    files = ImageFiles(ds, image_size, views, views_seed)
+    files = ImageFiles(ds, image_size, views, views_seed, transform)
     common = dict(num_workers=workers, pin_memory=pin_memory, prefetch_factor=4 if workers else None,
                   generator=torch.Generator().manual_seed(0))
     if batches is not None:
-        return torch.utils.data.DataLoader(files, batch_sampler=batches, **common)
+        return WorkerGuard(torch.utils.data.DataLoader(files, batch_sampler=batches, **common))
     items = list(range(len(ds))) if items is None else items
-    return torch.utils.data.DataLoader(torch.utils.data.Subset(files, items), batch_size=batch_size, shuffle=False,
-                                       **common)
+    return WorkerGuard(torch.utils.data.DataLoader(torch.utils.data.Subset(files, items), batch_size=batch_size,
+                                                   shuffle=False, **common))
 
 
 def first_bad_image(ds: MultiDomainDataset, ok: torch.Tensor, rows: torch.Tensor, errors) -> str | None:
@@ -236,10 +276,10 @@ def first_bad_image(ds: MultiDomainDataset, ok: torch.Tensor, rows: torch.Tensor
 
 
 def decoded_batches(ds: MultiDomainDataset, image_size: int, items: Sequence | None = None, batch_size: int = 256,
-                    workers: int | None = None) -> Iterator[torch.Tensor]:
+                    workers: int | None = None, transform: transforms.Compose | None = None) -> Iterator[torch.Tensor]:
     """uint8 (B, 3, S, S) batches of ``items`` (rows, or ``(row, seed)``), in order; a bad image is a LinftError."""
     for images, _views, rows, ok, errors in image_loader(ds, image_size, items, batch_size=batch_size,
-                                                         workers=workers):
+                                                         workers=workers, transform=transform):
         bad = first_bad_image(ds, ok, rows, errors)
         if bad:
             raise LinftError(f"cannot read image {bad}; fix or remove it, then re-run")
@@ -247,13 +287,14 @@ def decoded_batches(ds: MultiDomainDataset, image_size: int, items: Sequence | N
 
 
 def preload_images(ds: MultiDomainDataset, image_size: int, items: Sequence | None = None, workers: int | None = None,
-                   progress: bool = False, label: str = "decoding images") -> torch.Tensor:
+                   progress: bool = False, label: str = "decoding images",
+                   transform: transforms.Compose | None = None) -> torch.Tensor:
     """Every image of ``items`` (default: all rows) decoded once into one uint8 (N, 3, S, S) tensor."""
     items = list(range(len(ds))) if items is None else list(items)
     images = torch.empty(len(items), 3, image_size, image_size, dtype=torch.uint8)
     with progress_bar(len(items), label, unit="img", enabled=progress) as update:
         start = 0
-        for batch in decoded_batches(ds, image_size, items, 256, workers):
+        for batch in decoded_batches(ds, image_size, items, 256, workers, transform):
             images[start:start + len(batch)] = batch
             start += len(batch)
             update(len(batch))
@@ -266,15 +307,16 @@ def fits_in_memory(num_images: int, image_size: int) -> bool:
 
 
 class EvalImages:
-    """Every image of a dataset with the evaluation transform, as uint8 batches in dataset order.
+    """Every image of a dataset with the evaluation transform (or ``transform``), as uint8 batches in dataset order.
 
     Decoded once, at first use, and kept in memory when the whole set fits in
     :data:`PRELOAD_LIMIT_BYTES`; otherwise decoded again at each pass.
     """
 
     def __init__(self, ds: MultiDomainDataset, image_size: int, batch_size: int = 256, workers: int | None = None,
-                 progress: bool = False):
+                 progress: bool = False, transform: transforms.Compose | None = None):
         self.ds, self.size, self.batch_size, self.workers = ds, image_size, batch_size, workers
+        self.transform = transform
         self.progress = progress
         self.preload = fits_in_memory(len(ds), image_size)
         self._images = None
@@ -284,12 +326,12 @@ class EvalImages:
         """All images, uint8 (N, 3, S, S), decoded at first use (None when too large to keep)."""
         if self.preload and self._images is None:
             self._images = preload_images(self.ds, self.size, workers=self.workers, progress=self.progress,
-                                          label="decoding evaluation images")
+                                          label="decoding evaluation images", transform=self.transform)
         return self._images
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if self.images is None:
-            yield from decoded_batches(self.ds, self.size, None, self.batch_size, self.workers)
+            yield from decoded_batches(self.ds, self.size, None, self.batch_size, self.workers, self.transform)
         else:
             for a in range(0, len(self.images), self.batch_size):
                 yield self.images[a:a + self.batch_size]

@@ -23,15 +23,17 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 import linft
 from linft.errors import LinftError
-from linft.output import atomic_write_text
+from linft.output import PARTIAL_SUFFIX, atomic_write_text, partial_path, writable_folder, write_failure
 
 DEMO_CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "crescent")
 DEMO_STYLES = ("photo", "sketch", "cartoon", "painting")
@@ -221,6 +223,10 @@ def write_shapes_dataset(
     """
     if size > 64 or size < 16:
         raise LinftError(f"image size {size} is out of range; use 16 to 64 pixels")
+    if per_class < 1:
+        raise LinftError(f"per_class {per_class} writes no image; use at least 1 image per domain and class")
+    if seed < 0:
+        raise LinftError(f"seed {seed} is negative; use a seed >= 0")
     out = Path(out)
     jobs = [(str(out), seed, si, st, ci, sh, per_class, size, seed_tag)
             for si, st in enumerate(styles) for ci, sh in enumerate(classes)]
@@ -234,10 +240,47 @@ def write_shapes_dataset(
     return out
 
 
-def write_demo_data(out: str | os.PathLike, seed: int = 0, per_class: int = 150, size: int = 64) -> Path:
-    """The demo benchmark: 4 style domains x 7 shape classes, ``per_class`` images each (1,050 per domain)."""
-    return write_shapes_dataset(out, classes=DEMO_CLASSES, styles=DEMO_STYLES, per_class=per_class,
-                                size=size, seed=seed, seed_tag=0)
+def write_new_folder(out: str | os.PathLike, write: Callable[[Path], None], force: bool = False) -> Path:
+    """Make the folder ``out`` with ``write(folder)``: a folder with files in it is refused unless ``force``.
+
+    The files are written into ``<out>.partial`` and the folder takes its name only once complete; with ``force``
+    the old folder is then replaced whole (never merged: no image or domain of the old folder is left). A run
+    that stops half-way leaves ``out`` as it was.
+    """
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise LinftError(f"{out} exists and is not empty; choose a new folder, or pass --force to replace it whole "
+                         f"(then re-extract its caches with `linft extract --force`)")
+    staging = partial_path(out)
+    shutil.rmtree(staging, ignore_errors=True)
+    writable_folder(staging)
+    try:
+        write(staging)
+        if out.exists():
+            old = out.with_name(f"{out.name}.old{PARTIAL_SUFFIX}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except OSError as exc:
+        raise LinftError(f"cannot write {out} ({write_failure(exc)}); free space or choose another folder "
+                         f"(an existing {out.name} is unchanged)") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def write_demo_data(out: str | os.PathLike, seed: int = 0, per_class: int = 150, size: int = 64,
+                    force: bool = False) -> Path:
+    """The demo benchmark: 4 style domains x 7 shape classes, ``per_class`` images each (1,050 per domain).
+
+    ``out`` must be new or empty unless ``force`` (:func:`write_new_folder`).
+    """
+    return write_new_folder(out, lambda folder: write_shapes_dataset(
+        folder, classes=DEMO_CLASSES, styles=DEMO_STYLES, per_class=per_class, size=size, seed=seed, seed_tag=0),
+        force)
 
 
 # --------------------------------------------------------------------------- the pretraining source of demo-resnet
@@ -270,14 +313,6 @@ def write_pretraining_source(out: str | os.PathLike, seed: int = 0, per_class: i
     if per_class < 1:
         raise LinftError(f"--per-class must be at least 1, got {per_class}")
     out = Path(out).expanduser()
-    if out.exists() and any(out.iterdir()):
-        raise LinftError(f"{out} exists and is not empty; choose a new folder for the pretraining source")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LinftError(f"cannot create folder {out} ({exc.strerror}); choose another OUT_DIR") from None
-    write_shapes_dataset(out, classes=SOURCE_SHAPES, styles=SOURCE_STYLES, per_class=per_class, size=size,
-                         seed=seed, seed_tag=SOURCE_SEED_TAG, workers=workers)
     command = f"linft pretrain-source {shlex.quote(os.fspath(out))} --seed {seed} --per-class {per_class}"
     if size != 64:
         command += f" --size {size}"
@@ -286,8 +321,12 @@ def write_pretraining_source(out: str | os.PathLike, seed: int = 0, per_class: i
         "classes": list(SOURCE_SHAPES), "domains": list(SOURCE_STYLES),
         "num_images": per_class * len(SOURCE_SHAPES) * len(SOURCE_STYLES), "linft_version": linft.__version__,
     }
-    atomic_write_text(out / SOURCE_MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    return out
+
+    def write(folder: Path) -> None:
+        write_shapes_dataset(folder, classes=SOURCE_SHAPES, styles=SOURCE_STYLES, per_class=per_class, size=size,
+                             seed=seed, seed_tag=SOURCE_SEED_TAG, workers=workers)
+        atomic_write_text(folder / SOURCE_MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    return write_new_folder(out, write)
 
 
 def source_command(root: Path) -> str | None:

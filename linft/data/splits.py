@@ -60,6 +60,13 @@ def domain_split_rows(domain_ids: np.ndarray, num_domains: int, trial_seed: int,
     return out
 
 
+def split_seed(seed: int, hparams: dict | None = None) -> int:
+    """The trial seed that splits a run's data: its own ``seed`` (DomainBed, linft's default), or the fixed
+    ``split_seed`` of its hyper-parameters (``split_seed: 0`` is the official code's one split for all seeds)."""
+    fixed = (hparams or {}).get("split_seed")
+    return seed if fixed is None else int(fixed)
+
+
 def split_names(domain_names) -> list[str]:
     """``["<domain>_in", "<domain>_out", ...]``: the split names of records, in domain order."""
     return [f"{d}_{part}" for d in domain_names for part in ("in", "out")]

@@ -207,7 +207,7 @@ def _as_meta(state_dict: StateDict) -> dict:
             for k, t in state_dict.items()}
 
 
-def greedy_soup(candidates: Sequence[StateDict], evaluate: Callable[[StateDict], float]
+def greedy_soup(candidates: Sequence[StateDict], evaluate: Callable[[StateDict], float], strict: bool = False
                 ) -> tuple[dict[str, torch.Tensor], list[int], list[float]]:
     """Wortsman et al.'s greedy soup: add each candidate to the uniform average if the score does not drop.
 
@@ -215,7 +215,8 @@ def greedy_soup(candidates: Sequence[StateDict], evaluate: Callable[[StateDict],
     accuracy. The soup starts as the first candidate; each next candidate is
     tried as the uniform average of the chosen ones plus it and kept when
     ``evaluate(average) >= best`` (ties keep the candidate, as the paper's
-    "does not decrease"). Returns the soup's state_dict, the chosen indices
+    "does not decrease"); ``strict=True`` keeps it only when ``> best``, as
+    model-soups' code does. Returns the soup's state_dict, the chosen indices
     and ``scores[i]``, the score of the trial with candidate ``i`` (``scores[0]``
     that of the first candidate alone).
     """
@@ -236,7 +237,7 @@ def greedy_soup(candidates: Sequence[StateDict], evaluate: Callable[[StateDict],
         trial = average_state_dicts([candidates[j] for j in chosen + [i]])
         s = score(trial)
         scores.append(s)
-        if s >= best:
+        if s > best or (s == best and not strict):
             chosen.append(i)
             soup, best = trial, s
     return soup, chosen, scores

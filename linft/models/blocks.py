@@ -9,6 +9,13 @@
 
 A residual block is a module with ``conv1`` and ``downsample`` (torchvision's
 ``BasicBlock`` and ``Bottleneck``, and any block written in their style).
+
+Transformers say their own φ blocks (the φ-block protocol): a network with
+``phi_candidates()`` (its blocks in order), ``default_phi_blocks`` (how many of
+the last ones by default), ``pool_block_output(output) -> (batch, D)`` (a block's
+output pooled the way the model pools its last one) and
+``residual_branch_ends()`` (the modules whose outputs are added to the residual
+stream). :mod:`linft.models.vit` and :mod:`linft.models.clip` implement it.
 """
 
 from __future__ import annotations
@@ -45,6 +52,9 @@ def phi_block_names(model: nn.Module, num_blocks: int | None = None) -> list[str
     For ResNet-50 that is ``layer4.0, layer4.1, layer4.2``; for ResNet-18
     ``layer4.0, layer4.1``. The last name is the block the classifier reads.
     """
+    if hasattr(model, "phi_candidates"):
+        return _last_blocks(model.phi_candidates(), model.default_phi_blocks if num_blocks is None else num_blocks,
+                            "encoder blocks")
     blocks = residual_block_names(model)
     if not blocks:
         raise LinftError(
@@ -57,18 +67,26 @@ def phi_block_names(model: nn.Module, num_blocks: int | None = None) -> list[str
         if _block_stride(modules[n]) > 1:
             start = i
     stage = blocks[start:]
-    if num_blocks is None:
-        return stage
-    if not 1 <= num_blocks <= len(stage):
-        raise LinftError(
-            f"--blocks {num_blocks} is out of range: the last stage of this backbone has {len(stage)} "
-            f"residual blocks ({', '.join(stage)}); pass 1 to {len(stage)}"
-        )
-    return stage[-num_blocks:]
+    return stage if num_blocks is None else _last_blocks(stage, num_blocks, "residual blocks in its last stage")
+
+
+def _last_blocks(blocks: list[str], num_blocks: int, what: str) -> list[str]:
+    if not 1 <= num_blocks <= len(blocks):
+        shown = ", ".join(blocks) if len(blocks) <= 6 else f"{blocks[0]} ... {blocks[-1]}"
+        raise LinftError(f"--blocks {num_blocks} is out of range: this backbone has {len(blocks)} {what} "
+                         f"({shown}); pass 1 to {len(blocks)}")
+    return blocks[-num_blocks:]
+
+
+def _average_pool(output: torch.Tensor) -> torch.Tensor:
+    return F.adaptive_avg_pool2d(output.float(), 1).flatten(1)
 
 
 class PooledBlockFeatures(nn.Module):
-    """``x -> (batch, K, D)``: the average-pooled outputs of K residual blocks, stacked in block order.
+    """``x -> (batch, K, D)``: the pooled outputs of K φ blocks, stacked in block order.
+
+    A ResNet block's output is average-pooled; a transformer's is pooled by its
+    ``pool_block_output`` (final norm, class token, projection: what its head reads).
 
     The model runs its own ``forward`` (its in-place residual additions
     included: a traced copy such as torchvision's ``create_feature_extractor``
@@ -90,12 +108,13 @@ class PooledBlockFeatures(nn.Module):
         if unknown:
             raise LinftError(f"{model.__class__.__name__} has no module named {', '.join(unknown)}; "
                              f"pick blocks from phi_block_names(model)")
+        self._pool = getattr(model, "pool_block_output", None) or _average_pool
         self._pooled: dict[str, torch.Tensor] = {}
         self._handles = [modules[n].register_forward_hook(self._pool_into(n)) for n in self.block_names]
 
     def _pool_into(self, name: str):
         def hook(module, inputs, output):
-            self._pooled[name] = F.adaptive_avg_pool2d(output.float(), 1).flatten(1)
+            self._pooled[name] = self._pool(output).float()
         return hook
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,24 +140,44 @@ def _branch_end(block: nn.Module) -> nn.Module:
     return end
 
 
-def add_stochastic_depth(model: nn.Module, rate: float) -> list:
-    """Residual-block dropout: ``torchvision.ops.StochasticDepth(rate, "row")`` on every residual branch.
+def residual_branch_ends(model: nn.Module) -> list[nn.Module]:
+    """The modules whose outputs are residual branches (added to the stream): a ResNet's last BatchNorm of
+    each block, a transformer's attention and MLP outputs (its ``residual_branch_ends()``)."""
+    if hasattr(model, "residual_branch_ends"):
+        return list(model.residual_branch_ends())
+    modules = dict(model.named_modules())
+    return [_branch_end(modules[name]) for name in residual_block_names(model)]
 
-    Implemented as a forward hook on the last BatchNorm of each branch, so the
-    model's modules and state_dict keys are unchanged and pretrained weights
-    load strictly (the official code's version leaves the network randomly
-    initialised). Active in training mode only. Returns the hook handles.
+
+#: How residual branches are dropped: ``row`` — per example, rescaled by 1/(1 − rate) in training
+#: (``torchvision.ops.StochasticDepth(rate, "row")``, linft's default); ``official`` — the official code's: one
+#: draw for the whole batch, no rescaling in training or evaluation.
+STOCHASTIC_DEPTH_MODES = ("row", "official")
+
+
+def add_stochastic_depth(model: nn.Module, rate: float, mode: str = "row") -> list:
+    """Residual-block dropout on every residual branch, with probability ``rate`` (see :data:`STOCHASTIC_DEPTH_MODES`).
+
+    Implemented as a forward hook on the end of each branch (:func:`residual_branch_ends`: a ResNet's last
+    BatchNorm; a transformer's attention and MLP outputs, each dropped on its own), so the model's modules and
+    state_dict keys are unchanged and pretrained weights load strictly (as the official code's do; its parameter
+    is the survival probability: 0.9 there is ``rate`` 0.1 here). Active in training mode only (the model's mode:
+    frozen BatchNorms stay in eval mode). Draws come from torch's global generator. Returns the hook handles.
     """
     if not 0.0 <= rate < 1.0:
         raise LinftError(f"--stochastic-depth {rate} is outside [0, 1); the paper uses 0.1 to 0.3")
-    modules = dict(model.named_modules())
+    if mode not in STOCHASTIC_DEPTH_MODES:
+        raise LinftError(f"unknown stochastic depth mode '{mode}'; use {' or '.join(STOCHASTIC_DEPTH_MODES)}")
     handles = []
-    for name in residual_block_names(model):
+    for end in residual_branch_ends(model):
         drop = torchvision.ops.StochasticDepth(rate, "row")
-        end = _branch_end(modules[name])
 
-        def hook(module, inputs, output, drop=drop, block=modules[name]):
-            drop.training = block.training  # the block's mode: its BatchNorms stay in eval mode when frozen
+        def hook(module, inputs, output, drop=drop):
+            if mode == "official":  # the whole batch keeps or drops the branch; no rescaling (no host sync)
+                if not model.training:
+                    return output
+                return output * (torch.rand((), device=output.device) >= rate).to(output.dtype)
+            drop.training = model.training
             return drop(output)
         handles.append(end.register_forward_hook(hook))
     return handles

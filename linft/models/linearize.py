@@ -28,6 +28,9 @@ Edge cases:
   training mode (``train()`` is overridden and ``forward`` re-checks it). This
   is the paper's protocol, and a train-mode BatchNorm inside a jvp fails
   anyway (pytorch issue #85533, in-place update of the running statistics).
+- **Attention**: ``nn.MultiheadAttention`` runs its composite path inside the jvp
+  and ``scaled_dot_product_attention`` its math backend inside the jvp (:func:`attention_without_fast_path`):
+  the fused kernels have no forward-mode derivative.
 - At δ = 0 the tangent is exactly zero, so the output equals ``f(x; θ0)``
   bit for bit.
 
@@ -40,11 +43,13 @@ ordinary step.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from linft.errors import LinftError
 from linft.models.checkpoints import check_state_dict
@@ -76,6 +81,20 @@ def _tied_names(module: nn.Module) -> tuple[list[str], dict[str, str]]:
     for name, p in module.named_parameters(remove_duplicate=False):
         alias[name] = canonical.setdefault(id(p), name)
     return list(canonical.values()), alias
+
+
+@contextmanager
+def attention_without_fast_path():
+    """Attention through operations that have a forward-mode derivative: ``nn.MultiheadAttention`` off its fused
+    eval-mode kernel (``_native_multi_head_attention``), ``scaled_dot_product_attention`` on its math backend
+    (the flash and memory-efficient kernels have none). Restored on exit."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 def _is_batchnorm(m: nn.Module) -> bool:
@@ -194,7 +213,8 @@ class LinearizedModel(nn.Module):
             # not guaranteed to survive, so each alias gets the dual tensor itself.
             return functional_call(model, {a: params[index[c]] for a, c in alias.items()}, args, kwargs)
 
-        return jvp(f, primals, tangents)
+        with attention_without_fast_path():
+            return jvp(f, primals, tangents)
 
     def forward(self, *args, **kwargs):
         out, tangent = self.taylor_terms(*args, **kwargs)
@@ -279,7 +299,7 @@ def first_order_terms(model: nn.Module, theta0_state: Mapping[str, torch.Tensor]
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), attention_without_fast_path():
             f0, jvp_out = jvp(f, primals, tangents)
     finally:
         model.train(was_training)

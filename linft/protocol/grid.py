@@ -41,14 +41,21 @@ def check_test_domains(domains: Sequence[str], test_domains: Sequence[str] | Non
 
 
 def check_grid(domains: Sequence[str], *, test_domains=None, seeds: int, lrs, weight_decays, dropouts,
-               probe: bool = False, where: str = "the data") -> list[str]:
+               probe: bool = False, usable: Sequence[int] | None = None, where: str = "the data") -> list[str]:
     """Refuse a grid that cannot run; returns the held-out domains to run.
 
     Needs at least one seed, lr and weight decay, and at least one dropout
     rate unless ``probe``; every lr finite and positive, every weight decay
     finite and >= 0, every dropout rate in [0, 1); no value given twice.
+    ``usable``: the number of usable images of each domain (a cache's valid
+    rows), none of which may be 0: such a domain, held out, has no o.o.d.
+    accuracy, and gives no batch to train on.
     """
     chosen = check_test_domains(domains, test_domains, where)
+    empty = [d for d, n in zip(domains, usable) if n == 0] if usable is not None else []
+    if empty:
+        raise LinftError(f"domain {', '.join(map(repr, empty))} has no usable image in {where} (every one was skipped "
+                         f"as unreadable); replace its unreadable images, then extract again with force")
     for rate in dropouts:
         check_dropout_rate(rate)
     for name, values in (("dropouts", dropouts), ("lrs", lrs), ("weight_decays", weight_decays)):

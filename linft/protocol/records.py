@@ -23,7 +23,9 @@ else it produces is on disk, so a run killed before it is redone or resumed.
 Every command reports it in one wording (:func:`done_summary`).
 
 Files are only ever appended to, one complete line per write, flushed. Records
-of earlier releases are read as they are (:func:`upgrade_record`).
+of earlier releases are read as they are (:func:`upgrade_record`). The reader
+refuses a record that selection and reports could not use (:func:`record_problem`)
+in one line naming its file and line.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from linft.errors import LinftError
+from linft.output import write_failure
 
 RECORDS_FILE = "records.jsonl"
 
@@ -164,13 +167,20 @@ class RecordWriter:
             raise LinftError(f"cannot write run records to {self.path} ({exc.strerror}); choose another --out") from None
 
     def write(self, record: dict) -> None:
-        self._fh.write(json.dumps(record, sort_keys=True) + "\n")
-        self._fh.flush()
+        try:
+            self._fh.write(json.dumps(record, sort_keys=True) + "\n")
+            self._fh.flush()
+        except OSError as exc:  # a full disk: the torn line is dropped when the file is next opened
+            raise LinftError(f"cannot write run records to {self.path} ({write_failure(exc)}); free space, then "
+                             f"re-run the same command: finished runs are kept") from None
         for sink in self.sinks:
             sink.write(record)
 
     def close(self) -> None:
-        self._fh.close()
+        try:
+            self._fh.close()
+        except OSError:  # the buffer was already flushed or its write failed and was reported
+            pass
         for sink in self.sinks:
             sink.close()
 
@@ -196,7 +206,78 @@ def record_files(paths) -> list[Path]:
     return found
 
 
-def _parse_line(path: Path, i: int, line: str, last: bool) -> dict | None:
+#: ``status`` values of a record.
+STATUSES = ("ok", "diverged")
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _split_problem(splits: dict, name: str) -> str | None:
+    if name not in splits:
+        return f"splits lack {name}"
+    pair = splits[name]
+    if not (isinstance(pair, list) and len(pair) == 2 and all(map(_is_count, pair)) and pair[0] <= pair[1]):
+        return f"splits entry {name} is {pair!r}, not [correct, total] with 0 <= correct <= total"
+    return None
+
+
+def _splits_problem(record: dict) -> str | None:
+    """What keeps the i.i.d. and o.o.d. accuracies of a record from being computed (a diverged run has none)."""
+    splits, test = record["splits"], record["test_domain"]
+    if not isinstance(splits, dict):
+        return f"splits is {splits!r}, not an object"
+    if not splits and record.get("status") == "diverged":
+        return None
+    needed = [f"{test}_in", f"{test}_out", *(f"{d}_out" for d in record["train_domains"])]
+    problem = next(filter(None, (_split_problem(splits, k) for k in dict.fromkeys([*needed, *splits]))), None)
+    if problem is None and splits[f"{test}_in"][1] + splits[f"{test}_out"][1] == 0:
+        problem = f"held-out domain {test!r} has no image in its splits (o.o.d. accuracy undefined)"
+    return problem
+
+
+def record_problem(record) -> str | None:
+    """What makes ``record`` unusable by selection, tables and the "skip what is done" rule; None when nothing.
+
+    Needs the :data:`REQUIRED_FIELDS` with names as text, a whole ``seed`` and ``step`` >= 0, distinct training
+    domains (at least one, without the held-out one), ``[correct, total]`` splits of the held-out domain (not all
+    empty) and of every training domain's "out" part (none for a diverged run), and well-typed optional fields.
+    """
+    if not isinstance(record, dict):
+        return "is not a JSON object"
+    missing = [k for k in REQUIRED_FIELDS if k not in record]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    bad_name = next((k for k in ("run_id", "label", "test_domain") if not (isinstance(record[k], str) and record[k])),
+                    None)
+    if bad_name:
+        return f"{bad_name} is {record[bad_name]!r}, not a name"
+    for k in ("seed", "step"):
+        if not _is_count(record[k]):
+            return f"{k} is {record[k]!r}, not a whole number >= 0"
+    train = record["train_domains"]
+    if not (isinstance(train, list) and train and all(isinstance(d, str) for d in train)
+            and len(set(train)) == len(train) and record["test_domain"] not in train):
+        return f"train_domains is {train!r}, not a list of distinct domains without the held-out one"
+    for k, kind, what in (("grid", dict, "an object"), ("hparams", dict, "an object"), ("final", bool, "true or false"),
+                          ("attempt", str, "a text"), ("method", str, "a text")):
+        if k in record and not isinstance(record[k], kind):
+            return f"{k} is {record[k]!r}, not {what}"
+    if record.get("status", "ok") not in STATUSES:
+        return f"status is {record['status']!r}, not one of {', '.join(STATUSES)}"
+    loss = record.get("loss")
+    if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
+        return f"loss is {loss!r}, not a number"
+    return _splits_problem(record)
+
+
+def _parse_line(path: Path, i: int, raw: bytes, last: bool) -> dict | None:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:  # records are ASCII JSON: even a torn line decodes, so this is another kind of file
+        raise LinftError(f"{path} line {i + 1} is not UTF-8 text; it is not a linft record file (pass only the "
+                         f"records.jsonl files of linft or the folders holding them)") from None
     try:
         record = json.loads(line)
     except json.JSONDecodeError:
@@ -206,15 +287,23 @@ def _parse_line(path: Path, i: int, line: str, last: bool) -> dict | None:
     if not isinstance(record, dict) or any(k not in record for k in REQUIRED_FIELDS):
         raise LinftError(f"{path} line {i + 1} is not a linft run record (needs {', '.join(REQUIRED_FIELDS)}); "
                          f"pass only linft record files or folders")
-    return upgrade_record(record)
+    record = upgrade_record(record)
+    problem = record_problem(record)
+    if problem:
+        raise LinftError(f"{path} line {i + 1} is a run record that cannot be used: its {problem}; fix or delete "
+                         f"that line (or move the file away) and run the command again")
+    return record
 
 
 def read_records(paths) -> list[dict]:
-    """All records of the given files or folders, in today's schema. A torn last line (a killed writer) is skipped."""
+    """All records of the given files or folders, in today's schema. A torn last line (a killed writer) is skipped;
+    any other line that is not a usable record (:func:`record_problem`) is one LinftError naming file and line."""
     records = []
     for path in record_files(paths):
-        with open(path, encoding="utf-8") as fh:
-            lines = fh.read().split("\n")
+        try:
+            lines = path.read_bytes().split(b"\n")
+        except OSError as exc:
+            raise LinftError(f"cannot read run records {path} ({exc.strerror}); check its permissions") from None
         for i, line in enumerate(lines):
             if line.strip():
                 record = _parse_line(path, i, line, last=i == len(lines) - 1)

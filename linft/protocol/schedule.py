@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+from linft.errors import LinftError
+
 
 def lr_at(step: int, base_lr, milestones: tuple[int, ...]):
     """Learning rate at ``step``: ``base_lr`` divided by 10 at each milestone reached."""
     return base_lr * 0.1 ** sum(step >= m for m in milestones)
 
 
-def milestone_steps(fractions, steps: int) -> tuple[int, ...]:
-    """Milestones given as fractions of ``steps`` (``(0.5,)``: lr ÷10 at half) as step numbers."""
-    return tuple(int(round(m * steps)) for m in fractions)
+def milestone_steps(milestones, steps: int) -> tuple[int, ...]:
+    """Milestones as step numbers: a value up to 1 is a fraction of ``steps`` (``(0.5,)``: lr ÷10 at half), a
+    larger one a step number (``(5000, 10000)`` with 10,001 steps: the official code's schedule, whose last
+    update runs at lr/100; ``(15000, 25000)``: its DomainNet schedule)."""
+    return tuple(int(round(m * steps)) if m <= 1 else int(m) for m in milestones)
+
+
+def check_milestones(milestones, steps: int) -> None:
+    """One-line errors for milestones that are neither fractions in (0, 1] nor whole steps in (1, steps)."""
+    for m in milestones:
+        if not (0 < m <= 1 or (m > 1 and float(m).is_integer() and m < steps)):
+            raise LinftError(f"--lr-milestones {m:g} is neither a fraction of --steps in (0, 1] nor a step number "
+                             f"below --steps {steps}; e.g. 0.5, or 5000 with --steps 10001")
 
 
 def eval_steps(steps: int, eval_every: int) -> list[int]:

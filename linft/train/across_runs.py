@@ -17,7 +17,7 @@ import torch
 
 from linft.data.folders import MultiDomainDataset
 from linft.data.images import EvalImages
-from linft.data.splits import domain_split_rows
+from linft.data.splits import domain_split_rows, split_seed
 from linft.models.averaging import average_state_dicts, greedy_soup
 from linft.models.heads import build_classifier
 from linft.models.registry import load_backbone
@@ -53,7 +53,8 @@ class _Scorer:
     def __init__(self, dataset: MultiDomainDataset, meta: dict, config: FineTuneConfig, eval_images, dev):
         names = dataset.domains
         self.dataset, self.config, self.eval_images, self.dev = dataset, config, eval_images, dev
-        self.split_rows = domain_split_rows(dataset.domain_ids, len(names), meta["seed"])
+        self.split_rows = domain_split_rows(dataset.domain_ids, len(names),
+                                            split_seed(meta["seed"], meta.get("hparams")))
         self.train_domains = [d for d in names if d != meta["test_domain"]]
         self.net = build_classifier(load_backbone(meta["backbone"], "none").model, len(dataset.classes), 0.0).to(dev)
 

@@ -36,16 +36,17 @@ import torch
 from torch import nn
 
 from linft.data.folders import MultiDomainDataset, find_dataset
-from linft.data.images import EvalImages
-from linft.data.splits import domain_split_rows
+from linft.data.images import EvalImages, worker_died
+from linft.data.splits import domain_split_rows, split_seed
 from linft.errors import LinftError
+from linft.models.blocks import STOCHASTIC_DEPTH_MODES
 from linft.models.checkpoints import load_checkpoint
 from linft.models.heads import load_head
 from linft.protocol.grid import check_grid
 from linft.protocol.records import RecordWriter, RunHeader, existing_records, make_record
 from linft.protocol.schedule import eval_steps, lr_at, milestone_steps
 from linft.protocol.selection import iid_accuracy, ood_accuracy, split_counts
-from linft.output import atomic_write_text, progress_bar
+from linft.output import atomic_write_text, output_lock, progress_bar
 from linft.protocol.sinks import TensorBoardSink
 from linft.runtime import atomic_save, resolve_device
 from linft.train.finetune_model import (FineTuneConfig, FineTuneRun, build_run_model, finetune_label,
@@ -190,9 +191,12 @@ def _header(ds: MultiDomainDataset, run: FineTuneRun, backbone: str, bb, config:
                      grid={"lr": run.lr, "weight_decay": run.weight_decay}, seed=run.seed, run_id=rid, attempt=rid)
 
 
-def _splits(ds: MultiDomainDataset, run: FineTuneRun) -> tuple[dict, list]:
+def run_splits(ds: MultiDomainDataset, run: FineTuneRun,
+               config: FineTuneConfig = FineTuneConfig()) -> tuple[dict, list]:
+    """A run's split rows ``{(domain, "in"|"out"): rows}`` and its training pools (the training domains' "in" rows);
+    a training domain with an empty split is one LinftError."""
     names = ds.domains
-    split_rows = domain_split_rows(ds.domain_ids, len(names), run.seed)
+    split_rows = domain_split_rows(ds.domain_ids, len(names), split_seed(run.seed, config.protocol()))
     train = [d for d in range(len(names)) if names[d] != run.test_domain]
     empty = [names[d] for d in train if len(split_rows[(d, "in")]) == 0 or len(split_rows[(d, "out")]) == 0]
     if empty:
@@ -309,13 +313,28 @@ def train_run(dataset: MultiDomainDataset, out_dir, run: FineTuneRun, *, backbon
                          f"{', '.join(dataset.domains)}")
     dev = resolve_device(device)
     model, bb = build_run_model(backbone, weights, len(dataset.classes), run, dev, config.channels_last)
+    bb.check_image_size(config.image_size)  # fine-tuning runs DomainBed's transforms at --image-size
+    backbone = bb.name  # the architecture as resolved (clip:ViT-B-32 with OpenAI's weights: clip:ViT-B-32-quickgelu)
     identity = run_identity(run, backbone, bb.weights_sha256, dataset.file_list_sha256, config)
     folder = RunFolder.of(out_dir, identity)
     done = folder.final_status()
     if done is not None:
         folder.checkpoint.unlink(missing_ok=True)
         return RunOutcome(folder.root, folder.run_id, "diverged" if done == "diverged" else "done", run=run)
-    split_rows, pools = _splits(dataset, run)  # a run refused here leaves no folder behind
+    split_rows, pools = run_splits(dataset, run, config)  # a run refused here leaves no folder behind
+    with output_lock(folder.root, folder=True):  # one process per run (a second launch, a Slurm resubmission)
+        return _train_locked(dataset, run, config, folder, identity, backbone, bb, model, split_rows, pools,
+                             eval_images, progress, hooks)
+
+
+def _train_locked(dataset: MultiDomainDataset, run: FineTuneRun, config: FineTuneConfig, folder: RunFolder,
+                  identity: dict, backbone: str, bb, model, split_rows, pools, eval_images, progress: bool,
+                  hooks: RunHooks) -> RunOutcome:
+    """:func:`train_run` once its folder is locked by this process."""
+    if folder.final_status() is not None:  # finished by another process while this one loaded the backbone
+        folder.checkpoint.unlink(missing_ok=True)
+        return RunOutcome(folder.root, folder.run_id, "diverged" if folder.final_status() == "diverged" else "done",
+                          run=run)
     atomic_write_text(folder.run_json, json.dumps({"run_id": folder.run_id, **identity}, indent=1) + "\n")
     header = _header(dataset, run, backbone, bb, config, folder.run_id)
     r = _Run(dataset, run, config, folder, header, model, run_optimizer(model, run, config.momentum),
@@ -326,7 +345,13 @@ def train_run(dataset: MultiDomainDataset, out_dir, run: FineTuneRun, *, backbon
     if run.lp_ft and r.start == 0:  # a resumed run has its head in its checkpoint
         load_head(r.model, lp_ft_head(dataset, np.sort(np.concatenate(pools)), r.model, bb.weights_sha256, config,
                                       r.eval_images))
-    trained, diverged = _train(r, progress, hooks)
+    try:
+        trained, diverged = _train(r, progress, hooks)
+    except RuntimeError as exc:  # a dead decoding worker surfaces anywhere in the loop (torch's SIGCHLD handler)
+        died = worker_died(exc)
+        if died is None:
+            raise
+        raise died from None
     if diverged:
         hooks.tell(f"{header.label} / {run.test_domain} / seed {run.seed} / lr {run.lr:g} diverged")
     folder.checkpoint.unlink(missing_ok=True)
@@ -343,7 +368,8 @@ def default_finetune_out(ds: MultiDomainDataset) -> Path:
 
 def sweep_runs(domains: list[str], *, test_domains=None, dropouts=(0.0,), lrs=(1e-3, 5e-4),
                weight_decays=(1e-4, 5e-5, 1e-5), seeds: int = 3, last_layer_lr_mult: float = 1.0,
-               stochastic_depth: float = 0.0, linearized: bool = False, lp_ft: bool = False) -> list[FineTuneRun]:
+               stochastic_depth: float = 0.0, linearized: bool = False, lp_ft: bool = False,
+               stochastic_depth_mode: str = "row") -> list[FineTuneRun]:
     """Every run of a grid: held-out domain × seed × dropout × lr × weight decay (one variant)."""
     if lp_ft and linearized:
         raise LinftError("--lp-ft and --linearized do not combine; run them separately")
@@ -353,8 +379,11 @@ def sweep_runs(domains: list[str], *, test_domains=None, dropouts=(0.0,), lrs=(1
         raise LinftError(f"--last-layer-lr-mult must be positive, got {last_layer_lr_mult}")
     if not 0.0 <= stochastic_depth < 1.0:
         raise LinftError(f"--stochastic-depth {stochastic_depth} is outside [0, 1); the paper uses 0.1 to 0.3")
+    if stochastic_depth_mode not in STOCHASTIC_DEPTH_MODES:
+        raise LinftError(f"unknown --stochastic-depth-mode '{stochastic_depth_mode}'; use "
+                         f"{' or '.join(STOCHASTIC_DEPTH_MODES)}")
     return [FineTuneRun(d, s, float(lr), float(wd), float(p), float(last_layer_lr_mult), float(stochastic_depth),
-                        linearized, lp_ft)
+                        linearized, lp_ft, stochastic_depth_mode)
             for d in chosen for s in range(seeds) for p in dropouts for lr in lrs for wd in weight_decays]
 
 
@@ -384,9 +413,10 @@ def finetune(dataset, out_dir, *, backbone: str = "resnet50", weights="DEFAULT",
     runs = runs if runs is not None else sweep_runs(ds.domains, **grid)
     eval_images = EvalImages(ds, config.image_size, config.eval_batch_size, config.workers, progress)
     result = SweepResult(Path(out_dir), eval_images=eval_images)
-    for i, run in enumerate(runs):
-        hooks.tell(f"run {i + 1}/{len(runs)}: dropout {run.dropout:g}, held out {run.test_domain}, seed {run.seed}, "
-                   f"lr {run.lr:g}, weight decay {run.weight_decay:g}")
-        result.runs.append(train_run(ds, out_dir, run, backbone=backbone, weights=weights, config=config,
-                                     device=device, eval_images=eval_images, progress=progress, hooks=hooks))
+    with output_lock(out_dir, folder=True):  # a second identical command refuses at once
+        for i, run in enumerate(runs):
+            hooks.tell(f"run {i + 1}/{len(runs)}: dropout {run.dropout:g}, held out {run.test_domain}, "
+                       f"seed {run.seed}, lr {run.lr:g}, weight decay {run.weight_decay:g}")
+            result.runs.append(train_run(ds, out_dir, run, backbone=backbone, weights=weights, config=config,
+                                         device=device, eval_images=eval_images, progress=progress, hooks=hooks))
     return result

@@ -34,7 +34,7 @@ from linft.models.heads import build_classifier, head_parameters
 from linft.models.linearize import LinearizedModel
 from linft.models.registry import Backbone, load_backbone
 from linft.protocol.records import METHODS
-from linft.protocol.schedule import lr_at, milestone_steps
+from linft.protocol.schedule import check_milestones, lr_at, milestone_steps
 from linft.runtime import DEFAULT_PRECISION, autocast, check_precision
 from linft.train.ensembles import ENSEMBLE_RULES
 
@@ -56,7 +56,7 @@ class FineTuneConfig:
     batch_size: int = 32  # per training domain
     eval_every: int = 300
     momentum: float = 0.9
-    lr_milestones: tuple[float, ...] = (0.5,)  # fractions of ``steps``
+    lr_milestones: tuple[float, ...] = (0.5,)  # fractions of ``steps``, or step numbers (> 1)
     image_size: int = 224
     freeze_bn: bool = True
     augment: str = "pil"  # AUGMENTATIONS: DomainBed's PIL transform in workers, the batched tensor one, or none
@@ -68,6 +68,7 @@ class FineTuneConfig:
     average_every_step: bool = False  # trajectory weight average over every step (official code) instead of evals
     ensemble_rule: str = "probs"
     lp_ft_cache: str | None = None  # LP-FT runs: the feature cache the probe head is fitted on (None: the backbone's)
+    split_seed: int | None = None  # one data split for every seed (0: the official code's); None: each seed its own
 
     def __post_init__(self):
         if isinstance(self.augment, bool):  # earlier releases: True (DomainBed's PIL augmentation) or False
@@ -80,6 +81,8 @@ class FineTuneConfig:
         """The settings that change a run's result (what its id is made of)."""
         keep = ("steps", "batch_size", "eval_every", "momentum", "lr_milestones", "image_size", "freeze_bn", "augment")
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keep}
+        if self.split_seed is not None:  # only when set, so that earlier run ids stay as they were
+            out["split_seed"] = self.split_seed
         out["augment"] = _AUGMENT_IDENTITY.get(self.augment, self.augment)
         return out
 
@@ -91,8 +94,9 @@ class FineTuneConfig:
             raise LinftError(f"--image-size must be at least 16, got {self.image_size}")
         if self.ensemble_rule not in ENSEMBLE_RULES:
             raise LinftError(f"unknown ensemble rule '{self.ensemble_rule}'; use {' or '.join(ENSEMBLE_RULES)}")
-        if any(not 0.0 < m <= 1.0 for m in self.lr_milestones):
-            raise LinftError(f"--lr-milestones are fractions of --steps in (0, 1], got {list(self.lr_milestones)}")
+        check_milestones(self.lr_milestones, self.steps)
+        if self.split_seed is not None and (isinstance(self.split_seed, bool) or self.split_seed < 0):
+            raise LinftError(f"--split-seed must be 0 or more, got {self.split_seed}")
         if self.augment not in AUGMENTATIONS:
             raise LinftError(f"unknown augmentation '{self.augment}'; use {', '.join(AUGMENTATIONS)}")
         if self.workers is not None and self.workers < 0:
@@ -115,12 +119,16 @@ class FineTuneRun:
     stochastic_depth: float = 0.0
     linearized: bool = False
     lp_ft: bool = False  # LP-FT: the head starts from the linear-probe solution (linft.train.lp_ft)
+    stochastic_depth_mode: str = "row"  # STOCHASTIC_DEPTH_MODES: per example (torchvision) or the official code's
 
     def identity(self) -> dict:
-        """The fields in the run's id; ``lp_ft`` only when set, so runs of earlier releases keep their ids."""
+        """The fields in the run's id; ``lp_ft`` and ``stochastic_depth_mode`` only when not their defaults, so runs
+        of earlier releases keep their ids."""
         fields = asdict(self)
         if not self.lp_ft:
             del fields["lp_ft"]
+        if self.stochastic_depth_mode == "row":
+            del fields["stochastic_depth_mode"]
         return fields
 
 
@@ -143,7 +151,8 @@ def finetune_label(run: FineTuneRun, weights: str, config: FineTuneConfig | None
     if run.last_layer_lr_mult != 1.0:
         parts.append(f"{run.last_layer_lr_mult:g}x head lr")
     if run.stochastic_depth:
-        parts.append(f"stochastic depth {run.stochastic_depth:g}")
+        parts.append(f"stochastic depth {run.stochastic_depth:g}"
+                     + (" (official)" if run.stochastic_depth_mode == "official" else ""))
     if config is not None and not config.freeze_bn:
         parts.append("BN trained")
     if config is not None and config.augment != "pil":
@@ -184,7 +193,7 @@ def build_run_model(backbone: str, weights, num_classes: int, run: FineTuneRun, 
     if run.stochastic_depth:
         if run.linearized:
             raise LinftError("--linearized and --stochastic-depth do not combine; run them separately")
-        add_stochastic_depth(model, run.stochastic_depth)
+        add_stochastic_depth(model, run.stochastic_depth, run.stochastic_depth_mode)
     model = model.to(dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -19,14 +19,14 @@ import torch
 
 from linft.cache.chunks import H5Rows, in_memory_bytes, open_cache_within
 from linft.cache.format import FeatureCache, open_cache
-from linft.data.splits import domain_split_rows, split_names
+from linft.data.splits import domain_split_rows, split_names, split_seed
 from linft.errors import LinftError
 from linft.protocol.grid import check_grid
-from linft.protocol.records import (RECORDS_FILE, RecordWriter, RunHeader, final_records, finished_run_ids,
-                                    make_record, run_id)
+from linft.protocol.records import (RECORDS_FILE, RecordWriter, RunHeader, existing_records, final_records,
+                                    finished_run_ids, make_record, run_id)
 from linft.protocol.selection import iid_accuracy, ood_accuracy
 from linft.protocol.sinks import TensorBoardSink
-from linft.output import progress_bar
+from linft.output import output_lock, progress_bar, writable_folder
 from linft.runtime import resolve_device
 from linft.train.linear_engine import (EvalPoint, GridPoint, Group, LinearData, LinearGridConfig,
                                        train_linear_grid)
@@ -43,6 +43,7 @@ class LinearGrid:
     weight_decays: tuple = (1e-4, 5e-5, 1e-5)
     seeds: int = 3
     test_domains: tuple | None = None  # None or empty: every domain
+    split_seed: int | None = None  # one data split for every seed (0: the official code's); None: each seed its own
 
     def points(self) -> list[GridPoint]:
         """The grid points of one (held-out domain, seed): dropout rates × lr × weight decay, then the probe runs."""
@@ -91,6 +92,8 @@ class _Protocol:
     cache: FeatureCache
     config: LinearGridConfig
     num_views: int
+    split_seed: int | None = None
+    memory_budget: int | None = None  # bytes of cached arrays in memory (linft.cache.chunks); None: no limit
     attempt: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def hparams(self, p: GridPoint) -> dict:
@@ -98,7 +101,8 @@ class _Protocol:
         return {"lr": p.lr, "weight_decay": p.weight_decay, "dropout": p.dropout, "probe": p.probe,
                 "v_init": "last" if p.probe else c.v_init, "batch_size": c.batch_size, "steps": c.steps,
                 "eval_every": c.eval_every, "momentum": c.momentum, "lr_milestones": list(c.milestone_steps()),
-                "train_views": self.num_views}
+                "train_views": self.num_views,
+                **({"split_seed": self.split_seed} if self.split_seed is not None else {})}  # earlier ids kept
 
     def run_id(self, e: int, s: int, p: GridPoint) -> str:
         return run_id(method=linear_method(p.probe), source=self.cache.provenance_sha256,
@@ -132,12 +136,14 @@ def _on_device(array, dev):
     return array if array is None or isinstance(array, H5Rows) else torch.from_numpy(array).to(dev)
 
 
-def _linear_data(cache: FeatureCache, seeds: int, dev: torch.device, memory_budget: int | None = None):
+def _linear_data(cache: FeatureCache, seeds: int, dev: torch.device, fixed_split: int | None = None,
+                 memory_budget: int | None = None):
     """The engine's tensors on ``dev``, and the rows of every (domain, part) split per seed."""
     names = cache.domain_names
     split_rows, rows_by_seed = {}, {}
     for s in range(seeds):
-        rows_by_seed[s] = domain_split_rows(cache.domains, len(names), s, cache.valid)
+        trial = split_seed(s, {"split_seed": fixed_split})
+        rows_by_seed[s] = domain_split_rows(cache.domains, len(names), trial, cache.valid)
         ids = np.full(len(cache.labels), -1, dtype=np.int64)
         for (d, part), rows in rows_by_seed[s].items():
             ids[rows] = 2 * d + (part == "out")
@@ -209,6 +215,22 @@ def _outcome(records_path: Path, grid_runs: dict[str, RunHeader]) -> tuple[int, 
     return len(ended) - len(diverged), divergence_note(diverged, len(grid_runs))
 
 
+def check_one_source(records_path: Path, cache: FeatureCache) -> None:
+    """Refuse a records file that holds linear runs of another feature cache (before anything is trained).
+
+    Runs of two caches in one file cannot be reported together; appending to such a file would leave the folder
+    unusable for ``report`` and for re-runs. This happens after ``extract --force`` re-made the cache (new
+    provenance) while ``--out`` kept the old folder.
+    """
+    others = {r.get("source") for r in existing_records(records_path)
+              if r.get("method") in ("linear-ft", "linear-probe")} - {cache.provenance_sha256}
+    if others:
+        other = sorted(str(o) for o in others)[0]
+        raise LinftError(f"{records_path} holds linear runs of another feature cache (source {other[:12]}, this "
+                         f"cache {cache.provenance_sha256[:12]}: the cache was re-extracted or is another one); "
+                         f"choose another --out, or move that folder away")
+
+
 def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: LinearGridConfig | None = None, *,
                  device="auto", progress: bool = True, say: Callable[[str], None] | None = None,
                  tensorboard_dir=None, memory_budget: int | None = None, **grid_fields) -> LinearProtocolResult:
@@ -238,12 +260,24 @@ def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: Linear
     names = cache.domain_names
     test_names = check_grid(names, test_domains=grid.test_domains, seeds=grid.seeds, lrs=grid.lrs,
                             weight_decays=grid.weight_decays, dropouts=grid.dropouts, probe=grid.probe,
-                            where="the cache")
+                            usable=cache.usable_counts(), where="the cache")
     config.check()
     dev = resolve_device(device)
     sinks = [TensorBoardSink(tensorboard_dir)] if tensorboard_dir is not None else []
-    protocol = _Protocol(cache, config, 0 if cache.views is None else int(cache.views.shape[1]))
-    records_path = Path(out_dir) / RECORDS_FILE
+    if grid.split_seed is not None and (isinstance(grid.split_seed, bool) or grid.split_seed < 0):
+        raise LinftError(f"--split-seed must be 0 or more, got {grid.split_seed}")
+    protocol = _Protocol(cache, config, 0 if cache.views is None else int(cache.views.shape[1]), grid.split_seed,
+                         memory_budget)
+    records_path = writable_folder(out_dir) / RECORDS_FILE
+    with output_lock(out_dir, folder=True):
+        check_one_source(records_path, cache)
+        return _train_grid(cache, out_dir, grid, config, protocol, records_path, test_names, dev, sinks, progress, say)
+
+
+def _train_grid(cache: FeatureCache, out_dir, grid: LinearGrid, config: LinearGridConfig, protocol: _Protocol,
+                records_path: Path, test_names, dev, sinks, progress: bool, say) -> LinearProtocolResult:
+    """:func:`train_linear` once its inputs are checked and its output folder locked."""
+    names = cache.domain_names
     test_idx = [names.index(d) for d in test_names]
     grid_runs = {h.run_id: h for h in (protocol.header(e, s, p) for e in test_idx for s in range(grid.seeds)
                                         for p in grid.points())}
@@ -251,7 +285,7 @@ def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: Linear
     trained, counter = sum(len(k) * len(v) for k, v in buckets.items()), {"diverged": 0}
     if buckets:
         write_plan(out_dir, {rid: plan_entry(asdict(h)) for rid, h in grid_runs.items()})
-        data, rows_by_seed = _linear_data(cache, grid.seeds, dev, memory_budget)
+        data, rows_by_seed = _linear_data(cache, grid.seeds, dev, grid.split_seed, protocol.memory_budget)
         with RecordWriter(records_path, sinks=sinks) as writer, \
                 progress_bar(config.steps * len(buckets), "training", unit="step", enabled=progress) as update:
             for i, (points, pairs) in enumerate(buckets.items()):

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from linft.cache.format import cache_attrs, open_h5, read_paths
+from linft.cache.format import cache_attrs, check_cache, open_h5, read_paths
 from linft.data.folders import MultiDomainDataset
-from linft.data.images import EvalImages, model_input
+from linft.data.images import EvalImages, describe_transform, eval_transform, model_input
 from linft.errors import LinftError
 from linft.models.blocks import PooledBlockFeatures, phi_block_names
 from linft.models.heads import PROBE_L2, PROBE_MAX_ITER, PROBE_TOLERANCE, LinearHead, fit_probe_head
@@ -52,6 +52,7 @@ def _complete_cache_attrs(path: str | os.PathLike) -> dict:
     path = Path(path)
     with open_h5(path) as f:
         meta = cache_attrs(f, path)
+        check_cache(f, meta, path)
     if not meta.get("complete"):
         raise LinftError(f"{path} is an unfinished extraction; finish it with its `linft extract` command before "
                          f"using it for LP-FT")
@@ -77,6 +78,8 @@ def _cached_features(path: str | os.PathLike, ds: MultiDomainDataset, rows: np.n
     meta = _complete_cache_attrs(path)
     checks = [(meta["weights_sha256"] == weights_sha256, "features of other weights than the run's backbone"),
               (int(meta["image_size"]) == image_size, f"{meta['image_size']} px images, the run {image_size} px"),
+              (meta["transform"] == describe_transform(eval_transform(image_size)),  # a transformer weight's own
+               f"images transformed as {meta['transform']}, the run's with DomainBed's transform"),
               (meta["blocks"][-1] == block, f"last block {meta['blocks'][-1]}, the run's classifier reads {block}"),
               (meta["file_list_sha256"] == ds.file_list_sha256, f"another file list than {ds.root}")]
     wrong = [what for ok, what in checks if not ok]

@@ -17,6 +17,7 @@ Launchers:
 
 from __future__ import annotations
 
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -148,10 +149,15 @@ def launch_sweep(dataset: MultiDomainDataset, out_dir, runs: list[FineTuneRun], 
     config.check()
     if options.launcher not in LAUNCHERS:
         raise LinftError(f"unknown launcher '{options.launcher}'; use one of {', '.join(LAUNCHERS)}")
+    if options.launcher == "slurm" and shutil.which("srun") is None:  # what submitit looks for, with a traceback
+        raise LinftError("the slurm launcher needs Slurm, but its srun command is not found on this machine; run "
+                         "from a Slurm login node, or use launcher 'local' (or 'submitit-local') here")
     check_runs(runs, config, options.across_runs)
     hooks = watch_hooks(options.say, options.tensorboard_dir)  # a missing tensorboard package fails here, early
     out_dir = Path(out_dir)
     bb = load_backbone(backbone, weights)
+    bb.check_image_size(config.image_size)
+    backbone = bb.name  # resolved, as train_run records it
     folders = [RunFolder.of(out_dir, run_identity(r, backbone, bb.weights_sha256, dataset.file_list_sha256, config))
                for r in runs]
     labels = [finetune_label(r, bb.weights, config) for r in runs]

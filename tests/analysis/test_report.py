@@ -59,7 +59,7 @@ def test_summary_tables_and_rerun_rewrite_the_same_files(runs, tmp_path):
     assert {(row["label"], row["test_domain"]) for row in short["rows"]} >= {("m", "a"), ("m", "average")}
     first = write_report([runs], tmp_path / "rep")
     texts = {k: p.read_text() for k, p in first.items() if p.suffix in (".md", ".csv")}
-    again = write_report([runs], tmp_path / "rep")  # the same code path twice: the same text files
+    again = write_report([runs], tmp_path / "rep", force=True)  # the same code path twice: the same text files
     assert {k: p.read_text() for k, p in again.items() if p.suffix in (".md", ".csv")} == texts
 
 

@@ -140,3 +140,38 @@ def test_summary_states_ties_and_the_standard_error_and_domainbed_is_an_option(t
     assert float(average["ood_acc_se"]) == pytest.approx(0.1 / (2 * math.sqrt(2)))
     bad = CliRunner().invoke(main, ["report", str(runs), "--out", str(tmp_path / "x"), "--se", "ddof0"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output
+
+
+def test_an_existing_report_is_refused_unless_forced_and_then_replaced_whole(tmp_path):
+    from conftest import assert_one_line_error
+    runs = write(tmp_path / "runs", full_grid_records() + [
+        {**r, "label": "m, dropout 0.9", "run_id": "d" + r["run_id"], "hparams": {"dropout": 0.9}}
+        for r in full_grid_records()])
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    (rep / "summary.md").write_text("my own notes")
+    (rep / "mine.txt").write_text("keep me")
+    result = CliRunner().invoke(main, ["report", str(runs), "--out", str(rep)])
+    assert_one_line_error(result, "already holds a report (summary.md)", "--force")
+    assert (rep / "summary.md").read_text() == "my own notes"
+    assert sorted(p.name for p in rep.iterdir()) == ["mine.txt", "summary.md"]
+    first = write_report([runs], rep, force=True)
+    assert "dropout_png" in first and (rep / "dropout.pdf").exists()
+    # a report of other records replaces the whole report: the dropout figure it does not draw is gone
+    only = write(tmp_path / "only", full_grid_records())
+    second = write_report([only], rep, force=True)
+    assert "dropout_png" not in second and not (rep / "dropout.png").exists() and not (rep / "dropout.pdf").exists()
+    assert (rep / "mine.txt").read_text() == "keep me" and not list(rep.glob(".*"))
+
+
+def test_a_failed_report_leaves_the_previous_one(tmp_path):
+    """A write that fails half-way (here the folder where files are written aside cannot be made) changes nothing."""
+    from linft.errors import LinftError
+    runs = write(tmp_path / "runs", full_grid_records())
+    rep = tmp_path / "rep"
+    before = {p.name: p.read_bytes() for p in write_report([runs], rep).values()}
+    (rep / ".report.partial").write_text("in the way")
+    with pytest.raises(LinftError, match="cannot write the report to .*previous report, if any, is unchanged"):
+        write_report([write(tmp_path / "other", grid_records())], rep, force=True)
+    assert {p.name: p.read_bytes() for p in rep.iterdir() if p.name in before} == before
+    assert sorted(before) == sorted(p.name for p in rep.iterdir() if not p.name.startswith("."))

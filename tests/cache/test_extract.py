@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -306,3 +307,113 @@ def test_a_write_failure_is_one_line_and_resumable(image_folder, tmp_path):
 def test_negative_workers_refused(image_folder, tmp_path):
     with pytest.raises(LinftError, match="--workers must be 0 or more"):
         extract_features(image_folder, tmp_path / "c.h5", **dict(SMALL, workers=-1))
+
+
+def test_rows_claimed_but_not_written_are_redone(image_folder, tmp_path):
+    """A full disk leaves holes: the file says 8 rows are done, but some read back as the fill value (zeros,
+    valid False). A resume proves each row by its digest and redoes from the first one that is not proven."""
+    import h5py
+    ref, out = _reference_and_interrupted(image_folder, tmp_path)
+    partial = Path(str(out) + ".partial")
+    with h5py.File(partial, "r+") as f:
+        assert f.attrs["num_done"] == 8
+        f["features"][4:8] = 0  # rows 4-7 never reached the disk
+        f["valid"][4:8] = False
+    seen = []
+    res = extract_features(image_folder, out, on_checkpoint=lambda d, n: seen.append(d), **SMALL)
+    assert res.status == "resumed" and res.num_extracted == 14 and seen[0] == 8
+    assert res.skipped_paths == []  # no good image reported as skipped
+    a, b = open_cache(ref), open_cache(out)
+    np.testing.assert_array_equal(a.features, b.features)  # rows 4.. through the same batches: same code path
+    assert b.valid.all() and verify_cache(out).ok
+
+
+def test_a_partial_without_digests_proves_nothing(image_folder, tmp_path):
+    import h5py
+    ref, out = _reference_and_interrupted(image_folder, tmp_path)
+    with h5py.File(Path(str(out) + ".partial"), "r+") as f:
+        del f["digests"]  # as an older linft wrote it
+    res = extract_features(image_folder, out, **SMALL)
+    assert res.status == "extracted" and res.num_extracted == 18
+    np.testing.assert_array_equal(open_cache(ref).features, open_cache(out).features)
+
+
+def test_force_always_re_extracts_even_with_the_same_provenance(image_folder, tmp_path):
+    """Images edited in place keep their names (so the provenance); --force must not answer 'up to date'."""
+    import shutil
+    folder = tmp_path / "data"
+    shutil.copytree(image_folder, folder)
+    out = tmp_path / "c.h5"
+    extract_features(folder, out, **SMALL)
+    before = open_cache(out)
+    first = folder / before.paths[0]
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(first)  # edited in place: same name, new pixels
+    assert extract_features(folder, out, **SMALL).status == "up-to-date"
+    res = extract_features(folder, out, force=True, **SMALL)
+    assert res.status == "extracted" and res.num_extracted == 18
+    after = open_cache(out)
+    assert after.provenance_sha256 == before.provenance_sha256
+    assert not np.array_equal(after.features[0], before.features[0])
+    np.testing.assert_array_equal(after.features[1:], before.features[1:])
+
+
+def test_force_discards_a_partial_of_the_same_provenance(image_folder, tmp_path):
+    ref, out = _reference_and_interrupted(image_folder, tmp_path)
+    res = extract_features(image_folder, out, force=True, **SMALL)
+    assert res.status == "extracted" and res.num_extracted == 18
+
+
+def test_a_second_extraction_to_the_same_file_is_refused_while_the_first_runs(image_folder, tmp_path):
+    """linft's own lock, so it holds where HDF5 file locking is off (HDF5_USE_FILE_LOCKING=FALSE on clusters)."""
+    out = tmp_path / "c.h5"
+    errors = []
+    # the same process holds the lock, so run the second extraction in a child process
+    script = textwrap.dedent(f"""
+        import sys
+        from linft.cache.extract import extract_features
+        from linft.errors import LinftError
+        try:
+            extract_features({str(image_folder)!r}, {str(out)!r}, backbone="resnet18", weights="none",
+                             image_size=32, batch_size=4, workers=0, device="cpu", progress=False)
+        except LinftError as exc:
+            print(exc)
+            sys.exit(2)
+    """)
+
+    def on_checkpoint(done, total):
+        if done == 4:
+            proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                                  env={**same_threads_env(), "HDF5_USE_FILE_LOCKING": "FALSE"})
+            errors.append((proc.returncode, proc.stdout))
+    extract_features(image_folder, out, on_checkpoint=on_checkpoint, **SMALL)
+    code, message = errors[0]
+    assert code == 2 and "being written by another linft process" in message and f"pid {os.getpid()}" in message
+    assert verify_cache(out).ok and not (tmp_path / "c.h5.lock").exists()
+
+
+def _children() -> list[int]:
+    pids = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        try:
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to find the worker processes")
+def test_a_killed_decoding_worker_is_one_line_and_the_extraction_resumes(image_folder, tmp_path):
+    ref = tmp_path / "ref.h5"
+    extract_features(image_folder, ref, **SMALL)
+    out = tmp_path / "c.h5"
+
+    def kill_workers(done, total):
+        if done == 4:
+            for pid in _children():
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(1.0)  # torch's SIGCHLD handler raises wherever the main process is then
+    with pytest.raises(LinftError, match=r"an image-decoding worker died \(DataLoader worker .*fewer --workers"):
+        extract_features(image_folder, out, on_checkpoint=kill_workers, **dict(SMALL, workers=1))
+    res = extract_features(image_folder, out, **dict(SMALL, workers=1))
+    assert res.status == "resumed" and not (tmp_path / "c.h5.lock").exists()
+    np.testing.assert_array_equal(open_cache(ref).features, open_cache(out).features)

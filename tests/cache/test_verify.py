@@ -31,7 +31,21 @@ def test_verify_detects_tampering_and_folder_changes(image_folder, tmp_path):
         f.attrs["image_size"] = 64
         f["features"][0, 0, 0] = np.nan
     failed = {name for name, ok, _ in verify_cache(out).checks if not ok}
-    assert failed == {"provenance", "finite"}
+    assert failed == {"provenance", "finite", "digests"}  # the NaN row no longer matches its digest either
+
+
+def test_verify_finds_a_silently_changed_row_by_its_digest(verified_cache, tmp_path):
+    """A finite, plausible change (bit rot, an edit) that no other check sees."""
+    out = tmp_path / "c.h5"
+    shutil.copy(verified_cache, out)
+    with h5py.File(out, "r+") as f:
+        f["features"][3, 0, 0] = f["features"][3, 0, 0] + 0.5
+    report = verify_cache(out)
+    assert {name for name, ok, _ in report.checks if not ok} == {"digests"}
+    assert any("1 rows differ from their digest (first: row 3)" in detail for _, _, detail in report.checks)
+    with h5py.File(out, "r+") as f:
+        del f["digests"]  # as an earlier linft wrote it: nothing to prove, nothing failed
+    assert verify_cache(out).ok
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +59,7 @@ def verified_cache(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("dataset,failing", [("valid", {"shapes"}), ("features", {"shapes", "finite"})])
+@pytest.mark.parametrize("dataset,failing", [("valid", {"shapes", "digests"}), ("features", {"shapes", "finite", "digests"})])
 def test_a_missing_dataset_is_a_failed_check_not_a_traceback(verified_cache, tmp_path, dataset, failing):
     broken = tmp_path / "broken.h5"
     shutil.copy(verified_cache, broken)

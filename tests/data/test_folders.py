@@ -1,6 +1,7 @@
 """linft.data.folders: DomainBed-style folders listed in ImageFolder's order, their checks, names and identity."""
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +107,37 @@ def test_linked_folders_are_followed_but_a_loop_is_refused(tmp_path):
     with pytest.raises(LinftError, match=r"linked/loop links back to .*\(a loop\); remove the link") as err:
         load_image_folder(root)
     assert "\n" not in str(err.value)
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_naming_it(tmp_path):
+    """Names are stored as UTF-8 (the cache's paths, the file-list hash): another encoding is one line naming it."""
+    root = make_image_folder(tmp_path / "d", domains=("a", "b"), classes=("x",), per_class=1)
+    (root / "a" / "x" / "notes\udce9.txt").write_text("not an image: ignored, whatever its name")
+    assert load_image_folder(root).paths == ["a/x/img00.png", "b/x/img00.png"]
+    (root / "a" / "x" / "img00.png").rename(root / "a" / "x" / "caf\udce9.png")  # b"caf\xe9.png" in Latin-1
+    with pytest.raises(LinftError, match=r"caf\\xe9\.png.* is not UTF-8; rename it") as err:
+        load_image_folder(root)
+    assert str(root / "a" / "x") in str(err.value)
+    (root / "a" / "x" / "caf\udce9.png").rename(root / "a" / "x" / "img00.png")
+    for d in ("a", "b"):  # a class folder of another encoding
+        (root / d / "x").rename(root / d / "\udce7")
+    with pytest.raises(LinftError, match=r"\\xe7.* is not UTF-8; rename it"):
+        load_image_folder(root)
+
+
+def test_entries_that_are_not_regular_files_are_skipped(tmp_path):
+    """A FIFO named like an image would block the reader forever; a folder named like one is walked into."""
+    root = make_image_folder(tmp_path / "d", domains=("a", "b"), classes=("x",), per_class=1)
+    os.mkfifo(root / "a" / "x" / "pipe.png")
+    with pytest.warns(UserWarning, match=r"skipped 1 entry that is not a regular file .*a/x/pipe\.png"):
+        ds = load_image_folder(root)
+    assert ds.paths == ["a/x/img00.png", "b/x/img00.png"]
+    (root / "a" / "x" / "gone.png").symlink_to(tmp_path / "missing.png")  # a dangling link stays listed: reading it
+    with pytest.warns(UserWarning):                                      # fails by name (or is skipped on request)
+        assert "a/x/gone.png" in load_image_folder(root).paths
+
+
+def test_a_dataset_folder_whose_path_is_not_utf8_is_refused_naming_the_folder(tmp_path):
+    root = make_image_folder(tmp_path / "caf\udce9" / "d", domains=("a", "b"), classes=("x",), per_class=1)
+    with pytest.raises(LinftError, match=rf"caf\\xe9' in {tmp_path} is not UTF-8; rename it"):
+        load_image_folder(root)

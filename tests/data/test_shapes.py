@@ -72,3 +72,34 @@ def test_pretraining_source_is_broader_and_disjoint_from_the_demo(tmp_path):
         assert not np.array_equal(a, b)
     with pytest.raises(LinftError, match="not empty"):
         write_pretraining_source(src, per_class=1, size=16, workers=1)
+
+
+def test_demo_data_refuses_a_folder_with_files_and_force_replaces_it_whole(tmp_path):
+    from click.testing import CliRunner
+    from conftest import assert_one_line_error
+    from linft.cli.main import main
+    out = tmp_path / "data"
+    write_demo_data(out, seed=0, per_class=1, size=16)
+    (out / "extra_domain" / "circle").mkdir(parents=True)
+    (out / "extra_domain" / "circle" / "x.png").write_bytes(b"mine")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    result = CliRunner().invoke(main, ["demo-data", str(out), "--seed", "1", "--per-class", "1", "--size", "16"])
+    assert_one_line_error(result, "exists and is not empty", "--force")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    result = CliRunner().invoke(main, ["demo-data", str(out), "--seed", "1", "--per-class", "1", "--size", "16",
+                                       "--force"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(DEMO_STYLES)  # no domain of the old folder is left
+    fresh = tmp_path / "fresh"
+    write_demo_data(fresh, seed=1, per_class=1, size=16)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*.png")} == \
+        {p.relative_to(fresh): p.read_bytes() for p in fresh.rglob("*.png")}
+    assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("change,fragment", [(dict(per_class=0), "per_class 0"), (dict(per_class=-3), "per_class -3"),
+                                             (dict(seed=-1), "seed -1")])
+def test_no_images_or_a_negative_seed_are_refused_before_writing(tmp_path, change, fragment):
+    with pytest.raises(LinftError, match=fragment):
+        write_demo_data(tmp_path / "d", **{"per_class": 2, "size": 16, **change})
+    assert not (tmp_path / "d").exists()

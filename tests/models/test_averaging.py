@@ -260,6 +260,10 @@ def test_greedy_soup_on_a_hand_computed_case_with_a_tie():
     assert soup["w"].item() == 1.0 and soup["w"].dtype == torch.float64
     assert soup["n"].item() == 9  # integer entries: maximum over the chosen ones only
     assert_sd_equal(soup, average_state_dicts([cands[i] for i in chosen]))  # the soup's own computation, run again
+    # model-soups' rule (strict improvement): the tie at +1 is dropped; then -5: w (0+2-5)/3 = -1, score -2
+    seen.clear()
+    soup, chosen, scores = greedy_soup(cands, evaluate, strict=True)
+    assert chosen == [0, 1] and scores == [-1.0, 0.0, -3.0, 0.0, -2.0] and soup["w"].item() == 1.0
 
 
 def test_greedy_soup_of_one_candidate_and_errors():

@@ -120,3 +120,13 @@ def test_corrupt_enum_weights_file(torch_home, garbage):
     (torch_home / filename).write_bytes(garbage)
     with pytest.raises(LinftError, match="delete it and put a good copy"):
         load_backbone("resnet18", "IMAGENET1K_V1")
+
+
+@pytest.mark.parametrize("fc", [torch.tensor(1.0), torch.zeros(3, 4, 5)])
+def test_a_classifier_weight_of_the_wrong_rank_is_one_line(tmp_path, fc):
+    sd = torchvision.models.resnet18().state_dict()
+    sd["fc.weight"] = fc
+    torch.save(sd, tmp_path / "w.pt")
+    with pytest.raises(LinftError, match=r"'fc\.weight' has shape \(1000, 512\) in a resnet18 but ") as err:
+        load_backbone("resnet18", tmp_path / "w.pt")
+    assert f"but {tuple(fc.shape)} in weights {tmp_path / 'w.pt'}" in str(err.value)

@@ -77,3 +77,10 @@ def test_refuses_a_value_given_twice(field, values, named):
 def test_refuses_a_fractional_number_of_seeds():
     with pytest.raises(LinftError, match="seeds must be a whole number"):
         check_grid(DOMAINS, **{**GOOD, "seeds": 2.5})
+
+
+def test_refuses_a_domain_without_usable_images():
+    """A domain whose every image was skipped has no o.o.d. accuracy when held out and no batch when trained on."""
+    assert check_grid(DOMAINS, **GOOD, usable=[3, 1, 2]) == DOMAINS
+    with pytest.raises(LinftError, match="domain 'sketch' has no usable image in the cache"):
+        check_grid(DOMAINS, test_domains=["photo"], **GOOD, usable=[3, 0, 2], where="the cache")

@@ -12,8 +12,9 @@ from linft.analysis.report import write_report
 from linft.cli.main import main
 from linft.errors import LinftError
 from linft.protocol.records import (DERIVED, METHODS, REQUIRED_FIELDS, RecordWriter, RunHeader, derived,
-                                    finished_run_ids, make_record, read_records)
+                                    finished_run_ids, make_record, read_records, record_problem)
 
+from conftest import assert_one_line_error
 from helpers import rec
 
 
@@ -281,3 +282,66 @@ def test_previous_release_records_are_read_by_the_report(tmp_path):
     assert result.exit_code == 0, result.output
     assert "| linear FT, dropout 0.9 | 54.0 ± 6.0 | 71.0 ± 1.0 | 62.5 ± 3.5 |" in result.output
     assert (tmp_path / "cli" / "table.csv").read_text() == paths["table"].read_text()
+
+
+# --------------------------------------------------------------------------- records that cannot be used
+
+#: A change to one record (of :func:`helpers.rec`: training domains a, b, held-out c) and what the error names.
+BAD_RECORDS = {
+    "splits empty": (lambda r: r.update(splits={}), "splits"),
+    "splits a list": (lambda r: r.update(splits=[1, 2]), "splits"),
+    "totals 0": (lambda r: r.update(splits={k: [0, 0] for k in r["splits"]}), "held-out domain 'c'"),
+    "split of one number": (lambda r: r["splits"].update(c_in=[1]), "c_in"),
+    "split a text": (lambda r: r["splits"].update(a_out="x"), "a_out"),
+    "more correct than total": (lambda r: r["splits"].update(c_out=[11, 10]), "c_out"),
+    "negative count": (lambda r: r["splits"].update(b_out=[-1, 10]), "b_out"),
+    "step a text": (lambda r: r.update(step="abc"), "step"),
+    "step negative": (lambda r: r.update(step=-3), "step"),
+    "step a fraction": (lambda r: r.update(step=1.5), "step"),
+    "seed null": (lambda r: r.update(seed=None), "seed"),
+    "unknown held-out domain": (lambda r: r.update(test_domain="nowhere"), "nowhere_in"),
+    "no training domain": (lambda r: r.update(train_domains=[]), "train_domains"),
+    "training domains a text": (lambda r: r.update(train_domains="a"), "train_domains"),
+    "held out and trained on": (lambda r: r.update(train_domains=["a", "b", "c"]), "train_domains"),
+    "run_id null": (lambda r: r.update(run_id=None), "run_id"),
+    "label a number": (lambda r: r.update(label=3), "label"),
+    "grid a text": (lambda r: r.update(grid="x"), "grid"),
+    "unknown status": (lambda r: r.update(status="weird"), "status"),
+    "final a text": (lambda r: r.update(final="yes"), "final"),
+    "loss a text": (lambda r: r.update(loss="abc"), "loss"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_RECORDS)
+def test_a_record_that_cannot_be_used_is_refused_naming_file_and_line(tmp_path, bad):
+    change, fragment = BAD_RECORDS[bad]
+    records = [rec(0, 1, 1, 1, 1), rec(5, 2, 2, 2, 2, final=True)]
+    change(records[1])
+    path = tmp_path / "runs" / "records.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(LinftError, match=f"{path} line 2") as caught:
+        read_records([path])
+    assert fragment in str(caught.value)
+    for args in (["report", str(path.parent), "--out", str(tmp_path / "rep")], ["status", str(path.parent)]):
+        assert_one_line_error(CliRunner().invoke(main, args), f"{path} line 2", fragment)
+    assert not (tmp_path / "rep").exists()
+
+
+def test_records_that_are_not_utf8_text_are_refused_naming_file_and_line(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_bytes(json.dumps(rec(0, 1, 1, 1, 1)).encode() + b"\n\xff\xfe{}\n")
+    with pytest.raises(LinftError, match=f"{path} line 2 is not UTF-8 text"):
+        read_records([path])
+    h5 = tmp_path / "cache.h5"  # an HDF5 file passed to report by mistake
+    h5.write_bytes(b"\x89HDF\r\n\x1a\n\x00\x00\x00\x00\xff\xff\xff\xff")
+    assert_one_line_error(CliRunner().invoke(main, ["report", str(h5), "--out", str(tmp_path / "rep")]),
+                          f"{h5} line 1")
+    assert not (tmp_path / "rep").exists()
+
+
+def test_a_diverged_record_may_have_no_splits():
+    diverged = {**rec(3, 1, 1, 1, 1, final=True), "splits": {}, "status": "diverged", "loss": None}
+    assert record_problem(diverged) is None
+    assert record_problem(rec(0, 1, 1, 1, 1)) is None
+    assert record_problem({**diverged, "status": "ok"}) is not None

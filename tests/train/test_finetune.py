@@ -36,7 +36,7 @@ from linft.data.images import EvalImages, normalize_uint8
 from linft.data.splits import domain_split_rows, split_indices
 from linft.errors import LinftError
 from linft.models.averaging import average_state_dicts
-from linft.models.blocks import add_stochastic_depth, residual_block_names
+from linft.models.blocks import add_stochastic_depth, residual_block_names, residual_branch_ends
 from linft.models.demo_resnet import demo_resnet
 from linft.models.heads import build_classifier
 from linft.models.registry import load_backbone
@@ -265,6 +265,38 @@ def test_stochastic_depth_keeps_pretrained_weights_and_drops_branches(pretrained
     set_train_mode(plain, True)
     with torch.no_grad():
         assert torch.equal(zero(x), plain(x))
+
+
+def test_official_stochastic_depth_drops_whole_branches_for_the_batch_without_rescaling(pretrained):
+    """The official code's mode: one draw per branch for the whole batch (torch's global generator, in branch
+    order), the branch kept as it is or zeroed; eval mode untouched. Compared with hooks that apply the same draws."""
+    x = torch.randn(8, 3, 32, 32)
+    model = load_backbone("demo-resnet", str(pretrained)).model
+    add_stochastic_depth(model, 0.5, "official")
+    manual = load_backbone("demo-resnet", str(pretrained)).model
+    ends = residual_branch_ends(manual)
+    torch.manual_seed(3)
+    keep = [bool(torch.rand(()) >= 0.5) for _ in ends]
+    assert 0 < sum(keep) < len(keep)  # seed 3 keeps some branches and drops others (checked here, not assumed)
+    for end, k in zip(ends, keep):
+        end.register_forward_hook(lambda m, i, o, k=k: o if k else o * 0.0)
+    set_train_mode(model, True, freeze_bn=True)
+    set_train_mode(manual, True, freeze_bn=True)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        got = model(x)
+        expected = manual(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)  # the same operations in the same order
+    model.eval()
+    plain = load_backbone("demo-resnet", str(pretrained)).model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
+    with pytest.raises(LinftError, match="unknown stochastic depth mode"):
+        add_stochastic_depth(plain, 0.1, "batch")
+    official = sweep_runs(["a", "b"], stochastic_depth=0.1, stochastic_depth_mode="official", seeds=1, lrs=(0.1,),
+                          weight_decays=(0.0,))[0]
+    assert official.identity()["stochastic_depth_mode"] == "official"
+    assert "stochastic_depth_mode" not in replace(official, stochastic_depth_mode="row").identity()  # ids kept
 
 
 @pytest.fixture(scope="module")
@@ -641,7 +673,7 @@ def test_cli_incompatible_checkpoint(data_root, ds, tmp_path, content, fragment)
     else:
         torch.save(torch.zeros(3), folder.checkpoint)
     record = {"run_id": folder.run_id, "label": "x", "test_domain": "photo", "train_domains": ["cartoon", "sketch"],
-              "seed": 0, "step": 0, "splits": {}}
+              "seed": 0, "step": 0, "splits": {f"{d}_{part}": [1, 2] for d in ds.domains for part in ("in", "out")}}
     folder.records.write_text(json.dumps(record) + "\n")
     before = {p.name: p.read_bytes() for p in folder.root.iterdir()}
     result = CliRunner().invoke(main, tiny_args(data_root, out))
@@ -649,3 +681,40 @@ def test_cli_incompatible_checkpoint(data_root, ds, tmp_path, content, fragment)
     after = {p.name: p.read_bytes() for p in folder.root.iterdir()}
     assert after.pop("run.json") and after == before  # nothing damaged
     assert not folder.is_done()  # nothing marked done
+
+
+def test_a_run_another_process_trains_is_refused_and_a_dead_ones_is_taken_over(reference, ds, pretrained, tmp_path):
+    """Two launches of one run (a second command, a Slurm job submitted twice) never train it together."""
+    ref_result = reference[0]
+    folder = RunFolder(tmp_path / ref_result.run_id)
+    folder.root.mkdir()
+    lock = folder.root / ".linft.lock"
+    lock.write_text(json.dumps({"pid": 1, "host": "node-17", "started": "then", "command": "linft finetune"}))
+    with pytest.raises(LinftError, match=r"being written by another linft process \(pid 1 on node-17"):
+        train(ds, tmp_path, pretrained)
+    assert not folder.records.exists() and lock.exists()
+    lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": __import__("socket").gethostname(), "started": "then",
+                                "command": "killed"}))
+    result, _ = train(ds, tmp_path, pretrained)
+    assert result.status == "trained" and not lock.exists()
+    assert records_of(result.run_dir) == reference[1]
+
+
+def test_split_seed_enters_the_run_identity_only_when_set():
+    from linft.data.splits import split_seed
+    assert "split_seed" not in FineTuneConfig().protocol()  # earlier run ids are kept
+    assert FineTuneConfig(split_seed=0).protocol()["split_seed"] == 0
+    assert split_seed(2, FineTuneConfig(split_seed=0).protocol()) == 0 and split_seed(2, FineTuneConfig().protocol()) == 2
+    with pytest.raises(LinftError, match="--split-seed must be 0 or more"):
+        FineTuneConfig(split_seed=-1).check()
+
+
+def test_a_checkpoint_left_beside_a_final_record_is_removed(reference, ds, pretrained, tmp_path):
+    """Killed after the final record and before the checkpoint's removal: the next launch sees the run done and
+    removes the stale checkpoint (it would otherwise stay forever)."""
+    ref_result = reference[0]
+    folder = RunFolder(tmp_path / ref_result.run_id)
+    shutil.copytree(ref_result.run_dir, folder.root)
+    torch.save({"run_id": ref_result.run_id, "step": 4}, folder.checkpoint)
+    again, idle = train(ds, tmp_path, pretrained)
+    assert again.status == "done" and idle.steps == [] and not folder.checkpoint.exists()

@@ -16,7 +16,7 @@ from linft.data.images import EvalImages
 from linft.data.tensor_augment import augment_batch
 from linft.errors import LinftError
 from linft.protocol.records import read_records
-from linft.train.finetune import _splits, run_identity, RunHooks, train_run
+from linft.train.finetune import run_identity, run_splits, RunHooks, train_run
 from linft.train.finetune_model import (FineTuneConfig, FineTuneRun, augment_seed, build_run_model, finetune_label,
                                         run_optimizer, set_train_mode, train_batches, train_step)
 from linft.train.run_folder import RunFolder
@@ -79,7 +79,7 @@ def test_train_step_augments_with_the_seeds_of_its_step(ds):
 
 
 def test_batches_from_decoded_images_equal_the_decoded_in_workers(ds):
-    _, pools = _splits(ds, RUN)
+    _, pools = run_splits(ds, RUN)
     decoded = EvalImages(ds, 32, 64, 0).images
     from_memory = train_batches(ds, pools, CFG, 1, 0, 2, decoded)
     from_workers = train_batches(ds, pools, CFG, 1, 0, 2)

@@ -76,7 +76,7 @@ def test_batched_engine_equals_one_by_one_sgd(v_init, with_views, step_kind):
     at_step = {39: (v, V, b, seen[39])}
     for step in (0, 15, 30):
         stopped = LinearGridConfig(steps=step + 1, batch_size=5, eval_every=15, v_init=v_init, step_kind=step_kind,
-                                   lr_milestones=tuple(m / (step + 1) for m in config.milestone_steps()))
+                                   lr_milestones=config.milestone_steps())  # step numbers (> 1): step 20
         assert stopped.milestone_steps() == config.milestone_steps()
         last = {}
         params = train_linear_grid(data, groups, stopped, on_eval=lambda ev: last.__setitem__(ev.step, ev))

@@ -141,3 +141,74 @@ def test_training_domains_need_an_out_split(tmp_path):
     with pytest.raises(LinftError, match="empty 'in' or 'out' split"):
         train_linear(cache, tmp_path / "runs", dropouts=(0.0,), lrs=(0.1,), weight_decays=(0.0,), seeds=1,
                      config=LinearGridConfig(steps=2), device="cpu", progress=False)
+
+
+def test_a_folder_holding_another_caches_runs_is_refused_before_training(tmp_path):
+    """After `extract --force` re-made the cache (new provenance) with the same default --out: refuse, append
+    nothing, and leave the folder usable (report, re-runs of the first cache)."""
+    import dataclasses
+    cache = synthetic_cache(tmp_path)
+    config = LinearGridConfig(steps=4, batch_size=4, eval_every=2)
+    kw = dict(dropouts=(0.9,), lrs=(0.05,), weight_decays=(1e-3,), seeds=1, config=config, device="cpu",
+              progress=False)
+    train_linear(cache, tmp_path / "runs", **kw)
+    records = tmp_path / "runs" / "records.jsonl"
+    before = records.read_bytes()
+    other = dataclasses.replace(cache, meta={**cache.meta, "provenance_sha256": "e" * 64})
+    with pytest.raises(LinftError, match=r"holds linear runs of another feature cache \(source ffffffffffff, this "
+                                         r"cache eeeeeeeeeeee.*choose another --out"):
+        train_linear(other, tmp_path / "runs", **kw)
+    assert records.read_bytes() == before
+    assert train_linear(cache, tmp_path / "runs", **kw).skipped == 3
+    assert not (tmp_path / "runs" / ".linft.lock").exists()
+
+
+def test_a_second_train_linear_on_the_same_folder_is_refused(tmp_path):
+    from linft.output import output_lock
+    cache = synthetic_cache(tmp_path)
+    out = tmp_path / "runs"
+    out.mkdir()
+    lock = out / ".linft.lock"
+    lock.write_text('{"pid": 1, "host": "another-host", "started": "then", "command": "linft train-linear"}')
+    with pytest.raises(LinftError, match=r"being written by another linft process \(pid 1 on another-host"):
+        train_linear(cache, out, lrs=(0.05,), weight_decays=(1e-3,), seeds=1,
+                     config=LinearGridConfig(steps=2, batch_size=4, eval_every=1), device="cpu", progress=False)
+    assert not (out / "records.jsonl").exists() and lock.exists()
+    lock.write_text('{"pid": 999999999, "host": "%s", "started": "then", "command": "killed"}'
+                    % __import__("socket").gethostname())  # its owner is dead: taken over
+    res = train_linear(cache, out, lrs=(0.05,), weight_decays=(1e-3,), seeds=1,
+                       config=LinearGridConfig(steps=2, batch_size=4, eval_every=1), device="cpu", progress=False)
+    assert res.trained == 3 and not lock.exists()
+    with output_lock(out, folder=True):  # the same process may nest its own lock (the demo, a notebook)
+        assert train_linear(cache, out, lrs=(0.05,), weight_decays=(1e-3,), seeds=1,
+                            config=LinearGridConfig(steps=2, batch_size=4, eval_every=1), device="cpu",
+                            progress=False).skipped == 3
+
+
+def test_split_seed_gives_every_seed_the_same_split(tmp_path):
+    """--split-seed 0 (the official code's one split for all seeds): seeds differ in batches, masks and init only;
+    the default (each seed its own split, DomainBed) keeps its run ids."""
+    cache = synthetic_cache(tmp_path)
+    config = LinearGridConfig(steps=4, batch_size=4, eval_every=2)
+    kw = dict(dropouts=(0.9,), lrs=(0.05,), weight_decays=(1e-3,), seeds=2, test_domains=["c"], config=config,
+              device="cpu", progress=False)
+    train_linear(cache, tmp_path / "own", **kw)
+    train_linear(cache, tmp_path / "fixed", split_seed=0, **kw)
+    own, fixed = read_records([tmp_path / "own"]), read_records([tmp_path / "fixed"])
+    rows = {s: domain_split_rows(cache.domains, NDOM, s) for s in (0, 1)}
+    assert not np.array_equal(rows[0][(0, "out")], rows[1][(0, "out")])  # the two seeds' own splits differ
+    assert all(r["hparams"]["split_seed"] == 0 for r in fixed) and all("split_seed" not in r["hparams"] for r in own)
+    assert {r["run_id"] for r in own}.isdisjoint({r["run_id"] for r in fixed})
+    # seed 0 with split seed 0 is the default seed 0 run, up to its id: the same numbers
+    strip = lambda recs: [(r["step"], r["splits"], r["loss"]) for r in recs if r["seed"] == 0]
+    assert strip(own) == strip(fixed)
+    # seed 1 with split seed 0: the plain loop fed seed 0's split and seed 1's randomness gives its losses
+    rows_of = domain_split_rows(cache.domains, NDOM, 0, cache.valid)
+    losses = plain_sgd_run(cache.features, cache.labels, rows_of, C, 2, 1, GridPoint(0.05, 1e-3, 0.9), config)[4]
+    seed1 = [r for r in fixed if r["seed"] == 1]
+    assert len(seed1) == 3  # steps 0, 2, 3
+    for r in seed1:
+        assert r["loss"] == pytest.approx(losses[r["step"]], rel=RTOL, abs=ATOL), r["step"]
+    assert [r["loss"] for r in own if r["seed"] == 1] != [r["loss"] for r in seed1]  # its own split differs
+    with pytest.raises(LinftError, match="--split-seed must be 0 or more"):
+        train_linear(cache, tmp_path / "bad", split_seed=-1, **kw)

@@ -26,7 +26,7 @@ from linft.models.heads import classifier_head, fit_probe_head
 from linft.protocol.records import METHODS, is_known_method, read_records, run_id
 from linft.train.finetune import run_identity, RunHooks, sweep_runs, train_run
 from linft.train.finetune_model import FineTuneConfig, FineTuneRun, build_run_model
-from linft.train.lp_ft import BACKBONE_FEATURES, probe_features
+from linft.train.lp_ft import BACKBONE_FEATURES, lp_ft_identity, probe_features
 from linft.train.run_folder import RunFolder
 
 from conftest import assert_one_line_error
@@ -155,3 +155,14 @@ def test_lp_ft_refuses_what_it_cannot_start_from(ds, shapes_root, cache, tmp_pat
     small = FineTuneConfig(**{**CFG, "image_size": 16}, lp_ft_cache=str(cache))
     with pytest.raises(LinftError, match="32 px images, the run 16 px"):
         train_run(ds, tmp_path / "small", FROZEN, backbone="demo-resnet", config=small, device="cpu", progress=False)
+
+
+def test_an_edited_lp_ft_cache_is_refused_like_every_cache_reader_does(ds, cache, tmp_path):
+    import h5py
+
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes(cache.read_bytes())
+    with h5py.File(broken, "r+") as f:
+        del f["valid"]
+    with pytest.raises(LinftError, match="not a usable linft feature cache: it lacks the dataset valid"):
+        lp_ft_identity(FineTuneConfig(**CFG, lp_ft_cache=str(broken)))

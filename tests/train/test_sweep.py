@@ -165,3 +165,12 @@ def test_submitit_local_sweep_is_idempotent(ds, tmp_path, monkeypatch):
     assert second["submitted"] == 0 and second["skipped"] == 2 and second["jobs"] == []
     with pytest.raises(LinftError, match="unknown launcher"):
         launch_sweep(ds, tmp_path, runs, options=replace(options, launcher="kubernetes"), **kw)
+
+
+def test_slurm_launcher_without_slurm_is_one_line_before_anything_is_written(ds, tmp_path, monkeypatch):
+    pytest.importorskip("submitit", reason="the slurm launcher's engine (pip install submitit)")
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm-here"))
+    with pytest.raises(LinftError, match="srun.*not found.*launcher 'local'"):
+        launch_sweep(ds, tmp_path / "out", [RUN], backbone="demo-resnet", weights="none", config=CFG,
+                     options=LaunchOptions(launcher="slurm", device="cpu", progress=False))
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,235 @@
+"""The paper's Figure 1 protocol: interpolate any two checkpoints of one architecture, evaluated on distribution
+folders (i.i.d. accuracy against the mean o.o.d. accuracy).
+
+The ends are two weights of one backbone (``--pretrained``: an enum name, an open_clip tag or a file;
+``--finetuned``: a file — linft's, a torchvision state_dict, a model-soups / wise-ft checkpoint), the
+fine-tuned one with its head ω_f, the pretrained one with a head ω_p chosen by ``pretrained_head``:
+
+- ``zeroshot``: CLIP's zero-shot classifier (:func:`linft.models.clip.zero_shot_head`), prompted with
+  :func:`linft.models.clip.prompt_names` (open_clip's ``IMAGENET_CLASSNAMES`` for ImageNet's 1000 classes) and
+  open_clip's ``OPENAI_IMAGENET_TEMPLATES`` — the paper's ω_pretrain for CLIP;
+- ``probe``: a linear probe fitted on the pretrained features of ``probe_data`` (a class folder);
+- a file: a head saved as ``{"weight": (C, D), "bias": (C,)}``.
+
+Evaluation sets are folders ``<set>/<class>/<image>``. The first (``iid``) names the head's classes (its sorted
+class folders: ImageNet's class order for wnid folders) and must have as many as the head; every other set's
+classes must be among them, and its logits are restricted to the classes it has (as wise-ft evaluates
+ImageNet-A and ImageNet-R). ObjectNet's many-to-one class mapping is not supported.
+
+Both ends see the images as the fine-tuned end's weights take them (its own transform, or DomainBed's at its
+size). Paths (α = share of the fine-tuned end) as in :mod:`linft.analysis.interpolation_paths`: weights, representation
+(the appendix A.1 formula on the representation the heads read), and with ``linearity`` the first-order path.
+Writes ``figure1.json`` and the plot ``figure1.png`` (the paper's form: o.o.d. against i.i.d. accuracy, one
+curve per path, α along it) into the output folder.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from linft.analysis.interpolation_paths import (first_order_outputs, iter_weight_path, pooled_features_and_logits,
+                                                representation_logits)
+from linft.analysis.interpolation_result import InterpolateConfig
+from linft.analysis.plots import plot_figure1
+from linft.data.folders import MultiDomainDataset, load_class_folder
+from linft.data.images import EvalImages
+from linft.errors import LinftError
+from linft.models.averaging import check_compatible
+from linft.models.blocks import phi_block_names
+from linft.models.checkpoints import load_checkpoint
+from linft.models.clip import prompt_names, zero_shot_head
+from linft.models.heads import LinearHead, classifier_head, fit_probe_head, head_keys, with_head
+from linft.models.linearize import relative_linearity_gap
+from linft.models.registry import Backbone, load_backbone
+from linft.output import atomic_write_text, json_text, progress_bar
+from linft.runtime import effective_precision, resolve_device
+
+
+
+@dataclass(frozen=True)
+class CheckpointInterpolateConfig(InterpolateConfig):
+    """What :func:`interpolate_checkpoints` compares (``backbone``, ``pretrained`` and these), and how
+    (:class:`~linft.analysis.interpolation_result.InterpolateConfig`'s settings; ``blocks`` is not used)."""
+
+    finetuned: str = ""  # the fine-tuned end's weights file
+    pretrained_head: str = "zeroshot"  # zeroshot | probe | a head file
+    probe_data: str | None = None  # class folder the probe head is fitted on
+
+    def check(self) -> list[float]:
+        alphas = super().check()
+        if not (self.backbone and self.pretrained and self.finetuned):
+            raise LinftError("interpolating two checkpoints needs the backbone, the pretrained weights and the "
+                             "fine-tuned checkpoint")
+        if self.pretrained_head == "probe" and not self.probe_data:
+            raise LinftError("--pretrained-head probe needs --probe-data FOLDER (images of the head's classes to fit "
+                             "it on, not an evaluation set)")
+        return alphas
+
+
+@dataclass
+class CheckpointInterpolation:
+    """Accuracy per set, α and path: ``curves[path] = [{"alpha", "iid", "ood", "sets": {name: acc}}, ...]``."""
+
+    alphas: list[float]
+    curves: dict[str, list[dict]]
+    iid_set: str
+    ood_sets: list[str]
+    backbone: str
+    pretrained: str
+    finetuned: str
+    pretrained_head: str
+    summary: Path
+    plot: Path | None = None
+    linearity_gap: dict | None = None  # per set: ‖f(θf) − f_lin(θf)‖ / ‖f(θf) − f(θ0)‖
+    set_sizes: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.update(summary=str(self.summary), plot=str(self.plot) if self.plot else None)
+        return out
+
+
+@dataclass
+class _Set:
+    """One evaluation set: its images and, for its classes, the head's columns."""
+
+    ds: MultiDomainDataset
+    columns: torch.Tensor  # head class index of each of the set's classes
+    images: EvalImages
+
+    def accuracy(self, logits: torch.Tensor) -> float:
+        """Accuracy of logits (N, C_head) restricted to this set's classes."""
+        predicted = logits[:, self.columns].argmax(1).numpy()
+        return float(np.mean(predicted == self.ds.labels))
+
+
+def _head_of_file(path: str) -> LinearHead:
+    obj = load_checkpoint(path, "head file", 'save it with torch.save({"weight": W, "bias": b}, path)')
+    if isinstance(obj, dict) and isinstance(obj.get("weight"), torch.Tensor) and isinstance(obj.get("bias"), torch.Tensor):
+        return LinearHead(obj["weight"].float(), obj["bias"].float())
+    raise LinftError(f"head file {path} holds no weight and bias; save it with torch.save({{\"weight\": W, "
+                     "\"bias\": b}, path)")
+
+
+def _input(bb: Backbone) -> tuple:
+    """``(transform, size)`` of the images ``bb`` evaluates: its weights' own, else DomainBed's at its size (224)."""
+    transform, _, size = bb.input_transform(bb.image_size or 224)
+    return transform, size
+
+
+def _pretrained_head(config: CheckpointInterpolateConfig, bb: Backbone, classes: list[str],
+                     dev: torch.device) -> LinearHead:
+    if config.pretrained_head == "zeroshot":
+        return zero_shot_head(bb.name, config.pretrained, prompt_names(classes), device=dev)
+    if config.pretrained_head != "probe":
+        return _head_of_file(config.pretrained_head)
+    probe = load_class_folder(config.probe_data)
+    columns = _columns(probe, classes, "the probe data")
+    transform, size = _input(bb)
+    images = EvalImages(probe, size, config.batch_size, config.workers, transform=transform)
+    block = phi_block_names(bb.model, 1)
+    phi, _ = pooled_features_and_logits(bb.model.to(dev), block, images, dev, False, config.precision)
+    return fit_probe_head(phi[:, -1].to(dev), columns[probe.labels].numpy(), len(classes), config.probe_l2).to("cpu")
+
+
+def _columns(ds: MultiDomainDataset, classes: list[str], what: str) -> torch.Tensor:
+    unknown = [c for c in ds.classes if c not in classes]
+    if unknown:
+        raise LinftError(f"{what} {ds.root / ds.domains[0]} has classes the head does not know ({', '.join(unknown[:3])}"
+                         f"{' ...' if len(unknown) > 3 else ''}); pass sets whose classes are among the i.i.d. set's")
+    return torch.tensor([classes.index(c) for c in ds.classes])
+
+
+def _ends(config: CheckpointInterpolateConfig, classes: list[str], dev: torch.device):
+    """The network (fine-tuned, C classes), the pretrained state with ω_p, the fine-tuned state, the backbones."""
+    bb_p, bb_f = load_backbone(config.backbone, config.pretrained), load_backbone(config.backbone, config.finetuned)
+    head_f = classifier_head(bb_f.model)
+    if head_f.weight.shape[0] != len(classes):
+        raise LinftError(f"the fine-tuned head has {head_f.weight.shape[0]} classes but the i.i.d. set has "
+                         f"{len(classes)} class folders; pass the i.i.d. set of the head's classes (ImageNet's val)")
+    head_p = _pretrained_head(config, bb_p, classes, dev)
+    if head_p.weight.shape != head_f.weight.shape:
+        raise LinftError(f"the pretrained head has shape {tuple(head_p.weight.shape)} but the fine-tuned one "
+                         f"{tuple(head_f.weight.shape)}; give both ends the same classes and features")
+    fin_state = {k: v.detach().clone() for k, v in bb_f.model.state_dict().items()}
+    pre_state = {k: v.detach().clone() for k, v in bb_p.model.state_dict().items()}
+    pre_state.update({k: fin_state[k] for k in head_keys(fin_state)})  # the head's place, then ω_p in it
+    pre_state = with_head(pre_state, head_p)
+    try:
+        check_compatible([pre_state, fin_state])
+    except LinftError as exc:
+        raise LinftError(f"the two checkpoints are not of one architecture ({str(exc).split(';')[0]}); interpolate "
+                         "checkpoints of the same backbone") from None
+    if bb_p.name != bb_f.name:
+        raise LinftError(f"the pretrained end is a {bb_p.name} but the fine-tuned one a {bb_f.name}; interpolate "
+                         "checkpoints of one architecture")
+    return bb_f.model.eval(), pre_state, fin_state, bb_p, bb_f
+
+
+def interpolate_checkpoints(iid: str | os.PathLike, ood: list[str | os.PathLike], config: CheckpointInterpolateConfig,
+                            *, out_dir: str | os.PathLike = "runs/figure1", progress: bool = True,
+                            say: Callable[[str], None] | None = None, **settings) -> CheckpointInterpolation:
+    """Weight, representation (and first-order) paths between two checkpoints on ``iid`` and the ``ood`` folders.
+
+    Cost per set: 2 forward passes (Φ_p, Φ_f), one per α on the weight path, one jvp with ``linearity``.
+    """
+    config = replace(config, **settings)
+    alphas = config.check()
+    say = say or (lambda _line: None)
+    dev = resolve_device(config.device)
+    iid_ds = load_class_folder(iid)
+    classes = list(iid_ds.classes)
+    net, pre_state, fin_state, bb_p, bb_f = _ends(config, classes, dev)
+    transform, size = _input(bb_f)
+    sets = {ds.domains[0]: _Set(ds, _columns(ds, classes, "evaluation set"),
+                                EvalImages(ds, size, config.batch_size, config.workers, transform=transform))
+            for ds in [iid_ds] + [load_class_folder(f) for f in ood]}
+    precision = effective_precision(dev, config.precision)
+    block = phi_block_names(net, 1)
+    wk, bk = head_keys(fin_state)
+    heads = {end: LinearHead(state[wk].float(), state[bk].float()) for end, state in (("p", pre_state), ("f", fin_state))}
+    per_set: dict[str, dict[str, list[float]]] = {}
+    gaps = {}
+    net = net.to(dev)
+    for name, s in sets.items():
+        say(f"{name}: {len(s.ds)} images, {len(s.ds.classes)} classes")
+        phis = {}
+        for end, state in (("p", pre_state), ("f", fin_state)):
+            net.load_state_dict(state, strict=True)
+            phis[end], logits = pooled_features_and_logits(net, block, s.images, dev, False, precision)
+        accs = {"representation": [s.accuracy(representation_logits(a, phis["p"][:, -1], phis["f"][:, -1],
+                                                                    heads["p"], heads["f"])) for a in alphas]}
+        with progress_bar(len(alphas) * len(s.ds), f"{name}: weight path", unit="img", enabled=progress) as update:
+            accs["weights"] = [s.accuracy(out) for _, out in iter_weight_path(net, pre_state, fin_state, alphas,
+                                                                             s.images, dev, False, precision, update)]
+        if config.linearity:
+            f0, jv = first_order_outputs(net, pre_state, fin_state, s.images, dev)
+            accs["linearized"] = [s.accuracy(f0 + a * jv) for a in alphas]
+            gaps[name] = relative_linearity_gap(logits, f0 + jv, f0)
+        per_set[name] = accs
+    return _finish(config, alphas, per_set, list(sets), Path(out_dir), gaps, {n: len(s.ds) for n, s in sets.items()},
+                   bb_f)
+
+
+def _finish(config, alphas, per_set, names, out: Path, gaps, sizes, bb) -> CheckpointInterpolation:
+    iid_name, ood_names = names[0], names[1:]
+    curves = {}
+    for path in per_set[iid_name]:
+        curves[path] = [{"alpha": a, "iid": per_set[iid_name][path][i],
+                         "ood": float(np.mean([per_set[n][path][i] for n in ood_names])) if ood_names else None,
+                         "sets": {n: per_set[n][path][i] for n in names}} for i, a in enumerate(alphas)]
+    out.mkdir(parents=True, exist_ok=True)
+    result = CheckpointInterpolation(alphas, curves, iid_name, ood_names, bb.name, config.pretrained,
+                                     str(config.finetuned), config.pretrained_head, out / "figure1.json",
+                                     linearity_gap=gaps or None, set_sizes=sizes)
+    if config.plot and ood_names:
+        result.plot = plot_figure1(curves, out / "figure1.png",
+                                   title=f"{bb.name}: {Path(config.pretrained).name} → {Path(config.finetuned).name}")
+    atomic_write_text(result.summary, json_text(result.to_dict(), indent=1, ensure_ascii=False) + "\n")
+    return result

@@ -1,0 +1,170 @@
+"""Figure 1 mode of interpolation (linft.analysis.checkpoint_interpolation, `linft interpolate --iid`): two
+checkpoints of a tiny CLIP (open_clip's real code paths) — an open_clip state_dict and a model-soups checkpoint —
+a zero-shot head through open_clip's tokenizer and text tower, and an o.o.d. set with a subset of the classes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+from PIL import Image
+from torchvision.models.vision_transformer import VisionTransformer
+
+from linft.analysis.checkpoint_interpolation import CheckpointInterpolateConfig, interpolate_checkpoints
+from linft.cli.main import main
+from linft.data.folders import load_class_folder
+from linft.data.images import EvalImages, normalize_uint8
+from linft.errors import LinftError
+from linft.models.blocks import PooledBlockFeatures, phi_block_names
+from linft.models.clip import zero_shot_head
+from linft.models.heads import LinearHead, fit_probe_head
+from linft.models.registry import load_backbone
+
+from conftest import TINY_CLIP, TINY_VIT, assert_one_line_error
+from helpers import NEAR_TIE
+
+open_clip = pytest.importorskip("open_clip")
+
+ARCH = TINY_CLIP + "-quickgelu"  # OpenAI's CLIP and model-soups' checkpoints use QuickGELU
+CLASSES = ("goldfish", "great_white_shark", "tench")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    yield
+
+
+def _folder(root, classes, per_class, seed):
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    """An i.i.d. set of 3 classes, an o.o.d. set of 2 of them; a pretrained CLIP file and a model-soups checkpoint
+    (its image tower perturbed, its head the zero-shot head plus noise)."""
+    tmp = tmp_path_factory.mktemp("figure1")
+    iid = _folder(tmp / "val", CLASSES, 4, 0)
+    ood = _folder(tmp / "sketch", CLASSES[1:], 3, 1)
+    torch.manual_seed(0)
+    clip = open_clip.create_model(TINY_CLIP[5:], force_quick_gelu=True).eval()
+    pretrained = tmp / "clip.pt"
+    torch.save(clip.state_dict(), pretrained)
+    zs = zero_shot_head(ARCH, str(pretrained), [c.replace("_", " ") for c in CLASSES])
+    g = torch.Generator().manual_seed(1)
+    state = {f"model.{k}": v + 0.3 * v.abs().mean() * torch.randn(v.shape, generator=g) if k.startswith("visual.")
+             else v for k, v in clip.state_dict().items() if not k.startswith("transformer.")}
+    state["classification_head.weight"] = zs.weight + torch.randn(zs.weight.shape, generator=g)
+    state["classification_head.bias"] = torch.zeros(3)
+    finetuned = tmp / "model_0.pt"
+    torch.save(state, finetuned)
+    return tmp, iid, ood, pretrained, finetuned, zs
+
+
+def _logits(bb, folder, head=None):
+    ds = load_class_folder(folder)
+    transform, _, size = bb.input_transform(bb.image_size)
+    x = normalize_uint8(EvalImages(ds, size, 64, 0, transform=transform).images)
+    with torch.no_grad():
+        if head is None:
+            return bb.model(x), ds
+        feats = []
+        bb.model.fc.register_forward_hook(lambda m, i, o: feats.append(i[0]))
+        bb.model(x)
+        return head(feats[0]), ds
+
+
+def _accuracy_bounds(logits, ds, columns):
+    """Accuracy of logits restricted to ``columns``, and how many images are near ties there."""
+    restricted = logits[:, columns]
+    top2 = restricted.topk(2, dim=1).values
+    ties = int(((top2[:, 0] - top2[:, 1]) < NEAR_TIE).sum())
+    return float(np.mean(restricted.argmax(1).numpy() == ds.labels)), ties / len(ds)
+
+
+def test_figure1_ends_subset_classes_and_zero_shot_head(setting):
+    tmp, iid, ood, pretrained, finetuned, zs = setting
+    config = CheckpointInterpolateConfig(backbone=ARCH, pretrained=str(pretrained), finetuned=str(finetuned),
+                                         alphas="0,0.5,1", linearity=True, device="cpu", batch_size=16, workers=0)
+    result = interpolate_checkpoints(iid, [ood], config, out_dir=tmp / "out", progress=False)
+    assert result.iid_set == "val" and result.ood_sets == ["sketch"] and result.set_sizes == {"val": 12, "sketch": 6}
+    assert set(result.curves) == {"weights", "representation", "linearized"}
+    # the ends, computed here by plain forward passes: α = 1 the model-soups model, α = 0 the pretrained tower with
+    # the zero-shot head; the o.o.d. set's logits restricted to its 2 classes (columns 1, 2 of the head)
+    fine = load_backbone(ARCH, str(finetuned))
+    pre = load_backbone(ARCH, str(pretrained))
+    for folder, name, columns in ((iid, "val", [0, 1, 2]), (ood, "sketch", [1, 2])):
+        for alpha_index, (bb, head) in ((-1, (fine, None)), (0, (pre, zs))):
+            logits, ds = _logits(bb, folder, head)
+            expected, ties = _accuracy_bounds(logits, ds, columns)
+            for path in ("weights", "representation", "linearized"):
+                got = result.curves[path][alpha_index]["sets"][name]
+                assert abs(got - expected) <= ties + 1e-9, (path, name, alpha_index, got, expected)
+    for point in result.curves["weights"]:
+        assert point["iid"] == point["sets"]["val"] and point["ood"] == point["sets"]["sketch"]  # one o.o.d. set
+    assert result.plot.is_file() and json.loads(result.summary.read_text())["curves"] == result.curves
+    assert result.linearity_gap["val"] > 0
+
+
+def test_cli_figure1_mode_and_errors(setting):
+    tmp, iid, ood, pretrained, finetuned, _ = setting
+    runner = CliRunner()
+    base = ["interpolate", "--backbone", ARCH, "--pretrained", str(pretrained), "--finetuned", str(finetuned),
+            "--iid", str(iid), "--ood", str(ood), "--alphas", "0,1", "--device", "cpu", "--workers", "0", "--quiet"]
+    res = runner.invoke(main, base + ["--out", str(tmp / "cli")])
+    assert res.exit_code == 0, res.output
+    assert "i.i.d. = val, o.o.d. = mean of sketch" in res.output and (tmp / "cli" / "figure1.png").is_file()
+    # an o.o.d. set with a class the head does not know
+    _folder(tmp / "other", ["tench", "zebra"], 1, 2)
+    assert_one_line_error(runner.invoke(main, base[:-9] + ["--iid", str(iid), "--ood", str(tmp / "other"), "--quiet"]),
+                          "classes the head does not know (zebra)")
+    # ends of two architectures: the GELU tower of the name without -quickgelu against QuickGELU's soups checkpoint
+    other = base.copy()
+    other[other.index(ARCH)] = TINY_CLIP
+    assert_one_line_error(runner.invoke(main, other), f"the pretrained end is a {TINY_CLIP} but the fine-tuned one a {ARCH}")
+    # zero-shot needs CLIP; probe needs data
+    assert_one_line_error(runner.invoke(main, base + ["--pretrained-head", "probe"]), "--probe-data")
+    vit = tmp / "vit.pt"
+    torch.save(VisionTransformer(**TINY_VIT, num_classes=3).state_dict(), vit)
+    with pytest.raises(LinftError, match="zero-shot head needs a CLIP backbone"):
+        interpolate_checkpoints(iid, [], CheckpointInterpolateConfig(backbone="vit-tiny", pretrained="none",
+                                                                     finetuned=str(vit), device="cpu", workers=0),
+                                out_dir=tmp / "x", progress=False)
+
+
+@pytest.mark.parametrize("kind", ["probe", "file"])
+def test_probe_and_file_heads_of_the_pretrained_end(setting, kind, tmp_path):
+    """Two Vision Transformer checkpoints (no CLIP): the pretrained end's head is a probe fitted on --probe-data or a
+    file; at α = 0 every path is that head on the pretrained features (computed here independently)."""
+    _, iid, ood, *_ = setting
+    torch.manual_seed(3)
+    vit = VisionTransformer(**TINY_VIT, num_classes=3)
+    nn.init.normal_(vit.heads.head.weight)
+    finetuned = tmp_path / "vit.pt"
+    torch.save(vit.state_dict(), finetuned)
+    pre = load_backbone("vit-tiny", "none")
+    transform, _, size = pre.input_transform(32)
+    ds = load_class_folder(iid)
+    with torch.no_grad():
+        phi = PooledBlockFeatures(pre.model, phi_block_names(pre.model, 1))(
+            normalize_uint8(EvalImages(ds, size, 64, 0, transform=transform).images))[:, -1]
+    if kind == "probe":
+        head, extra = fit_probe_head(phi, ds.labels, 3), {"pretrained_head": "probe", "probe_data": str(iid)}
+    else:
+        head = LinearHead(torch.randn(3, 32), torch.randn(3))
+        torch.save({"weight": head.weight, "bias": head.bias}, tmp_path / "head.pt")
+        extra = {"pretrained_head": str(tmp_path / "head.pt")}
+    config = CheckpointInterpolateConfig(backbone="vit-tiny", pretrained="none", finetuned=str(finetuned),
+                                         alphas="0,1", device="cpu", workers=0, **extra)
+    result = interpolate_checkpoints(iid, [ood], config, out_dir=tmp_path / "out", progress=False)
+    expected, ties = _accuracy_bounds(head(phi), ds, [0, 1, 2])
+    for path in ("weights", "representation"):
+        assert abs(result.curves[path][0]["iid"] - expected) <= ties + 1e-9, path

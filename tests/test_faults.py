@@ -1,0 +1,118 @@
+"""Faults of the environment, made for real in a child process: a file-size limit (what a full disk or a quota
+does to a write), a lock held by another process, sizes and read-only file systems in messages."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from linft.errors import LinftError
+from linft.output import human_bytes, lock_path, output_lock, writable_folder
+
+# The child lowers its file-size limit (RLIMIT_FSIZE) and ignores SIGXFSZ: every write past the limit then fails
+# with EFBIG, the way writes fail on a full disk, at an exact point.
+LIMITED = textwrap.dedent("""
+    import resource, signal, sys
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limit = int(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    from linft.errors import LinftError
+    try:
+        exec(sys.argv[2])
+    except LinftError as exc:
+        print("Error:", exc)
+        sys.exit(2)
+""")
+
+
+def limited(limit: int, code: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", LIMITED, str(limit), textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=300, cwd=cwd)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_partial(tmp_path):
+    proc = limited(100_000, """
+        import torch
+        from linft.runtime import atomic_save
+        atomic_save({"x": torch.zeros(100_000)}, "ck.pt")
+    """, tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout.startswith("Error: cannot write ck.pt (file too large") and proc.stdout.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_records_that_cannot_be_written_are_one_line_and_the_file_stays_readable(tmp_path):
+    from linft.protocol.records import RecordWriter, read_records
+    good = {"run_id": "r0", "step": 0, "splits": {"a_in": [1, 2], "a_out": [1, 2], "b_in": [3, 4], "b_out": [1, 1]},
+            "test_domain": "a", "train_domains": ["b"],
+            "seed": 0, "label": "m", "final": False}
+    with RecordWriter(tmp_path / "records.jsonl") as w:
+        w.write(good)
+    size = (tmp_path / "records.jsonl").stat().st_size
+    proc = limited(size + 100, """
+        from linft.protocol.records import RecordWriter
+        with RecordWriter("records.jsonl") as w:
+            for step in range(1, 100):
+                w.write({**%r, "step": step, "pad": "x" * 60})
+    """ % good, tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "cannot write run records to records.jsonl (file too large" in proc.stdout
+    assert "finished runs are kept" in proc.stdout
+    records = read_records([tmp_path / "records.jsonl"])  # a torn last line is skipped, the rest is intact
+    assert records[0]["step"] == 0 and [r["step"] for r in records] == list(range(len(records)))
+    with RecordWriter(tmp_path / "records.jsonl") as w:  # appending again drops the torn line first
+        w.write({**good, "step": 50})
+    assert read_records([tmp_path / "records.jsonl"])[-1]["step"] == 50
+
+
+def test_sizes_in_messages_are_never_zero_gib():
+    assert human_bytes(0) == "0 B" and human_bytes(512) == "512 B"
+    assert human_bytes(3 * 2**20 + 2**19) == "3.5 MiB" and human_bytes(3 * 2**30) == "3.00 GiB"
+
+
+def test_a_lock_names_its_owner_and_a_dead_owners_lock_is_taken_over(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from linft.output import output_lock
+        with output_lock({str(tmp_path / 'out')!r}, folder=True):
+            print("locked", flush=True)
+            time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(LinftError, match=rf"being written by another linft process \(pid {child.pid} on "
+                                             rf"{socket.gethostname()}.*delete .*\.linft\.lock"):
+            with output_lock(tmp_path / "out", folder=True):
+                pass
+    finally:
+        child.kill()
+        child.wait()
+    lock = lock_path(tmp_path / "out", folder=True)
+    assert json.loads(lock.read_text())["pid"] == child.pid  # a killed owner leaves its lock behind ...
+    with output_lock(tmp_path / "out", folder=True):  # ... which the next command takes over
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+
+
+def read_only_mount():
+    """A folder on a file system mounted read-only on this machine, or None."""
+    try:
+        lines = open("/proc/mounts").read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 3 and "ro" in fields[3].split(",") and os.path.isdir(fields[1]):
+            return fields[1]
+    return None
+
+
+@pytest.mark.skipif(read_only_mount() is None, reason="no read-only mount on this machine")
+def test_a_read_only_file_system_is_named_as_such():
+    folder = read_only_mount()
+    with pytest.raises(LinftError, match=r"\(read-only file system\); choose another --out"):
+        writable_folder(folder)
