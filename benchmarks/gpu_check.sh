@@ -9,7 +9,8 @@
 # channels_last, and with float16, linear fine-tuning on the GPU, full fine-tuning with bfloat16 autocast and
 # --ensembles, a linearized run, interpolation with the jvp path and in float32, report), the same stages on
 # transformers (torchvision ViT-B/16 and, when open_clip is installed, CLIP ViT-B/32, random weights: nothing
-# downloads), then the benchmarks with --device cuda (ViT-B/16 too). Output and JSON figures
+# downloads), then the benchmarks with --device cuda (ViT-B/16 too; and the linear engine's step captured as a CUDA graph
+# against the eager step: time per step, largest difference). Output and JSON figures
 # go to ${OUT:-/tmp/linft_gpu_check}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -67,7 +68,8 @@ else
 fi
 
 if [ "$QUICK" = 1 ]; then
-    step bench_linear python3 benchmarks/linear_grid.py --device "$DEVICE" --steps 5 --plain-steps 5 --json
+    step bench_linear python3 benchmarks/linear_grid.py --device "$DEVICE" --steps 5 --repeats 1 --grids 0.9 --json
+    step linear_graph python3 benchmarks/linear_grid.py --device "$DEVICE" --graph-check 12
     step bench_finetune python3 benchmarks/finetune_step.py --device "$DEVICE" --steps 1 --rounds 1 --json
     step bench_interpolate python3 benchmarks/interpolate_cost.py --device "$DEVICE" --images 16 --steps 1 --json
     step bench_extract python3 benchmarks/extract_throughput.py --device "$DEVICE" --images 48 --batch-size 8 --backbone resnet18 --image-size 64 --json
@@ -75,6 +77,7 @@ if [ "$QUICK" = 1 ]; then
     step bench_finetune_vit python3 benchmarks/finetune_step.py --device "$DEVICE" --backbone vit_b_16 --batch-size 4 --steps 1 --rounds 1 --json
 else
     step bench_linear python3 benchmarks/linear_grid.py --device "$DEVICE" --json
+    step linear_graph python3 benchmarks/linear_grid.py --device "$DEVICE" --graph-check 300
     step bench_finetune python3 benchmarks/finetune_step.py --device "$DEVICE" --json
     step bench_interpolate python3 benchmarks/interpolate_cost.py --device "$DEVICE" --backbone resnet50 --image-size 224 --json
     step bench_extract python3 benchmarks/extract_throughput.py --device "$DEVICE" --images 2048 --batch-size 256 --json

@@ -1,16 +1,24 @@
-"""Speed of the stacked linear fine-tuning engine against the same runs trained one by one.
+"""Speed of the linear engine against the same runs trained one by one, and against the machine's floors.
 
-    python benchmarks/linear_grid.py                  # CPU: times a slice of steps and extrapolates
-    python benchmarks/linear_grid.py --device cuda --steps 10000 --plain-steps 2000
+    python benchmarks/linear_grid.py                 # CPU, 1 thread, CPU time, 3 interleaved repeats
+    python benchmarks/linear_grid.py --device cuda   # wall time with synchronisation
+    python benchmarks/linear_grid.py --json
 
-A PACS-sized synthetic cache (N = 10,000, K = 3, D = 2048, C = 7, 4 domains)
-and the paper's protocol for one dropout rate: 4 held-out domains x 6 grid
-points (lr x weight decay) x 3 seeds = 72 runs x 10,000 steps, evaluated every
-300 steps (35 evaluations per run). Both sides are timed on a slice
-(``--steps`` engine steps for all 72 runs, ``--plain-steps`` steps of one run
-with a plain torch.optim.SGD loop), with the cost of one evaluation timed
-apart, and extrapolated to the full protocol (10,000 steps and 35
-evaluations per run); the printout says so.
+A PACS-sized synthetic cache (N = 10,000, K = 3, D = 2048, C = 7, 4 domains, float16 features, batch 3 × 32 rows).
+Grids: ``0.9`` (6 points per (held-out domain, seed): lr × weight decay at dropout 0.9; 12, 72 and 288 runs are
+2, 12 and 48 groups) and ``mixed`` (24 points: dropout 0, 0.5, 0.9 and the probe; 24, 72 and 288 runs are 1, 3
+and 12 groups). Variants, interleaved in one process and repeated ``--repeats`` times (the median is reported):
+
+* ``one by one`` — one run with a plain ``torch.optim.SGD`` loop, rows and masks from torch's generator (ms per
+  run-step, times the runs; each kind of grid point timed);
+* ``engine`` — :func:`train_linear_grid` as linft runs it (the compiled sparse step for the dropout runs on a CPU);
+* ``torch step`` — the same with ``step_kind="torch"``: the pure-torch fallback (dense, masked).
+
+Per step: the median of the CPU time between consecutive steps (setup excluded). Floors: the measured float32
+GEMM rate and copy bandwidth of this machine, the FLOPs of a step (dense: every (row, unit); sparse: only the
+kept ones) and the bytes of its feature rows. Evaluation: one evaluation of all runs on the N rows, in the folded
+and the factored form, for C = 7 and for C = 345 (DomainNet's classes, on 2,000 rows). The protocol estimate is
+10,000 steps and 35 evaluations (``--steps`` steps are timed per variant; the printout says so).
 """
 
 from __future__ import annotations
@@ -23,122 +31,187 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from linft.data.splits import domain_split_rows
-from linft.protocol.schedule import eval_steps, lr_at
+from linft.protocol.schedule import eval_steps
 from linft.runtime import resolve_device
-from linft.train.linear_engine import (
-    GridPoint, Group, LinearData, LinearGridConfig, _evaluate, draw_batch, draw_noise, group_generator,
-    initial_parameters, linear_ft_logits, train_linear_grid,
-)
+from linft.train.linear_engine import (GridPoint, Group, LinearData, LinearGridConfig, group_generator,
+                                       initial_parameters, linear_ft_logits, train_linear_grid)
+from linft.train.linear_eval import evaluate_grid
 
-N, K, D, C, NDOM = 10_000, 3, 2048, 7, 4
+N, K, D, C, NDOM, BATCH = 10_000, 3, 2048, 7, 4, 32
 FULL_STEPS, EVAL_EVERY = 10_000, 300
 FULL_EVALS = len(eval_steps(FULL_STEPS, EVAL_EVERY))
+GRIDS = {"0.9": [0.9], "mixed": [0.0, 0.5, 0.9, "probe"]}
+SIZES = {"0.9": (12, 72, 288), "mixed": (24, 72, 288)}
+
+
+def points_of(grid: str) -> list[GridPoint]:
+    return [GridPoint(lr, wd, 0.0 if r == "probe" else r, r == "probe") for r in GRIDS[grid]
+            for lr in (1e-3, 5e-4) for wd in (1e-4, 5e-5, 1e-5)]
 
 
 def synthetic(dev):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, C, N)
     domains = np.sort(rng.integers(0, NDOM, N))
-    feats = np.abs(rng.normal(size=(N, K, D))).astype(np.float16)
+    feats = np.abs(rng.standard_normal(size=(N, K, D), dtype=np.float32)).astype(np.float16)
     return torch.from_numpy(feats).to(dev), torch.from_numpy(labels).to(dev), domains
 
 
-def sync(dev):
+def groups_of(domains, points, runs, dev) -> list[Group]:
+    pools = [torch.from_numpy(np.flatnonzero(domains == d)).to(dev) for d in range(NDOM)]
+    n = runs // len(points)
+    return [Group(i % NDOM, i // NDOM, [p for d, p in enumerate(pools) if d != i % NDOM], points) for i in range(n)]
+
+
+def clock(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+        return time.perf_counter()
+    return time.process_time()
 
 
-def engine_seconds(feats, labels, domains, points, seeds, steps, dev) -> tuple[float, float]:
-    """(seconds per step for all runs, seconds per evaluation of all runs)."""
-    split_rows = {}
-    groups = []
-    for s in range(seeds):
-        rows_of = domain_split_rows(domains, NDOM, s)
-        ids = np.full(N, -1)
-        for (d, part), rows in rows_of.items():
-            ids[rows] = 2 * d + (part == "out")
-        split_rows[s] = torch.from_numpy(ids).to(dev)
-        for e in range(NDOM):
-            pools = [torch.from_numpy(rows_of[(d, "in")]).to(dev) for d in range(NDOM) if d != e]
-            groups.append(Group(e, s, pools, points))
-    config = LinearGridConfig(steps=steps, eval_every=steps)  # evaluations at steps 0 and steps-1
-    sync(dev)
-    t = time.perf_counter()
-    v, V, b = train_linear_grid(LinearData(feats, labels, split_rows, 2 * NDOM, C), groups, config)
-    sync(dev)
-    total = time.perf_counter() - t
-    seed_split = torch.stack([split_rows[g.seed] for g in groups])
-    t = time.perf_counter()
-    _evaluate(feats, labels, seed_split, v, V, b, 2 * NDOM, config.eval_chunk)
-    sync(dev)
-    one_eval = time.perf_counter() - t
-    return (total - 2 * one_eval) / steps, one_eval
+def engine_ms(data, groups, step_kind, steps, dev) -> float:
+    """Median time between consecutive steps of the engine (ms), all runs of ``groups``."""
+    marks = []
+    train_linear_grid(data, groups, LinearGridConfig(steps=steps, eval_every=10 * steps, step_kind=step_kind),
+                      on_step=lambda s: marks.append(clock(dev)))
+    return 1000 * float(np.median(np.diff(marks)))
 
 
-def plain_seconds(feats, labels, domains, point, steps, dev) -> tuple[float, float]:
-    """One run written the ordinary way (parameters, torch.optim.SGD, a Python loop):
-    (seconds per step, seconds per evaluation on every example)."""
-    gen = group_generator(0, 0, "init", dev)
-    v, V, b = (t.clone().requires_grad_(True) for t in initial_parameters(K, D, C, gen, "last", False, dev))
-    opt = torch.optim.SGD([v, V, b], lr=point.lr, momentum=0.9, weight_decay=point.weight_decay)
-    rows_of = domain_split_rows(domains, NDOM, 0)
-    pools = [torch.from_numpy(rows_of[(d, "in")]).to(dev) for d in range(1, NDOM)]
-    gen = group_generator(0, 0, "batches", dev)
-    sync(dev)
-    t = time.perf_counter()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, point.lr, (FULL_STEPS // 2,))
-        rows = draw_batch(pools, 32, gen)
-        keep = draw_noise(len(rows), D, gen, dev) >= point.dropout
+def plain_ms(feats, labels, domains, point, steps, dev) -> float:
+    """One run written the ordinary way (parameters, torch.optim.SGD, a Python loop): median ms per step."""
+    v, V, b = (t.clone().requires_grad_(True) for t in initial_parameters(K, D, C, group_generator(0, 0, "init", dev),
+                                                                         "last", point.probe, dev))
+    opt = torch.optim.SGD([V, b] if point.probe else [v, V, b], lr=point.lr, momentum=0.9,
+                          weight_decay=point.weight_decay)
+    pools = [torch.from_numpy(np.flatnonzero(domains == d)).to(dev) for d in range(1, NDOM)]
+    gen = torch.Generator(device=dev).manual_seed(0)
+    marks = []
+    for step in range(steps):  # rows and masks drawn as people write it, with torch's generator
+        rows = torch.cat([p[torch.randint(len(p), (BATCH,), generator=gen, device=dev)] for p in pools])
+        keep = torch.rand(len(rows), D, generator=gen, device=dev) >= point.dropout
         loss = F.cross_entropy(linear_ft_logits(feats[rows].float(), v, V, b, keep, point.dropout), labels[rows])
         opt.zero_grad()
         loss.backward()
         opt.step()
-    sync(dev)
-    per_step = (time.perf_counter() - t) / steps
-    t = time.perf_counter()
-    with torch.no_grad():
-        for a in range(0, N, 4096):
-            (linear_ft_logits(feats[a:a + 4096].float(), v, V, b).argmax(1) == labels[a:a + 4096]).sum().item()
-    sync(dev)
-    return per_step, time.perf_counter() - t
+        marks.append(clock(dev))
+    return 1000 * float(np.median(np.diff(marks)))
+
+
+def eval_ms(rows, classes, runs, form, dev) -> float:
+    g = torch.Generator(device=dev).manual_seed(0)
+    feats = torch.rand(rows, K, D, generator=g, device=dev).half()
+    labels = torch.randint(classes, (rows,), generator=g, device=dev)
+    G = runs // 6
+    v, Vt, b = torch.randn(G, 6, K, D, device=dev), torch.randn(G, 6, D, classes, device=dev), torch.zeros(G, 6, classes, device=dev)
+    split = torch.zeros(G, rows, dtype=torch.long, device=dev)
+    t = clock(dev)
+    evaluate_grid(feats, labels, split, v, Vt, b, 1, 4096, form)
+    return 1000 * (clock(dev) - t)
+
+
+def floors(dev) -> dict:
+    """Measured float32 GEMM rate (GFLOP/s) and copy bandwidth (GB/s, bytes read + written)."""
+    a = torch.randn(2048, 2048, device=dev)
+    a @ a
+    t = clock(dev)
+    for _ in range(3):
+        a @ a
+    gemm = 3 * 2 * 2048**3 / (clock(dev) - t) / 1e9
+    x, y = torch.ones(64 * 2**20, device=dev), torch.empty(64 * 2**20, device=dev)
+    y.copy_(x)
+    t = clock(dev)
+    for _ in range(3):
+        y.copy_(x)
+    bandwidth = 3 * 2 * x.numel() * 4 / (clock(dev) - t) / 1e9
+    return {"gemm_gflops": gemm, "bandwidth_gbs": bandwidth}
+
+
+def step_costs(points, runs) -> dict:
+    """FLOPs of one step (dense and sparse) and bytes of its feature rows (float16), for ``runs`` runs."""
+    B, groups = (NDOM - 1) * BATCH, runs // len(points)
+    per_pair = 4 * K + 6 * C  # Φ̃, logits, dV, dΦ̃, dv: multiply-adds per (row, unit) of one run, ×2 FLOPs
+    dense = groups * sum(B * D * per_pair for _ in points)
+    sparse = groups * sum(B * D * per_pair * (1 - p.dropout if not p.probe else 1) for p in points)
+    return {"dense_mflop": dense / 1e6, "sparse_mflop": sparse / 1e6, "row_mbytes": groups * B * K * D * 2 / 1e6}
+
+
+def graph_check(data, domains, dev, steps: int) -> dict:
+    """The 72-run grid of dropout 0.9 with the step captured as a CUDA graph and eager: per-step time of each and
+    the largest parameter difference (the same kernels replayed: expected 0)."""
+    groups = groups_of(domains, points_of("0.9"), 72, dev)
+    out = {}
+    for graph in (True, False):
+        marks = []
+        params = train_linear_grid(data, groups, LinearGridConfig(steps=steps, eval_every=10 * steps, cuda_graph=graph),
+                                   on_step=lambda s: marks.append(clock(dev)))
+        out["graph" if graph else "eager"] = (1000 * float(np.median(np.diff(marks[5:]))), params)
+    diff = max(float((a - b).abs().max()) for a, b in zip(out["graph"][1], out["eager"][1]))
+    return {"graph_ms_per_step": out["graph"][0], "eager_ms_per_step": out["eager"][0], "max_param_diff": diff}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--steps", type=int, default=300, help="engine steps timed (all 72 runs)")
-    ap.add_argument("--plain-steps", type=int, default=300, help="plain-loop steps timed (one run)")
-    ap.add_argument("--dropout", type=float, default=0.9)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=25, help="steps timed per variant and repeat")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--grids", default="0.9,mixed")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--graph-check", type=int, default=0, metavar="STEPS",
+                    help="only compare the captured (CUDA graph) and the eager step over STEPS steps")
     args = ap.parse_args()
     dev = resolve_device(args.device)
+    if dev.type == "cpu":
+        torch.set_num_threads(1)
     feats, labels, domains = synthetic(dev)
-    points = [GridPoint(lr, wd, args.dropout) for lr in (1e-3, 5e-4) for wd in (1e-4, 5e-5, 1e-5)]
-    runs = len(points) * 3 * NDOM
-    engine_step, engine_eval = engine_seconds(feats, labels, domains, points, 3, args.steps, dev)
-    plain_step, plain_eval = plain_seconds(feats, labels, domains, points[0], args.plain_steps, dev)
-    engine_full = engine_step * FULL_STEPS + engine_eval * FULL_EVALS
-    plain_full = (plain_step * FULL_STEPS + plain_eval * FULL_EVALS) * runs
-    result = {
-        "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
-        "runs": runs, "full_steps": FULL_STEPS, "engine_steps_timed": args.steps, "plain_steps_timed": args.plain_steps,
-        "engine_ms_per_step_all_runs": 1000 * engine_step, "engine_ms_per_eval_all_runs": 1000 * engine_eval,
-        "plain_ms_per_run_step": 1000 * plain_step, "plain_ms_per_run_eval": 1000 * plain_eval,
-        "engine_full_protocol_s": engine_full, "plain_full_protocol_s": plain_full,
-        "speedup": plain_full / engine_full,
-    }
-    if args.json:
-        print(json.dumps(result, indent=2))
+    data = LinearData(feats, labels, {s: torch.zeros(N, dtype=torch.long, device=dev) for s in range(12)}, 2, C)
+    if args.graph_check:
+        print(json.dumps(graph_check(data, domains, dev, args.graph_check), indent=2))
         return
-    print(f"{result['device']}: {runs} runs x {FULL_STEPS} steps (N={N}, K={K}, D={D}, C={C}, dropout {args.dropout})")
-    print(f"  engine: {1000 * engine_step:.1f} ms per step and {1000 * engine_eval:.0f} ms per evaluation for all "
-          f"{runs} runs (timed {args.steps} steps) -> {engine_full:,.0f} s for the protocol (extrapolated)")
-    print(f"  plain : {1000 * plain_step:.2f} ms per run-step and {1000 * plain_eval:.0f} ms per evaluation "
-          f"(timed {args.plain_steps} steps of one run) -> {plain_full:,.0f} s for the protocol (extrapolated)")
-    print(f"  speed-up: {result['speedup']:.1f}x")
+    machine = floors(dev)
+    results = []
+    for grid in args.grids.split(","):
+        points = points_of(grid)
+        kinds = {(p.dropout, p.probe): p for p in points}
+        for runs in SIZES[grid]:
+            groups = groups_of(domains, points, runs, dev)
+            times = {"engine": [], "torch step": [], "one by one": []}
+            for _ in range(args.repeats):  # variants interleaved
+                times["engine"].append(engine_ms(data, groups, "auto", args.steps, dev))
+                times["torch step"].append(engine_ms(data, groups, "torch", args.steps, dev))
+                per_kind = {k: plain_ms(feats, labels, domains, p, args.steps, dev) for k, p in kinds.items()}
+                times["one by one"].append(sum(per_kind[(p.dropout, p.probe)] for p in points) * len(groups))
+            ms = {k: float(np.median(v)) for k, v in times.items()}
+            cost = step_costs(points, runs)
+            floor_dense = max(cost["dense_mflop"] / machine["gemm_gflops"], cost["row_mbytes"] / machine["bandwidth_gbs"])
+            floor_sparse = max(cost["sparse_mflop"] / machine["gemm_gflops"], cost["row_mbytes"] / machine["bandwidth_gbs"])
+            results.append({"grid": grid, "runs": runs, **{f"{k}_ms": v for k, v in ms.items()},
+                            "spread_ms": {k: [float(min(v)), float(max(v))] for k, v in times.items()}, **cost,
+                            "floor_dense_ms": floor_dense, "floor_sparse_ms": floor_sparse})
+    evals = {f"C={c}, {rows} rows, 72 runs, {form}": eval_ms(rows, c, 72, form, dev)
+             for c, rows in ((7, N), (345, 2000)) for form in ("folded", "factored")}
+    out = {"device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+           "threads": torch.get_num_threads(), "timer": "CPU time" if dev.type == "cpu" else "wall time",
+           "steps_timed": args.steps, "repeats": args.repeats, **machine, "grids": results, "eval_ms": evals}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    print(f"{out['device']}, {out['threads']} thread(s), {out['timer']}, median of {args.repeats} interleaved "
+          f"repeats of {args.steps} steps; GEMM {machine['gemm_gflops']:.0f} GFLOP/s, copy {machine['bandwidth_gbs']:.1f} GB/s")
+    print(f"{'grid':>6} {'runs':>5} {'one by one':>11} {'engine':>8} {'torch step':>10} {'speed-up':>9} "
+          f"{'floor sparse':>12} {'x floor':>8} {'floor dense':>11}  (ms per step, all runs)")
+    for r in results:
+        print(f"{r['grid']:>6} {r['runs']:>5} {r['one by one_ms']:>11.1f} {r['engine_ms']:>8.2f} {r['torch step_ms']:>10.1f} "
+              f"{r['one by one_ms'] / r['engine_ms']:>8.1f}x {r['floor_sparse_ms']:>12.2f} "
+              f"{r['engine_ms'] / r['floor_sparse_ms']:>7.1f}x {r['floor_dense_ms']:>11.2f}")
+    for name, ms in evals.items():
+        print(f"evaluation {name}: {ms:.0f} ms")
+    r72 = next(r for r in results if r["runs"] == 72)
+    full = lambda step_ms, eval_ms_: (step_ms * FULL_STEPS + eval_ms_ * FULL_EVALS) / 1000
+    ev = evals[f"C=7, {N} rows, 72 runs, folded"]
+    print(f"protocol estimate (grid {r72['grid']}, 72 runs, {FULL_STEPS} steps + {FULL_EVALS} evaluations, "
+          f"extrapolated from {args.steps} timed steps): engine {full(r72['engine_ms'], ev):.0f} s, torch step "
+          f"{full(r72['torch step_ms'], ev):.0f} s, one by one {full(r72['one by one_ms'], 0):.0f} s + evaluations")
 
 
 if __name__ == "__main__":

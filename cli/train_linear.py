@@ -40,10 +40,13 @@ from linft.train.linear_engine import V_INITS, LinearGridConfig
 @click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False), default=None,
               help="Also write the records as TensorBoard event files under this folder (pip install "
                    "'linft[tensorboard]'; then: tensorboard --logdir DIR).")
+@click.option("--memory-gib", type=float, default=None,
+              help="Keep at most this many GiB of cached features and views in memory; the rest is read from the "
+                   "file in chunks (default: everything in memory).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary table as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no line per evaluation.")
-def train_linear_cmd(cache, dropouts, probe, probe_only, lrs, weight_decays, seeds, split_seed, steps, eval_every, batch_size,
-                     v_init, test_domains, device, out, tensorboard_dir, as_json, quiet):
+def train_linear_cmd(cache, dropouts, probe, probe_only, lrs, weight_decays, seeds, split_seed, steps, eval_every,
+                     batch_size, v_init, test_domains, device, out, tensorboard_dir, memory_gib, as_json, quiet):
     """Train linear fine-tuning y = V(Σ v_k⊙φ_k) + b with dropout over the whole protocol.
 
     Every held-out domain x seed x lr x weight decay x dropout rate trains at
@@ -64,7 +67,8 @@ def train_linear_cmd(cache, dropouts, probe, probe_only, lrs, weight_decays, see
     result = train_linear(cache, out, dropouts=() if probe_only else dropouts, probe=probe or probe_only, lrs=lrs,
                           weight_decays=weight_decays, seeds=seeds, split_seed=split_seed, test_domains=test_domains, config=config,
                           device=device, progress=not quiet, say=None if quiet else say_line,
-                          tensorboard_dir=tensorboard_dir)
+                          tensorboard_dir=tensorboard_dir,
+                          memory_budget=None if memory_gib is None else int(memory_gib * 2**30))
     click.echo(f"{done_summary(result.trained, result.skipped, diverged=result.diverged)} -> {result.records}",
                err=True)
     print_grid_outcome([result.records], result.divergence, result.usable, as_json)

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from linft.protocol.schedule import eval_steps, lr_at
-from linft.train.linear_engine import (draw_batch, draw_noise, draw_views, group_generator, initial_parameters,
-                                       linear_ft_logits)
+from linft.train.linear_draws import (NOISE, ROWS, VIEWS, draw_rows, draw_views, group_key, keep_mask, padded_pools,
+                                      row_words)
+from linft.train.linear_engine import group_generator, initial_parameters, linear_ft_logits
 
 #: How far the batched engine's parameters may be from the one-by-one loop's. Both are float32 SGD of the same
 #: batches from the same initialisation; they differ only by the rounding of differently factored (and differently
@@ -44,17 +45,17 @@ def plain_sgd_run(features, labels, rows_of, num_classes, test_domain, seed, poi
     v, V, b = (t.clone().requires_grad_(True) for t in init)
     params = [V, b] if point.probe else [v, V, b]
     opt = torch.optim.SGD(params, lr=point.lr, momentum=config.momentum, weight_decay=point.weight_decay)
-    gen = group_generator(seed, test_domain, "batches", "cpu")
     domains = sorted({d for d, _ in rows_of})
-    pools = [torch.from_numpy(rows_of[(d, "in")]) for d in domains if d != test_domain]
+    pools, sizes = padded_pools([[torch.from_numpy(rows_of[(d, "in")]) for d in domains if d != test_domain]], "cpu")
+    key, B = torch.tensor([group_key(seed, test_domain)]), pools.shape[1] * config.batch_size
     X, Y = torch.from_numpy(features), torch.from_numpy(labels)
     snapshots, losses = {}, {}
     for step in range(config.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, point.lr, config.milestone_steps())
-        rows = draw_batch(pools, config.batch_size, gen)
-        phi = X[rows] if views is None else views[rows, draw_views(len(rows), views.shape[1], gen, "cpu")]
-        keep = draw_noise(len(rows), D, gen, "cpu") >= point.dropout
+        rows = draw_rows(pools, sizes, row_words(key, step, ROWS, B), config.batch_size)[0]
+        phi = X[rows] if views is None else views[rows, draw_views(row_words(key, step, VIEWS, B), views.shape[1])[0]]
+        keep = keep_mask(row_words(key, step, NOISE, B), D, point.dropout)[0]
         loss = F.cross_entropy(linear_ft_logits(phi, v, V, b, keep, point.dropout), Y[rows])
         opt.zero_grad()
         loss.backward()

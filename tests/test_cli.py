@@ -128,6 +128,8 @@ def test_train_linear_then_report(image_folder, tmp_path):
 @pytest.mark.parametrize("extra,fragment", [
     (["--test-domains", "nowhere"], "held-out domain 'nowhere' is not in the cache"),
     (["--dropout", "1.0"], "outside [0, 1)"),
+    (["--memory-gib", "1e-9"], "raise memory_budget to at least"),
+    (["--memory-gib", "0"], "memory_budget must be positive"),
 ])
 def test_train_linear_bad_input(image_folder, tmp_path, extra, fragment):
     cache = tmp_path / "c.h5"

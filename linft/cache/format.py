@@ -320,8 +320,13 @@ def cache_info(path: str | os.PathLike) -> dict:
     return info
 
 
-def open_cache(path: str | os.PathLike) -> FeatureCache:
-    """Read a complete cache into memory (one read per dataset); refuses incomplete files."""
+def open_cache(path: str | os.PathLike, read_array=None) -> FeatureCache:
+    """Read a complete cache into memory (one read per dataset); refuses incomplete files.
+
+    ``read_array(name, dataset)`` reads ``features`` and ``views`` (default: into memory;
+    :func:`linft.cache.chunks.open_cache_within` leaves those that do not fit a budget in the file).
+    """
+    read = read_array or (lambda name, dataset: dataset[...])
     path = Path(path)
     with open_h5(path) as f:
         meta = cache_attrs(f, path)
@@ -335,13 +340,13 @@ def open_cache(path: str | os.PathLike) -> FeatureCache:
             )
         return FeatureCache(
             path=path,
-            features=f["features"][...],
+            features=read("features", f["features"]),
             labels=labels,
             domains=domains,
             paths=read_paths(f),
             valid=f["valid"][...],
             meta=meta,
-            views=f["views"][...] if "views" in f else None,
+            views=read("views", f["views"]) if "views" in f else None,
         )
 
 

@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from linft.cache.chunks import H5Rows, in_memory_bytes, open_cache_within
 from linft.cache.format import FeatureCache, open_cache
 from linft.data.splits import domain_split_rows, split_names, split_seed
 from linft.errors import LinftError
@@ -94,6 +95,7 @@ class _Protocol:
     config: LinearGridConfig
     num_views: int
     split_seed: int | None = None
+    memory_budget: int | None = None  # bytes of cached arrays in memory (linft.cache.chunks); None: no limit
     attempt: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def hparams(self, p: GridPoint) -> dict:
@@ -131,7 +133,13 @@ def _buckets(protocol: _Protocol, test_idx: list[int], seeds: int, points: list[
     return buckets, skipped
 
 
-def _linear_data(cache: FeatureCache, seeds: int, dev: torch.device, fixed_split: int | None = None):
+def _on_device(array, dev):
+    """An in-memory array as a tensor on ``dev``; an :class:`H5Rows` left in its file as it is."""
+    return array if array is None or isinstance(array, H5Rows) else torch.from_numpy(array).to(dev)
+
+
+def _linear_data(cache: FeatureCache, seeds: int, dev: torch.device, fixed_split: int | None = None,
+                 memory_budget: int | None = None):
     """The engine's tensors on ``dev``, and the rows of every (domain, part) split per seed."""
     names = cache.domain_names
     split_rows, rows_by_seed = {}, {}
@@ -142,9 +150,10 @@ def _linear_data(cache: FeatureCache, seeds: int, dev: torch.device, fixed_split
         for (d, part), rows in rows_by_seed[s].items():
             ids[rows] = 2 * d + (part == "out")
         split_rows[s] = torch.from_numpy(ids).to(dev)
-    data = LinearData(features=torch.from_numpy(cache.features).to(dev), labels=torch.from_numpy(cache.labels).to(dev),
+    data = LinearData(features=_on_device(cache.features, dev), labels=torch.from_numpy(cache.labels).to(dev),
                       split_rows=split_rows, num_splits=2 * len(names), num_classes=len(cache.class_names),
-                      views=torch.from_numpy(cache.views).to(dev) if cache.views is not None else None)
+                      views=_on_device(cache.views, dev),
+                      stream_budget=None if memory_budget is None else max(0, memory_budget - in_memory_bytes(cache)))
     return data, rows_by_seed
 
 
@@ -226,7 +235,7 @@ def check_one_source(records_path: Path, cache: FeatureCache) -> None:
 
 def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: LinearGridConfig | None = None, *,
                  device="auto", progress: bool = True, say: Callable[[str], None] | None = None,
-                 tensorboard_dir=None, **grid_fields) -> LinearProtocolResult:
+                 tensorboard_dir=None, memory_budget: int | None = None, **grid_fields) -> LinearProtocolResult:
     """Run the leave-one-domain-out protocol of linear fine-tuning (and/or probing) from a feature cache.
 
     Every run of ``grid`` (whose fields ``grid_fields`` override:
@@ -239,10 +248,17 @@ def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: Linear
     ``say`` receives one line per evaluation step (:func:`grid_eval_line`: a summary over the grid, not one
     line per run); ``tensorboard_dir`` also writes the records as TensorBoard event files
     (:class:`linft.protocol.sinks.TensorBoardSink`).
+
+    ``memory_budget`` (bytes; None: no limit) bounds the cached features and views held in memory: what does not
+    fit stays in the file and is read in chunks (:mod:`linft.cache.chunks`); training refuses in one line when one
+    step's rows alone do not fit.
     """
+    if memory_budget is not None and memory_budget <= 0:
+        raise LinftError(f"memory_budget must be positive, got {memory_budget}")
     grid = LinearGrid(**{**asdict(grid), **grid_fields})
     config = config or LinearGridConfig()
-    cache = cache if isinstance(cache, FeatureCache) else open_cache(cache)
+    cache = cache if isinstance(cache, FeatureCache) else \
+        open_cache(cache) if memory_budget is None else open_cache_within(cache, memory_budget)
     names = cache.domain_names
     test_names = check_grid(names, test_domains=grid.test_domains, seeds=grid.seeds, lrs=grid.lrs,
                             weight_decays=grid.weight_decays, dropouts=grid.dropouts, probe=grid.probe,
@@ -252,7 +268,8 @@ def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: Linear
     sinks = [TensorBoardSink(tensorboard_dir)] if tensorboard_dir is not None else []
     if grid.split_seed is not None and (isinstance(grid.split_seed, bool) or grid.split_seed < 0):
         raise LinftError(f"--split-seed must be 0 or more, got {grid.split_seed}")
-    protocol = _Protocol(cache, config, 0 if cache.views is None else int(cache.views.shape[1]), grid.split_seed)
+    protocol = _Protocol(cache, config, 0 if cache.views is None else int(cache.views.shape[1]), grid.split_seed,
+                         memory_budget)
     records_path = writable_folder(out_dir) / RECORDS_FILE
     with output_lock(out_dir, folder=True):
         check_one_source(records_path, cache)
@@ -270,7 +287,7 @@ def _train_grid(cache: FeatureCache, out_dir, grid: LinearGrid, config: LinearGr
     trained, counter = sum(len(k) * len(v) for k, v in buckets.items()), {"diverged": 0}
     if buckets:
         write_plan(out_dir, {rid: plan_entry(asdict(h)) for rid, h in grid_runs.items()})
-        data, rows_by_seed = _linear_data(cache, grid.seeds, dev, grid.split_seed)
+        data, rows_by_seed = _linear_data(cache, grid.seeds, dev, grid.split_seed, protocol.memory_budget)
         with RecordWriter(records_path, sinks=sinks) as writer, \
                 progress_bar(config.steps * len(buckets), "training", unit="step", enabled=progress) as update:
             for i, (points, pairs) in enumerate(buckets.items()):

@@ -10,15 +10,19 @@ block and 0 elsewhere, and only ``V, b`` trained.
 
 :func:`train_linear_grid` trains every (held-out domain, seed) *group* times
 every grid point (lr, weight decay, dropout, probe) as stacked tensors of
-shape (G, H, ...): one einsum per step for all runs. Each run follows the
-protocol exactly as a plain ``torch.optim.SGD`` loop would (momentum 0.9,
-weight decay added to the gradient, lr ÷10 at the milestones, 32 examples
-per training domain drawn with replacement from the "in" splits, evaluation
-every ``eval_every`` steps and at the last step). Runs of one group share
-their batches, dropout noise and initialisation, as in the official code
-(runs with the same seed see the same batches whatever their lr and weight
-decay); a keep-mask is ``u >= λ`` on noise ``u`` shared by the group, so
-different dropout rates also share their noise.
+shape (G, H, ...), in blocks (:mod:`linft.train.linear_step`): on a CPU the
+dropout runs take the compiled sparse step (:mod:`linft.train.sparse_step`,
+only the kept (row, unit) pairs), the others the pure-torch step; on CUDA the
+torch step, captured once as a CUDA graph. Each run follows the protocol
+exactly as a plain ``torch.optim.SGD`` loop would (momentum 0.9, weight decay
+added to the gradient, lr ÷10 at the milestones, 32 examples per training
+domain drawn with replacement from the "in" splits, evaluation every
+``eval_every`` steps and at the last step). Runs of one group share their
+batches, dropout noise and initialisation, as in the official code (runs
+with the same seed see the same batches whatever their lr and weight decay);
+the draws are hashes of (group, step, row, unit) (:mod:`linft.train.linear_draws`),
+so masks are nested across dropout rates. A training array left in the cache
+file (:class:`~linft.cache.chunks.H5Rows`) is read a window of steps at a time.
 """
 
 from __future__ import annotations
@@ -28,14 +32,22 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from linft.cache.chunks import H5Rows, window_steps
 from linft.data.splits import seed_hash
 from linft.errors import LinftError
 from linft.models.heads import check_dropout_rate
 from linft.protocol.schedule import eval_steps, lr_at, milestone_steps
+from linft.train.linear_draws import (NOISE, ROWS, VIEWS, draw_rows, draw_views, group_key, padded_pools, row_words,
+                                      unit_noise)
+from linft.train.linear_eval import EVAL_FORMS, evaluate_grid
+from linft.train.linear_step import RunBlock, kernel_step, new_block, torch_step
+from linft.train.sparse_step import load_kernel
 
 V_INITS = ("normal", "last")
+STEP_KINDS = ("auto", "sparse", "torch")
+#: eager steps before a CUDA graph of the step is captured
+GRAPH_WARMUP = 3
 
 
 # --------------------------------------------------------------------------- the model (pure functions)
@@ -101,26 +113,10 @@ class Group:
 
 
 def group_generator(seed: int, test_domain: int, purpose: str, device) -> torch.Generator:
-    """The random stream of a group: one per purpose (``batches``, ``init``), seeded by DomainBed's seed_hash."""
+    """The initialisation stream of a group (``purpose`` ``init``), seeded by DomainBed's seed_hash."""
     g = torch.Generator(device=device)
     g.manual_seed(seed_hash("linft-linear", purpose, seed, test_domain))
     return g
-
-
-def draw_batch(pools: list[torch.Tensor], batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    """``batch_size`` rows per training domain, uniformly with replacement, concatenated in domain order."""
-    return torch.cat([pool[torch.randint(len(pool), (batch_size,), generator=generator, device=pool.device)]
-                      for pool in pools])
-
-
-def draw_views(num_rows: int, num_views: int, generator: torch.Generator, device) -> torch.Tensor:
-    """Which cached augmented view each batch row uses this step (uniform)."""
-    return torch.randint(num_views, (num_rows,), generator=generator, device=device)
-
-
-def draw_noise(num_rows: int, dim: int, generator: torch.Generator, device) -> torch.Tensor:
-    """Uniform noise for the dropout masks of one step (shared by the runs of a group)."""
-    return torch.rand(num_rows, dim, generator=generator, device=device)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -149,6 +145,9 @@ class LinearGridConfig:
     v_init: str = "last"
     lr_milestones: tuple[float, ...] = (0.5,)  # fractions of ``steps``
     eval_chunk: int = 4096
+    step_kind: str = "auto"  # "sparse": the compiled sparse step (CPU), "torch": the pure-torch step, "auto": sparse when available
+    eval_form: str = "auto"  # see linft.train.linear_eval
+    cuda_graph: bool = True  # on CUDA, capture the step once and replay it
     extra: dict = field(default_factory=dict)
 
     def milestone_steps(self) -> tuple[int, ...]:
@@ -161,6 +160,10 @@ class LinearGridConfig:
                 raise LinftError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.v_init not in V_INITS:
             raise LinftError(f"unknown v init '{self.v_init}'; use one of {', '.join(V_INITS)}")
+        if self.step_kind not in STEP_KINDS:
+            raise LinftError(f"unknown step kind '{self.step_kind}'; use one of {', '.join(STEP_KINDS)}")
+        if self.eval_form not in EVAL_FORMS:
+            raise LinftError(f"unknown evaluation form '{self.eval_form}'; use one of {', '.join(EVAL_FORMS)}")
 
 
 @dataclass
@@ -173,75 +176,174 @@ class LinearData:
     num_splits: int
     num_classes: int
     views: torch.Tensor | None = None  # (N, V, K, D) augmented views: one is drawn per row and step
+    #: bytes that the rows read from the file for a window of steps may take, when the training array (views, else
+    #: features) is an :class:`~linft.cache.chunks.H5Rows` left in the file (None: no limit)
+    stream_budget: int | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.labels.device
+
+    @property
+    def train_array(self):
+        """What a step reads its rows from: the views when there are, else the features."""
+        return self.features if self.views is None else self.views
+
+
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+def _initial_blocks(data: LinearData, groups: list[Group], config: LinearGridConfig) -> list[RunBlock]:
+    """The grid's runs as blocks: the dropout runs for the compiled sparse step (when it is used), the others for
+    the torch step. Every grid point of a group starts from the same V, b (and v, probes aside)."""
+    points, dev = groups[0].points, data.device
+    _, K, D = data.features.shape
+    C = data.num_classes
+    kernel = _kernel_for(data, config)
+    sparse = sorted((h for h, p in enumerate(points) if p.dropout > 0 and not p.probe),
+                    key=lambda h: points[h].dropout) if kernel is not None else []
+    rest = sorted((h for h in range(len(points)) if h not in sparse), key=lambda h: points[h].dropout)
+    parts = [(sparse, kernel), (rest, None)]
+    inits = []
+    for g in groups:
+        inits.append({probe: initial_parameters(K, D, C, group_generator(g.seed, g.test_domain, "init", dev),
+                                                config.v_init, probe, dev) for probe in (False, True)})
+    blocks = []
+    for hs, kern in parts:
+        if not hs:
+            continue
+        init = [torch.stack([torch.stack([inits[gi][points[h].probe][t] for h in hs]) for gi in range(len(groups))])
+                for t in range(3)]
+        blocks.append(new_block(hs, [points[h].dropout for h in hs], [points[h].lr for h in hs],
+                                [points[h].weight_decay for h in hs], [points[h].probe for h in hs], init, kern))
+    return blocks
+
+
+def _kernel_for(data: LinearData, config: LinearGridConfig):
+    """The compiled sparse step when ``config.step_kind`` asks for it and the data allow it, else None."""
+    if config.step_kind == "torch":
+        return None
+    source = data.train_array
+    usable = source.dtype in (torch.float16, torch.float32) and (isinstance(source, H5Rows) or source.is_contiguous())
+    kernel, why = load_kernel() if data.device.type == "cpu" else (None, "it runs on the CPU only")
+    if config.step_kind == "sparse" and (kernel is None or not usable):
+        why = why or f"features of dtype {source.dtype} (float16 or float32 contiguous needed)"
+        raise LinftError(f"the compiled sparse step is not available: {why}; use step kind auto or torch")
+    return kernel if usable else None
 
 
 @dataclass
-class _GridState:
-    """Parameters, momentum buffers and random streams of every run of a grid, stacked (G, H, ...)."""
+class _Draws:
+    """The group keys and padded training pools from which every step's rows and masks are drawn."""
 
-    params: list[torch.Tensor]  # v (G, H, K, D), V (G, H, C, D), b (G, H, C)
-    bufs: list[torch.Tensor]
-    masks: list[torch.Tensor | None]  # probe runs keep v fixed
-    lr: torch.Tensor  # (G, H)
-    wd: torch.Tensor  # (G, H)
-    rate_groups: list[tuple[float, torch.Tensor]]  # dropout rate -> the grid points that use it
-    batch_gens: list[torch.Generator]
-    diverged: torch.Tensor  # (G, H) bool
+    keys: torch.Tensor  # (G,)
+    pools: torch.Tensor  # (G, T, P)
+    sizes: torch.Tensor  # (G, T)
 
 
-def _initial_state(data: LinearData, groups: list[Group], config: LinearGridConfig) -> _GridState:
-    points, device = groups[0].points, data.features.device
-    _, K, D = data.features.shape
-    G, H, C = len(groups), len(points), data.num_classes
-    f32 = dict(device=device, dtype=torch.float32)
-    v, V, b = torch.empty(G, H, K, D, **f32), torch.empty(G, H, C, D, **f32), torch.empty(G, H, C, **f32)
-    batch_gens = []
-    for gi, g in enumerate(groups):
-        for hi, p in enumerate(points):
-            gen = group_generator(g.seed, g.test_domain, "init", device)  # same init for every point of a group
-            v[gi, hi], V[gi, hi], b[gi, hi] = initial_parameters(K, D, C, gen, config.v_init, p.probe, device)
-        batch_gens.append(group_generator(g.seed, g.test_domain, "batches", device))
-    params = [t.requires_grad_(True) for t in (v, V, b)]
-    train_v = torch.tensor([0.0 if p.probe else 1.0 for p in points], **f32).view(1, H, 1, 1).expand(G, H, 1, 1)
-    rate_groups = [(r, torch.tensor([h for h, p in enumerate(points) if p.dropout == r], device=device))
-                   for r in sorted({p.dropout for p in points})]
-    return _GridState(params=params, bufs=[torch.zeros_like(t) for t in params], masks=[train_v, None, None],
-                      lr=torch.tensor([p.lr for p in points], **f32).expand(G, H),
-                      wd=torch.tensor([p.weight_decay for p in points], **f32).expand(G, H),
-                      rate_groups=rate_groups, batch_gens=batch_gens,
-                      diverged=torch.zeros(G, H, dtype=torch.bool, device=device))
+def _batch_rows(draws: _Draws, step, batch_size: int) -> torch.Tensor:
+    return draw_rows(draws.pools, draws.sizes, row_words(draws.keys, step, ROWS, draws.pools.shape[1] * batch_size),
+                     batch_size)
 
 
-def _draw_step(data: LinearData, groups: list[Group], state: _GridState, batch_size: int):
-    """The step's features (G, B, K, D) in float32, labels (G, B) and dropout noise (G, B, D), per group."""
-    gens, device = state.batch_gens, data.features.device
-    rows = torch.stack([draw_batch(g.train_pools, batch_size, gen) for g, gen in zip(groups, gens)])
-    B = rows.shape[1]
-    if data.views is None:
-        phi = data.features[rows].float()
-    else:
-        which = torch.stack([draw_views(B, data.views.shape[1], gen, device) for gen in gens])
-        phi = data.views[rows, which].float()
-    u = torch.stack([draw_noise(B, phi.shape[-1], gen, device) for gen in gens])
-    return phi, data.labels[rows], u
+class _Window:
+    """The rows of the next steps read from a training array left in the file: one sorted read serves as many
+    steps as ``data.stream_budget`` allows (the draws are a function of the step, so they are known ahead)."""
+
+    def __init__(self, data: LinearData, draws: _Draws, config: LinearGridConfig):
+        self.data, self.draws, self.config = data, draws, config
+        src = data.train_array
+        G, T = draws.sizes.shape
+        self.steps = window_steps(G * T * config.batch_size, int(np.prod(src.shape[1:])) * src.dtype.itemsize,
+                                  data.stream_budget, config.steps)
+        self.end = 0
+        self.rows = self.table = None
+
+    def __call__(self, step: int):
+        """(sorted global rows, their data) covering ``step``."""
+        if step >= self.end:
+            self.table = None  # free the last window before reading the next
+            steps = range(step, min(step + self.steps, self.config.steps))
+            drawn = torch.cat([_batch_rows(self.draws, s, self.config.batch_size).flatten() for s in steps])
+            self.rows = torch.unique(drawn)  # sorted
+            self.table = torch.from_numpy(self.data.train_array.take(self.rows.cpu().numpy())).to(self.data.device)
+            self.end = steps.stop
+        return self.rows, self.table
 
 
-@torch.no_grad()
-def _sgd_update(state: _GridState, grads, step: int, milestones: tuple[int, ...], momentum: float) -> None:
-    """``torch.optim.SGD`` (momentum, weight decay added to the gradient) on every live run at once."""
-    G, H = state.lr.shape
-    step_lr = lr_at(step, state.lr, milestones) * ~state.diverged
-    for t, grad, buf, mask in zip(state.params, grads, state.bufs, state.masks):
-        shape = (G, H) + (1,) * (t.dim() - 2)
-        d_p = grad + state.wd.view(shape) * t
-        if step == 0:
-            buf.copy_(d_p)  # torch.optim.SGD starts the momentum buffer at the first gradient
+def _step(data: LinearData, draws: _Draws, blocks: list[RunBlock], config: LinearGridConfig,
+          step: torch.Tensor, lr_factor: torch.Tensor, window=None) -> None:
+    """One training step of every run: the step's rows, views and masks, then each block's step.
+
+    ``step`` and ``lr_factor`` are 0-dim tensors on the device, so that a captured CUDA graph replays any step;
+    ``window`` is the (rows, data) of a :class:`_Window` when the training array is read from the file.
+    """
+    B = draws.pools.shape[1] * config.batch_size
+    rows = _batch_rows(draws, step, config.batch_size)
+    which = None if data.views is None else draw_views(row_words(draws.keys, step, VIEWS, B), data.views.shape[1])
+    words = row_words(draws.keys, step, NOISE, B)
+    y = data.labels[rows].long()
+    source, at = (data.train_array, rows) if window is None else (window[1], torch.searchsorted(window[0], rows))
+    phi = noise = None
+    for block in blocks:
+        lr = block.lr * lr_factor
+        if block.kernel is not None:
+            K, D = source.shape[-2:]
+            offs = at * (K * D) if which is None else (at * source.shape[1] + which) * (K * D)
+            kernel_step(block, source, offs, y, words, lr, config.momentum)
+            continue
+        if phi is None:
+            phi = (source[at] if which is None else source[at, which]).float()
+        if block.masked and noise is None:
+            noise = unit_noise(words, phi.shape[-1])
+        torch_step(block, phi, y, noise if block.masked else None, lr, config.momentum)
+
+
+class _Stepper:
+    """Runs :func:`_step`; on CUDA (``config.cuda_graph``) the step is captured once as a CUDA graph after
+    :data:`GRAPH_WARMUP` eager steps and replayed for every later step (the step has no host synchronisation)."""
+
+    def __init__(self, data: LinearData, draws: _Draws, blocks: list[RunBlock], config: LinearGridConfig):
+        self.args = (data, draws, blocks, config)
+        dev = data.device
+        self.step = torch.zeros((), dtype=torch.long, device=dev)
+        self.lr_factor = torch.ones((), device=dev)
+        self.window = _Window(data, draws, config) if isinstance(data.train_array, H5Rows) else None
+        self.capture = dev.type == "cuda" and config.cuda_graph and self.window is None
+        self.graph = None
+
+    def __call__(self, step: int, lr_factor: float) -> None:
+        self.step.fill_(step)
+        self.lr_factor.fill_(lr_factor)
+        if self.window is not None:
+            _step(*self.args, self.step, self.lr_factor, self.window(step))
+        elif self.graph is not None:
+            self.graph.replay()
+        elif self.capture and step >= GRAPH_WARMUP:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                _step(*self.args, self.step, self.lr_factor)
+            self.graph.replay()
+        elif self.capture:  # warm-up steps on a side stream, as CUDA graph capture requires
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                _step(*self.args, self.step, self.lr_factor)
+            torch.cuda.current_stream().wait_stream(side)
         else:
-            buf.mul_(momentum).add_(d_p)
-        update = step_lr.view(shape) * buf
-        if mask is not None:
-            update = update * mask
-        t.sub_(update)
+            _step(*self.args, self.step, self.lr_factor)
+
+
+def _grid_tensors(blocks: list[RunBlock], num_classes: int):
+    """``v`` (G, H, K, D), ``Vt`` (G, H, D, C), ``b``, loss and live (G, H) in the groups' grid-point order."""
+    order = torch.tensor([h for blk in blocks for h in blk.points])
+    inv = torch.argsort(order).to(blocks[0].live.device)
+    cat = lambda ts: torch.cat(ts, 1).index_select(1, inv)
+    models = [blk.model(num_classes) for blk in blocks]
+    return (*(cat([m[i] for m in models]) for i in range(3)),
+            cat([blk.loss[:, :len(blk.points)] for blk in blocks]), cat([blk.live[:, :len(blk.points)] for blk in blocks]))
 
 
 def train_linear_grid(data: LinearData, groups: list[Group], config: LinearGridConfig = LinearGridConfig(),
@@ -259,79 +361,25 @@ def train_linear_grid(data: LinearData, groups: list[Group], config: LinearGridC
         raise LinftError("every group of one call must have the same grid points")
     for p in groups[0].points:
         check_dropout_rate(p.dropout)
-    state = _initial_state(data, groups, config)
-    v, V, b = state.params
-    G, H, C = len(groups), len(groups[0].points), data.num_classes
+    config.check()
+    dev = data.device
+    blocks = _initial_blocks(data, groups, config)
+    pools, sizes = padded_pools([g.train_pools for g in groups], dev)
+    draws = _Draws(torch.tensor([group_key(g.seed, g.test_domain) for g in groups], device=dev), pools, sizes)
     milestones, evals = config.milestone_steps(), set(eval_steps(config.steps, config.eval_every))
     seed_split = torch.stack([data.split_rows[g.seed] for g in groups])  # (G, N)
     totals = np.stack([np.bincount(data.split_rows[g.seed][data.split_rows[g.seed] >= 0].cpu().numpy(),
                                    minlength=data.num_splits) for g in groups])
+    stepper = _Stepper(data, draws, blocks, config)
     for step in range(config.steps):
-        phi, y, u = _draw_step(data, groups, state, config.batch_size)
-        B = phi.shape[1]
-        logits = _train_logits(phi, u, v, V, b, state.rate_groups)  # (G, H, B, C)
-        loss = F.cross_entropy(logits.reshape(G * H * B, C), y[:, None, :].expand(G, H, B).reshape(-1),
-                               reduction="none").view(G, H, B).mean(-1)
-        state.diverged |= ~torch.isfinite(loss)
-        live = ~state.diverged
-        grads = torch.autograd.grad(loss[live].sum(), state.params, allow_unused=False) if live.any() \
-            else [torch.zeros_like(t) for t in state.params]
-        _sgd_update(state, grads, step, milestones, config.momentum)
+        stepper(step, lr_at(step, 1.0, milestones))
         if on_step is not None:
             on_step(step)
         if step in evals and on_eval is not None:
-            correct = _evaluate(data.features, data.labels, seed_split, v.detach(), V.detach(), b.detach(),
-                                data.num_splits, config.eval_chunk)
-            on_eval(EvalPoint(step=step, correct=correct, total=totals, loss=loss.detach().cpu().numpy(),
-                              diverged=state.diverged.cpu().numpy(), final=step == config.steps - 1))
-    return v.detach(), V.detach(), b.detach()
-
-
-def _train_logits(phi, u, v, V, b, rate_groups):
-    """Training logits (G, H, B, C) of every run, with each run's dropout mask.
-
-    ``V · (m ⊙ Σ_k v_k ⊙ φ_k) / (1-λ) = Σ_k (V ⊙ v_k) · (m ⊙ φ_k) / (1-λ)``: the
-    mask ``m = u ≥ λ`` depends only on the group's noise and the rate, so
-    runs of one rate share the masked features and one batched matmul
-    (B x K·D by K·D x H·C per group) serves them all. This avoids
-    materialising a (G, H, B, D) adapted representation, which is what makes
-    stacking runs pay off on a CPU.
-    """
-    G, B, K, D = phi.shape
-    H, C = V.shape[1], V.shape[2]
-    W = (V.unsqueeze(3) * v.unsqueeze(2)).reshape(G, H, C, K * D)  # (G, H, C, K·D)
-    parts, order = [], []
-    for rate, hidx in rate_groups:
-        if rate > 0:
-            psi = phi * ((u >= rate).unsqueeze(2) / (1.0 - rate))
-        else:
-            psi = phi
-        Wr = W.index_select(1, hidx).reshape(G, len(hidx) * C, K * D)
-        parts.append(torch.bmm(psi.reshape(G, B, K * D), Wr.transpose(1, 2)).view(G, B, len(hidx), C))
-        order.append(hidx)
-    logits = torch.cat(parts, 2) if len(parts) > 1 else parts[0]
-    if len(parts) > 1:
-        logits = logits.index_select(2, torch.argsort(torch.cat(order)))
-    return logits.permute(0, 2, 1, 3) + b[:, :, None, :]
-
-
-def _evaluate(features, labels, seed_split, v, V, b, num_splits, chunk):
-    """Correct counts (G, H, S) of every run on every split, without dropout.
-
-    Uses ``logits = Σ_k φ_k (V ⊙ v_k)^T + b`` so that one matmul per chunk of
-    rows serves all runs.
-    """
-    G, H, K, D = v.shape
-    C = V.shape[2]
-    W = (V[:, :, None, :, :] * v[:, :, :, None, :])  # (G, H, K, C, D)
-    W = W.permute(2, 4, 0, 1, 3).reshape(K * D, G * H * C)
-    correct = torch.zeros(G, H, num_splits, device=features.device, dtype=torch.float64)
-    N = features.shape[0]
-    for a in range(0, N, chunk):
-        phi = features[a:a + chunk].float().reshape(-1, K * D)
-        logits = (phi @ W).view(-1, G, H, C) + b
-        right = (logits.argmax(-1) == labels[a:a + chunk, None, None]).double()  # (n, G, H)
-        split = seed_split[:, a:a + chunk]  # (G, n)
-        onehot = F.one_hot(split.clamp(min=0), num_splits).double() * (split >= 0)[..., None]  # (G, n, S)
-        correct += torch.einsum("ngh,gns->ghs", right, onehot)
-    return correct.round().long().cpu().numpy()
+            v, Vt, b, loss, live = _grid_tensors(blocks, data.num_classes)
+            correct = evaluate_grid(data.features, data.labels, seed_split, v, Vt, b, data.num_splits,
+                                    config.eval_chunk, config.eval_form)
+            on_eval(EvalPoint(step=step, correct=correct, total=totals, loss=loss.cpu().numpy(),
+                              diverged=(~live).cpu().numpy(), final=step == config.steps - 1))
+    v, Vt, b, _, _ = _grid_tensors(blocks, data.num_classes)
+    return v, Vt.transpose(-1, -2).contiguous(), b

@@ -1,0 +1,71 @@
+"""Evaluation of every run of a linear grid: correct counts per split, in row chunks, without dropout.
+
+Two forms of the same logits ``Σ_k (v_k ⊙ φ_k) · Vᵀ + b``:
+
+* ``factored`` — Φ̃ = Σ_k v_k ⊙ φ_k per run, then the head: 2·(K + C)·D FLOPs per (row, run);
+* ``folded`` — ``Σ_k φ_k (V ⊙ v_k)ᵀ``: one GEMM of (rows, K·D) by (K·D, runs·C) per chunk, 2·K·C·D FLOPs per
+  (row, run), K·C/(K + C) times more, but all of it in one large GEMM.
+
+``auto`` takes ``folded`` while ``C <= FOLDED_MAX_CLASSES`` (a few classes: the GEMM's speed wins on a CPU,
+measured in benchmarks/linear_grid.py) and ``factored`` beyond (DomainNet's 345 classes: K = 3 times fewer FLOPs).
+The two forms round differently, so their counts agree except at near-ties (tests/train/test_linear_engine.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from linft.errors import LinftError
+
+EVAL_FORMS = ("auto", "factored", "folded")
+#: ``auto`` evaluates in the folded form up to this many classes
+FOLDED_MAX_CLASSES = 16
+#: the factored form's Φ̃ chunk (runs × rows × D float32) stays under this many bytes
+FACTORED_CHUNK_BYTES = 32 * 2**20
+
+
+def split_counts(right: torch.Tensor, split: torch.Tensor, num_splits: int) -> torch.Tensor:
+    """(G, H, S) float64: ``right`` (n, G, H) summed per split of ``split`` (G, n) (-1: no split)."""
+    onehot = F.one_hot(split.clamp(min=0), num_splits).double() * (split >= 0)[..., None]  # (G, n, S)
+    return torch.einsum("ngh,gns->ghs", right.double(), onehot)
+
+
+def _folded_logits(phi, v, Vt, b):
+    G, H, K, D = v.shape
+    C = Vt.shape[-1]
+    W = (Vt.transpose(-1, -2)[:, :, None, :, :] * v[:, :, :, None, :])  # (G, H, K, C, D)
+    W = W.permute(2, 4, 0, 1, 3).reshape(K * D, G * H * C)
+    return (phi.reshape(len(phi), K * D) @ W).view(-1, G, H, C) + b  # (n, G, H, C)
+
+
+def _factored_logits(phi, v, Vt, b):
+    G, H, K, D = v.shape
+    C = Vt.shape[-1]
+    rep = phi[None, :, 0] * v.reshape(G * H, 1, K, D)[:, :, 0]
+    for k in range(1, K):
+        rep.addcmul_(phi[None, :, k], v.reshape(G * H, 1, K, D)[:, :, k])
+    logits = torch.baddbmm(b.reshape(G * H, 1, C), rep, Vt.reshape(G * H, D, C))  # (G·H, n, C)
+    return logits.view(G, H, -1, C).permute(2, 0, 1, 3)
+
+
+def evaluate_grid(features, labels, seed_split, v, Vt, b, num_splits: int, chunk: int, form: str = "auto"):
+    """Correct counts (G, H, S) int64 numpy of every run (v (G, H, K, D), Vt (G, H, D, C), b (G, H, C)) on every
+    split of ``seed_split`` (G, N), reading ``features`` (N, K, D) ``chunk`` rows at a time (fewer in the factored
+    form, whose Φ̃ chunk stays under :data:`FACTORED_CHUNK_BYTES`)."""
+    if form not in EVAL_FORMS:
+        raise LinftError(f"unknown evaluation form {form!r}; use one of {', '.join(EVAL_FORMS)}")
+    G, H, K, D = v.shape
+    C = Vt.shape[-1]
+    if form == "auto":
+        form = "folded" if C <= FOLDED_MAX_CLASSES else "factored"
+    if form == "factored":
+        chunk = max(1, min(chunk, FACTORED_CHUNK_BYTES // (4 * G * H * D)))
+    logits_of = _folded_logits if form == "folded" else _factored_logits
+    correct = torch.zeros(G, H, num_splits, device=v.device, dtype=torch.float64)
+    for a in range(0, features.shape[0], chunk):
+        phi = torch.as_tensor(features[a:a + chunk]).to(v.device).float()
+        y = torch.as_tensor(labels[a:a + chunk]).to(v.device)
+        right = logits_of(phi, v, Vt, b).argmax(-1) == y[:, None, None]  # (n, G, H)
+        correct += split_counts(right, seed_split[:, a:a + chunk], num_splits)
+    return correct.round().long().cpu().numpy()

@@ -1,0 +1,144 @@
+"""The compiled sparse step of the linear engine: built once per machine with the system C++ compiler, loaded by ctypes.
+
+``sparse_step.cpp`` (next to this file) computes, for the dropout runs of every
+group, only the (row, unit) pairs that dropout keeps, and fuses forward,
+backward and the SGD update (see its header). It is plain C++ (no Python or
+torch headers, no OpenMP), so it builds in about a second with ``g++ -O3
+-march=native`` into ``~/.cache/linft/kernels`` (``$LINFT_KERNEL_CACHE``, else
+``$XDG_CACHE_HOME/linft/kernels``), keyed by the source, the compiler and the
+CPU's flags; a build is written under a temporary name and renamed, so
+concurrent processes never load half a file. Groups run in parallel in
+``torch.get_num_threads()`` Python threads (a ctypes call releases the GIL),
+each group in one thread, so the results do not depend on the thread count.
+
+:func:`load_kernel` returns the loaded kernel, or None and the reason when it
+cannot be had (no compiler, a failed build, or ``LINFT_SPARSE_KERNEL=0``): the
+engine then uses its pure-torch step, which computes the same functions
+densely (:mod:`linft.train.linear_step`), as it does on a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("sparse_step.cpp")
+#: flag sets tried in order: the first that builds is used
+FLAG_SETS = (["-O3", "-march=native"], ["-O3"])
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+class Args(ctypes.Structure):
+    """The kernel's argument block (``struct Args`` of sparse_step.cpp, same order)."""
+
+    _fields_ = [("feats", _P), ("offs", _P), ("labels", _P), ("words", _P),
+                ("G", _I), ("B", _I), ("K", _I), ("D", _I), ("C", _I), ("Cp", _I), ("H", _I),
+                ("v", _P), ("Vt", _P), ("b", _P), ("bv", _P), ("bVt", _P), ("bb", _P),
+                ("gv", _P), ("gVt", _P), ("gb", _P),
+                ("thr", _P), ("scale", _P), ("lr", _P), ("wd", _P), ("momentum", ctypes.c_float),
+                ("live", _P), ("loss", _P)]
+
+
+def kernel_cache_dir() -> Path:
+    if os.environ.get("LINFT_KERNEL_CACHE"):
+        return Path(os.environ["LINFT_KERNEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "linft" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def _build(compiler: str) -> tuple[Path | None, str]:
+    """The built library (cached), or None and why not."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    source = SOURCE.read_bytes()
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(source + repr((flags, version, _cpu_flags())).encode()).hexdigest()[:16]
+        lib = kernel_cache_dir() / f"sparse_step-{key}.so"
+        if lib.exists():
+            return lib, ""
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+        os.close(fd)
+        cmd = [compiler, *flags, "-std=c++17", "-shared", "-fPIC", str(SOURCE), "-o", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode == 0:
+            os.replace(tmp, lib)
+            return lib, ""
+        os.unlink(tmp)
+        errors.append(done.stderr.strip().splitlines()[-1:] or ["failed"])
+    return None, f"{compiler} could not build {SOURCE.name}: {errors[-1][0]}"
+
+
+@lru_cache(maxsize=None)
+def load_kernel() -> tuple[ctypes.CDLL | None, str]:
+    """The compiled kernel and ``""``, or None and the reason (built at the first call of a process)."""
+    if os.environ.get("LINFT_SPARSE_KERNEL", "1") == "0":
+        return None, "disabled by LINFT_SPARSE_KERNEL=0"
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if compiler is None:
+        return None, "no C++ compiler (g++, c++ or clang++; or set CXX)"
+    try:
+        lib, why = _build(compiler)
+    except OSError as exc:
+        return None, f"cannot build the kernel ({exc})"
+    if lib is None:
+        return None, why
+    dll = ctypes.CDLL(str(lib))
+    dll.linft_sparse_step.argtypes = [ctypes.POINTER(Args), ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    dll.linft_sparse_step.restype = ctypes.c_int
+    dll.linft_unit_noise.argtypes = [ctypes.c_uint32, ctypes.c_uint32]
+    dll.linft_unit_noise.restype = ctypes.c_uint32
+    return dll, ""
+
+
+def padded(n: int, multiple: int = 8) -> int:
+    """``n`` rounded up to a multiple of ``multiple``: the kernel's runs (one SIMD lane each, 8 per register) and
+    classes (8 or 16 are held in registers) are zero-padded to multiples of 8."""
+    return -(-n // multiple) * multiple
+
+
+def _ptr(t: torch.Tensor) -> int:
+    assert t.is_contiguous()
+    return t.data_ptr()
+
+
+def run_sparse_step(dll: ctypes.CDLL, feats: torch.Tensor, offs, labels, words, params, bufs, grads,
+                    thr, scale, lr, wd, momentum: float, live, loss, num_classes: int) -> None:
+    """One fused step of every sparse run in place. Runs are lanes: params/bufs/grads ``v`` (G, Q, D, K, 8),
+    ``Vt`` (G, Q, D, Cp, 8), ``b`` (G, Q, Cp, 8) for Q chunks of 8 runs (lane = run, runs and classes zero-padded
+    by :func:`padded`); ``offs``, ``labels``, ``words`` (G, B); ``live`` bool and ``loss`` float32 (G, 8·Q);
+    ``thr`` int64 (ascending, >= 1) and ``scale``, ``lr``, ``wd`` float32 (8·Q,)."""
+    G, Q, D, K, _ = params[0].shape
+    Cp = params[1].shape[3]
+    a = Args(_ptr(feats), _ptr(offs), _ptr(labels), _ptr(words), G, offs.shape[1], K, D, num_classes, Cp, 8 * Q,
+             *(_ptr(t) for t in (*params, *bufs, *grads)), _ptr(thr), _ptr(scale), _ptr(lr), _ptr(wd),
+             momentum, _ptr(live), _ptr(loss))
+    half, threads = int(feats.dtype == torch.float16), min(torch.get_num_threads(), G)
+    if threads == 1:
+        dll.linft_sparse_step(ctypes.byref(a), half, 0, G)
+        return
+    bounds = [G * i // threads for i in range(threads + 1)]
+    list(_pool(threads).map(lambda i: dll.linft_sparse_step(ctypes.byref(a), half, bounds[i], bounds[i + 1]),
+                            range(threads)))
+
+
+@lru_cache(maxsize=None)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="linft-sparse")

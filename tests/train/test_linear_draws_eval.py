@@ -1,0 +1,94 @@
+"""The engine's counter-based draws (rows, views, nested dropout masks) and its two evaluation forms."""
+
+import numpy as np
+import pytest
+import torch
+
+from linft.errors import LinftError
+from linft.train.linear_draws import (NOISE, ROWS, draw_rows, draw_views, keep_mask, keep_threshold, lowbias32,
+                                      padded_pools, row_words, unit_noise)
+from linft.train.linear_eval import evaluate_grid
+from linft.train.sparse_step import load_kernel
+
+from helpers import NEAR_TIE
+
+
+def test_lowbias32_is_the_published_mixer():
+    """Hand-computed from Wellons' lowbias32 (x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16)
+    with Python's unbounded integers."""
+    def ref(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+    xs = [0, 1, 12345, 2**31 - 1, 2**31, 2**32 - 1, 0xDEADBEEF]
+    assert lowbias32(torch.tensor(xs)).tolist() == [ref(x) for x in xs]
+
+
+@pytest.mark.skipif(load_kernel()[0] is None, reason="no compiled kernel")
+def test_the_kernel_draws_the_same_noise():
+    words = row_words(torch.tensor([7, 2**31 - 5]), 123, NOISE, 3)
+    noise = unit_noise(words, 300)
+    dll = load_kernel()[0]
+    assert all(dll.linft_unit_noise(int(words[g, i]), d) == int(noise[g, i, d])
+               for g in range(2) for i in range(3) for d in range(300))
+
+
+def test_masks_are_nested_keep_the_right_share_and_differ_by_step():
+    words = row_words(torch.tensor([3, 4]), 0, NOISE, 200)
+    m5, m9, m95 = (keep_mask(words, 512, r) for r in (0.5, 0.9, 0.95))
+    assert (m9 <= m5).all() and (m95 <= m9).all()  # a unit kept at 0.95 is kept at 0.9 and 0.5
+    assert keep_mask(words, 512, 0.0).all() and keep_threshold(0.0) == 0
+    n = m9.numel()  # 204,800 Bernoulli(0.1) draws: the share is within 4.5 standard errors of 0.1
+    assert abs(m9.float().mean().item() - 0.1) < 4.5 * (0.1 * 0.9 / n) ** 0.5
+    other_step = keep_mask(row_words(torch.tensor([3, 4]), 1, NOISE, 200), 512, 0.9)
+    assert (other_step != m9).float().mean() > 0.1  # independent masks differ on about 18% of the units
+
+
+def test_rows_come_from_each_training_pool_uniformly():
+    pools = [[torch.arange(0, 5), torch.arange(100, 103)], [torch.arange(50, 57), torch.arange(200, 201)]]
+    padded, sizes = padded_pools(pools, "cpu")
+    keys = torch.tensor([11, 12])
+    counts = torch.zeros(300, dtype=torch.long)
+    for step in range(400):
+        rows = draw_rows(padded, sizes, row_words(keys, step, ROWS, 2 * 8), 8)  # (2 groups, 2 pools x 8 rows)
+        for g in range(2):
+            for t in range(2):
+                assert set(rows[g, 8 * t:8 * (t + 1)].tolist()) <= set(pools[g][t].tolist())
+        counts += torch.bincount(rows.flatten(), minlength=300)
+    # 400 x 8 draws per pool: each of n rows expects 3200/n, within 5 standard errors
+    for pool in (pools[0][0], pools[0][1], pools[1][0]):
+        n = len(pool)
+        expected = 3200 / n
+        assert (counts[pool] - expected).abs().max() < 5 * (expected * (1 - 1 / n)) ** 0.5
+    assert counts[200] == 3200
+    views = draw_views(row_words(keys, 0, 2, 1000), 3)
+    assert set(views.flatten().tolist()) == {0, 1, 2}
+
+
+def test_factored_and_folded_evaluations_count_the_same_but_near_ties():
+    g = torch.Generator().manual_seed(0)
+    N, K, D, C, G, H, S = 400, 3, 32, 40, 2, 3, 4
+    phi, labels = torch.randn(N, K, D, generator=g).half(), torch.randint(C, (N,), generator=g)
+    v, Vt, b = torch.randn(G, H, K, D, generator=g), torch.randn(G, H, D, C, generator=g), torch.randn(G, H, C, generator=g)
+    split = torch.randint(-1, S, (G, N), generator=g)
+    folded = evaluate_grid(phi, labels, split, v, Vt, b, S, 64, "folded")
+    factored = evaluate_grid(phi, labels, split, v, Vt, b, S, 64, "factored")
+    ties = 0
+    for gi in range(G):
+        for hi in range(H):
+            # the logits in float64: the two forms round differently only far below NEAR_TIE
+            logits = torch.einsum("nkd,kd,dc->nc", phi.double(), v[gi, hi].double(), Vt[gi, hi].double()) + b[gi, hi]
+            top2 = logits.topk(2, dim=1)
+            right = (top2.indices[:, 0] == labels).numpy()
+            tie = (top2.values[:, 0] - top2.values[:, 1] < NEAR_TIE).numpy()
+            for s in range(S):
+                rows = (split[gi] == s).numpy()
+                decided = int((right & ~tie & rows).sum())
+                for counts in (folded, factored):
+                    assert decided <= counts[gi, hi, s] <= decided + int((tie & rows).sum())
+                ties += int((tie & rows).sum())
+    assert ties <= 0.01 * G * H * N  # the comparison is not vacuous
+    with pytest.raises(LinftError, match="unknown evaluation form"):
+        evaluate_grid(phi, labels, split, v, Vt, b, S, 64, "fast")
