@@ -18,11 +18,12 @@ def milestone_steps(milestones, steps: int) -> tuple[int, ...]:
 
 
 def check_milestones(milestones, steps: int) -> None:
-    """One-line errors for milestones that are neither fractions in (0, 1] nor whole steps in (1, steps)."""
+    """One-line errors for milestones that are neither fractions in (0, 1] nor whole step numbers above 1 (a step
+    number at or past ``steps`` is never reached, as the fraction 1)."""
     for m in milestones:
-        if not (0 < m <= 1 or (m > 1 and float(m).is_integer() and m < steps)):
-            raise LinftError(f"--lr-milestones {m:g} is neither a fraction of --steps in (0, 1] nor a step number "
-                             f"below --steps {steps}; e.g. 0.5, or 5000 with --steps 10001")
+        if not (0 < m <= 1 or (m > 1 and float(m).is_integer())):
+            raise LinftError(f"--lr-milestones {m:g} is neither a fraction of --steps in (0, 1] nor a whole step "
+                             f"number; e.g. 0.5, or 5000 with --steps 10001")
 
 
 def eval_steps(steps: int, eval_every: int) -> list[int]:

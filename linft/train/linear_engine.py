@@ -37,7 +37,7 @@ from linft.cache.chunks import H5Rows, window_steps
 from linft.data.splits import seed_hash
 from linft.errors import LinftError
 from linft.models.heads import check_dropout_rate
-from linft.protocol.schedule import eval_steps, lr_at, milestone_steps
+from linft.protocol.schedule import check_milestones, eval_steps, lr_at, milestone_steps
 from linft.train.linear_draws import (NOISE, ROWS, VIEWS, draw_rows, draw_views, group_key, padded_pools, row_words,
                                       unit_noise)
 from linft.train.linear_eval import EVAL_FORMS, evaluate_grid
@@ -160,6 +160,7 @@ class LinearGridConfig:
                 raise LinftError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.v_init not in V_INITS:
             raise LinftError(f"unknown v init '{self.v_init}'; use one of {', '.join(V_INITS)}")
+        check_milestones(self.lr_milestones, self.steps)
         if self.step_kind not in STEP_KINDS:
             raise LinftError(f"unknown step kind '{self.step_kind}'; use one of {', '.join(STEP_KINDS)}")
         if self.eval_form not in EVAL_FORMS:

@@ -16,7 +16,7 @@ def test_fractions_and_step_numbers():
     assert lr_at(4999, 1.0, (5000, 10000)) == 1.0
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, 10_001, 20_000])
+@pytest.mark.parametrize("bad", [0, -1, 1.5, 2500.5])
 def test_bad_milestones_are_refused(bad):
-    with pytest.raises(LinftError, match="neither a fraction of --steps in \\(0, 1\\] nor a step number"):
+    with pytest.raises(LinftError, match="neither a fraction of --steps in \\(0, 1\\] nor a whole step number"):
         check_milestones((bad,), 10_001)

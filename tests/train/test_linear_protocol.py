@@ -214,3 +214,21 @@ def test_split_seed_gives_every_seed_the_same_split(tmp_path):
     assert [r["loss"] for r in own if r["seed"] == 1] != [r["loss"] for r in seed1]  # its own split differs
     with pytest.raises(LinftError, match="--split-seed must be 0 or more"):
         train_linear(cache, tmp_path / "bad", split_seed=-1, **kw)
+
+
+@pytest.mark.skipif(__import__("linft.train.sparse_step", fromlist=["load_kernel"]).load_kernel()[0] is None,
+                    reason="no compiled kernel")
+def test_with_the_compiled_step_a_run_is_bit_identical_whatever_else_is_in_the_grid(tmp_path):
+    """Each run is its own SIMD lane of the compiled step: the same arithmetic in any grid (the README's claim;
+    the pure-torch step stacks runs in batched matmuls and agrees to float32 rounding, the test above)."""
+    cache = synthetic_cache(tmp_path)
+    config = LinearGridConfig(steps=60, batch_size=4, eval_every=20, step_kind="sparse")
+    train_linear(cache, tmp_path / "full", dropouts=(0.5, 0.9), lrs=(0.05, 0.01), weight_decays=(1e-3, 1e-4),
+                 seeds=2, config=config, device="cpu", progress=False)
+    train_linear(cache, tmp_path / "one", dropouts=(0.9,), lrs=(0.01,), weight_decays=(1e-4,), seeds=2,
+                 test_domains=["b"], config=config, device="cpu", progress=False)
+    full = {(r["run_id"], r["step"]): r for r in read_records([tmp_path / "full"])}
+    one = {(r["run_id"], r["step"]): r for r in read_records([tmp_path / "one"])}
+    assert len(one) == 2 * 4 and set(one) <= set(full)
+    for k, r in one.items():
+        assert (r["loss"], r["splits"]) == (full[k]["loss"], full[k]["splits"]), k
