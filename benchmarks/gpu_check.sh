@@ -34,7 +34,10 @@ step() {  # step NAME COMMAND...: run, time, keep going on failure
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 
-if [ "$QUICK" = 1 ]; then LSTEPS=20; FSTEPS=6; EVERY=3; PER=12; VSTEPS=4; else LSTEPS=2000; FSTEPS=300; EVERY=100; PER=150; VSTEPS=100; fi
+# QUICK (a CPU dry run): ViT-B/32 (49 tokens) and tiny batches, else ViT-B/16 at the paper's batch; the linearized ViT
+# run takes 8 images per domain in both (forward, jvp and backward through both: a CPU with 24 GiB ran out at 32)
+if [ "$QUICK" = 1 ]; then LSTEPS=20; FSTEPS=6; EVERY=3; PER=12; VSTEPS=2; VNAME=vit_b_32; VBATCH=2; VLBATCH=2
+else LSTEPS=2000; FSTEPS=300; EVERY=100; PER=150; VSTEPS=100; VNAME=vit_b_16; VBATCH=32; VLBATCH=8; fi
 step demo_data linft demo-data "$W/data" --per-class "$PER"
 step extract linft extract "$W/data" --backbone demo-resnet --image-size 64 --device "$DEVICE" --out "$W/c.h5" --quiet
 step extract_fp16 linft extract "$W/data" --backbone demo-resnet --image-size 64 --device "$DEVICE" --precision float16 --out "$W/c16.h5" --quiet
@@ -51,13 +54,13 @@ step interpolate linft interpolate "$W/data" --finetuned "$RUN" --linearity --de
 step interpolate_fp32 linft interpolate "$W/data" --finetuned "$RUN" --precision float32 --no-blocks --device "$DEVICE" --out "$W/interp_fp32" --quiet
 step report linft report "$W/lin" "$W/ft" "$W/interp" --out "$W/report" --json
 
-# transformers: every stage on torchvision's ViT-B/16 (224 px), extraction on CLIP ViT-B/32 when open_clip is there
-VIT=(--backbone vit_b_16 --weights none --image-size 224 --device "$DEVICE")
+# transformers: every stage on torchvision's ViT-B/16 (ViT-B/32 in QUICK), extraction on CLIP ViT-B/32 when open_clip is there
+VIT=(--backbone "$VNAME" --weights none --image-size 224 --device "$DEVICE")
 step extract_vit linft extract "$W/data" "${VIT[@]}" --out "$W/cvit.h5" --quiet
 step train_linear_vit linft train-linear "$W/cvit.h5" --dropout 0.9 --seeds 1 --steps "$LSTEPS" --device "$DEVICE" --out "$W/linvit" --quiet
-step finetune_vit linft finetune "$W/data" "${VIT[@]}" --dropout 0.9 --stochastic-depth 0.1 --lr 1e-3 --weight-decay 1e-4 \
+step finetune_vit linft finetune "$W/data" "${VIT[@]}" --batch-size "$VBATCH" --dropout 0.9 --stochastic-depth 0.1 --lr 1e-3 --weight-decay 1e-4 \
     --seeds 1 --test-domains sketch --steps "$VSTEPS" --eval-every "$VSTEPS" --out "$W/ftvit" --quiet
-step finetune_vit_linearized linft finetune "$W/data" "${VIT[@]}" --linearized --lr 1e-3 --weight-decay 1e-4 \
+step finetune_vit_linearized linft finetune "$W/data" "${VIT[@]}" --batch-size "$VLBATCH" --linearized --lr 1e-3 --weight-decay 1e-4 \
     --seeds 1 --test-domains sketch --steps "$VSTEPS" --eval-every "$VSTEPS" --out "$W/ftvitlin" --quiet
 VRUN=$(dirname "$(ls "$W"/ftvit/*/selected.pt | head -1)")
 step interpolate_vit linft interpolate "$W/data" --finetuned "$VRUN" --linearity --no-blocks --device "$DEVICE" --out "$W/interpvit" --quiet
