@@ -15,7 +15,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from linft.data.images import describe_transform
 from linft.errors import LinftError
-from linft.models.blocks import PooledBlockFeatures, add_stochastic_depth, phi_block_names
+from linft.models.blocks import PooledBlockFeatures, add_stochastic_depth, phi_block_names, residual_branch_ends
 from linft.models.clip import finetuned_clip_name, prompt_names, zero_shot_head
 from linft.models.linearize import LinearizedModel, escape_parameter_name
 from linft.models.registry import build_backbone, load_backbone
@@ -107,20 +107,35 @@ def test_torchvision_state_dict_file_loads_with_its_size(tmp_path):
 
 
 def test_stochastic_depth_drops_attention_and_mlp_branches():
+    """Per example and per branch (attention and MLP of every block): the branch output is either zero or itself
+    divided by 1 - p (torchvision's "row" mode), some of each (checked, not assumed); eval mode is the identity."""
     model = load_backbone("vit-tiny", "none").model
+    ends = residual_branch_ends(model)
+    assert len(ends) == 2 * 4
+    seen = {}
+    for i, end in enumerate(ends):  # the raw output before the drop, then what the next layer gets
+        end.register_forward_hook(lambda m, inp, out, i=i: seen.__setitem__(("raw", i), out.clone()))
     handles = add_stochastic_depth(model, 0.5)
+    for i, end in enumerate(ends):
+        end.register_forward_hook(lambda m, inp, out, i=i: seen.__setitem__(("dropped", i), out.clone()))
     assert len(handles) == 2 * 4
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(6, 3, 32, 32)
     with torch.no_grad():
         plain = head_input(model.eval(), x)
         model.train()
         torch.manual_seed(0)
-        dropped = head_input(model, x)
-    for h in handles:
-        h.remove()
+        head_input(model, x)
+    zeroed_total = 0
+    for i in range(len(ends)):
+        raw, dropped = seen[("raw", i)], seen[("dropped", i)]
+        zeroed = (dropped == 0).flatten(1).all(1)
+        kept = ~zeroed
+        torch.testing.assert_close(dropped[kept], raw[kept] / 0.5)
+        zeroed_total += int(zeroed.sum())
+    assert 0 < zeroed_total < 6 * len(ends)
+    model.eval()
     with torch.no_grad():
-        assert torch.equal(head_input(model.eval(), x), plain)  # eval mode: identity
-    assert not torch.allclose(dropped, plain)
+        assert torch.equal(head_input(model, x), plain)  # eval mode: the hooks do nothing
 
 
 @pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")  # torch scripts its jvp decompositions
