@@ -28,7 +28,7 @@ from linft.protocol.selection import iid_accuracy, ood_accuracy
 from linft.protocol.sinks import TensorBoardSink
 from linft.output import output_lock, progress_bar, writable_folder
 from linft.runtime import resolve_device
-from linft.train.linear_engine import (EvalPoint, GridPoint, Group, LinearData, LinearGridConfig,
+from linft.train.linear_engine import (EvalPoint, GridPoint, Group, LinearData, LinearGridConfig, compiled_step_used,
                                        train_linear_grid)
 from linft.train.status import divergence_note, plan_entry, write_plan
 
@@ -96,6 +96,7 @@ class _Protocol:
     num_views: int
     split_seed: int | None = None
     memory_budget: int | None = None  # bytes of cached arrays in memory (linft.cache.chunks); None: no limit
+    compiled: bool = False  # whether the dropout runs train with the compiled sparse step (recorded, not in the id)
     attempt: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def hparams(self, p: GridPoint) -> dict:
@@ -112,12 +113,14 @@ class _Protocol:
 
     def header(self, e: int, s: int, p: GridPoint) -> RunHeader:
         names, meta = self.cache.domain_names, self.cache.meta
-        return RunHeader(method=linear_method(p.probe), label=linear_label(p, self.split_seed), dataset=meta.get("dataset_name"),
+        engine = "compiled sparse step" if self.compiled and p.dropout > 0 and not p.probe else "torch step"
+        return RunHeader(method=linear_method(p.probe), label=linear_label(p, self.split_seed),
+                         dataset=meta.get("dataset_name"),
                          source=self.cache.provenance_sha256, backbone=meta.get("backbone"),
                          weights=meta.get("weights"), test_domain=names[e],
                          train_domains=[names[d] for d in range(len(names)) if d != e], hparams=self.hparams(p),
                          grid={"lr": p.lr, "weight_decay": p.weight_decay}, seed=s, run_id=self.run_id(e, s, p),
-                         attempt=self.attempt, extra={"cache": str(self.cache.path)})
+                         attempt=self.attempt, extra={"cache": str(self.cache.path), "engine": engine})
 
 
 def _buckets(protocol: _Protocol, test_idx: list[int], seeds: int, points: list[GridPoint], done: set[str]):
@@ -288,6 +291,7 @@ def _train_grid(cache: FeatureCache, out_dir, grid: LinearGrid, config: LinearGr
     if buckets:
         write_plan(out_dir, {rid: plan_entry(asdict(h)) for rid, h in grid_runs.items()})
         data, rows_by_seed = _linear_data(cache, grid.seeds, dev, grid.split_seed, protocol.memory_budget)
+        protocol.compiled = compiled_step_used(data, config)  # which step made the numbers goes in every record
         with RecordWriter(records_path, sinks=sinks) as writer, \
                 progress_bar(config.steps * len(buckets), "training", unit="step", enabled=progress) as update:
             for i, (points, pairs) in enumerate(buckets.items()):

@@ -222,6 +222,12 @@ def _initial_blocks(data: LinearData, groups: list[Group], config: LinearGridCon
     return blocks
 
 
+def compiled_step_used(data: LinearData, config: LinearGridConfig) -> bool:
+    """Whether the grid's dropout runs (probes and dropout 0 aside: they take the torch step) train with the
+    compiled sparse step on ``data`` under ``config``."""
+    return _kernel_for(data, config) is not None
+
+
 def _kernel_for(data: LinearData, config: LinearGridConfig):
     """The compiled sparse step when ``config.step_kind`` asks for it and the data allow it, else None."""
     if config.step_kind == "torch":

@@ -232,3 +232,22 @@ def test_with_the_compiled_step_a_run_is_bit_identical_whatever_else_is_in_the_g
     assert len(one) == 2 * 4 and set(one) <= set(full)
     for k, r in one.items():
         assert (r["loss"], r["splits"]) == (full[k]["loss"], full[k]["splits"]), k
+
+
+def test_every_record_says_which_step_computed_it(tmp_path):
+    """The compiled sparse step and the torch step agree to float32 rounding, not bit for bit: a record names its
+    step (not part of the run id, so the same run from either step is the same run)."""
+    from linft.train.sparse_step import load_kernel
+    cache = synthetic_cache(tmp_path)
+    kw = dict(dropouts=(0.9,), probe=True, lrs=(0.05,), weight_decays=(1e-3,), seeds=1, test_domains=["a"],
+              device="cpu", progress=False)
+    train_linear(cache, tmp_path / "auto", config=LinearGridConfig(steps=2, batch_size=4, eval_every=1), **kw)
+    train_linear(cache, tmp_path / "torch", config=LinearGridConfig(steps=2, batch_size=4, eval_every=1,
+                                                                    step_kind="torch"), **kw)
+    auto = {(r["label"], r["step"]): r for r in read_records([tmp_path / "auto"])}
+    forced = {(r["label"], r["step"]): r for r in read_records([tmp_path / "torch"])}
+    compiled = load_kernel()[0] is not None
+    for (label, step), r in auto.items():
+        expected = "compiled sparse step" if compiled and label != "linear probe" else "torch step"
+        assert r["engine"] == expected and forced[(label, step)]["engine"] == "torch step"
+        assert r["run_id"] == forced[(label, step)]["run_id"]
