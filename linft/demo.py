@@ -20,7 +20,8 @@ from linft.data.folders import find_dataset
 from linft.data.shapes import write_demo_data
 from linft.protocol.records import done_summary
 from linft.train.across_runs import evaluate_across_runs
-from linft.train.finetune import SweepResult, finetune, watch_hooks
+from linft.train.finetune import SweepResult, finetune
+from linft.train.run_hooks import watch_hooks
 from linft.train.finetune_model import FineTuneConfig
 from linft.train.linear import train_linear
 from linft.train.linear_engine import LinearGridConfig

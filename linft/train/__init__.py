@@ -11,13 +11,13 @@ from linft.lazy import lazy_exports
 _EXPORTS = {
     "across_runs": ["evaluate_across_runs"],
     "ensembles": ["ENSEMBLE_RULES", "RunningEnsemble", "ensemble_scores"],
-    "finetune": ["EvalEvent", "RunHooks", "RunOutcome", "SweepResult", "finetune", "load_selected", "run_identity",
-                 "sweep_runs", "train_run", "watch_hooks"],
+    "finetune": ["RunOutcome", "SweepResult", "finetune", "load_selected", "run_identity", "sweep_runs", "train_run"],
     "finetune_model": ["FineTuneConfig", "FineTuneRun", "build_run_model", "train_step"],
     "linear": ["LinearGrid", "LinearProtocolResult", "train_linear"],
     "linear_engine": ["GridPoint", "Group", "LinearData", "LinearGridConfig", "train_linear_grid"],
     "pretrain": ["PretrainConfig", "pretrain"],
     "run_folder": ["RunFolder"],
+    "run_hooks": ["EvalEvent", "RunHooks", "watch_hooks"],
     "status": ["sweep_status"],
     "sweep": ["LAUNCHERS", "LaunchOptions", "launch_sweep"],
 }

@@ -31,7 +31,8 @@ from linft.errors import LinftError
 from linft.models.registry import load_backbone
 from linft.train.across_runs import evaluate_across_runs
 from linft.output import output_lock, say_line, writable_folder
-from linft.train.finetune import finetune, train_run, watch_hooks
+from linft.train.finetune import finetune, train_run
+from linft.train.run_hooks import watch_hooks
 from linft.train.finetune_model import FineTuneConfig, FineTuneRun, finetune_label
 from linft.train.finetune import run_identity
 from linft.train.run_folder import RunFolder

@@ -4,7 +4,7 @@ ensembles, resuming, the variants and `linft finetune`, on tiny data (CPU).
 Three 12-image style domains of 32 px shapes (2 classes), the demo backbone
 briefly trained on them and saved as the "pretrained" weights file, runs of 2
 to 9 steps with 4 images per training domain. Runs are observed through
-their hooks (:class:`~linft.train.finetune.RunHooks`). Sweeps, launchers and
+their hooks (:class:`~linft.train.run_hooks.RunHooks`). Sweeps, launchers and
 the ensembles and soups across runs are in ``test_sweep.py``.
 """
 
@@ -42,7 +42,8 @@ from linft.models.heads import build_classifier
 from linft.models.registry import load_backbone
 from linft.protocol.records import REQUIRED_FIELDS, read_records
 from linft.protocol.selection import select_by_iid, split_counts
-from linft.train.finetune import load_selected, run_identity, RunHooks, sweep_runs, train_run
+from linft.train.finetune import load_selected, run_identity, sweep_runs, train_run
+from linft.train.run_hooks import RunHooks
 from linft.train.finetune_model import (FineTuneConfig, FineTuneRun, build_run_model, predict_logits, set_train_mode,
                                         step_batch)
 from linft.train.run_folder import RunFolder
@@ -567,7 +568,8 @@ KILLED_RUN = """
 import json, sys, time, torch
 torch.set_num_threads(1)
 from linft.data.folders import load_image_folder
-from linft.train.finetune import RunHooks, train_run
+from linft.train.finetune import train_run
+from linft.train.run_hooks import RunHooks
 from linft.train.finetune_model import FineTuneConfig, FineTuneRun
 root, out, weights, run, config = sys.argv[1:]
 config = json.loads(config)

@@ -16,7 +16,8 @@ from linft.data.images import EvalImages
 from linft.data.tensor_augment import augment_batch
 from linft.errors import LinftError
 from linft.protocol.records import read_records
-from linft.train.finetune import run_identity, run_splits, RunHooks, train_run
+from linft.train.finetune import run_identity, run_splits, train_run
+from linft.train.run_hooks import RunHooks
 from linft.train.finetune_model import (FineTuneConfig, FineTuneRun, augment_seed, build_run_model, finetune_label,
                                         run_optimizer, set_train_mode, train_batches, train_step)
 from linft.train.run_folder import RunFolder

@@ -9,7 +9,8 @@ from linft.protocol.records import read_records
 from linft.protocol.schedule import lr_at
 from linft.protocol.selection import iid_accuracy, ood_accuracy
 from linft.protocol.sinks import tensorboard_run_name
-from linft.train.finetune import train_run, watch_hooks
+from linft.train.finetune import train_run
+from linft.train.run_hooks import watch_hooks
 from linft.train.finetune_model import FineTuneConfig, FineTuneRun
 
 CFG = FineTuneConfig(steps=5, batch_size=2, eval_every=2, image_size=32, eval_batch_size=64, workers=0)

@@ -24,7 +24,8 @@ from linft.data.splits import domain_split_rows
 from linft.errors import LinftError
 from linft.models.heads import classifier_head, fit_probe_head
 from linft.protocol.records import METHODS, is_known_method, read_records, run_id
-from linft.train.finetune import run_identity, RunHooks, sweep_runs, train_run
+from linft.train.finetune import run_identity, sweep_runs, train_run
+from linft.train.run_hooks import RunHooks
 from linft.train.finetune_model import FineTuneConfig, FineTuneRun, build_run_model
 from linft.train.lp_ft import BACKBONE_FEATURES, lp_ft_identity, probe_features
 from linft.train.run_folder import RunFolder

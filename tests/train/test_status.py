@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from linft.cli.main import main
 from linft.data.folders import load_image_folder
 from linft.protocol.selection import iid_accuracy, ood_accuracy
-from linft.train.finetune import RunHooks, train_run
+from linft.train.finetune import train_run
+from linft.train.run_hooks import RunHooks
 from linft.train.finetune_model import FineTuneConfig, FineTuneRun
 from linft.train.run_folder import RunFolder
 from linft.train.status import describe_status, sweep_status, write_plan

@@ -21,7 +21,8 @@ from linft.errors import LinftError
 from linft.models.blocks import phi_block_names
 from linft.models.registry import load_backbone
 from linft.protocol.records import read_records
-from linft.train.finetune import RunHooks, load_selected, train_run
+from linft.train.finetune import load_selected, train_run
+from linft.train.run_hooks import RunHooks
 from linft.train.finetune_model import FineTuneConfig, FineTuneRun
 from linft.train.linear import train_linear
 from linft.train.linear_engine import LinearGridConfig
