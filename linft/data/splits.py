@@ -67,6 +67,12 @@ def split_seed(seed: int, hparams: dict | None = None) -> int:
     return seed if fixed is None else int(fixed)
 
 
+def check_split_seed(value: int | None) -> None:
+    """A fixed split seed must be a non-negative integer (None: each seed its own split)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise LinftError(f"--split-seed must be 0 or more, got {value}")
+
+
 def split_names(domain_names) -> list[str]:
     """``["<domain>_in", "<domain>_out", ...]``: the split names of records, in domain order."""
     return [f"{d}_{part}" for d in domain_names for part in ("in", "out")]

@@ -324,7 +324,12 @@ def final_records(paths) -> dict[str, dict]:
     Returns ``{run_id: its final record}`` (the last one, when a run was finished twice).
     """
     existing = [p for p in map(Path, paths) if p.exists()]
-    return {r["run_id"]: r for r in (read_records(existing) if existing else []) if r.get("final")}
+    return finals_of(read_records(existing) if existing else [])
+
+
+def finals_of(records: list[dict]) -> dict[str, dict]:
+    """:func:`final_records` of records already read."""
+    return {r["run_id"]: r for r in records if r.get("final")}
 
 
 def finished_run_ids(paths) -> set[str]:

@@ -26,7 +26,7 @@ from torch import nn
 
 from linft.data.folders import MultiDomainDataset
 from linft.data.images import image_loader, model_input
-from linft.data.splits import seed_hash
+from linft.data.splits import check_split_seed, seed_hash
 from linft.data.tensor_augment import augment_batch
 from linft.errors import LinftError
 from linft.models.blocks import add_stochastic_depth
@@ -95,8 +95,7 @@ class FineTuneConfig:
         if self.ensemble_rule not in ENSEMBLE_RULES:
             raise LinftError(f"unknown ensemble rule '{self.ensemble_rule}'; use {' or '.join(ENSEMBLE_RULES)}")
         check_milestones(self.lr_milestones, self.steps)
-        if self.split_seed is not None and (isinstance(self.split_seed, bool) or self.split_seed < 0):
-            raise LinftError(f"--split-seed must be 0 or more, got {self.split_seed}")
+        check_split_seed(self.split_seed)
         if self.augment not in AUGMENTATIONS:
             raise LinftError(f"unknown augmentation '{self.augment}'; use {', '.join(AUGMENTATIONS)}")
         if self.workers is not None and self.workers < 0:

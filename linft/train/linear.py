@@ -4,7 +4,7 @@
 (:func:`linft.train.linear_engine.train_linear_grid`, one per set of runs that
 still need the same grid points) and writes one record per run and evaluation
 (:func:`linft.protocol.records.make_record`). Finished runs are skipped by the
-one rule of :func:`linft.protocol.records.finished_run_ids`.
+one rule of :func:`linft.protocol.records.final_records`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import torch
 
 from linft.cache.chunks import H5Rows, in_memory_bytes, open_cache_within
 from linft.cache.format import FeatureCache, open_cache
-from linft.data.splits import domain_split_rows, split_names, split_seed
+from linft.data.splits import check_split_seed, domain_split_rows, split_names, split_seed
 from linft.errors import LinftError
 from linft.protocol.grid import check_grid
 from linft.protocol.records import (RECORDS_FILE, RecordWriter, RunHeader, existing_records, final_records,
-                                    finished_run_ids, make_record, run_id)
+                                    finals_of, make_record, run_id)
 from linft.protocol.selection import iid_accuracy, ood_accuracy
 from linft.protocol.sinks import TensorBoardSink
 from linft.output import output_lock, progress_bar, writable_folder
@@ -220,15 +220,14 @@ def _outcome(records_path: Path, grid_runs: dict[str, RunHeader]) -> tuple[int, 
     return len(ended) - len(diverged), divergence_note(diverged, len(grid_runs))
 
 
-def check_one_source(records_path: Path, cache: FeatureCache) -> None:
+def check_one_source(records: list[dict], records_path: Path, cache: FeatureCache) -> None:
     """Refuse a records file that holds linear runs of another feature cache (before anything is trained).
 
     Runs of two caches in one file cannot be reported together; appending to such a file would leave the folder
     unusable for ``report`` and for re-runs. This happens after ``extract --force`` re-made the cache (new
     provenance) while ``--out`` kept the old folder.
     """
-    others = {r.get("source") for r in existing_records(records_path)
-              if r.get("method") in ("linear-ft", "linear-probe")} - {cache.provenance_sha256}
+    others = {r.get("source") for r in records if r.get("method") in ("linear-ft", "linear-probe")} - {cache.provenance_sha256}
     if others:
         other = sorted(str(o) for o in others)[0]
         raise LinftError(f"{records_path} holds linear runs of another feature cache (source {other[:12]}, this "
@@ -269,24 +268,26 @@ def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: Linear
     config.check()
     dev = resolve_device(device)
     sinks = [TensorBoardSink(tensorboard_dir)] if tensorboard_dir is not None else []
-    if grid.split_seed is not None and (isinstance(grid.split_seed, bool) or grid.split_seed < 0):
-        raise LinftError(f"--split-seed must be 0 or more, got {grid.split_seed}")
+    check_split_seed(grid.split_seed)
     protocol = _Protocol(cache, config, 0 if cache.views is None else int(cache.views.shape[1]), grid.split_seed,
                          memory_budget)
     records_path = writable_folder(out_dir) / RECORDS_FILE
     with output_lock(out_dir, folder=True):
-        check_one_source(records_path, cache)
-        return _train_grid(cache, out_dir, grid, config, protocol, records_path, test_names, dev, sinks, progress, say)
+        records = existing_records(records_path)  # read once: the source check and the runs already done
+        check_one_source(records, records_path, cache)
+        return _train_grid(cache, out_dir, grid, config, protocol, records_path, set(finals_of(records)), test_names,
+                           dev, sinks, progress, say)
 
 
 def _train_grid(cache: FeatureCache, out_dir, grid: LinearGrid, config: LinearGridConfig, protocol: _Protocol,
-                records_path: Path, test_names, dev, sinks, progress: bool, say) -> LinearProtocolResult:
+                records_path: Path, done: set[str], test_names, dev, sinks, progress: bool,
+                say) -> LinearProtocolResult:
     """:func:`train_linear` once its inputs are checked and its output folder locked."""
     names = cache.domain_names
     test_idx = [names.index(d) for d in test_names]
     grid_runs = {h.run_id: h for h in (protocol.header(e, s, p) for e in test_idx for s in range(grid.seeds)
                                         for p in grid.points())}
-    buckets, skipped = _buckets(protocol, test_idx, grid.seeds, grid.points(), finished_run_ids([records_path]))
+    buckets, skipped = _buckets(protocol, test_idx, grid.seeds, grid.points(), done)
     trained, counter = sum(len(k) * len(v) for k, v in buckets.items()), {"diverged": 0}
     if buckets:
         write_plan(out_dir, {rid: plan_entry(asdict(h)) for rid, h in grid_runs.items()})
