@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from linft import __version__
-from linft.errors import LinftError
+from linft.errors import LinftError, worker_died
 
 
 #: command -> (module in linft.cli, the command's function there).
@@ -82,6 +82,12 @@ class LinftGroup(click.Group):
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(2)
+            ctx.exit(2)
+        except RuntimeError as exc:  # a dead decoding worker, raised anywhere by torch's SIGCHLD handler
+            died = worker_died(exc)
+            if died is None:
+                raise
+            click.echo(f"Error: {died}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted; re-run the same command to resume", err=True)

@@ -3,7 +3,8 @@
 A :class:`LinftError` carries a single line that names the problem and what to
 do about it; the command-line interface prints it without a traceback and
 exits with status 2 (a failed check, such as ``cache verify``, exits with 1).
-Library users can catch it like any other exception.
+Library users can catch it like any other exception. :func:`worker_died` turns torch's error for a dead
+DataLoader worker into one.
 """
 
 
@@ -19,3 +20,15 @@ class LinftError(Exception):
     def __init__(self, message: str, exit_at_once: bool = False):
         super().__init__(message)
         self.exit_at_once = exit_at_once
+
+
+def worker_died(exc: BaseException) -> LinftError | None:
+    """The one-line error for a dead decoding worker (torch's RuntimeError, raised by the next batch fetch or at
+    any point by its SIGCHLD handler), or None when ``exc`` is something else."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or "DataLoader worker" not in text or \
+            not ("exited unexpectedly" in text or "killed by signal" in text):  # not an error raised in a worker
+        return None
+    reason = str(exc).strip().splitlines()[0]
+    return LinftError(f"an image-decoding worker died ({reason}); the machine may be short of memory: re-run the "
+                      f"same command with fewer --workers (0 decodes in the main process); finished work is kept")

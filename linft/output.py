@@ -22,6 +22,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import socket
 import sys
 import time
@@ -84,6 +85,17 @@ def writable_folder(folder: str | os.PathLike) -> Path:
         why = "read-only file system" if read_only_file_system(folder) else "permission denied"
         raise LinftError(f"cannot write to {folder} ({why}); choose another --out")
     return folder
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a folder tree, whichever ``path`` is (nothing when absent; errors ignored)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def commit_partial(partial: Path, path: Path) -> None:

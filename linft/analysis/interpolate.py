@@ -68,7 +68,7 @@ from linft.models.linearize import relative_linearity_gap
 from linft.protocol.records import RECORDS_FILE, RecordWriter, RunHeader, done_summary, final_records, make_record, \
     run_id
 from linft.protocol.selection import iid_accuracy, ood_accuracy, split_counts
-from linft.output import atomic_write_text, json_text, output_lock, progress_bar, writable_folder
+from linft.output import atomic_write_text, json_text, output_lock, progress_bar
 from linft.runtime import effective_precision, resolve_device
 
 #: path key -> (record method, label prefix)
@@ -317,7 +317,6 @@ def interpolate(dataset, finetuned: str | os.PathLike, config: InterpolateConfig
     stem = f"interpolation_{_safe_name(setup.test_domain)}_seed{setup.seed}_{_safe_name(ends.finetuned_id)[:16]}"
     labels = _labels(setup, _path_keys(setup))
     headers = {(key, a): _header(setup, key, a, labels[key]) for key in labels for a in setup.alphas}
-    writable_folder(out)
     with output_lock(out, folder=True):  # a second identical command refuses instead of writing records twice
         return _interpolate_locked(setup, config, out, stem, labels, headers, progress, say)
 

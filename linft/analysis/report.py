@@ -17,7 +17,6 @@ import csv
 import io
 import math
 import os
-import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,8 +27,7 @@ from linft.analysis.plots import figure_files, plot_clouds, plot_dropout, plot_f
 from linft.errors import LinftError
 from linft.protocol.records import read_records
 from linft.protocol.selection import SE_FORMULAS, check_se
-from linft.output import (PARTIAL_SUFFIX, WriteError, atomic_write_text, output_lock, writable_folder,
-                          write_failure)
+from linft.output import PARTIAL_SUFFIX, WriteError, atomic_write_text, output_lock, remove_path, write_failure
 
 #: What summary.md says about units.
 UNITS_NOTE = ("Units: accuracies are fractions in [0, 1] in every CSV (columns named *_acc*) and percent in the "
@@ -236,22 +234,22 @@ def write_report(record_paths, out_dir, selection: str = "iid", se: str = "sampl
     """
     check_se(se)
     out = Path(out_dir)
-    old = existing_report(out)
-    if old and not force:
-        raise LinftError(f"{out} already holds a report ({', '.join(old[:3])}); pass --force to replace it or "
+    if existing_report(out) and not force:
+        raise LinftError(f"{out} already holds a report ({', '.join(existing_report(out)[:3])}); pass --force to "
+                         f"replace it or "
                          f"choose another --out")
     records = read_records(record_paths)
     if not records:
         raise LinftError(f"the run records in {', '.join(map(str, record_paths))} are empty; train something first")
     results = run_results(records, selection)
-    writable_folder(out)
-    with output_lock(out, folder=True):
+    with output_lock(out, folder=True):  # creates the folder
         staging = out / f".report{PARTIAL_SUFFIX}"
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_path(staging)
         try:
             staged = _write_report(results, record_paths, staging, selection, se, notes or [])
-            for name in old:
-                if name not in {p.name for p in staged.values()}:
+            new = {p.name for p in staged.values()}
+            for name in existing_report(out):  # under the lock: what is there now
+                if name not in new:
                     (out / name).unlink()
             paths = {}
             for key, path in staged.items():
@@ -262,5 +260,5 @@ def write_report(record_paths, out_dir, selection: str = "iid", se: str = "sampl
             raise LinftError(f"cannot write the report to {out} ({reason}); free space or choose another --out "
                              f"(the previous report, if any, is unchanged)") from None
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_path(staging)
     return paths

@@ -28,11 +28,12 @@ import torchvision
 
 import linft
 from linft.cache.format import (CACHE_FORMAT_VERSION, DTYPES, default_cache_path, existing_cache_attrs,
-                                identity_differences, provenance_sha256, row_digests, write_attrs)
+                                identity_differences, provenance_sha256, row_digests, write_attrs,
+                                digest_mismatches)
 from linft.data.folders import MultiDomainDataset, load_image_folder
 from linft.data.images import (describe_transform, describe_views_transform, first_bad_image,
-                               image_loader, model_input, worker_died)
-from linft.errors import LinftError
+                               image_loader, model_input)
+from linft.errors import LinftError, worker_died
 from linft.models.blocks import PooledBlockFeatures, phi_block_names
 from linft.models.registry import Backbone, load_backbone
 from linft.output import (commit_partial, human_bytes, output_lock, partial_path, progress_bar,
@@ -166,9 +167,9 @@ def _up_to_date(out: Path, attrs: dict, force: bool) -> dict | None:
     """The attributes of a complete cache of the same provenance at ``out``; refuses any other file without force."""
     if not out.exists():
         return None
-    existing = existing_cache_attrs(out)
     if force:  # always re-extract: images may have changed in place (same names, same provenance)
         return None
+    existing = existing_cache_attrs(out)
     if existing is not None and existing.get("complete") and existing["provenance_sha256"] == attrs["provenance_sha256"]:
         return existing
     if existing is None:
@@ -216,16 +217,9 @@ def proven_rows(partial: Path, claimed: int, chunk: int = 4096) -> int:
         with h5py.File(partial, "r") as f:
             if "digests" not in f:
                 return 0
-            views = f["views"] if "views" in f else None
-            for a in range(0, claimed, chunk):
-                b = min(claimed, a + chunk)
-                got = row_digests(f["features"][a:b], views[a:b] if views is not None else None, f["valid"][a:b])
-                bad = np.flatnonzero(got != f["digests"][a:b])
-                if len(bad):
-                    return a + int(bad[0])
+            return next(digest_mismatches(f, claimed, chunk, first_only=True), claimed)
     except (OSError, RuntimeError, KeyError):
         return 0
-    return claimed
 
 
 def _check_location(out: Path, needed_bytes: int) -> None:
@@ -286,8 +280,7 @@ def extract_features(dataset: MultiDomainDataset | str | os.PathLike, out: str |
     ext = _extractor(config)
     attrs = cache_attributes(ds, config, ext)
     out = (Path(out) if out is not None else default_cache_path(ds, config.backbone, ext.backbone.weights)).expanduser()
-    writable_folder(out.parent)
-    with output_lock(out):
+    with output_lock(out):  # creates the folder
         return _extract_locked(ds, out, config, ext, attrs, force, progress, on_checkpoint, tick)
 
 

@@ -136,6 +136,19 @@ def row_digests(features: np.ndarray, views: np.ndarray | None, valid: np.ndarra
     return out
 
 
+def digest_mismatches(f: h5py.File, rows: int, chunk: int = 4096, first_only: bool = False):
+    """Yield the rows among the first ``rows`` of an open cache whose content does not match their stored digest,
+    in order, reading ``chunk`` rows at a time (``first_only``: stop after the first)."""
+    views = f["views"] if "views" in f else None
+    for a in range(0, rows, chunk):
+        b = min(rows, a + chunk)
+        got = row_digests(f["features"][a:b], views[a:b] if views is not None else None, f["valid"][a:b])
+        for i in np.flatnonzero(got != f["digests"][a:b]):
+            yield a + int(i)
+            if first_only:
+                return
+
+
 @dataclass
 class FeatureCache:
     """A complete feature cache in memory: arrays plus the provenance attributes in ``meta``."""

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 
 from linft.cache.format import (attribute_problems, cache_attrs, content_problems, dataset_problems, expected_datasets,
-                                open_h5, read_paths, row_digests)
+                                digest_mismatches, open_h5, read_paths)
 from linft.data.folders import file_list_sha256, load_image_folder
 
 
@@ -105,12 +105,7 @@ def check_digests(f: h5py.File, meta: dict, paths: list[str] | None, chunk_rows:
     if "digests" not in f:
         return True, "no row digests (made by an earlier linft)"
     done = _num_examples(meta) if meta.get("complete") else int(meta.get("num_done", 0))
-    views = f["views"] if "views" in f else None
-    bad = []
-    for a in range(0, done, chunk_rows):
-        b = min(done, a + chunk_rows)
-        got = row_digests(f["features"][a:b], views[a:b] if views is not None else None, f["valid"][a:b])
-        bad.extend((a + np.flatnonzero(got != f["digests"][a:b])).tolist())
+    bad = list(digest_mismatches(f, done, chunk_rows))
     if bad:
         return False, f"{len(bad)} rows differ from their digest (first: row {bad[0]}); re-extract with --force"
     return True, f"{done} rows match their digests"

@@ -37,7 +37,7 @@ from torchvision import transforms
 
 from linft.data.folders import MultiDomainDataset
 from linft.data.splits import seed_hash
-from linft.errors import LinftError
+from linft.errors import LinftError, worker_died
 from linft.output import progress_bar
 
 #: ImageNet normalisation used by DomainBed's transforms.
@@ -213,18 +213,6 @@ class ImageFiles(torch.utils.data.Dataset):
         except Exception as exc:  # any decoder failure is reported by path, in the main process
             zeros = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
             return zeros, zeros.expand(self.views, -1, -1, -1).clone(), i, False, f"{type(exc).__name__}: {exc}"
-
-
-def worker_died(exc: BaseException) -> LinftError | None:
-    """The one-line error for a dead decoding worker (torch's RuntimeError, raised by the next batch fetch or at
-    any point by its SIGCHLD handler), or None when ``exc`` is something else."""
-    text = str(exc)
-    if not isinstance(exc, RuntimeError) or "DataLoader worker" not in text or \
-            not ("exited unexpectedly" in text or "killed by signal" in text):  # not an error raised in a worker
-        return None
-    reason = str(exc).strip().splitlines()[0]
-    return LinftError(f"an image-decoding worker died ({reason}); the machine may be short of memory: re-run the "
-                      f"same command with fewer --workers (0 decodes in the main process); finished work is kept")
 
 
 class WorkerGuard:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -33,7 +32,7 @@ from PIL import Image
 
 import linft
 from linft.errors import LinftError
-from linft.output import (PARTIAL_SUFFIX, atomic_write_text, output_lock, partial_path, writable_folder,
+from linft.output import (PARTIAL_SUFFIX, atomic_write_text, output_lock, partial_path, remove_path, writable_folder,
                           write_failure)
 
 DEMO_CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "crescent")
@@ -241,14 +240,6 @@ def write_shapes_dataset(
     return out
 
 
-def _remove(path: Path) -> None:
-    """Remove a file or a folder tree, whichever ``path`` is (nothing when absent)."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
 def write_new_folder(out: str | os.PathLike, write: Callable[[Path], None], force: bool = False,
                      refusal: str = "pass --force to replace it whole (then re-extract its caches with "
                                     "`linft extract --force`)") -> Path:
@@ -263,30 +254,29 @@ def write_new_folder(out: str | os.PathLike, write: Callable[[Path], None], forc
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise LinftError(f"{out} exists and is not empty; choose a new folder, or {refusal}")
-    writable_folder(out.parent)
-    with output_lock(out):
+    with output_lock(out):  # creates the parent folder
         staging = partial_path(out)
         old = out.with_name(f"{out.name}.old{PARTIAL_SUFFIX}")
-        _remove(staging)
+        remove_path(staging)
         writable_folder(staging)
         try:
             write(staging)
             if out.exists():
-                _remove(old)
+                remove_path(old)
                 os.replace(out, old)
                 try:
                     os.replace(staging, out)
                 except OSError:
                     os.replace(old, out)  # put the old folder back
                     raise
-                _remove(old)
+                remove_path(old)
             else:
                 os.replace(staging, out)
         except OSError as exc:
             raise LinftError(f"cannot write {out} ({write_failure(exc)}); free space or choose another folder "
                              f"(an existing {out.name} is unchanged)") from None
         finally:
-            _remove(staging)
+            remove_path(staging)
     return out
 
 

@@ -168,16 +168,18 @@ def add_stochastic_depth(model: nn.Module, rate: float, mode: str = "row") -> li
         raise LinftError(f"--stochastic-depth {rate} is outside [0, 1); the paper uses 0.1 to 0.3")
     if mode not in STOCHASTIC_DEPTH_MODES:
         raise LinftError(f"unknown stochastic depth mode '{mode}'; use {' or '.join(STOCHASTIC_DEPTH_MODES)}")
-    handles = []
-    for end in residual_branch_ends(model):
-        drop = torchvision.ops.StochasticDepth(rate, "row")
 
-        def hook(module, inputs, output, drop=drop):
-            if mode == "official":  # the whole batch keeps or drops the branch; no rescaling (no host sync)
-                if not model.training:
-                    return output
-                return output * (torch.rand((), device=output.device) >= rate).to(output.dtype)
+    def official(module, inputs, output):  # the whole batch keeps or drops the branch; no rescaling (no host sync)
+        if not model.training:
+            return output
+        return output * (torch.rand((), device=output.device) >= rate).to(output.dtype)
+
+    def per_row(drop):
+        def hook(module, inputs, output):
             drop.training = model.training
             return drop(output)
-        handles.append(end.register_forward_hook(hook))
-    return handles
+        return hook
+
+    return [end.register_forward_hook(official if mode == "official" else
+                                      per_row(torchvision.ops.StochasticDepth(rate, "row")))
+            for end in residual_branch_ends(model)]

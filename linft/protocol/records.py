@@ -164,7 +164,8 @@ class RecordWriter:
             _drop_torn_last_line(self.path)
             self._fh = open(self.path, "a", encoding="utf-8")
         except OSError as exc:
-            raise LinftError(f"cannot write run records to {self.path} ({exc.strerror}); choose another --out") from None
+            raise LinftError(f"cannot write run records to {self.path} ({write_failure(exc)}); choose another "
+                             f"--out") from None
 
     def write(self, record: dict) -> None:
         try:

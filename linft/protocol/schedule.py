@@ -17,9 +17,9 @@ def milestone_steps(milestones, steps: int) -> tuple[int, ...]:
     return tuple(int(round(m * steps)) if m <= 1 else int(m) for m in milestones)
 
 
-def check_milestones(milestones, steps: int) -> None:
+def check_milestones(milestones) -> None:
     """One-line errors for milestones that are neither fractions in (0, 1] nor whole step numbers above 1 (a step
-    number at or past ``steps`` is never reached, as the fraction 1)."""
+    number at or past the run's last step is never reached, as the fraction 1)."""
     for m in milestones:
         if not (0 < m <= 1 or (m > 1 and float(m).is_integer())):
             raise LinftError(f"--lr-milestones {m:g} is neither a fraction of --steps in (0, 1] nor a whole step "

@@ -23,7 +23,7 @@ from linft.models.heads import build_classifier
 from linft.models.registry import load_backbone
 from linft.protocol.records import RECORDS_FILE, RecordWriter, RunHeader, derived, finished_run_ids, make_record, \
     run_id
-from linft.output import output_lock, writable_folder
+from linft.output import output_lock
 from linft.protocol.selection import iid_accuracy, split_counts
 from linft.runtime import resolve_device
 from linft.train.ensembles import ensemble_scores
@@ -93,7 +93,7 @@ def evaluate_across_runs(dataset: MultiDomainDataset, out_dir, run_dirs, *, conf
     """Ensembles, soups and greedy soups of the selected models of ``run_dirs``; returns the records file."""
     dev = resolve_device(device)
     path = Path(out_dir) / ACROSS_RUNS_FOLDER / RECORDS_FILE
-    with output_lock(writable_folder(path.parent), folder=True):  # one writer of these records
+    with output_lock(path.parent, folder=True):  # one writer of these records (creates the folder)
         done = finished_run_ids([path])
         eval_images = eval_images or EvalImages(dataset, config.image_size, config.eval_batch_size, config.workers)
         with RecordWriter(path) as writer:

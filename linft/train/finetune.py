@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from linft.data.folders import MultiDomainDataset, find_dataset
-from linft.data.images import EvalImages, worker_died
+from linft.data.images import EvalImages
 from linft.data.splits import domain_split_rows, split_seed
 from linft.errors import LinftError
 from linft.models.blocks import STOCHASTIC_DEPTH_MODES
@@ -265,10 +265,6 @@ def train_run(dataset: MultiDomainDataset, out_dir, run: FineTuneRun, *, backbon
     backbone = bb.name  # the architecture as resolved (clip:ViT-B-32 with OpenAI's weights: clip:ViT-B-32-quickgelu)
     identity = run_identity(run, backbone, bb.weights_sha256, dataset.file_list_sha256, config)
     folder = RunFolder.of(out_dir, identity)
-    done = folder.final_status()
-    if done is not None:
-        folder.checkpoint.unlink(missing_ok=True)
-        return RunOutcome(folder.root, folder.run_id, "diverged" if done == "diverged" else "done", run=run)
     split_rows, pools = run_splits(dataset, run, config)  # a run refused here leaves no folder behind
     with output_lock(folder.root, folder=True):  # one process per run (a second launch, a Slurm resubmission)
         return _train_locked(dataset, run, config, folder, identity, backbone, bb, model, split_rows, pools,
@@ -279,10 +275,10 @@ def _train_locked(dataset: MultiDomainDataset, run: FineTuneRun, config: FineTun
                   identity: dict, backbone: str, bb, model, split_rows, pools, eval_images, progress: bool,
                   hooks: RunHooks) -> RunOutcome:
     """:func:`train_run` once its folder is locked by this process."""
-    if folder.final_status() is not None:  # finished by another process while this one loaded the backbone
-        folder.checkpoint.unlink(missing_ok=True)
-        return RunOutcome(folder.root, folder.run_id, "diverged" if folder.final_status() == "diverged" else "done",
-                          run=run)
+    done = folder.final_status()  # under the lock: also a run another process finished meanwhile
+    if done is not None:
+        folder.checkpoint.unlink(missing_ok=True)  # left by a kill between the final record and its removal
+        return RunOutcome(folder.root, folder.run_id, "diverged" if done == "diverged" else "done", run=run)
     atomic_write_text(folder.run_json, json.dumps({"run_id": folder.run_id, **identity}, indent=1) + "\n")
     header = _header(dataset, run, backbone, bb, config, folder.run_id)
     r = _Run(dataset, run, config, folder, header, model, run_optimizer(model, run, config.momentum),
@@ -293,13 +289,7 @@ def _train_locked(dataset: MultiDomainDataset, run: FineTuneRun, config: FineTun
     if run.lp_ft and r.start == 0:  # a resumed run has its head in its checkpoint
         load_head(r.model, lp_ft_head(dataset, np.sort(np.concatenate(pools)), r.model, bb.weights_sha256, config,
                                       r.eval_images))
-    try:
-        trained, diverged = _train(r, progress, hooks)
-    except RuntimeError as exc:  # a dead decoding worker surfaces anywhere in the loop (torch's SIGCHLD handler)
-        died = worker_died(exc)
-        if died is None:
-            raise
-        raise died from None
+    trained, diverged = _train(r, progress, hooks)
     if diverged:
         hooks.tell(f"{header.label} / {run.test_domain} / seed {run.seed} / lr {run.lr:g} diverged")
     folder.checkpoint.unlink(missing_ok=True)

@@ -94,7 +94,7 @@ class FineTuneConfig:
             raise LinftError(f"--image-size must be at least 16, got {self.image_size}")
         if self.ensemble_rule not in ENSEMBLE_RULES:
             raise LinftError(f"unknown ensemble rule '{self.ensemble_rule}'; use {' or '.join(ENSEMBLE_RULES)}")
-        check_milestones(self.lr_milestones, self.steps)
+        check_milestones(self.lr_milestones)
         check_split_seed(self.split_seed)
         if self.augment not in AUGMENTATIONS:
             raise LinftError(f"unknown augmentation '{self.augment}'; use {', '.join(AUGMENTATIONS)}")

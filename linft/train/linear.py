@@ -26,7 +26,7 @@ from linft.protocol.records import (RECORDS_FILE, RecordWriter, RunHeader, exist
                                     finals_of, make_record, run_id)
 from linft.protocol.selection import iid_accuracy, ood_accuracy
 from linft.protocol.sinks import TensorBoardSink
-from linft.output import output_lock, progress_bar, writable_folder
+from linft.output import output_lock, progress_bar
 from linft.runtime import resolve_device
 from linft.train.linear_engine import (EvalPoint, GridPoint, Group, LinearData, LinearGridConfig, compiled_step_used,
                                        train_linear_grid)
@@ -271,8 +271,8 @@ def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: Linear
     check_split_seed(grid.split_seed)
     protocol = _Protocol(cache, config, 0 if cache.views is None else int(cache.views.shape[1]), grid.split_seed,
                          memory_budget)
-    records_path = writable_folder(out_dir) / RECORDS_FILE
-    with output_lock(out_dir, folder=True):
+    records_path = Path(out_dir) / RECORDS_FILE
+    with output_lock(out_dir, folder=True):  # creates the folder
         records = existing_records(records_path)  # read once: the source check and the runs already done
         check_one_source(records, records_path, cache)
         return _train_grid(cache, out_dir, grid, config, protocol, records_path, set(finals_of(records)), test_names,

@@ -160,7 +160,7 @@ class LinearGridConfig:
                 raise LinftError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.v_init not in V_INITS:
             raise LinftError(f"unknown v init '{self.v_init}'; use one of {', '.join(V_INITS)}")
-        check_milestones(self.lr_milestones, self.steps)
+        check_milestones(self.lr_milestones)
         if self.step_kind not in STEP_KINDS:
             raise LinftError(f"unknown step kind '{self.step_kind}'; use one of {', '.join(STEP_KINDS)}")
         if self.eval_form not in EVAL_FORMS:

@@ -30,7 +30,7 @@ from linft.data.images import EvalImages
 from linft.errors import LinftError
 from linft.models.registry import load_backbone
 from linft.train.across_runs import evaluate_across_runs
-from linft.output import output_lock, say_line, writable_folder
+from linft.output import output_lock, say_line
 from linft.train.finetune import finetune, train_run
 from linft.train.run_hooks import watch_hooks
 from linft.train.finetune_model import FineTuneConfig, FineTuneRun, finetune_label
@@ -162,8 +162,7 @@ def launch_sweep(dataset: MultiDomainDataset, out_dir, runs: list[FineTuneRun], 
     folders = [RunFolder.of(out_dir, run_identity(r, backbone, bb.weights_sha256, dataset.file_list_sha256, config))
                for r in runs]
     labels = [finetune_label(r, bb.weights, config) for r in runs]
-    writable_folder(out_dir)
-    with output_lock(out_dir, folder=True):  # a second identical launch refuses at once
+    with output_lock(out_dir, folder=True):  # creates the folder; a second identical launch refuses
         done_before = [f.is_done() for f in folders]
         eval_images = None
         if not all(done_before):

@@ -164,14 +164,19 @@ def test_an_existing_report_is_refused_unless_forced_and_then_replaced_whole(tmp
     assert (rep / "mine.txt").read_text() == "keep me" and not list(rep.glob(".*"))
 
 
-def test_a_failed_report_leaves_the_previous_one(tmp_path):
-    """A write that fails half-way (here the folder where files are written aside cannot be made) changes nothing."""
-    from linft.errors import LinftError
+def test_what_a_killed_report_left_aside_is_cleared_by_the_next_one(tmp_path):
+    """A report killed while writing aside leaves ``.report.partial`` (a folder, or anything in its place): the next
+    forced report clears it and is complete. (A write that fails half-way through the staged files, leaving the
+    previous report as it was, is tests/test_faults.py's full-disk test.)"""
     runs = write(tmp_path / "runs", full_grid_records())
     rep = tmp_path / "rep"
-    before = {p.name: p.read_bytes() for p in write_report([runs], rep).values()}
-    (rep / ".report.partial").write_text("in the way")
-    with pytest.raises(LinftError, match="cannot write the report to .*previous report, if any, is unchanged"):
-        write_report([write(tmp_path / "other", grid_records())], rep, force=True)
-    assert {p.name: p.read_bytes() for p in rep.iterdir() if p.name in before} == before
-    assert sorted(before) == sorted(p.name for p in rep.iterdir() if not p.name.startswith("."))
+    before = sorted(write_report([runs], rep))
+    for leftover in ("file", "folder"):
+        staging = rep / ".report.partial"
+        if leftover == "file":
+            staging.write_text("in the way")
+        else:
+            (staging / "sub").mkdir(parents=True)
+            (staging / "sub" / "clouds.png").write_text("torn")
+        assert sorted(write_report([runs], rep, force=True)) == before
+        assert not staging.exists() and not list(rep.glob(".*"))

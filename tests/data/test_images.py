@@ -202,7 +202,7 @@ def test_normalize_uint8_equals_to_tensor_and_normalize():
 
 
 def test_only_a_dead_worker_is_reported_as_one():
-    from linft.data.images import worker_died
+    from linft.errors import worker_died
     died = worker_died(RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. "))
     assert died is not None and "an image-decoding worker died (DataLoader worker (pid 4242)" in str(died)
     assert worker_died(RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")) is not None

@@ -195,8 +195,8 @@ def test_split_seed_gives_every_seed_the_same_split(tmp_path):
     train_linear(cache, tmp_path / "own", **kw)
     train_linear(cache, tmp_path / "fixed", split_seed=0, **kw)
     own, fixed = read_records([tmp_path / "own"]), read_records([tmp_path / "fixed"])
-    rows = {s: domain_split_rows(cache.domains, NDOM, s) for s in (0, 1)}
-    assert not np.array_equal(rows[0][(0, "out")], rows[1][(0, "out")])  # the two seeds' own splits differ
+    rows = {s: domain_split_rows(cache.domains, NDOM, s, cache.valid) for s in (0, 1)}
+    assert not np.array_equal(rows[0][(0, "in")], rows[1][(0, "in")])  # the seeds' own training pools differ
     assert all(r["hparams"]["split_seed"] == 0 for r in fixed) and all("split_seed" not in r["hparams"] for r in own)
     assert {r["label"] for r in fixed} == {"linear FT, dropout 0.9, split seed 0"}  # never pooled with the default
     assert {r["label"] for r in own} == {"linear FT, dropout 0.9"}
