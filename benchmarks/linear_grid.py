@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from linft.protocol.schedule import eval_steps
 from linft.runtime import resolve_device
+from linft.train.linear import LinearGrid
 from linft.train.linear_engine import (GridPoint, Group, LinearData, LinearGridConfig, group_generator,
                                        initial_parameters, linear_ft_logits, train_linear_grid)
 from linft.train.linear_eval import evaluate_grid
@@ -40,13 +41,13 @@ from linft.train.linear_eval import evaluate_grid
 N, K, D, C, NDOM, BATCH = 10_000, 3, 2048, 7, 4, 32
 FULL_STEPS, EVAL_EVERY = 10_000, 300
 FULL_EVALS = len(eval_steps(FULL_STEPS, EVAL_EVERY))
-GRIDS = {"0.9": [0.9], "mixed": [0.0, 0.5, 0.9, "probe"]}
+#: the benchmarked grids: the protocol's lr x weight decay at dropout 0.9, and at 0, 0.5, 0.9 plus the probe
+GRIDS = {"0.9": LinearGrid(dropouts=(0.9,)), "mixed": LinearGrid(dropouts=(0.0, 0.5, 0.9), probe=True)}
 SIZES = {"0.9": (12, 72, 288), "mixed": (24, 72, 288)}
 
 
 def points_of(grid: str) -> list[GridPoint]:
-    return [GridPoint(lr, wd, 0.0 if r == "probe" else r, r == "probe") for r in GRIDS[grid]
-            for lr in (1e-3, 5e-4) for wd in (1e-4, 5e-5, 1e-5)]
+    return GRIDS[grid].points()
 
 
 def synthetic(dev):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from linft.cache.chunks import H5Rows, in_memory_bytes, open_cache_within
-from linft.cache.format import FeatureCache, open_cache
+from linft.cache.format import FeatureCache
 from linft.data.splits import check_split_seed, domain_split_rows, split_names, split_seed
 from linft.errors import LinftError
 from linft.protocol.grid import check_grid
@@ -29,7 +29,7 @@ from linft.protocol.sinks import TensorBoardSink
 from linft.output import output_lock, progress_bar
 from linft.runtime import resolve_device
 from linft.train.linear_engine import (EvalPoint, GridPoint, Group, LinearData, LinearGridConfig, compiled_step_used,
-                                       train_linear_grid)
+                                       step_name, train_linear_grid)
 from linft.train.status import divergence_note, plan_entry, write_plan
 
 
@@ -113,14 +113,14 @@ class _Protocol:
 
     def header(self, e: int, s: int, p: GridPoint) -> RunHeader:
         names, meta = self.cache.domain_names, self.cache.meta
-        engine = "compiled sparse step" if self.compiled and p.dropout > 0 and not p.probe else "torch step"
         return RunHeader(method=linear_method(p.probe), label=linear_label(p, self.split_seed),
                          dataset=meta.get("dataset_name"),
                          source=self.cache.provenance_sha256, backbone=meta.get("backbone"),
                          weights=meta.get("weights"), test_domain=names[e],
                          train_domains=[names[d] for d in range(len(names)) if d != e], hparams=self.hparams(p),
                          grid={"lr": p.lr, "weight_decay": p.weight_decay}, seed=s, run_id=self.run_id(e, s, p),
-                         attempt=self.attempt, extra={"cache": str(self.cache.path), "engine": engine})
+                         attempt=self.attempt, extra={"cache": str(self.cache.path),
+                                                             "engine": step_name(p, self.compiled)})
 
 
 def _buckets(protocol: _Protocol, test_idx: list[int], seeds: int, points: list[GridPoint], done: set[str]):
@@ -227,7 +227,8 @@ def check_one_source(records: list[dict], records_path: Path, cache: FeatureCach
     unusable for ``report`` and for re-runs. This happens after ``extract --force`` re-made the cache (new
     provenance) while ``--out`` kept the old folder.
     """
-    others = {r.get("source") for r in records if r.get("method") in ("linear-ft", "linear-probe")} - {cache.provenance_sha256}
+    linear = (r.get("source") for r in records if r.get("method") in ("linear-ft", "linear-probe"))
+    others = set(linear) - {cache.provenance_sha256}
     if others:
         other = sorted(str(o) for o in others)[0]
         raise LinftError(f"{records_path} holds linear runs of another feature cache (source {other[:12]}, this "
@@ -260,7 +261,7 @@ def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: Linear
     grid = LinearGrid(**{**asdict(grid), **grid_fields})
     config = config or LinearGridConfig()
     cache = cache if isinstance(cache, FeatureCache) else \
-        open_cache(cache) if memory_budget is None else open_cache_within(cache, memory_budget)
+        open_cache_within(cache, memory_budget)
     names = cache.domain_names
     test_names = check_grid(names, test_domains=grid.test_domains, seeds=grid.seeds, lrs=grid.lrs,
                             weight_decays=grid.weight_decays, dropouts=grid.dropouts, probe=grid.probe,

@@ -191,8 +191,6 @@ class LinearData:
         return self.features if self.views is None else self.views
 
 
-
-
 # --------------------------------------------------------------------------- the engine
 
 
@@ -203,7 +201,7 @@ def _initial_blocks(data: LinearData, groups: list[Group], config: LinearGridCon
     _, K, D = data.features.shape
     C = data.num_classes
     kernel = _kernel_for(data, config)
-    sparse = sorted((h for h, p in enumerate(points) if p.dropout > 0 and not p.probe),
+    sparse = sorted((h for h, p in enumerate(points) if takes_compiled_step(p)),
                     key=lambda h: points[h].dropout) if kernel is not None else []
     rest = sorted((h for h in range(len(points)) if h not in sparse), key=lambda h: points[h].dropout)
     parts = [(sparse, kernel), (rest, None)]
@@ -222,10 +220,21 @@ def _initial_blocks(data: LinearData, groups: list[Group], config: LinearGridCon
     return blocks
 
 
+def takes_compiled_step(point: GridPoint) -> bool:
+    """Whether a grid point trains with the compiled sparse step where it is used: dropout runs; probes and
+    dropout 0 take the torch step (a dense GEMM is the right tool there)."""
+    return point.dropout > 0 and not point.probe
+
+
 def compiled_step_used(data: LinearData, config: LinearGridConfig) -> bool:
-    """Whether the grid's dropout runs (probes and dropout 0 aside: they take the torch step) train with the
-    compiled sparse step on ``data`` under ``config``."""
+    """Whether the compiled sparse step is used on ``data`` under ``config`` (for :func:`takes_compiled_step`
+    points)."""
     return _kernel_for(data, config) is not None
+
+
+def step_name(point: GridPoint, compiled: bool) -> str:
+    """The step that trains ``point``, as records name it: ``compiled sparse step`` or ``torch step``."""
+    return "compiled sparse step" if compiled and takes_compiled_step(point) else "torch step"
 
 
 def _kernel_for(data: LinearData, config: LinearGridConfig):

@@ -159,11 +159,13 @@ def feature_grid(dtype, views=False, n_per_domain=60, dim=64, classes=C, lr_scal
 @pytest.mark.skipif(load_kernel()[0] is None, reason="no compiled kernel")
 @pytest.mark.parametrize("dtype,views,classes,lr_scales", [
     (torch.float16, False, C, (1.0,)), (torch.float32, True, C, (1.0,)), (torch.float16, True, C, (1.0,)),
-    (torch.float32, False, 20, (1.0,)), (torch.float32, False, C, (1.0, 0.5, 0.25))])
+    (torch.float32, False, 10, (1.0,)), (torch.float32, False, 20, (1.0,)),
+    (torch.float32, False, C, (1.0, 0.5, 0.25))])
 def test_sparse_step_equals_torch_step(dtype, views, classes, lr_scales):
     """The compiled sparse step and the pure-torch fallback: two code paths, the same runs to the tolerance
-    (float16 features and views are read by the kernel itself; 20 classes take its path for any number of
-    classes; 12 dropout runs per group fill two chunks of 8 lanes), and the same evaluation counts but near-ties."""
+    (float16 features and views are read by the kernel itself; 10 classes take its 16-class path, 20 its path for
+    any number of classes; 12 dropout runs per group fill two chunks of 8 lanes), and the same evaluation counts
+    but near-ties, which are few (the tolerance leaves the counts compared)."""
     data, groups = feature_grid(dtype, views, classes=classes, lr_scales=lr_scales)
     out = {}
     for kind in ("sparse", "torch"):
@@ -176,11 +178,15 @@ def test_sparse_step_equals_torch_step(dtype, views, classes, lr_scales):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
     X = data.features.float()
     v, V, b = out["torch"][0]
+    ties = compared = 0
     for gi in range(len(groups)):
         for hi in range(len(groups[0].points)):
             _, tie = reference_counts(X, data.labels, v[gi, hi], V[gi, hi], b[gi, hi])
             got = out["sparse"][1][149].correct[gi, hi] - out["torch"][1][149].correct[gi, hi]
             assert np.abs(got).sum() <= tie.sum()
+            ties += int(tie.sum())
+            compared += len(tie)
+    assert ties <= 0.01 * compared
 
 
 @pytest.mark.parametrize("step_kind", STEP_KINDS)
