@@ -30,8 +30,8 @@ class RunBlock:
 
     ``params`` are ``v`` (G, h, K, D), ``Vt`` (G, h, D, C) (the head transposed: a unit's C weights are
     contiguous) and ``b`` (G, h, C); for the kernel, chunks of 8 runs as SIMD lanes (:func:`to_lanes`, runs and
-    classes zero-padded to multiples of 8, per-run tensors padded too); :meth:`model` gives the model's shapes; ``bufs`` their momentum buffers; ``grads`` the compiled step's gradient
-    scratch (None for the torch step); ``live`` (G, h) bool, False once a run's loss was not finite.
+    classes zero-padded to multiples of 8, per-run tensors padded too); :meth:`model` gives the model's shapes;
+    ``bufs`` their momentum buffers; ``live`` (G, h) bool, False once a run's loss was not finite.
     """
 
     points: list[int]  # positions of the block's runs in the group's grid points
@@ -49,7 +49,6 @@ class RunBlock:
     rates: list[float]  # the dropout rate of each run (the block's runs are sorted by rate)
     slices: list[tuple[int, int]]  # runs of equal rate: (start, end)
     kernel: object = None  # the compiled sparse step, or None
-    grads: list[torch.Tensor] | None = None
 
 
     def model(self, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -86,8 +85,6 @@ def new_block(points: list[int], rates, lrs, wds, probes, init: list[torch.Tenso
                      live=live, loss=torch.zeros(G, len(rates), **f32),
                      masked=any(r > 0 for r in rates), num_classes=V.shape[-2], rates=list(rates),
                      slices=rate_slices(list(rates)), kernel=kernel)
-    if kernel is not None:
-        block.grads = [torch.zeros_like(t) for t in params]
     return block
 
 
@@ -163,5 +160,5 @@ def sgd_update(block: RunBlock, grads, lr: torch.Tensor, momentum: float) -> Non
 def kernel_step(block: RunBlock, feats: torch.Tensor, offs: torch.Tensor, y: torch.Tensor, words: torch.Tensor,
                 lr: torch.Tensor, momentum: float) -> None:
     """The compiled sparse step of ``block`` (:mod:`linft.train.sparse_step`), in place."""
-    run_sparse_step(block.kernel, feats, offs, y, words, block.params, block.bufs, block.grads, block.thr,
+    run_sparse_step(block.kernel, feats, offs, y, words, block.params, block.bufs, block.thr,
                     block.scale, lr.contiguous(), block.wd, momentum, block.live, block.loss, block.num_classes)

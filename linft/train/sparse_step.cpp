@@ -1,22 +1,27 @@
 // The sparse fused step of the linear engine (linft/train/sparse_step.py builds and calls it).
 //
-// For every group g (each group in one thread): draw every batch row's dropout noise (u = lowbias32(unit ^ word)
-// >> 8, as linft/train/linear_draws.py), list the units kept at the group's smallest rate and gather their
-// features once. The group's runs are SIMD lanes, 8 per chunk (parameters interleaved by run: a unit's v, head
-// row and gradients are vectors over the chunk's runs); a lane keeps a unit when u >= its own threshold (masks
-// nested across rates). On the kept (row, unit) pairs only, tile by tile over the units:
-//   r = s · Σ_k v[d, k] φ[k, d]          (per lane; s = 1/(1-λ) where kept, else 0)
-//   z = b + Σ_d r Vt[d, :],  p = softmax(z),  g = (p - onehot(y)) / B
-//   dVt[d, :] += r g,  db += g,  dv[d, k] += s (Vt[d, :]·g) φ[k, d]
-// then the SGD update of torch.optim.SGD per lane (weight decay added to the gradient, momentum buffer started
-// at zero so that its first value is the first gradient), gradients zeroed in the same pass. A lane whose loss
-// is not finite is marked dead and not updated; dead lanes (and the padding lanes) are left as they are.
+// For every group g (each group in one thread):
+// 1. rows: draw every batch row's dropout noise (u = lowbias32(unit ^ word) >> 8, as linft/train/linear_draws.py),
+//    list the units kept at the group's smallest threshold and gather their features once (row by row, the next
+//    rows' features prefetched);
+// 2. the kept (row, unit) pairs re-ordered unit by unit (a counting sort, rows ascending within a unit);
+// 3. per chunk of 8 runs (SIMD lanes: parameters interleaved by run, a unit's v and head row are vectors over the
+//    chunk's runs; a lane keeps a unit when u >= its own threshold, so masks are nested across rates):
+//      forward, unit by unit:  r = s · Σ_k v[d, k] φ[k, d],  z[row] += r Vt[d, :]   (s = 1/(1-λ) kept, else 0)
+//      softmax per row:        g = (softmax(z) - onehot(y)) / B,  db = Σ_rows g
+//      backward, unit by unit: dVt[d, :] = Σ_rows r g,  dv[d, k] = Σ_rows s (Vt[d, :]·g) φ[k, d]
+//    and, as soon as a unit's gradients are complete, its SGD update (torch.optim.SGD per lane: weight decay added
+//    to the gradient, momentum buffer started at zero so that its first value is the first gradient). So every
+//    parameter is read twice and written once per step, in order, and no gradient array exists.
+// A lane whose loss is not finite is marked dead and not updated; dead lanes (and padding lanes) are left as they
+// are. A lane's sums run over its kept pairs in an order that does not depend on the other lanes (pairs kept for
+// another lane only add exact zeros), so a run computes the same bits in any grid.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <climits>
 #include <vector>
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -45,22 +50,38 @@ static inline float load(const uint16_t* p, int64_t i) {  // IEEE half -> float,
 struct Args {
     const void* feats; const int64_t* offs; const int64_t* labels; const int64_t* words;
     int64_t G, B, K, D, C, Cp, H;  // H = 8·Q lanes (runs, padded); Cp = C padded to a multiple of 8
-    // a group's parameters per chunk q of 8 runs, lane = run: v (D, K, 8), Vt (D, Cp, 8), b (Cp, 8)
-    float *v, *Vt, *b, *bv, *bVt, *bb, *gv, *gVt, *gb;
+    // a group's parameters and momentum buffers per chunk q of 8 runs, lane = run: v (D, K, 8), Vt (D, Cp, 8),
+    // b (Cp, 8)
+    float *v, *Vt, *b, *bv, *bVt, *bb;
     const int64_t* thr; const float* scale; const float* lr; const float* wd; float momentum;  // per lane (H,)
     uint8_t* live; float* loss;  // (G, H)
 };
 
-// The units of one row kept at threshold t (t >= 1), in order; flags: scratch of D rounded up to 8 bytes.
-static int64_t kept_units(const uint32_t* u, int64_t D, uint32_t t, uint8_t* flags, int32_t* out) {
-    const int64_t D8 = (D + 7) / 8 * 8;
-    for (int64_t d = 0; d < D; ++d) flags[d] = u[d] >= t;
-    for (int64_t d = D; d < D8; ++d) flags[d] = 0;
-    int64_t n = 0;
-    for (int64_t d0 = 0; d0 < D8; d0 += 8) {
-        uint64_t w;
-        std::memcpy(&w, flags + d0, 8);
-        while (w) { out[n++] = (int32_t)(d0 + (__builtin_ctzll(w) >> 3)); w &= w - 1; }
+// The units of one row whose noise u >= t, in order, and their noise (out_d, out_u need 16 entries of slack).
+static int64_t kept_units(uint32_t w, int64_t D, uint32_t t, int32_t* out_d, uint32_t* out_u) {
+    int64_t n = 0, d = 0;
+#if defined(__AVX512F__)
+    const __m512i wv = _mm512_set1_epi32((int)w), tv = _mm512_set1_epi32((int)t);
+    const __m512i c1 = _mm512_set1_epi32(0x7feb352d), c2 = _mm512_set1_epi32((int)0x846ca68bU);
+    __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i sixteen = _mm512_set1_epi32(16);
+    for (; d + 16 <= D; d += 16) {
+        __m512i x = _mm512_xor_si512(idx, wv);
+        x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16)); x = _mm512_mullo_epi32(x, c1);
+        x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15)); x = _mm512_mullo_epi32(x, c2);
+        x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+        const __m512i u = _mm512_srli_epi32(x, 8);
+        const __mmask16 m = _mm512_cmpge_epu32_mask(u, tv);
+        _mm512_storeu_si512(out_d + n, _mm512_maskz_compress_epi32(m, idx));
+        _mm512_storeu_si512(out_u + n, _mm512_maskz_compress_epi32(m, u));
+        n += __builtin_popcount((unsigned)m);
+        idx = _mm512_add_epi32(idx, sixteen);
+    }
+#endif
+    for (; d < D; ++d) {  // branch-free compaction
+        const uint32_t u = mix((uint32_t)d ^ w) >> 8;
+        out_d[n] = (int32_t)d; out_u[n] = u;
+        n += u >= t;
     }
     return n;
 }
@@ -71,71 +92,85 @@ static inline v8 ld8(const float* p) { v8 x; std::memcpy(&x, p, sizeof x); retur
 static inline void st8(float* p, v8 x) { std::memcpy(p, &x, sizeof x); }
 static inline v8 bc8(float x) { return v8{x, x, x, x, x, x, x, x}; }
 
-// A chunk's kept (row, unit) pairs: positions into the group's kept lists (row-major, units ascending), and where
-// each (row, tile of TILE units) starts, so that the chunk sweeps its parameters tile by tile.
-static const int64_t TILE = 128;
-struct Pairs { std::vector<int32_t> sel; std::vector<int64_t> ptr; int64_t tiles; };
+// Scratch of one thread, kept from call to call (no allocation, no page faults in the steady state).
+struct Scratch {
+    // the group's kept pairs at its smallest threshold, row by row: unit and noise
+    std::vector<int32_t> kd; std::vector<uint32_t> ku; std::vector<int64_t> rstart, cursor;
+    // the pairs kept at the group's smallest threshold (0) and at a chunk's threshold (1), unit by unit: where each
+    // unit starts, row, noise, features (K per pair)
+    std::vector<int64_t> ustart[2]; std::vector<int32_t> prow[2]; std::vector<uint32_t> pu[2]; std::vector<float> pphi[2];
+    std::vector<float> z;
+    std::vector<v8> acc, gb;  // C++17: allocated at v8's alignment
+};
 
-static void select_pairs(const std::vector<int64_t>& start, const int32_t* base, const uint32_t* ukept, int64_t B,
-                         int64_t D, uint32_t t, Pairs& P) {
-    P.tiles = (D + TILE - 1) / TILE;
-    P.sel.clear(); P.ptr.assign(B * (P.tiles + 1), 0);
-    for (int64_t i = 0; i < B; ++i) {
-        int64_t tt = 0;
-        P.ptr[i * (P.tiles + 1)] = (int64_t)P.sel.size();
-        for (int64_t p = start[i]; p < start[i + 1]; ++p) {
-            while (base[p] >= (tt + 1) * TILE) P.ptr[i * (P.tiles + 1) + ++tt] = (int64_t)P.sel.size();
-            if (ukept[p] >= t) P.sel.push_back((int32_t)p);
+// A unit-major list of kept pairs.
+struct Pairs { const int64_t* ustart; const int32_t* prow; const uint32_t* pu; const float* pphi; };
+
+static Pairs pairs_of(const Scratch& S, int l) {
+    return Pairs{S.ustart[l].data(), S.prow[l].data(), S.pu[l].data(), S.pphi[l].data()};
+}
+
+// The pairs of list 0 with noise >= t, as list 1 (the order within each unit kept).
+template <int NK>
+static void filter_pairs(Scratch& S, int64_t D, int64_t K_, uint32_t t) {
+    const int64_t K = NK ? NK : K_;
+    S.ustart[1].resize(D + 1); S.prow[1].resize(S.prow[0].size()); S.pu[1].resize(S.pu[0].size());
+    S.pphi[1].resize(S.pphi[0].size());
+    int64_t m = 0;
+    for (int64_t d = 0; d < D; ++d) {
+        S.ustart[1][d] = m;
+        for (int64_t e = S.ustart[0][d]; e < S.ustart[0][d + 1]; ++e) {
+            if (S.pu[0][e] < t) continue;
+            S.prow[1][m] = S.prow[0][e]; S.pu[1][m] = S.pu[0][e];
+            for (int64_t k = 0; k < K; ++k) S.pphi[1][m * K + k] = S.pphi[0][e * K + k];
+            ++m;
         }
-        while (tt < P.tiles) P.ptr[i * (P.tiles + 1) + ++tt] = (int64_t)P.sel.size();
     }
+    S.ustart[1][D] = m;
 }
 
-// The dropped-out representation of one kept (row, unit) pair for the 8 lanes: r = sm · Σ_k v[d, k] φ[k], with
-// sm = the lane's scale where the pair is kept at its threshold, else 0.
-static inline v8 kept_r(const float* __restrict__ v, const float* __restrict__ phi, int64_t K, int64_t p, int64_t d,
-                        uint32_t u, v8i thr, v8 scale, v8& sm) {
-    sm = (v8i{} + (int32_t)u) >= thr ? scale : v8{};
-    v8 dot = v8{};
-    for (int64_t k = 0; k < K; ++k) dot += ld8(v + (d * K + k) * 8) * phi[p * K + k];
-    return dot * sm;
-}
-
-// Forward and backward of the 8 runs of chunk q of group g on their kept pairs, gradients accumulated; returns
-// nothing, writes each lane's summed cross-entropy to lsum. NC > 0: Cp = NC classes held in registers.
-template <int NC>
-static void chunk_rows(const Args& a, int64_t g, int64_t q, const Pairs& P, const int32_t* __restrict__ base,
-                       const uint32_t* __restrict__ ukept, const float* __restrict__ phi, float* __restrict__ zall,
-                       double* lsum) {
-    const int64_t K = a.K, D = a.D, C = a.C, B = a.B, CP = NC ? NC : a.Cp, NT = P.tiles, Q = a.H / 8;
+// One chunk q of 8 runs of group g: forward, softmax, backward and the update, unit by unit. NC > 0: Cp = NC
+// classes held in registers; NK > 0: K = NK blocks (a unit's v and its gradient held in registers).
+template <int NC, int NK>
+static void chunk_step(const Args& a, int64_t g, int64_t q, Scratch& S, const Pairs& P) {
+    const int64_t K = NK ? NK : a.K, D = a.D, C = a.C, B = a.B, CP = NC ? NC : a.Cp, Q = a.H / 8;
     const int64_t chunk = g * Q + q;
-    const float* __restrict__ v = a.v + chunk * D * K * 8; const float* __restrict__ Vt = a.Vt + chunk * D * CP * 8;
-    const float* b = a.b + chunk * CP * 8;
-    float* __restrict__ gv = a.gv + chunk * D * K * 8; float* __restrict__ gVt = a.gVt + chunk * D * CP * 8;
-    float* gb = a.gb + chunk * CP * 8;
-    v8i thr; v8 scale;
-    for (int l = 0; l < 8; ++l) { thr[l] = (int32_t)a.thr[q * 8 + l]; scale[l] = a.scale[q * 8 + l]; }
-    const int32_t* __restrict__ sel = P.sel.data();
+    float* __restrict__ v = a.v + chunk * D * K * 8; float* __restrict__ Vt = a.Vt + chunk * D * CP * 8;
+    float* __restrict__ b = a.b + chunk * CP * 8;
+    float* __restrict__ bv = a.bv + chunk * D * K * 8; float* __restrict__ bVt = a.bVt + chunk * D * CP * 8;
+    float* __restrict__ bb = a.bb + chunk * CP * 8;
+    v8i thr; v8 scale, lr, wd;
+    double lsum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int l = 0; l < 8; ++l) {
+        thr[l] = (int32_t)a.thr[q * 8 + l]; scale[l] = a.scale[q * 8 + l];
+        lr[l] = a.lr[q * 8 + l]; wd[l] = a.wd[q * 8 + l];
+    }
+    const int64_t* __restrict__ us = P.ustart;
+    const int32_t* __restrict__ prow = P.prow;
+    const uint32_t* __restrict__ pu = P.pu;
+    const float* __restrict__ pphi = P.pphi;
+    float* __restrict__ z = S.z.data();
     for (int64_t i = 0; i < B; ++i)
-        for (int64_t c = 0; c < CP; ++c) st8(zall + (i * CP + c) * 8, ld8(b + c * 8));
-    for (int64_t tt = 0; tt < NT; ++tt)
-        for (int64_t i = 0; i < B; ++i) {
-            float* __restrict__ zi = zall + i * CP * 8;
-            v8 z[NC ? NC : 1];
-            for (int c = 0; c < NC; ++c) z[c] = ld8(zi + 8 * c);
-            for (int64_t e = P.ptr[i * (NT + 1) + tt]; e < P.ptr[i * (NT + 1) + tt + 1]; ++e) {
-                const int64_t p = sel[e], d = base[p];
-                v8 sm;
-                const v8 r = kept_r(v, phi, K, p, d, ukept[p], thr, scale, sm);
-                const float* __restrict__ Vd = Vt + d * CP * 8;
-                if (NC) { for (int c = 0; c < NC; ++c) z[c] += r * ld8(Vd + 8 * c); }
-                else { for (int64_t c = 0; c < CP; ++c) st8(zi + 8 * c, ld8(zi + 8 * c) + r * ld8(Vd + 8 * c)); }
-            }
-            for (int c = 0; c < NC; ++c) st8(zi + 8 * c, z[c]);
+        for (int64_t c = 0; c < CP; ++c) st8(z + (i * CP + c) * 8, ld8(b + c * 8));
+    for (int64_t d = 0; d < D; ++d) {  // forward
+        const float* __restrict__ vd = v + d * K * 8; const float* __restrict__ Vd = Vt + d * CP * 8;
+        v8 Vr[NC ? NC : 1];
+        for (int c = 0; c < NC; ++c) Vr[c] = ld8(Vd + 8 * c);
+        for (int64_t e = us[d]; e < us[d + 1]; ++e) {
+            const v8 sm = (v8i{} + (int32_t)pu[e]) >= thr ? scale : v8{};
+            v8 r = v8{};
+            for (int64_t k = 0; k < K; ++k) r += ld8(vd + 8 * k) * pphi[e * K + k];
+            r *= sm;
+            float* __restrict__ zi = z + prow[e] * CP * 8;
+            if (NC) { for (int c = 0; c < NC; ++c) st8(zi + 8 * c, ld8(zi + 8 * c) + r * Vr[c]); }
+            else { for (int64_t c = 0; c < CP; ++c) st8(zi + 8 * c, ld8(zi + 8 * c) + r * ld8(Vd + 8 * c)); }
         }
+    }
     const float invB = 1.0f / (float)B;
-    for (int64_t i = 0; i < B; ++i) {  // softmax per lane; zall becomes the logits' gradient (p - onehot) / B
-        float* zi = zall + i * CP * 8;
+    v8* __restrict__ gb = S.gb.data();
+    for (int64_t c = 0; c < CP; ++c) gb[c] = v8{};
+    for (int64_t i = 0; i < B; ++i) {  // softmax per lane; z becomes the logits' gradient (p - onehot) / B
+        float* zi = z + i * CP * 8;
         const int64_t y = a.labels[g * B + i];
         for (int l = 0; l < 8; ++l) {
             float zmax = zi[l];
@@ -148,127 +183,137 @@ static void chunk_rows(const Args& a, int64_t g, int64_t q, const Pairs& P, cons
             lsum[l] += std::log(se) - zy;
         }
         for (int64_t c = C; c < CP; ++c) st8(zi + 8 * c, v8{});
-        for (int64_t c = 0; c < CP; ++c) st8(gb + 8 * c, ld8(gb + 8 * c) + ld8(zi + 8 * c));
+        for (int64_t c = 0; c < CP; ++c) gb[c] += ld8(zi + 8 * c);
     }
-    for (int64_t tt = 0; tt < NT; ++tt)
-        for (int64_t i = 0; i < B; ++i) {
-            const float* __restrict__ zi = zall + i * CP * 8;
-            v8 gz[NC ? NC : 1];
-            for (int c = 0; c < NC; ++c) gz[c] = ld8(zi + 8 * c);
-            for (int64_t e = P.ptr[i * (NT + 1) + tt]; e < P.ptr[i * (NT + 1) + tt + 1]; ++e) {
-                const int64_t p = sel[e], d = base[p];
-                v8 sm;
-                const v8 r = kept_r(v, phi, K, p, d, ukept[p], thr, scale, sm);
-                const float* __restrict__ Vd = Vt + d * CP * 8; float* __restrict__ gVd = gVt + d * CP * 8;
-                v8 back = v8{};
-                if (NC) {
-                    for (int c = 0; c < NC; ++c) {
-                        back += ld8(Vd + 8 * c) * gz[c];
-                        st8(gVd + 8 * c, ld8(gVd + 8 * c) + r * gz[c]);
-                    }
-                } else {
-                    for (int64_t c = 0; c < CP; ++c) {
-                        const v8 gc = ld8(zi + 8 * c);
-                        back += ld8(Vd + 8 * c) * gc;
-                        st8(gVd + 8 * c, ld8(gVd + 8 * c) + r * gc);
-                    }
-                }
-                back *= sm;
-                for (int64_t k = 0; k < K; ++k) {
-                    float* gvk = gv + (d * K + k) * 8;
-                    st8(gvk, ld8(gvk) + back * phi[p * K + k]);
-                }
-            }
-        }
-}
-
-// torch.optim.SGD on the 8 runs of a chunk (momentum buffer started at zero), gradients zeroed; a lane whose loss
-// is not finite is marked dead and not updated; dead lanes keep their parameters and buffers.
-static void update_chunk(const Args& a, int64_t g, int64_t q, const double* lsum) {
-    const int64_t K = a.K, D = a.D, CP = a.Cp, Q = a.H / 8, chunk = g * Q + q;
-    v8i ok; v8 lr, wd;
+    v8i ok;
     for (int l = 0; l < 8; ++l) {
         const int64_t run = g * a.H + q * 8 + l;
-        const float loss = (float)(lsum[l] / (double)a.B);
+        const float loss = (float)(lsum[l] / (double)B);
         if (a.live[run]) { a.loss[run] = loss; if (!std::isfinite(loss)) a.live[run] = 0; }
         ok[l] = a.live[run] ? -1 : 0;
-        lr[l] = a.lr[q * 8 + l]; wd[l] = a.wd[q * 8 + l];
     }
     const v8 m = bc8(a.momentum);
-    float* ps[3] = {a.v + chunk * D * K * 8, a.Vt + chunk * D * CP * 8, a.b + chunk * CP * 8};
-    float* bs[3] = {a.bv + chunk * D * K * 8, a.bVt + chunk * D * CP * 8, a.bb + chunk * CP * 8};
-    float* gs[3] = {a.gv + chunk * D * K * 8, a.gVt + chunk * D * CP * 8, a.gb + chunk * CP * 8};
-    const int64_t sizes[3] = {D * K, D * CP, CP};
-    for (int t = 0; t < 3; ++t)
-        for (int64_t e = 0; e < sizes[t]; ++e) {
-            float* p = ps[t] + 8 * e; float* buf = bs[t] + 8 * e; float* gr = gs[t] + 8 * e;
-            const v8 p0 = ld8(p), b0 = ld8(buf);
-            const v8 nb = m * b0 + (ld8(gr) + wd * p0);
-            st8(buf, ok ? nb : b0);
-            st8(p, ok ? p0 - lr * nb : p0);
-            st8(gr, v8{});
+    // torch.optim.SGD on n vectors of 8 lanes: buf = m·buf + (grad + wd·p), p -= lr·buf (live lanes only)
+    auto update = [&](float* __restrict__ p, float* __restrict__ buf, const v8* grad, int64_t n) {
+        for (int64_t j = 0; j < n; ++j) {
+            const v8 p0 = ld8(p + 8 * j), b0 = ld8(buf + 8 * j);
+            const v8 nb = m * b0 + (grad[j] + wd * p0);
+            st8(buf + 8 * j, ok ? nb : b0);
+            st8(p + 8 * j, ok ? p0 - lr * nb : p0);
         }
+    };
+    v8* __restrict__ acc = S.acc.data();  // dVt[d] (CP vectors), then dv[d] (K vectors)
+    for (int64_t d = 0; d < D; ++d) {  // backward and update
+        float* __restrict__ vd = v + d * K * 8; float* __restrict__ Vd = Vt + d * CP * 8;
+        v8 Vr[NC ? NC : 1], gV[NC ? NC : 1], gvr[NK ? NK : 1];
+        for (int c = 0; c < NC; ++c) { Vr[c] = ld8(Vd + 8 * c); gV[c] = v8{}; }
+        if (!NC) for (int64_t c = 0; c < CP; ++c) acc[c] = v8{};
+        v8* __restrict__ gv = NK ? gvr : acc + CP;
+        for (int64_t k = 0; k < K; ++k) gv[k] = v8{};
+        for (int64_t e = us[d]; e < us[d + 1]; ++e) {
+            const v8 sm = (v8i{} + (int32_t)pu[e]) >= thr ? scale : v8{};
+            const float* __restrict__ ph = pphi + e * K;
+            v8 r = v8{};
+            for (int64_t k = 0; k < K; ++k) r += ld8(vd + 8 * k) * ph[k];
+            r *= sm;
+            const float* __restrict__ gz = z + prow[e] * CP * 8;
+            v8 back = v8{};
+            if (NC) {
+                v8 back2 = v8{};
+                for (int c = 0; c < NC; c += 2) {
+                    const v8 g0 = ld8(gz + 8 * c), g1 = ld8(gz + 8 * c + 8);
+                    back += Vr[c] * g0; back2 += Vr[c + 1] * g1;
+                    gV[c] += r * g0; gV[c + 1] += r * g1;
+                }
+                back += back2;
+            } else {
+                for (int64_t c = 0; c < CP; ++c) {
+                    const v8 gc = ld8(gz + 8 * c);
+                    back += ld8(Vd + 8 * c) * gc;
+                    acc[c] += r * gc;
+                }
+            }
+            back *= sm;
+            for (int64_t k = 0; k < K; ++k) gv[k] += back * ph[k];
+        }
+        if (NC) update(Vd, bVt + d * CP * 8, gV, NC);
+        else update(Vd, bVt + d * CP * 8, acc, CP);
+        update(vd, bv + d * K * 8, gv, K);
+    }
+    update(b, bb, gb, CP);
 }
 
-// Scratch of one thread, kept from call to call (no allocation, no page faults in the steady state).
-struct Scratch {
-    std::vector<uint32_t> u, ukept;
-    std::vector<uint8_t> flags;
-    std::vector<int64_t> start;
-    std::vector<int32_t> base;
-    std::vector<float> phi, zall;
-    Pairs pairs;
-};
+// How many rows ahead the feature rows are prefetched.
+static const int64_t AHEAD = 3;
 
-// One group: first every row's noise, kept units (at the smallest threshold) and their features; then each chunk
-// of 8 runs over all rows (one SIMD lane per run), and its SGD update.
-template <typename T, int NC>
+// One group: every row's noise and kept units (at the group's smallest threshold); these pairs unit by unit with
+// their features; then each chunk of 8 runs over the pairs kept at its smallest threshold.
+template <typename T, int NC, int NK>
 static void group_step(const Args& a, int64_t g) {
-    const int64_t K = a.K, D = a.D, B = a.B, Q = a.H / 8;
+    const int64_t K = NK ? NK : a.K, D = a.D, B = a.B, Q = a.H / 8;
     const T* feats = static_cast<const T*>(a.feats);
     const uint32_t t0 = (uint32_t)a.thr[0];
     thread_local Scratch S;
-    S.u.resize(D); S.flags.resize(D + 8); S.start.assign(B + 1, 0);
-    S.base.resize(B * D); S.ukept.resize(B * D); S.phi.resize(B * D * K); S.zall.resize(B * a.Cp * 8);
-    for (int64_t i = 0; i < B; ++i) {
-        const int64_t row = g * B + i;
-        const uint32_t w = (uint32_t)a.words[row];
-        if (i + 1 < B) {  // the next row from memory while this one is computed
-            const char* next = reinterpret_cast<const char*>(feats + a.offs[row + 1]);
-            for (int64_t e = 0; e < K * D * (int64_t)sizeof(T); e += 64) __builtin_prefetch(next + e);
+    S.rstart.assign(B + 1, 0); S.kd.resize(B * D + 16); S.ku.resize(B * D + 16);
+    S.z.resize(B * a.Cp * 8); S.acc.resize(a.Cp + K); S.gb.resize(a.Cp);
+    S.ustart[0].assign(D + 1, 0);
+    int64_t* cnt = S.ustart[0].data() + 1;
+    for (int64_t i = 0; i < B; ++i) {  // kept units and how many rows keep each unit
+        int32_t* kd = S.kd.data() + S.rstart[i];
+        const int64_t nk = kept_units((uint32_t)a.words[g * B + i], D, t0, kd, S.ku.data() + S.rstart[i]);
+        S.rstart[i + 1] = S.rstart[i] + nk;
+        for (int64_t j = 0; j < nk; ++j) ++cnt[kd[j]];
+    }
+    for (int64_t d = 1; d < D; ++d) cnt[d] += cnt[d - 1];
+    const int64_t n = S.rstart[B];
+    S.prow[0].resize(n); S.pu[0].resize(n); S.pphi[0].resize(n * K);
+    S.cursor.assign(S.ustart[0].begin(), S.ustart[0].end() - 1);
+    int64_t* __restrict__ cur = S.cursor.data();
+    int32_t* __restrict__ prow = S.prow[0].data(); uint32_t* __restrict__ pu = S.pu[0].data();
+    float* __restrict__ pphi = S.pphi[0].data();
+    const int64_t row_bytes = K * D * (int64_t)sizeof(T);
+    for (int64_t i = 0; i < AHEAD && i < B; ++i) {
+        const char* r = reinterpret_cast<const char*>(feats + a.offs[g * B + i]);
+        for (int64_t e = 0; e < row_bytes; e += 64) __builtin_prefetch(r + e);
+    }
+    for (int64_t i = 0; i < B; ++i) {  // the pairs unit by unit, with their features
+        const T* src = feats + a.offs[g * B + i];
+        for (int64_t p = S.rstart[i]; p < S.rstart[i + 1]; ++p) {
+            const int64_t d = S.kd[p], e = cur[d]++;
+            prow[e] = (int32_t)i; pu[e] = S.ku[p];
+            for (int64_t k = 0; k < K; ++k) pphi[e * K + k] = load(src, k * D + d);
         }
-        for (int64_t d = 0; d < D; ++d) S.u[d] = mix((uint32_t)d ^ w) >> 8;
-        int32_t* base = S.base.data() + S.start[i];
-        const int64_t nb = kept_units(S.u.data(), D, t0, S.flags.data(), base);
-        S.start[i + 1] = S.start[i] + nb;
-        const T* src = feats + a.offs[row];
-        uint32_t* uk = S.ukept.data() + S.start[i];
-        float* ph = S.phi.data() + K * S.start[i];
-        for (int64_t j = 0; j < nb; ++j) {
-            uk[j] = S.u[base[j]];
-            for (int64_t k = 0; k < K; ++k) ph[j * K + k] = load(src, k * D + base[j]);
+        if (i + AHEAD < B) {  // a later row from memory while the next ones are gathered
+            const char* r = reinterpret_cast<const char*>(feats + a.offs[g * B + i + AHEAD]);
+            for (int64_t e = 0; e < row_bytes; e += 64) __builtin_prefetch(r + e);
         }
     }
+    int64_t built = t0;
     for (int64_t q = 0; q < Q; ++q) {
-        bool any = false;
         int64_t tmin = INT64_MAX;
         for (int l = 0; l < 8; ++l)
-            if (a.live[g * a.H + q * 8 + l]) { any = true; tmin = a.thr[q * 8 + l] < tmin ? a.thr[q * 8 + l] : tmin; }
-        if (!any) continue;
-        select_pairs(S.start, S.base.data(), S.ukept.data(), B, D, (uint32_t)tmin, S.pairs);
-        double lsum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        chunk_rows<NC>(a, g, q, S.pairs, S.base.data(), S.ukept.data(), S.phi.data(), S.zall.data(), lsum);
-        update_chunk(a, g, q, lsum);
+            if (a.live[g * a.H + q * 8 + l]) tmin = a.thr[q * 8 + l] < tmin ? a.thr[q * 8 + l] : tmin;
+        if (tmin == INT64_MAX) continue;  // no live run in this chunk
+        if (tmin != t0 && tmin != built) { filter_pairs<NK>(S, D, K, (uint32_t)tmin); built = tmin; }
+        chunk_step<NC, NK>(a, g, q, S, pairs_of(S, tmin == t0 ? 0 : 1));
+    }
+}
+
+template <typename T, int NC>
+static void groups_of(const Args* a, int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+        if (a->K == 3) group_step<T, NC, 3>(*a, g);
+        else if (a->K == 2) group_step<T, NC, 2>(*a, g);
+        else if (a->K == 1) group_step<T, NC, 1>(*a, g);
+        else group_step<T, NC, 0>(*a, g);
     }
 }
 
 template <typename T>
 static void groups_step(const Args* a, int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-        if (a->Cp == 8) group_step<T, 8>(*a, g);
-        else if (a->Cp == 16) group_step<T, 16>(*a, g);
-        else group_step<T, 0>(*a, g);
-    }
+    if (a->Cp == 8) groups_of<T, 8>(a, g0, g1);
+    else if (a->Cp == 16) groups_of<T, 16>(a, g0, g1);
+    else groups_of<T, 0>(a, g0, g1);
 }
 
 // Groups [g0, g1): the caller runs disjoint ranges in parallel threads (ctypes releases the GIL).

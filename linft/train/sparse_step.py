@@ -45,7 +45,6 @@ class Args(ctypes.Structure):
     _fields_ = [("feats", _P), ("offs", _P), ("labels", _P), ("words", _P),
                 ("G", _I), ("B", _I), ("K", _I), ("D", _I), ("C", _I), ("Cp", _I), ("H", _I),
                 ("v", _P), ("Vt", _P), ("b", _P), ("bv", _P), ("bVt", _P), ("bb", _P),
-                ("gv", _P), ("gVt", _P), ("gb", _P),
                 ("thr", _P), ("scale", _P), ("lr", _P), ("wd", _P), ("momentum", ctypes.c_float),
                 ("live", _P), ("loss", _P)]
 
@@ -119,16 +118,16 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-def run_sparse_step(dll: ctypes.CDLL, feats: torch.Tensor, offs, labels, words, params, bufs, grads,
+def run_sparse_step(dll: ctypes.CDLL, feats: torch.Tensor, offs, labels, words, params, bufs,
                     thr, scale, lr, wd, momentum: float, live, loss, num_classes: int) -> None:
-    """One fused step of every sparse run in place. Runs are lanes: params/bufs/grads ``v`` (G, Q, D, K, 8),
+    """One fused step of every sparse run in place. Runs are lanes: params and bufs ``v`` (G, Q, D, K, 8),
     ``Vt`` (G, Q, D, Cp, 8), ``b`` (G, Q, Cp, 8) for Q chunks of 8 runs (lane = run, runs and classes zero-padded
     by :func:`padded`); ``offs``, ``labels``, ``words`` (G, B); ``live`` bool and ``loss`` float32 (G, 8·Q);
     ``thr`` int64 (ascending, >= 1) and ``scale``, ``lr``, ``wd`` float32 (8·Q,)."""
     G, Q, D, K, _ = params[0].shape
     Cp = params[1].shape[3]
     a = Args(_ptr(feats), _ptr(offs), _ptr(labels), _ptr(words), G, offs.shape[1], K, D, num_classes, Cp, 8 * Q,
-             *(_ptr(t) for t in (*params, *bufs, *grads)), _ptr(thr), _ptr(scale), _ptr(lr), _ptr(wd),
+             *(_ptr(t) for t in (*params, *bufs)), _ptr(thr), _ptr(scale), _ptr(lr), _ptr(wd),
              momentum, _ptr(live), _ptr(loss))
     half, threads = int(feats.dtype == torch.float16), min(torch.get_num_threads(), G)
     if threads == 1:
