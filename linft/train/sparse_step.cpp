@@ -92,6 +92,22 @@ static inline v8 ld8(const float* p) { v8 x; std::memcpy(&x, p, sizeof x); retur
 static inline void st8(float* p, v8 x) { std::memcpy(p, &x, sizeof x); }
 static inline v8 bc8(float x) { return v8{x, x, x, x, x, x, x, x}; }
 
+// exp(x) for x <= 0 on 8 lanes (Cephes' expf: Cody-Waite reduction, degree-6 polynomial, about 1 ulp); values
+// below -87.3 give exp(-87.3) (a normal number, below 2^-125), NaN stays NaN.
+static inline v8 exp8(v8 x) {
+    const v8 lo = bc8(-87.3f), magic = bc8(12582912.0f);  // 1.5·2^23: adding it rounds to an integer
+    x = x < lo ? lo : x;
+    const v8 n = (x * bc8(1.44269504088896341f) + magic) - magic;
+    const v8 r = (x - n * bc8(0.693359375f)) - n * bc8(-2.12194440e-4f);
+    v8 y = bc8(1.9875691500e-4f);
+    y = y * r + bc8(1.3981999507e-3f); y = y * r + bc8(8.3334519073e-3f); y = y * r + bc8(4.1665795894e-2f);
+    y = y * r + bc8(1.6666665459e-1f); y = y * r + bc8(5.0000001201e-1f);
+    y = y * (r * r) + r + bc8(1.0f);
+    const v8i e = (__builtin_convertvector(n, v8i) + 127) << 23;
+    v8 scale2; std::memcpy(&scale2, &e, sizeof scale2);
+    return y * scale2;
+}
+
 // Scratch of one thread, kept from call to call (no allocation, no page faults in the steady state).
 struct Scratch {
     // the group's kept pairs at its smallest threshold, row by row: unit and noise
@@ -140,7 +156,6 @@ static void chunk_step(const Args& a, int64_t g, int64_t q, Scratch& S, const Pa
     float* __restrict__ bv = a.bv + chunk * D * K * 8; float* __restrict__ bVt = a.bVt + chunk * D * CP * 8;
     float* __restrict__ bb = a.bb + chunk * CP * 8;
     v8i thr; v8 scale, lr, wd;
-    double lsum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int l = 0; l < 8; ++l) {
         thr[l] = (int32_t)a.thr[q * 8 + l]; scale[l] = a.scale[q * 8 + l];
         lr[l] = a.lr[q * 8 + l]; wd[l] = a.wd[q * 8 + l];
@@ -166,24 +181,32 @@ static void chunk_step(const Args& a, int64_t g, int64_t q, Scratch& S, const Pa
             else { for (int64_t c = 0; c < CP; ++c) st8(zi + 8 * c, ld8(zi + 8 * c) + r * ld8(Vd + 8 * c)); }
         }
     }
-    const float invB = 1.0f / (float)B;
+    // softmax per row, the lanes in parallel; z becomes the logits' gradient (p - onehot) / B
+    const v8 invB = bc8(1.0f / (float)B);
     v8* __restrict__ gb = S.gb.data();
     for (int64_t c = 0; c < CP; ++c) gb[c] = v8{};
-    for (int64_t i = 0; i < B; ++i) {  // softmax per lane; z becomes the logits' gradient (p - onehot) / B
+    double lsum[8] = {0, 0, 0, 0, 0, 0, 0, 0}, prod[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+    for (int64_t i = 0; i < B; ++i) {
         float* zi = z + i * CP * 8;
         const int64_t y = a.labels[g * B + i];
-        for (int l = 0; l < 8; ++l) {
-            float zmax = zi[l];
-            for (int64_t c = 1; c < C; ++c) zmax = zi[c * 8 + l] > zmax ? zi[c * 8 + l] : zmax;
-            const float zy = zi[y * 8 + l] - zmax;
-            double se = 0.0;
-            for (int64_t c = 0; c < C; ++c) { zi[c * 8 + l] = std::exp(zi[c * 8 + l] - zmax); se += zi[c * 8 + l]; }
-            const float inv = (float)(1.0 / se);
-            for (int64_t c = 0; c < C; ++c) zi[c * 8 + l] = (zi[c * 8 + l] * inv - (c == y)) * invB;
-            lsum[l] += std::log(se) - zy;
+        v8 zmax = ld8(zi);
+        for (int64_t c = 1; c < C; ++c) { const v8 zc = ld8(zi + 8 * c); zmax = zc > zmax ? zc : zmax; }
+        const v8 zy = ld8(zi + 8 * y) - zmax;
+        v8 se = v8{};
+        for (int64_t c = 0; c < C; ++c) { const v8 p = exp8(ld8(zi + 8 * c) - zmax); st8(zi + 8 * c, p); se += p; }
+        const v8 inv = bc8(1.0f) / se;
+        for (int64_t c = 0; c < C; ++c) st8(zi + 8 * c, ld8(zi + 8 * c) * inv);
+        st8(zi + 8 * y, ld8(zi + 8 * y) - bc8(1.0f));
+        for (int64_t c = 0; c < CP; ++c) {
+            const v8 gc = c < C ? ld8(zi + 8 * c) * invB : v8{};
+            st8(zi + 8 * c, gc);
+            gb[c] += gc;
         }
-        for (int64_t c = C; c < CP; ++c) st8(zi + 8 * c, v8{});
-        for (int64_t c = 0; c < CP; ++c) gb[c] += ld8(zi + 8 * c);
+        // the loss -log p_y = log(se) - (z_y - zmax); se is in [1, C] (or not finite), so a product of 16 rows'
+        // se stays finite in double and one log serves them
+        for (int j = 0; j < 8; ++j) { prod[j] *= (double)se[j]; lsum[j] -= (double)zy[j]; }
+        if (i % 16 == 15 || i == B - 1)
+            for (int j = 0; j < 8; ++j) { lsum[j] += std::log(prod[j]); prod[j] = 1.0; }
     }
     v8i ok;
     for (int l = 0; l < 8; ++l) {
