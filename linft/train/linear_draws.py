@@ -56,10 +56,11 @@ def lowbias32(x: torch.Tensor) -> torch.Tensor:
 
 
 def row_words(keys: torch.Tensor, step: int | torch.Tensor, purpose: int, num_rows: int) -> torch.Tensor:
-    """(G, num_rows) int64 words in [0, 2^32): ``mix(mix(mix(mix(key) ^ step) ^ purpose) ^ row)``."""
+    """(G, num_rows) int64 words in [0, 2^32): ``mix(mix(mix(mix(key) ^ step) ^ purpose) ^ row)``; ``step`` an int,
+    a 0-dim tensor, or a (S, 1) tensor of steps for (S, G, num_rows) words."""
     h = lowbias32(lowbias32(lowbias32(keys.long()) ^ step) ^ purpose)
     rows = torch.arange(num_rows, device=keys.device)
-    return lowbias32(h[:, None] ^ rows)
+    return lowbias32(h[..., None] ^ rows)
 
 
 def keep_threshold(rate: float) -> int:
@@ -81,7 +82,8 @@ def keep_mask(words: torch.Tensor, dim: int, rate: float) -> torch.Tensor:
 def draw_rows(pools: torch.Tensor, pool_sizes: torch.Tensor, words: torch.Tensor, batch_size: int) -> torch.Tensor:
     """(G, T·batch_size) global rows: slot ``j`` of domain ``t`` is ``pools[g, t, (word · n_t) >> 32]``.
 
-    ``pools`` (G, T, P) holds each group's T training pools padded to P, ``pool_sizes`` (G, T) their lengths.
+    ``pools`` (G, T, P) holds each group's T training pools padded to P, ``pool_sizes`` (G, T) their lengths;
+    ``words`` (G, T·batch_size), or (S, G, T·batch_size) for S steps at once.
     """
     G, T, _ = pools.shape
     n = pool_sizes.repeat_interleave(batch_size, dim=1)  # (G, T·batch)

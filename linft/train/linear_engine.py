@@ -289,18 +289,28 @@ class _Window:
         return self.rows, self.table
 
 
-def _step(data: LinearData, draws: _Draws, blocks: list[RunBlock], config: LinearGridConfig,
-          step: torch.Tensor, lr_factor: torch.Tensor, window=None) -> None:
-    """One training step of every run: the step's rows, views and masks, then each block's step.
-
-    ``step`` and ``lr_factor`` are 0-dim tensors on the device, so that a captured CUDA graph replays any step;
-    ``window`` is the (rows, data) of a :class:`_Window` when the training array is read from the file.
-    """
+def _step_draws(data: LinearData, draws: _Draws, config: LinearGridConfig, step: torch.Tensor):
+    """The draws of a step (``step`` 0-dim) or of S steps at once (``step`` (S, 1)): batch rows, their labels,
+    their views (None without views) and noise words, each (G, B) or (S, G, B)."""
     B = draws.pools.shape[1] * config.batch_size
     rows = _batch_rows(draws, step, config.batch_size)
     which = None if data.views is None else draw_views(row_words(draws.keys, step, VIEWS, B), data.views.shape[1])
-    words = row_words(draws.keys, step, NOISE, B)
-    y = data.labels[rows].long()
+    return rows, data.labels[rows].long(), which, row_words(draws.keys, step, NOISE, B)
+
+
+#: steps whose draws are made at once on a CPU (fewer small tensor operations per step)
+DRAW_STEPS = 64
+
+
+def _step(data: LinearData, draws: _Draws, blocks: list[RunBlock], config: LinearGridConfig,
+          step: torch.Tensor, lr_factor: torch.Tensor, window=None, drawn=None) -> None:
+    """One training step of every run: the step's rows, views and masks, then each block's step.
+
+    ``step`` and ``lr_factor`` are 0-dim tensors on the device, so that a captured CUDA graph replays any step;
+    ``window`` is the (rows, data) of a :class:`_Window` when the training array is read from the file; ``drawn``
+    the step's :func:`_step_draws` when they were made ahead.
+    """
+    rows, y, which, words = _step_draws(data, draws, config, step) if drawn is None else drawn
     source, at = (data.train_array, rows) if window is None else (window[1], torch.searchsorted(window[0], rows))
     phi = noise = None
     for block in blocks:
@@ -319,7 +329,8 @@ def _step(data: LinearData, draws: _Draws, blocks: list[RunBlock], config: Linea
 
 class _Stepper:
     """Runs :func:`_step`; on CUDA (``config.cuda_graph``) the step is captured once as a CUDA graph after
-    :data:`GRAPH_WARMUP` eager steps and replayed for every later step (the step has no host synchronisation)."""
+    :data:`GRAPH_WARMUP` eager steps and replayed for every later step (the step has no host synchronisation);
+    otherwise the draws of :data:`DRAW_STEPS` steps are made at once."""
 
     def __init__(self, data: LinearData, draws: _Draws, blocks: list[RunBlock], config: LinearGridConfig):
         self.args = (data, draws, blocks, config)
@@ -329,27 +340,37 @@ class _Stepper:
         self.window = _Window(data, draws, config) if isinstance(data.train_array, H5Rows) else None
         self.capture = dev.type == "cuda" and config.cuda_graph and self.window is None
         self.graph = None
+        self.ahead, self.ahead_from = None, 0
+
+    def _drawn(self, step: int):
+        """The draws of ``step``, made :data:`DRAW_STEPS` steps at a time (the same values as one at a time)."""
+        data, draws, _, config = self.args
+        if self.ahead is None or not self.ahead_from <= step < self.ahead_from + len(self.ahead[0]):
+            steps = torch.arange(step, min(step + DRAW_STEPS, config.steps), device=data.device)[:, None]
+            self.ahead, self.ahead_from = _step_draws(data, draws, config, steps), step
+        j = step - self.ahead_from
+        return tuple(None if t is None else t[j] for t in self.ahead)
 
     def __call__(self, step: int, lr_factor: float) -> None:
         self.step.fill_(step)
         self.lr_factor.fill_(lr_factor)
         if self.window is not None:
             _step(*self.args, self.step, self.lr_factor, self.window(step))
+        elif not self.capture:
+            _step(*self.args, self.step, self.lr_factor, drawn=self._drawn(step))
         elif self.graph is not None:
             self.graph.replay()
-        elif self.capture and step >= GRAPH_WARMUP:
+        elif step >= GRAPH_WARMUP:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 _step(*self.args, self.step, self.lr_factor)
             self.graph.replay()
-        elif self.capture:  # warm-up steps on a side stream, as CUDA graph capture requires
+        else:  # warm-up steps on a side stream, as CUDA graph capture requires
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 _step(*self.args, self.step, self.lr_factor)
             torch.cuda.current_stream().wait_stream(side)
-        else:
-            _step(*self.args, self.step, self.lr_factor)
 
 
 def _grid_tensors(blocks: list[RunBlock], num_classes: int):

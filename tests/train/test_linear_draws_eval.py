@@ -92,3 +92,16 @@ def test_factored_and_folded_evaluations_count_the_same_but_near_ties():
     assert ties <= 0.01 * G * H * N  # the comparison is not vacuous
     with pytest.raises(LinftError, match="unknown evaluation form"):
         evaluate_grid(phi, labels, split, v, Vt, b, S, 64, "fast")
+
+
+def test_draws_of_many_steps_at_once_equal_the_draws_of_each_step():
+    """The engine makes a CPU run's draws many steps at a time; they must be the draws of each step."""
+    from linft.train.linear_draws import draw_rows, padded_pools, row_words
+    keys = torch.tensor([5, 1234567, 2**31 - 1])
+    pools, sizes = padded_pools([[torch.arange(7), torch.arange(10, 13)] for _ in range(3)], "cpu")
+    steps = torch.arange(3, 9)[:, None]
+    many = row_words(keys, steps, 1, 8)
+    rows = draw_rows(pools, sizes, many, 4)
+    for j, step in enumerate(range(3, 9)):
+        assert torch.equal(many[j], row_words(keys, step, 1, 8))
+        assert torch.equal(rows[j], draw_rows(pools, sizes, row_words(keys, step, 1, 8), 4))
