@@ -1,25 +1,26 @@
 // The sparse fused step of the linear engine (linft/train/sparse_step.py builds and calls it).
 //
-// For every group g (each group in one thread):
-// 1. rows: draw every batch row's dropout noise (u = lowbias32(unit ^ word) >> 8, as linft/train/linear_draws.py),
-//    list the units kept at the group's smallest threshold and gather their features once (row by row, the next
-//    rows' features prefetched);
-// 2. the kept (row, unit) pairs re-ordered unit by unit (a counting sort, rows ascending within a unit);
-// 3. per chunk of 8 runs (SIMD lanes: parameters interleaved by run, a unit's v and head row are vectors over the
-//    chunk's runs; a lane keeps a unit when u >= its own threshold, so masks are nested across rates):
-//      forward, unit by unit:  r = s · Σ_k v[d, k] φ[k, d],  z[row] += r Vt[d, :]   (s = 1/(1-λ) kept, else 0)
-//      softmax per row:        g = (softmax(z) - onehot(y)) / B,  db = Σ_rows g
-//      backward, unit by unit: dVt[d, :] = Σ_rows r g,  dv[d, k] = Σ_rows s (Vt[d, :]·g) φ[k, d]
-//    and, as soon as a unit's gradients are complete, its SGD update (torch.optim.SGD per lane: weight decay added
-//    to the gradient, momentum buffer started at zero so that its first value is the first gradient). So every
-//    parameter is read twice and written once per step, in order, and no gradient array exists.
-// A lane whose loss is not finite is marked dead and not updated; dead lanes (and padding lanes) are left as they
-// are. A lane's sums run over its kept pairs in an order that does not depend on the other lanes (pairs kept for
-// another lane only add exact zeros), so a run computes the same bits in any grid.
+// Everything runs unit by unit. For every group g (each group in one thread) and each chunk of 8 of its runs (SIMD
+// lanes: parameters interleaved by run, so a unit's v and head row are vectors over the chunk's runs):
+//   forward, unit by unit: the rows that keep unit d (noise u = lowbias32(d ^ row word) >> 8 >= the group's
+//     smallest threshold, as linft/train/linear_draws.py; drawn for 16 rows at a time) and their features φ[k, d]
+//     are listed once, in the first chunk, and then
+//       r = s · Σ_k v[d, k] φ[k, d],  z[row] += r Vt[d, :]      (per lane; s = 1/(1-λ) where kept, else 0)
+//     (a lane keeps a pair when u >= its own threshold, so masks are nested across rates);
+//   softmax per row, vectorised over the lanes: g = (softmax(z) - onehot(y)) / B, db = Σ_rows g;
+//   backward, unit by unit: dVt[d, :] = Σ_rows r g,  dv[d, k] = Σ_rows s (Vt[d, :]·g) φ[k, d], and at once the
+//     unit's SGD update (torch.optim.SGD per lane: weight decay added to the gradient, momentum buffer started at
+//     zero so that its first value is the first gradient).
+// So every parameter is read twice and written once per step, in order; no gradient array exists; the features
+// are read once, column by column, prefetched a few lines ahead (and the next group's rows during this group's
+// backward pass). A lane whose loss is not finite is marked dead and not updated; dead lanes (and padding lanes)
+// are left as they are. A lane's sums run over its kept pairs in an order that does not depend on the other
+// lanes (pairs kept only for another lane add exact zeros), so a run computes the same bits in any grid.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <climits>
+#include <algorithm>
 #include <vector>
 #if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -57,30 +58,31 @@ struct Args {
     uint8_t* live; float* loss;  // (G, H)
 };
 
-// The units of one row whose noise u >= t, in order, and their noise (out_d, out_u need 16 entries of slack).
-static int64_t kept_units(uint32_t w, int64_t D, uint32_t t, int32_t* out_d, uint32_t* out_u) {
-    int64_t n = 0, d = 0;
+// The rows (of B, words w) that keep unit d at threshold t, in order, and their noise; out_i and out_u need 16
+// entries of slack.
+static int64_t kept_rows(uint32_t d, const uint32_t* w, int64_t B, uint32_t t, int32_t* out_i, uint32_t* out_u) {
+    int64_t n = 0, i = 0;
 #if defined(__AVX512F__)
-    const __m512i wv = _mm512_set1_epi32((int)w), tv = _mm512_set1_epi32((int)t);
+    const __m512i dv = _mm512_set1_epi32((int)d), tv = _mm512_set1_epi32((int)t);
     const __m512i c1 = _mm512_set1_epi32(0x7feb352d), c2 = _mm512_set1_epi32((int)0x846ca68bU);
     __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i sixteen = _mm512_set1_epi32(16);
-    for (; d + 16 <= D; d += 16) {
-        __m512i x = _mm512_xor_si512(idx, wv);
+    for (; i + 16 <= B; i += 16) {
+        __m512i x = _mm512_xor_si512(_mm512_loadu_si512(w + i), dv);
         x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16)); x = _mm512_mullo_epi32(x, c1);
         x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15)); x = _mm512_mullo_epi32(x, c2);
         x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
         const __m512i u = _mm512_srli_epi32(x, 8);
         const __mmask16 m = _mm512_cmpge_epu32_mask(u, tv);
-        _mm512_storeu_si512(out_d + n, _mm512_maskz_compress_epi32(m, idx));
+        _mm512_storeu_si512(out_i + n, _mm512_maskz_compress_epi32(m, idx));
         _mm512_storeu_si512(out_u + n, _mm512_maskz_compress_epi32(m, u));
         n += __builtin_popcount((unsigned)m);
         idx = _mm512_add_epi32(idx, sixteen);
     }
 #endif
-    for (; d < D; ++d) {  // branch-free compaction
-        const uint32_t u = mix((uint32_t)d ^ w) >> 8;
-        out_d[n] = (int32_t)d; out_u[n] = u;
+    for (; i < B; ++i) {  // branch-free compaction
+        const uint32_t u = mix(d ^ w[i]) >> 8;
+        out_i[n] = (int32_t)i; out_u[n] = u;
         n += u >= t;
     }
     return n;
@@ -110,21 +112,50 @@ static inline v8 exp8(v8 x) {
 
 // Scratch of one thread, kept from call to call (no allocation, no page faults in the steady state).
 struct Scratch {
-    // the group's kept pairs at its smallest threshold, row by row: unit and noise
-    std::vector<int32_t> kd; std::vector<uint32_t> ku; std::vector<int64_t> rstart, cursor;
-    // the pairs kept at the group's smallest threshold (0) and at a chunk's threshold (1), unit by unit: where each
-    // unit starts, row, noise, features (K per pair)
+    std::vector<uint32_t> words;
+    std::vector<const void*> rows, next_rows;  // the group's feature rows, the next group's
+    // the pairs kept at the group's smallest threshold (0) and at a later chunk's threshold (1), unit by unit:
+    // where each unit starts, row, noise, features (K per pair)
     std::vector<int64_t> ustart[2]; std::vector<int32_t> prow[2]; std::vector<uint32_t> pu[2]; std::vector<float> pphi[2];
     std::vector<float> z;
+    std::vector<char> stage[2];
     std::vector<v8> acc, gb;  // C++17: allocated at v8's alignment
 };
 
-// A unit-major list of kept pairs.
-struct Pairs { const int64_t* ustart; const int32_t* prow; const uint32_t* pu; const float* pphi; };
+// The features reach the pair lists through a compact buffer: a block of units' columns of every feature row is
+// copied there (each row segment read in order, a few segments fetched ahead), so that the column-wise gathers hit
+// cache-resident memory (the rows themselves sit 4 KiB multiples apart, and a column of them would fall into one
+// cache set). Two buffers: the next block is copied, a slice per unit, while the current one is used (the first
+// block of a group while the group before it runs its backward pass), so that memory and arithmetic overlap.
+static const int64_t BLOCK_BYTES = 1024;  // of each row segment per block
+static const int64_t SEGMENTS_AHEAD = 4;
 
-static Pairs pairs_of(const Scratch& S, int l) {
-    return Pairs{S.ustart[l].data(), S.prow[l].data(), S.pu[l].data(), S.pphi[l].data()};
-}
+// Copies columns [d0, d0 + w) of the K segments of B feature rows into dst (row i, block k at dst[i·pitch + k·W]),
+// a slice at a time.
+template <typename T>
+struct Stager {
+    const T* const* rows = nullptr; int64_t B = 0, K = 0, D = 0, d0 = 0, w = 0, W = 0, pitch = 0;
+    T* dst = nullptr;
+    int64_t done = 0, segs = 0;
+    void begin(const T* const* rows_, int64_t B_, int64_t K_, int64_t D_, int64_t d0_, int64_t W_, int64_t pitch_,
+               T* dst_) {
+        rows = rows_; B = B_; K = K_; D = D_; d0 = d0_; W = W_; w = std::min(W_, D_ - d0_); pitch = pitch_;
+        dst = dst_; done = 0; segs = B * K;
+    }
+    // copy up to part `part + 1` of `parts` of the segments
+    void advance(int64_t part, int64_t parts) {
+        const int64_t upto = segs * (part + 1) / parts, bytes = w * (int64_t)sizeof(T);
+        for (; done < upto; ++done) {
+            const int64_t s = done, n = s + SEGMENTS_AHEAD;
+            if (n < segs) {
+                const char* next = reinterpret_cast<const char*>(rows[n / K] + n % K * D + d0);
+                for (int64_t e = 0; e < bytes + 64; e += 64) __builtin_prefetch(next + e);
+            }
+            std::memcpy(dst + s / K * pitch + s % K * W, rows[s / K] + s % K * D + d0, bytes);
+        }
+    }
+    void finish() { if (done < segs) advance(0, 1); }
+};
 
 // The pairs of list 0 with noise >= t, as list 1 (the order within each unit kept).
 template <int NK>
@@ -145,10 +176,11 @@ static void filter_pairs(Scratch& S, int64_t D, int64_t K_, uint32_t t) {
     S.ustart[1][D] = m;
 }
 
-// One chunk q of 8 runs of group g: forward, softmax, backward and the update, unit by unit. NC > 0: Cp = NC
+// One chunk q of 8 runs of group g over the pairs of list l: forward, softmax, backward and the update. BUILD: list
+// 0 is built during the forward pass (the first chunk), from the feature rows at threshold t0. NC > 0: Cp = NC
 // classes held in registers; NK > 0: K = NK blocks (a unit's v and its gradient held in registers).
-template <int NC, int NK>
-static void chunk_step(const Args& a, int64_t g, int64_t q, Scratch& S, const Pairs& P) {
+template <typename T, int NC, int NK, bool BUILD>
+static void chunk_step(const Args& a, int64_t g, int64_t q, Scratch& S, int l, uint32_t t0, bool staged, int64_t next) {
     const int64_t K = NK ? NK : a.K, D = a.D, C = a.C, B = a.B, CP = NC ? NC : a.Cp, Q = a.H / 8;
     const int64_t chunk = g * Q + q;
     float* __restrict__ v = a.v + chunk * D * K * 8; float* __restrict__ Vt = a.Vt + chunk * D * CP * 8;
@@ -156,22 +188,52 @@ static void chunk_step(const Args& a, int64_t g, int64_t q, Scratch& S, const Pa
     float* __restrict__ bv = a.bv + chunk * D * K * 8; float* __restrict__ bVt = a.bVt + chunk * D * CP * 8;
     float* __restrict__ bb = a.bb + chunk * CP * 8;
     v8i thr; v8 scale, lr, wd;
-    for (int l = 0; l < 8; ++l) {
-        thr[l] = (int32_t)a.thr[q * 8 + l]; scale[l] = a.scale[q * 8 + l];
-        lr[l] = a.lr[q * 8 + l]; wd[l] = a.wd[q * 8 + l];
+    for (int j = 0; j < 8; ++j) {
+        thr[j] = (int32_t)a.thr[q * 8 + j]; scale[j] = a.scale[q * 8 + j];
+        lr[j] = a.lr[q * 8 + j]; wd[j] = a.wd[q * 8 + j];
     }
-    const int64_t* __restrict__ us = P.ustart;
-    const int32_t* __restrict__ prow = P.prow;
-    const uint32_t* __restrict__ pu = P.pu;
-    const float* __restrict__ pphi = P.pphi;
+    if (BUILD) {
+        S.ustart[0].resize(D + 1); S.prow[0].resize(B * D + 16); S.pu[0].resize(B * D + 16);
+        S.pphi[0].resize(B * D * K);
+    }
+    int64_t* __restrict__ us = S.ustart[l].data();
+    int32_t* __restrict__ prow = S.prow[l].data();
+    uint32_t* __restrict__ pu = S.pu[l].data();
+    float* __restrict__ pphi = S.pphi[l].data();
+    const T* const* rows = reinterpret_cast<const T* const*>(S.rows.data());
+    const int64_t W = BLOCK_BYTES / (int64_t)sizeof(T), pitch = K * W + 64 / (int64_t)sizeof(T);  // +64 bytes:
+    for (auto& buf : S.stage) buf.resize(B * pitch * sizeof(T));  // the buffer's rows fall into different cache sets
+    T* stage[2] = {reinterpret_cast<T*>(S.stage[0].data()), reinterpret_cast<T*>(S.stage[1].data())};
+    Stager<T> stager;
+    if (BUILD && !staged) {  // the first block, unless it was copied during the group before
+        stager.begin(rows, B, K, D, 0, W, pitch, stage[0]);
+        stager.finish();
+    }
     float* __restrict__ z = S.z.data();
     for (int64_t i = 0; i < B; ++i)
         for (int64_t c = 0; c < CP; ++c) st8(z + (i * CP + c) * 8, ld8(b + c * 8));
+    int64_t m = 0;
     for (int64_t d = 0; d < D; ++d) {  // forward
+        if (BUILD) {  // the rows that keep unit d, and their features
+            const int64_t d0 = d - d % W, blk = d / W;
+            if (d == d0) {  // block blk is complete; start copying the next one
+                stager.finish();
+                if (d0 + W < D) stager.begin(rows, B, K, D, d0 + W, W, pitch, stage[(blk + 1) % 2]);
+            }
+            stager.advance(d - d0, std::min(W, D - d0));
+            const T* __restrict__ st = stage[blk % 2];
+            us[d] = m;
+            const int64_t n = kept_rows((uint32_t)d, S.words.data(), B, t0, prow + m, pu + m);
+            for (int64_t e = m; e < m + n; ++e)
+                for (int64_t k = 0; k < K; ++k) pphi[e * K + k] = load(st, prow[e] * pitch + k * W + d - d0);
+            m += n;
+            if (d == D - 1) us[D] = m;
+        }
         const float* __restrict__ vd = v + d * K * 8; const float* __restrict__ Vd = Vt + d * CP * 8;
         v8 Vr[NC ? NC : 1];
         for (int c = 0; c < NC; ++c) Vr[c] = ld8(Vd + 8 * c);
-        for (int64_t e = us[d]; e < us[d + 1]; ++e) {
+        const int64_t e1 = BUILD ? m : us[d + 1];
+        for (int64_t e = us[d]; e < e1; ++e) {
             const v8 sm = (v8i{} + (int32_t)pu[e]) >= thr ? scale : v8{};
             v8 r = v8{};
             for (int64_t k = 0; k < K; ++k) r += ld8(vd + 8 * k) * pphi[e * K + k];
@@ -209,24 +271,27 @@ static void chunk_step(const Args& a, int64_t g, int64_t q, Scratch& S, const Pa
             for (int j = 0; j < 8; ++j) { lsum[j] += std::log(prod[j]); prod[j] = 1.0; }
     }
     v8i ok;
-    for (int l = 0; l < 8; ++l) {
-        const int64_t run = g * a.H + q * 8 + l;
-        const float loss = (float)(lsum[l] / (double)B);
+    for (int j = 0; j < 8; ++j) {
+        const int64_t run = g * a.H + q * 8 + j;
+        const float loss = (float)(lsum[j] / (double)B);
         if (a.live[run]) { a.loss[run] = loss; if (!std::isfinite(loss)) a.live[run] = 0; }
-        ok[l] = a.live[run] ? -1 : 0;
+        ok[j] = a.live[run] ? -1 : 0;
     }
-    const v8 m = bc8(a.momentum);
+    const v8 mom = bc8(a.momentum);
     // torch.optim.SGD on n vectors of 8 lanes: buf = m·buf + (grad + wd·p), p -= lr·buf (live lanes only)
     auto update = [&](float* __restrict__ p, float* __restrict__ buf, const v8* grad, int64_t n) {
         for (int64_t j = 0; j < n; ++j) {
             const v8 p0 = ld8(p + 8 * j), b0 = ld8(buf + 8 * j);
-            const v8 nb = m * b0 + (grad[j] + wd * p0);
+            const v8 nb = mom * b0 + (grad[j] + wd * p0);
             st8(buf + 8 * j, ok ? nb : b0);
             st8(p + 8 * j, ok ? p0 - lr * nb : p0);
         }
     };
     v8* __restrict__ acc = S.acc.data();  // dVt[d] (CP vectors), then dv[d] (K vectors)
+    if (BUILD && next >= 0)  // the next group's first block, copied during this backward pass
+        stager.begin(reinterpret_cast<const T* const*>(S.next_rows.data()), B, K, D, 0, W, pitch, stage[0]);
     for (int64_t d = 0; d < D; ++d) {  // backward and update
+        if (BUILD && next >= 0) stager.advance(d, D);
         float* __restrict__ vd = v + d * K * 8; float* __restrict__ Vd = Vt + d * CP * 8;
         v8 Vr[NC ? NC : 1], gV[NC ? NC : 1], gvr[NK ? NK : 1];
         for (int c = 0; c < NC; ++c) { Vr[c] = ld8(Vd + 8 * c); gV[c] = v8{}; }
@@ -266,69 +331,49 @@ static void chunk_step(const Args& a, int64_t g, int64_t q, Scratch& S, const Pa
     update(b, bb, gb, CP);
 }
 
-// How many rows ahead the feature rows are prefetched.
-static const int64_t AHEAD = 3;
-
-// One group: every row's noise and kept units (at the group's smallest threshold); these pairs unit by unit with
-// their features; then each chunk of 8 runs over the pairs kept at its smallest threshold.
+// One group: its chunks of 8 runs; the first live chunk lists the kept pairs (at the group's smallest threshold)
+// with their features, a later chunk with a higher smallest threshold filters them. `next`: the group whose rows
+// are fetched during this one (-1: none).
 template <typename T, int NC, int NK>
-static void group_step(const Args& a, int64_t g) {
+static bool group_step(const Args& a, int64_t g, bool staged, int64_t next) {
     const int64_t K = NK ? NK : a.K, D = a.D, B = a.B, Q = a.H / 8;
     const T* feats = static_cast<const T*>(a.feats);
     const uint32_t t0 = (uint32_t)a.thr[0];
     thread_local Scratch S;
-    S.rstart.assign(B + 1, 0); S.kd.resize(B * D + 16); S.ku.resize(B * D + 16);
+    S.words.resize(B); S.rows.resize(B); S.next_rows.resize(B);
+    for (int64_t i = 0; i < B; ++i) {
+        S.words[i] = (uint32_t)a.words[g * B + i];
+        S.rows[i] = feats + a.offs[g * B + i];
+        if (next >= 0) S.next_rows[i] = feats + a.offs[next * B + i];
+    }
     S.z.resize(B * a.Cp * 8); S.acc.resize(a.Cp + K); S.gb.resize(a.Cp);
-    S.ustart[0].assign(D + 1, 0);
-    int64_t* cnt = S.ustart[0].data() + 1;
-    for (int64_t i = 0; i < B; ++i) {  // kept units and how many rows keep each unit
-        int32_t* kd = S.kd.data() + S.rstart[i];
-        const int64_t nk = kept_units((uint32_t)a.words[g * B + i], D, t0, kd, S.ku.data() + S.rstart[i]);
-        S.rstart[i + 1] = S.rstart[i] + nk;
-        for (int64_t j = 0; j < nk; ++j) ++cnt[kd[j]];
-    }
-    for (int64_t d = 1; d < D; ++d) cnt[d] += cnt[d - 1];
-    const int64_t n = S.rstart[B];
-    S.prow[0].resize(n); S.pu[0].resize(n); S.pphi[0].resize(n * K);
-    S.cursor.assign(S.ustart[0].begin(), S.ustart[0].end() - 1);
-    int64_t* __restrict__ cur = S.cursor.data();
-    int32_t* __restrict__ prow = S.prow[0].data(); uint32_t* __restrict__ pu = S.pu[0].data();
-    float* __restrict__ pphi = S.pphi[0].data();
-    const int64_t row_bytes = K * D * (int64_t)sizeof(T);
-    for (int64_t i = 0; i < AHEAD && i < B; ++i) {
-        const char* r = reinterpret_cast<const char*>(feats + a.offs[g * B + i]);
-        for (int64_t e = 0; e < row_bytes; e += 64) __builtin_prefetch(r + e);
-    }
-    for (int64_t i = 0; i < B; ++i) {  // the pairs unit by unit, with their features
-        const T* src = feats + a.offs[g * B + i];
-        for (int64_t p = S.rstart[i]; p < S.rstart[i + 1]; ++p) {
-            const int64_t d = S.kd[p], e = cur[d]++;
-            prow[e] = (int32_t)i; pu[e] = S.ku[p];
-            for (int64_t k = 0; k < K; ++k) pphi[e * K + k] = load(src, k * D + d);
-        }
-        if (i + AHEAD < B) {  // a later row from memory while the next ones are gathered
-            const char* r = reinterpret_cast<const char*>(feats + a.offs[g * B + i + AHEAD]);
-            for (int64_t e = 0; e < row_bytes; e += 64) __builtin_prefetch(r + e);
-        }
-    }
-    int64_t built = t0;
+    bool built = false;
+    int64_t filtered = -1;
     for (int64_t q = 0; q < Q; ++q) {
         int64_t tmin = INT64_MAX;
-        for (int l = 0; l < 8; ++l)
-            if (a.live[g * a.H + q * 8 + l]) tmin = a.thr[q * 8 + l] < tmin ? a.thr[q * 8 + l] : tmin;
+        for (int j = 0; j < 8; ++j)
+            if (a.live[g * a.H + q * 8 + j]) tmin = a.thr[q * 8 + j] < tmin ? a.thr[q * 8 + j] : tmin;
         if (tmin == INT64_MAX) continue;  // no live run in this chunk
-        if (tmin != t0 && tmin != built) { filter_pairs<NK>(S, D, K, (uint32_t)tmin); built = tmin; }
-        chunk_step<NC, NK>(a, g, q, S, pairs_of(S, tmin == t0 ? 0 : 1));
+        if (!built) {
+            chunk_step<T, NC, NK, true>(a, g, q, S, 0, t0, staged, next);
+            built = true;
+            continue;
+        }
+        if (tmin != (int64_t)t0 && tmin != filtered) { filter_pairs<NK>(S, D, K, (uint32_t)tmin); filtered = tmin; }
+        chunk_step<T, NC, NK, false>(a, g, q, S, tmin == (int64_t)t0 ? 0 : 1, t0, false, -1);
     }
+    return built && next >= 0;  // the first chunk copied the next group's first block
 }
 
 template <typename T, int NC>
 static void groups_of(const Args* a, int64_t g0, int64_t g1) {
+    bool staged = false;  // whether group g's first block of features was copied during the group before
     for (int64_t g = g0; g < g1; ++g) {
-        if (a->K == 3) group_step<T, NC, 3>(*a, g);
-        else if (a->K == 2) group_step<T, NC, 2>(*a, g);
-        else if (a->K == 1) group_step<T, NC, 1>(*a, g);
-        else group_step<T, NC, 0>(*a, g);
+        const int64_t next = g + 1 < g1 ? g + 1 : -1;
+        if (a->K == 3) staged = group_step<T, NC, 3>(*a, g, staged, next);
+        else if (a->K == 2) staged = group_step<T, NC, 2>(*a, g, staged, next);
+        else if (a->K == 1) staged = group_step<T, NC, 1>(*a, g, staged, next);
+        else staged = group_step<T, NC, 0>(*a, g, staged, next);
     }
 }
 
