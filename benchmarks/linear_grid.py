@@ -16,8 +16,9 @@ and 12 groups). Variants, interleaved in one process and repeated ``--repeats`` 
 
 Per step: the median of the CPU time between consecutive steps (setup excluded). Floors: the measured float32
 GEMM rate and copy bandwidth of this machine, the FLOPs of a step (dense: every (row, unit); sparse: only the
-kept ones) and the bytes of its feature rows. Evaluation: one evaluation of all runs on the N rows, in the folded
-and the factored form, for C = 7 and for C = 345 (DomainNet's classes, on 2,000 rows). The protocol estimate is
+kept ones) and the bytes of its feature rows. Evaluation: one evaluation of all runs on the N rows, in the folded,
+the factored and (CPU, up to 16 classes) the compiled form, for C = 7 and for C = 345 (DomainNet's classes, on 2,000
+rows); the protocol estimate uses the form that ``auto`` takes. The protocol estimate is
 10,000 steps and 35 evaluations (``--steps`` steps are timed per variant; the printout says so).
 """
 
@@ -37,6 +38,7 @@ from linft.train.linear import LinearGrid
 from linft.train.linear_engine import (GridPoint, Group, LinearData, LinearGridConfig, group_generator,
                                        initial_parameters, linear_ft_logits, train_linear_grid)
 from linft.train.linear_eval import evaluate_grid
+from linft.train.sparse_step import EVAL_MAX_CLASSES, load_kernel
 
 N, K, D, C, NDOM, BATCH = 10_000, 3, 2048, 7, 4, 32
 FULL_STEPS, EVAL_EVERY = 10_000, 300
@@ -189,8 +191,10 @@ def main():
             results.append({"grid": grid, "runs": runs, **{f"{k}_ms": v for k, v in ms.items()},
                             "spread_ms": {k: [float(min(v)), float(max(v))] for k, v in times.items()}, **cost,
                             "floor_dense_ms": floor_dense, "floor_sparse_ms": floor_sparse})
+    compiled = dev.type == "cpu" and load_kernel()[0] is not None
     evals = {f"C={c}, {rows} rows, 72 runs, {form}": eval_ms(rows, c, 72, form, dev)
-             for c, rows in ((7, N), (345, 2000)) for form in ("folded", "factored")}
+             for c, rows in ((7, N), (345, 2000)) for form in ("folded", "factored", "compiled")
+             if form != "compiled" or (compiled and c <= EVAL_MAX_CLASSES)}
     out = {"device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
            "threads": torch.get_num_threads(), "timer": "CPU time" if dev.type == "cpu" else "wall time",
            "steps_timed": args.steps, "repeats": args.repeats, **machine, "grids": results, "eval_ms": evals}
@@ -209,10 +213,10 @@ def main():
         print(f"evaluation {name}: {ms:.0f} ms")
     r72 = next(r for r in results if r["runs"] == 72)
     full = lambda step_ms, eval_ms_: (step_ms * FULL_STEPS + eval_ms_ * FULL_EVALS) / 1000
-    ev = evals[f"C=7, {N} rows, 72 runs, folded"]
+    ev = evals[f"C=7, {N} rows, 72 runs, {'compiled' if compiled else 'folded'}"]  # the form "auto" takes
     print(f"protocol estimate (grid {r72['grid']}, 72 runs, {FULL_STEPS} steps + {FULL_EVALS} evaluations, "
           f"extrapolated from {args.steps} timed steps): engine {full(r72['engine_ms'], ev):.0f} s, torch step "
-          f"{full(r72['torch step_ms'], ev):.0f} s, one by one {full(r72['one by one_ms'], 0):.0f} s + evaluations")
+          f"{full(r72['torch step_ms'], evals[f'C=7, {N} rows, 72 runs, folded']):.0f} s (folded evaluations), one by one {full(r72['one by one_ms'], 0):.0f} s + evaluations")
 
 
 if __name__ == "__main__":

@@ -6,19 +6,27 @@ Two forms of the same logits ``Σ_k (v_k ⊙ φ_k) · Vᵀ + b``:
 * ``folded`` — ``Σ_k φ_k (V ⊙ v_k)ᵀ``: one GEMM of (rows, K·D) by (K·D, runs·C) per chunk, 2·K·C·D FLOPs per
   (row, run), K·C/(K + C) times more, but all of it in one large GEMM.
 
-``auto`` takes ``folded`` while ``C <= FOLDED_MAX_CLASSES`` (a few classes: the GEMM's speed wins on a CPU,
-measured in benchmarks/linear_grid.py) and ``factored`` beyond (DomainNet's 345 classes: K = 3 times fewer FLOPs).
-The two forms round differently, so their counts agree except at near-ties (tests/train/test_linear_engine.py).
+* ``compiled`` — the factored form in the compiled kernel of :mod:`linft.train.sparse_step` (CPU, up to
+  :data:`~linft.train.sparse_step.EVAL_MAX_CLASSES` classes): runs as SIMD lanes, float16 features read as they
+  are, no float32 copy of a chunk; about twice as fast as the folded GEMM on the 72-run protocol
+  (benchmarks/linear_grid.py).
+
+``auto`` takes ``compiled`` where it is available, else ``folded`` while ``C <= FOLDED_MAX_CLASSES`` (a few
+classes: the GEMM's speed wins on a CPU) and ``factored`` beyond (DomainNet's 345 classes: K = 3 times fewer
+FLOPs). The forms round differently, so their counts agree except at near-ties (tests/train/test_linear_engine.py,
+tests/train/test_linear_draws_eval.py).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from linft.errors import LinftError
+from linft.train.sparse_step import EVAL_MAX_CLASSES, eval_lanes, load_kernel, run_compiled_eval
 
-EVAL_FORMS = ("auto", "factored", "folded")
+EVAL_FORMS = ("auto", "compiled", "factored", "folded")
 #: ``auto`` evaluates in the folded form up to this many classes
 FOLDED_MAX_CLASSES = 16
 #: the factored form's Φ̃ chunk (runs × rows × D float32) stays under this many bytes
@@ -57,15 +65,36 @@ def evaluate_grid(features, labels, seed_split, v, Vt, b, num_splits: int, chunk
         raise LinftError(f"unknown evaluation form {form!r}; use one of {', '.join(EVAL_FORMS)}")
     G, H, K, D = v.shape
     C = Vt.shape[-1]
+    kernel = compiled_eval_kernel(features, v.device, C)
+    if form == "compiled" and kernel is None:
+        raise LinftError("the compiled evaluation is not available here (CPU, float16 or float32 features, at most "
+                         f"{EVAL_MAX_CLASSES} classes and a C++ compiler needed); use evaluation form auto")
     if form == "auto":
-        form = "folded" if C <= FOLDED_MAX_CLASSES else "factored"
+        form = "compiled" if kernel is not None else "folded" if C <= FOLDED_MAX_CLASSES else "factored"
     if form == "factored":
         chunk = max(1, min(chunk, FACTORED_CHUNK_BYTES // (4 * G * H * D)))
-    logits_of = _folded_logits if form == "folded" else _factored_logits
+    if form == "compiled":
+        lanes = eval_lanes(v.reshape(G * H, K, D), Vt.reshape(G * H, D, C), b.reshape(G * H, C))
+        logits_of = None
+    else:
+        logits_of = _folded_logits if form == "folded" else _factored_logits
     correct = torch.zeros(G, H, num_splits, device=v.device, dtype=torch.float64)
     for a in range(0, features.shape[0], chunk):
-        phi = torch.as_tensor(features[a:a + chunk]).to(v.device).float()
         y = torch.as_tensor(labels[a:a + chunk]).to(v.device)
-        right = logits_of(phi, v, Vt, b).argmax(-1) == y[:, None, None]  # (n, G, H)
+        if logits_of is None:
+            phi = torch.as_tensor(features[a:a + chunk]).contiguous()
+            pred = run_compiled_eval(kernel, phi, lanes, G * H, C).view(-1, G, H)
+        else:
+            pred = logits_of(torch.as_tensor(features[a:a + chunk]).to(v.device).float(), v, Vt, b).argmax(-1)
+        right = pred == y[:, None, None]  # (n, G, H)
         correct += split_counts(right, seed_split[:, a:a + chunk], num_splits)
     return correct.round().long().cpu().numpy()
+
+
+def compiled_eval_kernel(features, device, num_classes: int):
+    """The compiled kernel when the ``compiled`` form can evaluate these features on ``device``, else None."""
+    if torch.device(device).type != "cpu" or num_classes > EVAL_MAX_CLASSES:
+        return None
+    if getattr(features, "dtype", None) not in (torch.float16, torch.float32, np.float16, np.float32):
+        return None
+    return load_kernel()[0]

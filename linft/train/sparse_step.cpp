@@ -390,5 +390,91 @@ extern "C" int linft_sparse_step(const Args* a, int half, int64_t g0, int64_t g1
     return 0;
 }
 
+// ---------------------------------------------------------------------------------------------- evaluation
+// Predictions of R runs (8 per chunk, lanes = runs, as in the step; any runs: evaluation shares its rows) on n rows:
+// logits = b + Σ_d (Σ_k v[d, k] φ[k, d]) Vt[d, :] (the factored form, (K + C)·D multiply-adds per row and run), the
+// argmax over the C classes (the first of equal maxima, a NaN taken as the maximum, as torch.argmax). Rows are taken
+// a block at a time, units a tile at a time (the tile's features of the block's rows converted once into a compact
+// buffer, the chunk's tile of parameters reused by the block's rows), two rows at a time in registers.
+struct EvalArgs {
+    const void* feats; int64_t n, K, D, C, Cp, R8;  // rows (n, K, D); R8 chunks of 8 runs
+    const float *v, *Vt, *b;  // (R8, D, K, 8), (R8, D, Cp, 8), (R8, Cp, 8)
+    int32_t* pred;  // (n, 8·R8)
+};
+
+static const int64_t EVAL_TILE = 128;  // units per tile
+
+template <typename T, int NC>
+static void eval_rows(const EvalArgs& a, int64_t r0, int64_t r1) {
+    const int64_t K = a.K, D = a.D, C = a.C, R8 = a.R8;
+    const int64_t RB = std::max<int64_t>(2, std::min<int64_t>(64, (256 << 10) / (R8 * NC * 32)) / 2 * 2);
+    thread_local std::vector<float> phi, zb;
+    phi.resize(RB * K * EVAL_TILE); zb.resize(RB * R8 * NC * 8);
+    const T* feats = static_cast<const T*>(a.feats);
+    for (int64_t i0 = r0; i0 < r1; i0 += RB) {
+        const int64_t nb = std::min(RB, r1 - i0);
+        for (int64_t i = 0; i < nb; ++i)
+            for (int64_t q = 0; q < R8; ++q)
+                for (int c = 0; c < NC; ++c) st8(&zb[((i * R8 + q) * NC + c) * 8], ld8(a.b + (q * NC + c) * 8));
+        for (int64_t d0 = 0; d0 < D; d0 += EVAL_TILE) {
+            const int64_t w = std::min(EVAL_TILE, D - d0);
+            for (int64_t i = 0; i < nb; ++i)  // the tile's features of the block's rows, as float32
+                for (int64_t k = 0; k < K; ++k) {
+                    const T* src = feats + ((i0 + i) * K + k) * D + d0;
+                    float* dst = &phi[(i * K + k) * EVAL_TILE];
+                    for (int64_t u = 0; u < w; ++u) dst[u] = load(src, u);
+                }
+            for (int64_t q = 0; q < R8; ++q) {
+                const float* __restrict__ v = a.v + (q * D + d0) * K * 8;
+                const float* __restrict__ Vt = a.Vt + (q * D + d0) * NC * 8;
+                for (int64_t i = 0; i < nb; i += 2) {
+                    const bool two = i + 1 < nb;
+                    const float* __restrict__ p0 = &phi[i * K * EVAL_TILE];
+                    const float* __restrict__ p1 = two ? p0 + K * EVAL_TILE : p0;
+                    float* z0 = &zb[(i * R8 + q) * NC * 8];
+                    float* z1 = two ? &zb[((i + 1) * R8 + q) * NC * 8] : z0;
+                    v8 za[NC], zc[NC];
+                    for (int c = 0; c < NC; ++c) { za[c] = ld8(z0 + 8 * c); zc[c] = two ? ld8(z1 + 8 * c) : v8{}; }
+                    for (int64_t u = 0; u < w; ++u) {
+                        v8 ra = v8{}, rc = v8{};
+                        for (int64_t k = 0; k < K; ++k) {
+                            const v8 vk = ld8(v + (u * K + k) * 8);
+                            ra += vk * p0[k * EVAL_TILE + u]; rc += vk * p1[k * EVAL_TILE + u];
+                        }
+                        for (int c = 0; c < NC; ++c) {
+                            const v8 Vc = ld8(Vt + (u * NC + c) * 8);
+                            za[c] += ra * Vc; zc[c] += rc * Vc;
+                        }
+                    }
+                    for (int c = 0; c < NC; ++c) st8(z0 + 8 * c, za[c]);
+                    if (two) for (int c = 0; c < NC; ++c) st8(z1 + 8 * c, zc[c]);
+                }
+            }
+        }
+        for (int64_t i = 0; i < nb; ++i)  // argmax per run
+            for (int64_t q = 0; q < R8; ++q) {
+                const float* z = &zb[(i * R8 + q) * NC * 8];
+                for (int l = 0; l < 8; ++l) {
+                    int32_t best = 0;
+                    float top = z[l];
+                    for (int64_t c = 1; c < C; ++c) {
+                        const float x = z[c * 8 + l];
+                        if (x > top || (std::isnan(x) && !std::isnan(top))) { top = x; best = (int32_t)c; }
+                    }
+                    a.pred[(i0 + i) * R8 * 8 + q * 8 + l] = best;
+                }
+            }
+    }
+}
+
+// Rows [r0, r1): the caller runs disjoint ranges in parallel threads. Returns 1 when the class count is not
+// handled here (Cp must be 8 or 16).
+extern "C" int linft_eval(const EvalArgs* a, int half, int64_t r0, int64_t r1) {
+    if (a->Cp == 8) { if (half) eval_rows<uint16_t, 8>(*a, r0, r1); else eval_rows<float, 8>(*a, r0, r1); }
+    else if (a->Cp == 16) { if (half) eval_rows<uint16_t, 16>(*a, r0, r1); else eval_rows<float, 16>(*a, r0, r1); }
+    else return 1;
+    return 0;
+}
+
 // Returns the noise of one (word, unit) pair: the test of the kernel's hash against the Python one.
 extern "C" uint32_t linft_unit_noise(uint32_t word, uint32_t unit) { return mix(unit ^ word) >> 8; }

@@ -30,6 +30,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("sparse_step.cpp")
 #: flag sets tried in order: the first that builds is used
@@ -47,6 +48,13 @@ class Args(ctypes.Structure):
                 ("v", _P), ("Vt", _P), ("b", _P), ("bv", _P), ("bVt", _P), ("bb", _P),
                 ("thr", _P), ("scale", _P), ("lr", _P), ("wd", _P), ("momentum", ctypes.c_float),
                 ("live", _P), ("loss", _P)]
+
+
+class EvalArgs(ctypes.Structure):
+    """The evaluation kernel's argument block (``struct EvalArgs`` of sparse_step.cpp, same order)."""
+
+    _fields_ = [("feats", _P), ("n", _I), ("K", _I), ("D", _I), ("C", _I), ("Cp", _I), ("R8", _I),
+                ("v", _P), ("Vt", _P), ("b", _P), ("pred", _P)]
 
 
 def kernel_cache_dir() -> Path:
@@ -102,6 +110,8 @@ def load_kernel() -> tuple[ctypes.CDLL | None, str]:
     dll = ctypes.CDLL(str(lib))
     dll.linft_sparse_step.argtypes = [ctypes.POINTER(Args), ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     dll.linft_sparse_step.restype = ctypes.c_int
+    dll.linft_eval.argtypes = [ctypes.POINTER(EvalArgs), ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    dll.linft_eval.restype = ctypes.c_int
     dll.linft_unit_noise.argtypes = [ctypes.c_uint32, ctypes.c_uint32]
     dll.linft_unit_noise.restype = ctypes.c_uint32
     return dll, ""
@@ -141,3 +151,40 @@ def run_sparse_step(dll: ctypes.CDLL, feats: torch.Tensor, offs, labels, words, 
 @lru_cache(maxsize=None)
 def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="linft-sparse")
+
+
+#: class counts the compiled evaluation handles (held in registers): padded to 8 or 16
+EVAL_MAX_CLASSES = 16
+
+
+def eval_lanes(v: torch.Tensor, Vt: torch.Tensor, b: torch.Tensor):
+    """Runs ``v`` (R, K, D), ``Vt`` (R, D, C), ``b`` (R, C) as the evaluation kernel's lanes: chunks of 8 runs
+    (R and C zero-padded to multiples of 8), ``(R8, D, K, 8)``, ``(R8, D, Cp, 8)``, ``(R8, Cp, 8)``."""
+    R, C = b.shape
+    Rp, Cp = padded(R), padded(C)
+    v = F.pad(v, (0, 0, 0, 0, 0, Rp - R))
+    Vt = F.pad(Vt, (0, Cp - C, 0, 0, 0, Rp - R))
+    b = F.pad(b, (0, Cp - C, 0, Rp - R))
+    R8 = Rp // 8
+    return (v.reshape(R8, 8, *v.shape[1:]).permute(0, 3, 2, 1).contiguous(),
+            Vt.reshape(R8, 8, *Vt.shape[1:]).permute(0, 2, 3, 1).contiguous(),
+            b.reshape(R8, 8, Cp).permute(0, 2, 1).contiguous())
+
+
+def run_compiled_eval(dll: ctypes.CDLL, feats: torch.Tensor, lanes, num_runs: int, num_classes: int) -> torch.Tensor:
+    """The predicted class (n, num_runs) int32 of every run on the rows ``feats`` (n, K, D) float16 or float32
+    (contiguous), for runs given as :func:`eval_lanes`; rows split over ``torch.get_num_threads()`` threads (each
+    row's arithmetic is the same whatever the split)."""
+    v, Vt, b = lanes
+    n, K, D = feats.shape
+    R8, Cp = b.shape[0], b.shape[1]
+    pred = torch.empty(n, 8 * R8, dtype=torch.int32)
+    a = EvalArgs(_ptr(feats), n, K, D, num_classes, Cp, R8, _ptr(v), _ptr(Vt), _ptr(b), _ptr(pred))
+    half, threads = int(feats.dtype == torch.float16), max(1, min(torch.get_num_threads(), n // 64))
+    bounds = [n * i // threads for i in range(threads + 1)]
+    call = lambda i: dll.linft_eval(ctypes.byref(a), half, bounds[i], bounds[i + 1])
+    if threads == 1:
+        call(0)
+    else:
+        list(_pool(threads).map(call, range(threads)))
+    return pred[:, :num_runs]
