@@ -8,7 +8,8 @@
 * :func:`output_lock` — the one lock of an output (a folder or a file) while a command writes it: owner pid, host
   and command in the lock file; a second command refuses in one line; a lock left by a dead process on this host
   is taken over.
-* :func:`json_text` — strict JSON (NaN and ±inf written as ``null``) for every ``--json`` output and summary.
+* :func:`json_text` — strict JSON (NaN and ±inf written as ``null``) for every ``--json`` output and summary;
+  :func:`is_count` — the check of a count read back from JSON.
 * :func:`progress_bar` — one progress bar for every long loop (click's, on stderr, with a rate); when stderr
   is not a terminal (Slurm logs, CI, ``| tee``) it prints plain lines instead (done/total, rate, ETA).
 * :func:`say_line` — one line of news on stderr that does not collide with a progress bar.
@@ -305,6 +306,11 @@ def finite_or_none(obj):
     if isinstance(obj, (list, tuple)):
         return [finite_or_none(v) for v in obj]
     return obj
+
+
+def is_count(value, least: int = 0) -> bool:
+    """Whether a value read from JSON is an integer count ``>= least`` (``True`` is not a count)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def json_text(obj, **kwargs) -> str:

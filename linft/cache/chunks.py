@@ -10,6 +10,7 @@ steps, :mod:`linft.train.linear_engine`).
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,11 @@ class H5Rows:
         self.dtype = torch.from_numpy(np.zeros(0, self.dataset.dtype)).dtype
         self.nbytes = int(np.prod(self.shape)) * self.dataset.dtype.itemsize
         self.device = torch.device("cpu")
+        self._close = weakref.finalize(self, self.file.close)  # the HDF5 handle lives as long as this object
+
+    def close(self) -> None:
+        """Close the HDF5 file now (also done when the object is collected)."""
+        self._close()
 
     def __getitem__(self, index: slice) -> np.ndarray:
         return self.dataset[index]

@@ -36,7 +36,7 @@ import numpy as np
 
 from linft.data.folders import MultiDomainDataset
 from linft.errors import LinftError
-from linft.output import PARTIAL_SUFFIX
+from linft.output import PARTIAL_SUFFIX, is_count
 
 CACHE_FORMAT_VERSION = 1
 
@@ -219,10 +219,6 @@ def cache_attrs(f: h5py.File, path: Path) -> dict:
     return meta
 
 
-def _is_count(v, least: int = 0) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= least
-
-
 def _names_problem(meta: dict, key: str) -> str | None:
     names = meta[key]
     if isinstance(names, list) and names and all(isinstance(n, str) for n in names) and len(set(names)) == len(names):
@@ -240,12 +236,12 @@ def attribute_problems(meta: dict, provenance: bool = True) -> list[str]:
         return [f"lacks the attribute{'s' if len(missing) > 1 else ''} {', '.join(missing[:4])}{more}"]
     problems = [p for p in (_names_problem(meta, k) for k in ("domain_names", "class_names", "blocks")) if p]
     problems += [f"has {k} {meta[k]!r}, not a whole number >= {least}"
-                 for k, least in (("num_examples", 0), ("feature_dim", 1)) if not _is_count(meta[k], least)]
+                 for k, least in (("num_examples", 0), ("feature_dim", 1)) if not is_count(meta[k], least)]
     per_domain = meta["per_domain"]
     if not problems and not (isinstance(per_domain, dict) and all(
-            isinstance(per_domain.get(d), dict) and _is_count(per_domain[d].get("count")) for d in meta["domain_names"])):
+            isinstance(per_domain.get(d), dict) and is_count(per_domain[d].get("count")) for d in meta["domain_names"])):
         problems.append("has a per_domain attribute without the count of every domain")
-    if meta.get("views") and not (_is_count(meta["views"], 1) and "views_transform" in meta and "views_seed" in meta):
+    if meta.get("views") and not (is_count(meta["views"], 1) and "views_transform" in meta and "views_seed" in meta):
         problems.append(f"has views {meta['views']!r} without views_transform and views_seed")
     if provenance and not problems and _hash_or_none(meta) != meta["provenance_sha256"]:
         problems.append("has attributes edited after extraction (provenance_sha256 is not their hash)")
@@ -343,7 +339,7 @@ def open_cache(path: str | os.PathLike, read_array=None) -> FeatureCache:
     path = Path(path)
     with open_h5(path) as f:
         meta = cache_attrs(f, path)
-        if _is_count(meta.get("format_version")) and meta["format_version"] > CACHE_FORMAT_VERSION:
+        if is_count(meta.get("format_version")) and meta["format_version"] > CACHE_FORMAT_VERSION:
             raise LinftError(f"{path} was written by a newer linft (format {meta['format_version']}); upgrade linft")
         labels, domains = check_cache(f, meta, path)
         if not meta.get("complete"):

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from linft.errors import LinftError
-from linft.output import write_failure
+from linft.output import is_count, write_failure
 
 RECORDS_FILE = "records.jsonl"
 
@@ -211,15 +211,11 @@ def record_files(paths) -> list[Path]:
 STATUSES = ("ok", "diverged")
 
 
-def _is_count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
 def _split_problem(splits: dict, name: str) -> str | None:
     if name not in splits:
         return f"splits lack {name}"
     pair = splits[name]
-    if not (isinstance(pair, list) and len(pair) == 2 and all(map(_is_count, pair)) and pair[0] <= pair[1]):
+    if not (isinstance(pair, list) and len(pair) == 2 and all(map(is_count, pair)) and pair[0] <= pair[1]):
         return f"splits entry {name} is {pair!r}, not [correct, total] with 0 <= correct <= total"
     return None
 
@@ -255,7 +251,7 @@ def record_problem(record) -> str | None:
     if bad_name:
         return f"{bad_name} is {record[bad_name]!r}, not a name"
     for k in ("seed", "step"):
-        if not _is_count(record[k]):
+        if not is_count(record[k]):
             return f"{k} is {record[k]!r}, not a whole number >= 0"
     train = record["train_domains"]
     if not (isinstance(train, list) and train and all(isinstance(d, str) for d in train)
