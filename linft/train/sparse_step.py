@@ -1,10 +1,11 @@
-"""The compiled sparse step of the linear engine: built once per machine with the system C++ compiler, loaded by ctypes.
+"""The compiled kernels of the linear engine: built once per machine with the system C++ compiler, loaded by ctypes.
 
 ``sparse_step.cpp`` (next to this file) computes, for the dropout runs of every
 group, only the (row, unit) pairs that dropout keeps, and fuses forward,
-backward and the SGD update (see its header). It is plain C++ (no Python or
-torch headers, no OpenMP), so it builds in about a second with ``g++ -O3
--march=native`` into ``~/.cache/linft/kernels`` (``$LINFT_KERNEL_CACHE``, else
+backward and the SGD update (see its header); it also evaluates a grid's runs
+(:func:`run_compiled_eval`, the ``compiled`` form of :mod:`linft.train.linear_eval`).
+It is plain C++ (no Python or torch headers, no OpenMP), so it builds in a few
+seconds with ``g++ -O3 -march=native`` into ``~/.cache/linft/kernels`` (``$LINFT_KERNEL_CACHE``, else
 ``$XDG_CACHE_HOME/linft/kernels``), keyed by the source, the compiler and the
 CPU's flags; a build is written under a temporary name and renamed, so
 concurrent processes never load half a file. Groups run in parallel in

@@ -137,12 +137,13 @@ def test_engine_equals_plain_sgd_over_hundreds_of_steps_with_an_lr_drop(step_kin
             assert_counts_agree(seen[399].correct[gi, hi], rows_of, right, tie, (gi, hi))
 
 
-def feature_grid(dtype, views=False, n_per_domain=60, dim=64, classes=C, lr_scales=(1.0,)):
+def feature_grid(dtype, views=False, n_per_domain=60, dim=64, classes=C, lr_scales=(1.0,), blocks=K):
     """Wider float16/float32 features (D = 64) and a grid of every kind of run, for the two step kinds."""
     rng = np.random.default_rng(1)
     labels = rng.integers(0, classes, NDOM * n_per_domain)
     domains = np.repeat(np.arange(NDOM), n_per_domain)
-    feats = (rng.normal(size=(classes, K, dim))[labels] + rng.normal(size=(len(labels), K, dim))).astype(np.float32)
+    feats = (rng.normal(size=(classes, blocks, dim))[labels]
+             + rng.normal(size=(len(labels), blocks, dim))).astype(np.float32)
     X = torch.from_numpy(feats).to(dtype)
     data = LinearData(X, torch.from_numpy(labels), {s: split_ids(domains, s) for s in (0,)}, 2 * NDOM, classes,
                       views=torch.stack([X, (X.float() * 0.5).to(dtype)], 1) if views else None)
@@ -157,16 +158,16 @@ def feature_grid(dtype, views=False, n_per_domain=60, dim=64, classes=C, lr_scal
 
 
 @pytest.mark.skipif(load_kernel()[0] is None, reason="no compiled kernel")
-@pytest.mark.parametrize("dtype,views,classes,lr_scales", [
-    (torch.float16, False, C, (1.0,)), (torch.float32, True, C, (1.0,)), (torch.float16, True, C, (1.0,)),
-    (torch.float32, False, 10, (1.0,)), (torch.float32, False, 20, (1.0,)),
-    (torch.float32, False, C, (1.0, 0.5, 0.25))])
-def test_sparse_step_equals_torch_step(dtype, views, classes, lr_scales):
+@pytest.mark.parametrize("dtype,views,classes,lr_scales,blocks", [
+    (torch.float16, False, C, (1.0,), K), (torch.float32, True, C, (1.0,), K), (torch.float16, True, C, (1.0,), K),
+    (torch.float32, False, 10, (1.0,), K), (torch.float32, False, 20, (1.0,), K),
+    (torch.float32, False, C, (1.0, 0.5, 0.25), K), (torch.float16, False, C, (1.0,), 2)])
+def test_sparse_step_equals_torch_step(dtype, views, classes, lr_scales, blocks):
     """The compiled sparse step and the pure-torch fallback: two code paths, the same runs to the tolerance
     (float16 features and views are read by the kernel itself; 10 classes take its 16-class path, 20 its path for
-    any number of classes; 12 dropout runs per group fill two chunks of 8 lanes), and the same evaluation counts
-    but near-ties, which are few (the tolerance leaves the counts compared)."""
-    data, groups = feature_grid(dtype, views, classes=classes, lr_scales=lr_scales)
+    any number of classes; 12 dropout runs per group fill two chunks of 8 lanes; K = 2 blocks its path for any K),
+    and the same evaluation counts but near-ties, which are few (the tolerance leaves the counts compared)."""
+    data, groups = feature_grid(dtype, views, classes=classes, lr_scales=lr_scales, blocks=blocks)
     out = {}
     for kind in ("sparse", "torch"):
         seen = {}
@@ -296,16 +297,21 @@ def test_lr_schedule_and_eval_steps():
 
 @pytest.mark.skipif(load_kernel()[0] is None, reason="no compiled kernel")
 def test_sparse_step_does_not_depend_on_the_thread_count():
-    """Groups run in parallel threads, each group in one thread: the dropout runs come out bit for bit the same."""
-    data, groups = feature_grid(torch.float16)
+    """Groups run in parallel threads, each group in one thread: the dropout runs come out bit for bit the same;
+    the compiled evaluation splits rows over threads, each row computed alike: the same counts."""
+    data, groups = feature_grid(torch.float16, n_per_domain=150)
     sparse = [h for h, p in enumerate(groups[0].points) if p.dropout > 0 and not p.probe]
     before = torch.get_num_threads()
-    out = []
+    out, counts = [], []
     try:
         for threads in (1, 3):
             torch.set_num_threads(threads)
-            out.append(train_linear_grid(data, groups, LinearGridConfig(steps=20, batch_size=4, step_kind="sparse")))
+            seen = []
+            out.append(train_linear_grid(data, groups, LinearGridConfig(steps=20, batch_size=4, eval_every=10,
+                                                                        step_kind="sparse"), on_eval=seen.append))
+            counts.append([ev.correct for ev in seen])
     finally:
         torch.set_num_threads(before)
     for a, b in zip(*out):
         assert torch.equal(a[:, sparse], b[:, sparse])
+    assert len(counts[0]) == 2 and all(np.array_equal(x, y) for x, y in zip(*counts))
