@@ -42,7 +42,7 @@ from linft.train.linear_draws import (NOISE, ROWS, VIEWS, draw_rows, draw_views,
                                       unit_noise)
 from linft.train.linear_eval import EVAL_FORMS, evaluate_grid
 from linft.train.linear_step import RunBlock, kernel_step, new_block, torch_step
-from linft.train.sparse_step import load_kernel
+from linft.train.sparse_step import MAX_KERNEL_DIM, load_kernel
 
 V_INITS = ("normal", "last")
 STEP_KINDS = ("auto", "sparse", "torch")
@@ -242,10 +242,12 @@ def _kernel_for(data: LinearData, config: LinearGridConfig):
     if config.step_kind == "torch":
         return None
     source = data.train_array
-    usable = source.dtype in (torch.float16, torch.float32) and (isinstance(source, H5Rows) or source.is_contiguous())
+    usable = (source.dtype in (torch.float16, torch.float32) and source.shape[-1] <= MAX_KERNEL_DIM
+              and (isinstance(source, H5Rows) or source.is_contiguous()))
     kernel, why = load_kernel() if data.device.type == "cpu" else (None, "it runs on the CPU only")
     if config.step_kind == "sparse" and (kernel is None or not usable):
-        why = why or f"features of dtype {source.dtype} (float16 or float32 contiguous needed)"
+        why = why or (f"features of dtype {source.dtype} and dimension {source.shape[-1]} (float16 or float32 "
+                      f"contiguous, at most {MAX_KERNEL_DIM} units needed)")
         raise LinftError(f"the compiled sparse step is not available: {why}; use step kind auto or torch")
     return kernel if usable else None
 

@@ -66,8 +66,9 @@ struct Args {
     uint8_t* live; float* loss;  // (G, H)
 };
 
-// The rows (of B, words w) that keep unit d at threshold t, in order, and their noise; out_i and out_u need 16
-// entries of slack.
+// The rows (of B) that keep unit d at threshold t, in order, and their noise; out_i and out_u need 16 entries of
+// slack. w holds each row's word w' = w ^ (w >> 16): mix's first step, x ^= x >> 16 on x = d ^ w, is d ^ w' for
+// every unit d < 2^16 (the caller checks D <= 2^16).
 static int64_t kept_rows(uint32_t d, const uint32_t* w, int64_t B, uint32_t t, int32_t* out_i, uint32_t* out_u) {
     int64_t n = 0, i = 0;
 #if defined(__AVX512F__)
@@ -76,8 +77,7 @@ static int64_t kept_rows(uint32_t d, const uint32_t* w, int64_t B, uint32_t t, i
     __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i sixteen = _mm512_set1_epi32(16);
     for (; i + 16 <= B; i += 16) {
-        __m512i x = _mm512_xor_si512(_mm512_loadu_si512(w + i), dv);
-        x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16)); x = _mm512_mullo_epi32(x, c1);
+        __m512i x = _mm512_mullo_epi32(_mm512_xor_si512(_mm512_loadu_si512(w + i), dv), c1);
         x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15)); x = _mm512_mullo_epi32(x, c2);
         x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
         const __m512i u = _mm512_srli_epi32(x, 8);
@@ -89,7 +89,9 @@ static int64_t kept_rows(uint32_t d, const uint32_t* w, int64_t B, uint32_t t, i
     }
 #endif
     for (; i < B; ++i) {  // branch-free compaction
-        const uint32_t u = mix(d ^ w[i]) >> 8;
+        uint32_t x = (d ^ w[i]) * 0x7feb352dU;
+        x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
+        const uint32_t u = x >> 8;
         out_i[n] = (int32_t)i; out_u[n] = u;
         n += u >= t;
     }
@@ -188,17 +190,21 @@ static void filter_pairs(Scratch& S, int64_t D, int64_t K_, uint32_t t) {
 // 0 is built during the forward pass (the first chunk), from the feature rows at threshold t0. NC > 0: Cp = NC
 // classes held in registers; NK > 0: K = NK blocks (a unit's v and its gradient held in registers).
 template <typename T, int NC, int NK, bool BUILD>
-static void chunk_step(const Args& a, int64_t g, int64_t q, Scratch& S, int l, uint32_t t0, bool staged, int64_t next) {
+static void chunk_step(const Args& a, int64_t g, int64_t q, Scratch& S, int l, uint32_t t0, uint32_t tl, bool staged,
+                       int64_t next) {
     const int64_t K = NK ? NK : a.K, D = a.D, C = a.C, B = a.B, CP = NC ? NC : a.Cp, Q = a.H / 8;
     const int64_t chunk = g * Q + q;
     float* __restrict__ v = a.v + chunk * D * K * 8; float* __restrict__ Vt = a.Vt + chunk * D * CP * 8;
     float* __restrict__ b = a.b + chunk * CP * 8;
     float* __restrict__ bv = a.bv + chunk * D * K * 8; float* __restrict__ bVt = a.bVt + chunk * D * CP * 8;
     float* __restrict__ bb = a.bb + chunk * CP * 8;
-    v8i thr; v8 scale, lr, wd;
+    v8i thr; v8 scale, lr, wd, smc;
+    bool uniform = true;  // every live lane keeps every pair of the list (threshold tl): no per-pair test
     for (int j = 0; j < 8; ++j) {
         thr[j] = (int32_t)a.thr[q * 8 + j]; scale[j] = a.scale[q * 8 + j];
         lr[j] = a.lr[q * 8 + j]; wd[j] = a.wd[q * 8 + j];
+        smc[j] = a.thr[q * 8 + j] == (int64_t)tl ? scale[j] : 0.0f;
+        uniform &= !a.live[g * a.H + q * 8 + j] || a.thr[q * 8 + j] == (int64_t)tl;
     }
     if (BUILD) {
         S.ustart[0].resize(D + 1); S.prow[0].resize(B * D + 16); S.pu[0].resize(B * D + 16);
@@ -242,7 +248,7 @@ static void chunk_step(const Args& a, int64_t g, int64_t q, Scratch& S, int l, u
         for (int c = 0; c < NC; ++c) Vr[c] = ld8(Vd + 8 * c);
         const int64_t e1 = BUILD ? m : us[d + 1];
         for (int64_t e = us[d]; e < e1; ++e) {
-            const v8 sm = (v8i{} + (int32_t)pu[e]) >= thr ? scale : v8{};
+            const v8 sm = uniform ? smc : (v8i{} + (int32_t)pu[e]) >= thr ? scale : v8{};
             v8 r = v8{};
             for (int64_t k = 0; k < K; ++k) r += ld8(vd + 8 * k) * pphi[e * K + k];
             r *= sm;
@@ -307,7 +313,7 @@ static void chunk_step(const Args& a, int64_t g, int64_t q, Scratch& S, int l, u
         v8* __restrict__ gv = NK ? gvr : acc + CP;
         for (int64_t k = 0; k < K; ++k) gv[k] = v8{};
         for (int64_t e = us[d]; e < us[d + 1]; ++e) {
-            const v8 sm = (v8i{} + (int32_t)pu[e]) >= thr ? scale : v8{};
+            const v8 sm = uniform ? smc : (v8i{} + (int32_t)pu[e]) >= thr ? scale : v8{};
             const float* __restrict__ ph = pphi + e * K;
             v8 r = v8{};
             for (int64_t k = 0; k < K; ++k) r += ld8(vd + 8 * k) * ph[k];
@@ -350,7 +356,7 @@ static bool group_step(const Args& a, int64_t g, bool staged, int64_t next) {
     thread_local Scratch S;
     S.words.resize(B); S.rows.resize(B); S.next_rows.resize(B);
     for (int64_t i = 0; i < B; ++i) {
-        S.words[i] = (uint32_t)a.words[g * B + i];
+        S.words[i] = (uint32_t)a.words[g * B + i] ^ ((uint32_t)a.words[g * B + i] >> 16);  // see kept_rows
         S.rows[i] = feats + a.offs[g * B + i];
         if (next >= 0) S.next_rows[i] = feats + a.offs[next * B + i];
     }
@@ -363,12 +369,12 @@ static bool group_step(const Args& a, int64_t g, bool staged, int64_t next) {
             if (a.live[g * a.H + q * 8 + j]) tmin = a.thr[q * 8 + j] < tmin ? a.thr[q * 8 + j] : tmin;
         if (tmin == INT64_MAX) continue;  // no live run in this chunk
         if (!built) {
-            chunk_step<T, NC, NK, true>(a, g, q, S, 0, t0, staged, next);
+            chunk_step<T, NC, NK, true>(a, g, q, S, 0, t0, t0, staged, next);
             built = true;
             continue;
         }
         if (tmin != (int64_t)t0 && tmin != filtered) { filter_pairs<NK>(S, D, K, (uint32_t)tmin); filtered = tmin; }
-        chunk_step<T, NC, NK, false>(a, g, q, S, tmin == (int64_t)t0 ? 0 : 1, t0, false, -1);
+        chunk_step<T, NC, NK, false>(a, g, q, S, tmin == (int64_t)t0 ? 0 : 1, t0, (uint32_t)tmin, false, -1);
     }
     return built && next >= 0;  // the first chunk copied the next group's first block
 }

@@ -154,6 +154,9 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="linft-sparse")
 
 
+#: the most units per φ block the sparse step handles (its noise hash drops a shift that units below 2^16 allow)
+MAX_KERNEL_DIM = 1 << 16
+
 #: class counts the compiled evaluation handles (held in registers): padded to 8 or 16
 EVAL_MAX_CLASSES = 16
 
