@@ -73,6 +73,8 @@ fi
 if [ "$QUICK" = 1 ]; then
     step bench_linear python3 benchmarks/linear_grid.py --device "$DEVICE" --steps 5 --repeats 1 --grids 0.9 --json
     step linear_graph python3 benchmarks/linear_grid.py --device "$DEVICE" --graph-check 12
+    step linear_protocol python3 benchmarks/linear_grid.py --device "$DEVICE" --protocol 30 --profile
+    step linear_tensor_cores python3 benchmarks/linear_grid.py --device "$DEVICE" --tensor-core-check
     step bench_finetune python3 benchmarks/finetune_step.py --device "$DEVICE" --steps 1 --rounds 1 --json
     step bench_interpolate python3 benchmarks/interpolate_cost.py --device "$DEVICE" --images 16 --steps 1 --json
     step bench_extract python3 benchmarks/extract_throughput.py --device "$DEVICE" --images 48 --batch-size 8 --backbone resnet18 --image-size 64 --json
@@ -81,6 +83,8 @@ if [ "$QUICK" = 1 ]; then
 else
     step bench_linear python3 benchmarks/linear_grid.py --device "$DEVICE" --json
     step linear_graph python3 benchmarks/linear_grid.py --device "$DEVICE" --graph-check 300
+    step linear_protocol python3 benchmarks/linear_grid.py --device "$DEVICE" --protocol 10000 --profile
+    step linear_tensor_cores python3 benchmarks/linear_grid.py --device "$DEVICE" --tensor-core-check
     step bench_finetune python3 benchmarks/finetune_step.py --device "$DEVICE" --json
     step bench_interpolate python3 benchmarks/interpolate_cost.py --device "$DEVICE" --backbone resnet50 --image-size 224 --json
     step bench_extract python3 benchmarks/extract_throughput.py --device "$DEVICE" --images 2048 --batch-size 256 --json

@@ -37,7 +37,7 @@ from linft.runtime import resolve_device
 from linft.train.linear import LinearGrid
 from linft.train.linear_engine import (GridPoint, Group, LinearData, LinearGridConfig, group_generator,
                                        initial_parameters, linear_ft_logits, train_linear_grid)
-from linft.train.linear_eval import evaluate_grid
+from linft.train.linear_eval import _folded_logits, evaluate_grid
 from linft.train.sparse_step import EVAL_MAX_CLASSES, load_kernel
 
 N, K, D, C, NDOM, BATCH = 10_000, 3, 2048, 7, 4, 32
@@ -153,6 +153,54 @@ def graph_check(data, domains, dev, steps: int) -> dict:
     return {"graph_ms_per_step": out["graph"][0], "eager_ms_per_step": out["eager"][0], "max_param_diff": diff}
 
 
+def protocol_run(data, domains, dev, steps: int, profile: bool) -> dict:
+    """The 72-run grid of dropout 0.9 trained for ``steps`` steps with an evaluation every 300 and at the end (the
+    whole protocol at 10,000): wall seconds, evaluations included; with ``profile`` the top operators of 20 steps
+    (torch.profiler, sorted by device time on CUDA, CPU time otherwise)."""
+    groups = groups_of(domains, points_of("0.9"), 72, dev)
+    config = LinearGridConfig(steps=steps, eval_every=EVAL_EVERY)
+    evals = []
+    start = clock(dev) if dev.type == "cuda" else time.perf_counter()
+    train_linear_grid(data, groups, config, on_eval=lambda ev: evals.append(ev.step))
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    out = {"steps": steps, "evaluations": len(evals), "wall_s": time.perf_counter() - start}
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with torch_profile(activities=acts) as prof:
+            train_linear_grid(data, groups, LinearGridConfig(steps=20, eval_every=10))
+        key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+        out["profile"] = prof.key_averages().table(sort_by=key, row_limit=15)
+    return out
+
+
+def tensor_core_check(dev, rows: int = N, runs: int = 72) -> dict:
+    """Evaluation logits of 72 runs (C = 7) in float32 and with TF32 tensor cores (CUDA): predictions that differ,
+    how many of them are near-ties of the float32 logits (top-2 margin below 1e-3 of the logits' scale), and the
+    time of each. Evaluation stays float32 unless every difference is a near-tie."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    feats = torch.rand(rows, K, D, generator=g, device=dev).half()
+    G = runs // 6
+    v, Vt = torch.randn(G, 6, K, D, device=dev, generator=g), torch.randn(G, 6, D, C, device=dev, generator=g)
+    b = torch.zeros(G, 6, C, device=dev)
+    out, before = {}, torch.backends.cuda.matmul.allow_tf32
+    try:
+        for tf32 in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            t = clock(dev)
+            logits = _folded_logits(feats.float(), v, Vt, b)
+            out[tf32] = (logits, 1000 * (clock(dev) - t))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    exact = out[False][0]
+    top2 = exact.topk(2, dim=-1).values
+    near = (top2[..., 0] - top2[..., 1]) < 1e-3 * exact.abs().amax()
+    differ = exact.argmax(-1) != out[True][0].argmax(-1)
+    return {"predictions": int(differ.numel()), "differ": int(differ.sum()), "differ_not_near_tie":
+            int((differ & ~near).sum()), "near_ties": int(near.sum()), "float32_ms": out[False][1], "tf32_ms": out[True][1]}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -160,6 +208,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--grids", default="0.9,mixed")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--protocol", type=int, default=0, metavar="STEPS",
+                    help="only train the 72-run grid for STEPS steps (10000: the whole protocol) with its evaluations, "
+                         "wall time")
+    ap.add_argument("--profile", action="store_true", help="with --protocol: also the top operators of 20 steps")
+    ap.add_argument("--tensor-core-check", action="store_true",
+                    help="only compare evaluation predictions in float32 and with TF32 tensor cores (CUDA)")
     ap.add_argument("--graph-check", type=int, default=0, metavar="STEPS",
                     help="only compare the captured (CUDA graph) and the eager step over STEPS steps")
     args = ap.parse_args()
@@ -168,6 +222,16 @@ def main():
         torch.set_num_threads(1)
     feats, labels, domains = synthetic(dev)
     data = LinearData(feats, labels, {s: torch.zeros(N, dtype=torch.long, device=dev) for s in range(12)}, 2, C)
+    if args.protocol:
+        result = protocol_run(data, domains, dev, args.protocol, args.profile)
+        table = result.pop("profile", None)
+        print(json.dumps(result, indent=2))
+        if table:
+            print(table)
+        return
+    if args.tensor_core_check:
+        print(json.dumps(tensor_core_check(dev), indent=2))
+        return
     if args.graph_check:
         print(json.dumps(graph_check(data, domains, dev, args.graph_check), indent=2))
         return
