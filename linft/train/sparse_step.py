@@ -34,8 +34,14 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("sparse_step.cpp")
-#: flag sets tried in order: the first that builds is used
+#: flag sets tried in order: the first that builds is used (``$LINFT_KERNEL_FLAGS``: only ``-O3`` and those flags,
+#: e.g. ``-march=native -mno-avx512f``, to build and test the kernel's portable paths)
 FLAG_SETS = (["-O3", "-march=native"], ["-O3"])
+
+
+def flag_sets() -> tuple[list[str], ...]:
+    extra = os.environ.get("LINFT_KERNEL_FLAGS")
+    return (["-O3", *extra.split()],) if extra else FLAG_SETS
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -76,7 +82,7 @@ def _build(compiler: str) -> tuple[Path | None, str]:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     source = SOURCE.read_bytes()
     errors = []
-    for flags in FLAG_SETS:
+    for flags in flag_sets():
         key = hashlib.sha256(source + repr((flags, version, _cpu_flags())).encode()).hexdigest()[:16]
         lib = kernel_cache_dir() / f"sparse_step-{key}.so"
         if lib.exists():

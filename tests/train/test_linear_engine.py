@@ -315,3 +315,33 @@ def test_sparse_step_does_not_depend_on_the_thread_count():
     for a, b in zip(*out):
         assert torch.equal(a[:, sparse], b[:, sparse])
     assert len(counts[0]) == 3 and all(np.array_equal(x[:, sparse], y[:, sparse]) for x, y in zip(*counts))
+
+
+@pytest.mark.skipif(load_kernel()[0] is None, reason="no compiled kernel")
+@pytest.mark.parametrize("flags", ["-march=native -mno-avx512f", "-march=x86-64"])
+def test_portable_builds_of_the_kernel_train_the_same_runs(flags, monkeypatch):
+    """The kernel's paths for other CPUs (noise drawn 8 rows at a time with AVX2; or one at a time, halves converted
+    without F16C and no FMA on a baseline x86-64) against the default build: the same runs to the tolerance, and
+    the same evaluation counts but near-ties."""
+    data, groups = feature_grid(torch.float16)
+    config = LinearGridConfig(steps=100, batch_size=8, eval_every=50, v_init="normal", step_kind="sparse")
+    out = []
+    try:
+        for env in (None, flags):
+            if env is not None:
+                monkeypatch.setenv("LINFT_KERNEL_FLAGS", env)
+            load_kernel.cache_clear()
+            seen = {}
+            params = train_linear_grid(data, groups, config, on_eval=lambda ev: seen.__setitem__(ev.step, ev))
+            out.append((params, seen[99].correct))
+    finally:
+        monkeypatch.delenv("LINFT_KERNEL_FLAGS", raising=False)
+        load_kernel.cache_clear()
+    for a, b in zip(out[0][0], out[1][0]):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+    X = data.features.float()
+    v, V, b = out[0][0]
+    for gi in range(len(groups)):
+        for hi in range(len(groups[0].points)):
+            _, tie = reference_counts(X, data.labels, v[gi, hi], V[gi, hi], b[gi, hi])
+            assert np.abs(out[0][1][gi, hi] - out[1][1][gi, hi]).sum() <= tie.sum()
