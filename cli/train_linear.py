@@ -42,7 +42,8 @@ from linft.train.linear_engine import V_INITS, LinearGridConfig
                    "'linft[tensorboard]'; then: tensorboard --logdir DIR).")
 @click.option("--memory-gib", type=float, default=None,
               help="Keep at most this many GiB of cached features and views in memory; the rest is read from the "
-                   "file in chunks (default: everything in memory).")
+                   "file in chunks, and what is left of the budget also bounds an evaluation's chunk of rows "
+                   "(default: everything in memory).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary table as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no line per evaluation.")
 def train_linear_cmd(cache, dropouts, probe, probe_only, lrs, weight_decays, seeds, split_seed, steps, eval_every,

@@ -178,7 +178,8 @@ class LinearData:
     num_classes: int
     views: torch.Tensor | None = None  # (N, V, K, D) augmented views: one is drawn per row and step
     #: bytes that the rows read from the file for a window of steps may take, when the training array (views, else
-    #: features) is an :class:`~linft.cache.chunks.H5Rows` left in the file (None: no limit)
+    #: features) is an :class:`~linft.cache.chunks.H5Rows` left in the file, and that an evaluation's chunk of rows
+    #: (with its float32 copy and logits) may take (None: no limit)
     stream_budget: int | None = None
 
     @property
@@ -417,7 +418,7 @@ def train_linear_grid(data: LinearData, groups: list[Group], config: LinearGridC
         if step in evals and on_eval is not None:
             v, Vt, b, loss, live = _grid_tensors(blocks, data.num_classes)
             correct = evaluate_grid(data.features, data.labels, seed_split, v, Vt, b, data.num_splits,
-                                    config.eval_chunk, config.eval_form)
+                                    config.eval_chunk, config.eval_form, data.stream_budget)
             on_eval(EvalPoint(step=step, correct=correct, total=totals, loss=loss.cpu().numpy(),
                               diverged=(~live).cpu().numpy(), final=step == config.steps - 1))
     v, Vt, b, _, _ = _grid_tensors(blocks, data.num_classes)

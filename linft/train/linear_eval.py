@@ -29,6 +29,8 @@ from linft.train.sparse_step import EVAL_MAX_CLASSES, eval_lanes, load_kernel, r
 EVAL_FORMS = ("auto", "compiled", "factored", "folded")
 #: ``auto`` evaluates in the folded form up to this many classes
 FOLDED_MAX_CLASSES = 16
+#: a memory budget makes evaluation chunks no smaller than this many rows
+MIN_BUDGET_CHUNK = 64
 #: the factored form's Φ̃ chunk (runs × rows × D float32) stays under this many bytes
 FACTORED_CHUNK_BYTES = 32 * 2**20
 
@@ -57,10 +59,13 @@ def _factored_logits(phi, v, Vt, b):
     return logits.view(G, H, -1, C).permute(2, 0, 1, 3)
 
 
-def evaluate_grid(features, labels, seed_split, v, Vt, b, num_splits: int, chunk: int, form: str = "auto"):
+def evaluate_grid(features, labels, seed_split, v, Vt, b, num_splits: int, chunk: int, form: str = "auto",
+                  max_bytes: int | None = None):
     """Correct counts (G, H, S) int64 numpy of every run (v (G, H, K, D), Vt (G, H, D, C), b (G, H, C)) on every
     split of ``seed_split`` (G, N), reading ``features`` (N, K, D) ``chunk`` rows at a time (fewer in the factored
-    form, whose Φ̃ chunk stays under :data:`FACTORED_CHUNK_BYTES`)."""
+    form, whose Φ̃ chunk stays under :data:`FACTORED_CHUNK_BYTES`, and fewer when a chunk's rows, their float32
+    copy and logits would take more than ``max_bytes``: a memory budget, None for none; never fewer than
+    :data:`MIN_BUDGET_CHUNK` rows for it)."""
     if form not in EVAL_FORMS:
         raise LinftError(f"unknown evaluation form {form!r}; use one of {', '.join(EVAL_FORMS)}")
     G, H, K, D = v.shape
@@ -73,6 +78,11 @@ def evaluate_grid(features, labels, seed_split, v, Vt, b, num_splits: int, chunk
         form = "compiled" if kernel is not None else "folded" if C <= FOLDED_MAX_CLASSES else "factored"
     if form == "factored":
         chunk = max(1, min(chunk, FACTORED_CHUNK_BYTES // (4 * G * H * D)))
+    if max_bytes is not None:
+        itemsize = torch.empty(0, dtype=features.dtype).element_size() if isinstance(features.dtype, torch.dtype) \
+            else np.dtype(features.dtype).itemsize
+        per_row = K * D * (itemsize + (0 if form == "compiled" else 4)) + G * H * (4 if form == "compiled" else 4 * C)
+        chunk = min(chunk, max(MIN_BUDGET_CHUNK, max_bytes // per_row))
     if form == "compiled":
         lanes = eval_lanes(v.reshape(G * H, K, D), Vt.reshape(G * H, D, C), b.reshape(G * H, C))
         logits_of = None

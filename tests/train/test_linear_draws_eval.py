@@ -112,3 +112,35 @@ def test_draws_of_many_steps_at_once_equal_the_draws_of_each_step():
     for j, step in enumerate(range(3, 9)):
         assert torch.equal(many[j], row_words(keys, step, 1, 8))
         assert torch.equal(rows[j], draw_rows(pools, sizes, row_words(keys, step, 1, 8), 4))
+
+
+def test_a_memory_budget_makes_evaluation_chunks_smaller_not_counts_different(monkeypatch):
+    """max_bytes bounds a chunk's rows (and their float32 copy and logits), down to MIN_BUDGET_CHUNK rows; the
+    counts do not change (the compiled form computes each row alike in any chunk; the folded GEMM may round
+    otherwise only at near-ties, which this precondition rules out: no top-2 margin below NEAR_TIE)."""
+    import linft.train.linear_eval as le
+    g = torch.Generator().manual_seed(3)
+    N, K, D, C, G, H, S = 700, 3, 40, 5, 2, 3, 3
+    phi, labels = torch.randn(N, K, D, generator=g).half(), torch.randint(C, (N,), generator=g)
+    v, Vt, b = torch.randn(G, H, K, D, generator=g), torch.randn(G, H, D, C, generator=g), torch.randn(G, H, C, generator=g)
+    split = torch.randint(-1, S, (G, N), generator=g)
+    logits = torch.einsum("nkd,ghkd,ghdc->nghc", phi.double(), v.double(), Vt.double()) + b.double()
+    top2 = logits.topk(2, dim=-1).values
+    keep = ((top2[..., 0] - top2[..., 1]) >= NEAR_TIE).all(-1).all(-1)  # rows with no near-tie in any run
+    phi, labels, split = phi[keep].contiguous(), labels[keep], split[:, keep]
+    sizes = []
+    counts = le.split_counts
+    monkeypatch.setattr(le, "split_counts", lambda right, *a: (sizes.append(len(right)), counts(right, *a))[1])
+    forms = ["folded"] + (["compiled"] if load_kernel()[0] is not None else [])
+    # bytes per row: the float16 row, its float32 copy and the logits (folded); the row and a prediction (compiled)
+    per_row = {"folded": K * D * 6 + G * H * C * 4, "compiled": K * D * 2 + G * H * 4}
+    for form in forms:
+        whole = evaluate_grid(phi, labels, split, v, Vt, b, S, 4096, form)
+        sizes.clear()
+        small = evaluate_grid(phi, labels, split, v, Vt, b, S, 4096, form, max_bytes=100 * per_row[form])
+        assert np.array_equal(whole, small)
+        n = len(phi)
+        assert sizes == [100] * (n // 100) + [n % 100] * (n % 100 > 0) and n > 200
+        sizes.clear()
+        evaluate_grid(phi, labels, split, v, Vt, b, S, 4096, form, max_bytes=1)
+        assert sizes[0] == le.MIN_BUDGET_CHUNK
