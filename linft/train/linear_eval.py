@@ -8,7 +8,7 @@ Two forms of the same logits ``Σ_k (v_k ⊙ φ_k) · Vᵀ + b``:
 
 * ``compiled`` — the factored form in the compiled kernel of :mod:`linft.train.sparse_step` (CPU, up to
   :data:`~linft.train.sparse_step.EVAL_MAX_CLASSES` classes): runs as SIMD lanes, float16 features read as they
-  are, no float32 copy of a chunk; about twice as fast as the folded GEMM on the 72-run protocol
+  are, no float32 copy of a chunk; 1.7 times as fast as the folded GEMM on the 72-run protocol
   (benchmarks/linear_grid.py).
 
 ``auto`` takes ``compiled`` where it is available, else ``folded`` while ``C <= FOLDED_MAX_CLASSES`` (a few
@@ -70,7 +70,7 @@ def evaluate_grid(features, labels, seed_split, v, Vt, b, num_splits: int, chunk
         raise LinftError(f"unknown evaluation form {form!r}; use one of {', '.join(EVAL_FORMS)}")
     G, H, K, D = v.shape
     C = Vt.shape[-1]
-    kernel = compiled_eval_kernel(features, v.device, C)
+    kernel = compiled_eval_kernel(features, v.device, C) if form in ("auto", "compiled") else None
     if form == "compiled" and kernel is None:
         raise LinftError("the compiled evaluation is not available here (CPU, float16 or float32 features, at most "
                          f"{EVAL_MAX_CLASSES} classes and a C++ compiler needed); use evaluation form auto")
@@ -81,7 +81,10 @@ def evaluate_grid(features, labels, seed_split, v, Vt, b, num_splits: int, chunk
     if max_bytes is not None:
         itemsize = torch.empty(0, dtype=features.dtype).element_size() if isinstance(features.dtype, torch.dtype) \
             else np.dtype(features.dtype).itemsize
-        per_row = K * D * (itemsize + (0 if form == "compiled" else 4)) + G * H * (4 if form == "compiled" else 4 * C)
+        # the rows as read, their float32 copy (not in the compiled form), the logits (or the kernel's int32
+        # predictions, padded to 8 runs), the int64 argmax and the float64 "right" table of split_counts
+        preds = 4 * (-(-G * H // 8) * 8) if form == "compiled" else 4 * G * H * C + 8 * G * H
+        per_row = K * D * (itemsize + (0 if form == "compiled" else 4)) + preds + 8 * G * H
         chunk = min(chunk, max(MIN_BUDGET_CHUNK, max_bytes // per_row))
     if form == "compiled":
         lanes = eval_lanes(v.reshape(G * H, K, D), Vt.reshape(G * H, D, C), b.reshape(G * H, C))

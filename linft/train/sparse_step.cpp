@@ -15,7 +15,8 @@
 // are read once, row segment by row segment, through a small buffer (see Stager). A lane whose loss is not finite
 // is marked dead and not updated; dead lanes (and padding lanes) are left as they are. A lane's sums run over its
 // kept pairs in an order that does not depend on the other lanes (pairs kept only for another lane add exact
-// zeros), so a run computes the same bits in any grid.
+// zeros: chosen, never multiplied by 0, so a non-finite feature stays out of the lanes that drop it), so a run
+// computes the same bits in any grid.
 //
 // The evaluation of a grid (linft_eval, at the end) is here too: the same lanes, the factored form.
 //
@@ -265,10 +266,10 @@ static void chunk_step(const Args& a, int64_t g, int64_t q, Scratch& S, int l, u
         for (int c = 0; c < NC; ++c) Vr[c] = ld8(Vd + 8 * c);
         const int64_t e1 = BUILD ? m : us[d + 1];
         for (int64_t e = us[d]; e < e1; ++e) {
-            const v8 sm = uniform ? smc : (v8i{} + (int32_t)pu[e]) >= thr ? scale : v8{};
+            const v8i kept = (v8i{} + (int32_t)pu[e]) >= thr;  // the lanes that keep the pair (when not uniform)
             v8 r = v8{};
             for (int64_t k = 0; k < K; ++k) r += ld8(vd + 8 * k) * pphi[e * K + k];
-            r *= sm;
+            r = uniform ? r * smc : kept ? r * scale : v8{};  // chosen, not multiplied: 0·inf would be NaN
             float* __restrict__ zi = z + prow[e] * CP * 8;
             if (NC) { for (int c = 0; c < NC; ++c) st8(zi + 8 * c, ld8(zi + 8 * c) + r * Vr[c]); }
             else { for (int64_t c = 0; c < CP; ++c) st8(zi + 8 * c, ld8(zi + 8 * c) + r * ld8(Vd + 8 * c)); }
@@ -330,11 +331,11 @@ static void chunk_step(const Args& a, int64_t g, int64_t q, Scratch& S, int l, u
         v8* __restrict__ gv = NK ? gvr : acc + CP;
         for (int64_t k = 0; k < K; ++k) gv[k] = v8{};
         for (int64_t e = us[d]; e < us[d + 1]; ++e) {
-            const v8 sm = uniform ? smc : (v8i{} + (int32_t)pu[e]) >= thr ? scale : v8{};
+            const v8i kept = (v8i{} + (int32_t)pu[e]) >= thr;
             const float* __restrict__ ph = pphi + e * K;
             v8 r = v8{};
             for (int64_t k = 0; k < K; ++k) r += ld8(vd + 8 * k) * ph[k];
-            r *= sm;
+            r = uniform ? r * smc : kept ? r * scale : v8{};
             const float* __restrict__ gz = z + prow[e] * CP * 8;
             v8 back = v8{};
             if (NC) {
@@ -352,8 +353,14 @@ static void chunk_step(const Args& a, int64_t g, int64_t q, Scratch& S, int l, u
                     acc[c] += r * gc;
                 }
             }
-            back *= sm;
-            for (int64_t k = 0; k < K; ++k) gv[k] += back * ph[k];
+            if (uniform) {
+                back *= smc;
+                for (int64_t k = 0; k < K; ++k) gv[k] += back * ph[k];
+            } else {  // a lane that drops the pair adds 0·0, whatever its features (a non-finite one included); a
+                // lane that keeps it the same fused multiply-add as above (the same bits in any grid)
+                back = kept ? back * scale : v8{};
+                for (int64_t k = 0; k < K; ++k) gv[k] += back * (kept ? bc8(ph[k]) : v8{});
+            }
         }
         if (NC) update(Vd, bVt + d * CP * 8, gV, NC);
         else update(Vd, bVt + d * CP * 8, acc, CP);

@@ -172,6 +172,7 @@ def eval_lanes(v: torch.Tensor, Vt: torch.Tensor, b: torch.Tensor):
     (R and C zero-padded to multiples of 8), ``(R8, D, K, 8)``, ``(R8, D, Cp, 8)``, ``(R8, Cp, 8)``."""
     R, C = b.shape
     Rp, Cp = padded(R), padded(C)
+    v, Vt, b = v.float(), Vt.float(), b.float()  # the kernel reads float32
     v = F.pad(v, (0, 0, 0, 0, 0, Rp - R))
     Vt = F.pad(Vt, (0, Cp - C, 0, 0, 0, Rp - R))
     b = F.pad(b, (0, Cp - C, 0, Rp - R))
@@ -186,6 +187,8 @@ def run_compiled_eval(dll: ctypes.CDLL, feats: torch.Tensor, lanes, num_runs: in
     (contiguous), for runs given as :func:`eval_lanes`; rows split over ``torch.get_num_threads()`` threads (each
     row's arithmetic is the same whatever the split)."""
     v, Vt, b = lanes
+    if feats.dtype not in (torch.float16, torch.float32) or not all(t.dtype == torch.float32 for t in lanes):
+        raise TypeError("the compiled evaluation reads float16 or float32 rows and float32 lanes (eval_lanes)")
     n, K, D = feats.shape
     R8, Cp = b.shape[0], b.shape[1]
     pred = torch.empty(n, 8 * R8, dtype=torch.int32)
@@ -193,8 +196,7 @@ def run_compiled_eval(dll: ctypes.CDLL, feats: torch.Tensor, lanes, num_runs: in
     half, threads = int(feats.dtype == torch.float16), max(1, min(torch.get_num_threads(), n // 64))
     bounds = [n * i // threads for i in range(threads + 1)]
     call = lambda i: dll.linft_eval(ctypes.byref(a), half, bounds[i], bounds[i + 1])
-    if threads == 1:
-        call(0)
-    else:
-        list(_pool(threads).map(call, range(threads)))
+    codes = [call(0)] if threads == 1 else list(_pool(threads).map(call, range(threads)))
+    if any(codes):
+        raise ValueError(f"the compiled evaluation takes {EVAL_MAX_CLASSES} classes at most (padded: {Cp})")
     return pred[:, :num_runs]

@@ -158,20 +158,24 @@ def feature_grid(dtype, views=False, n_per_domain=60, dim=64, classes=C, lr_scal
 
 
 @pytest.mark.skipif(load_kernel()[0] is None, reason="no compiled kernel")
-@pytest.mark.parametrize("dtype,views,classes,lr_scales,blocks", [
-    (torch.float16, False, C, (1.0,), K), (torch.float32, True, C, (1.0,), K), (torch.float16, True, C, (1.0,), K),
-    (torch.float32, False, 10, (1.0,), K), (torch.float32, False, 20, (1.0,), K),
-    (torch.float32, False, C, (1.0, 0.5, 0.25), K), (torch.float16, False, C, (1.0,), 2)])
-def test_sparse_step_equals_torch_step(dtype, views, classes, lr_scales, blocks):
+@pytest.mark.parametrize("dtype,views,classes,lr_scales,blocks,dim,batch", [
+    (torch.float16, False, C, (1.0,), K, 64, 8), (torch.float32, True, C, (1.0,), K, 64, 8),
+    (torch.float16, True, C, (1.0,), K, 64, 8), (torch.float32, False, 10, (1.0,), K, 64, 8),
+    (torch.float32, False, 20, (1.0,), K, 64, 8), (torch.float32, False, C, (1.0, 0.5, 0.25), K, 64, 8),
+    (torch.float16, False, C, (1.0,), 2, 64, 8), (torch.float16, False, C, (1.0,), K, 600, 10),
+    (torch.float32, False, C, (1.0,), K, 300, 10)])
+def test_sparse_step_equals_torch_step(dtype, views, classes, lr_scales, blocks, dim, batch):
     """The compiled sparse step and the pure-torch fallback: two code paths, the same runs to the tolerance
     (float16 features and views are read by the kernel itself; 10 classes take its 16-class path, 20 its path for
-    any number of classes; 12 dropout runs per group fill two chunks of 8 lanes; K = 2 blocks its path for any K),
-    and the same evaluation counts but near-ties, which are few (the tolerance leaves the counts compared)."""
-    data, groups = feature_grid(dtype, views, classes=classes, lr_scales=lr_scales, blocks=blocks)
+    any number of classes; 12 dropout runs per group fill two chunks of 8 lanes; K = 2 blocks its path for any K;
+    600 float16 or 300 float32 units span two blocks of its feature buffer, the second partial, and 20 batch rows
+    a full and a partial vector of rows), and the same evaluation counts but near-ties, which are few (the
+    tolerance leaves the counts compared)."""
+    data, groups = feature_grid(dtype, views, classes=classes, lr_scales=lr_scales, blocks=blocks, dim=dim)
     out = {}
     for kind in ("sparse", "torch"):
         seen = {}
-        params = train_linear_grid(data, groups, LinearGridConfig(steps=150, batch_size=8, eval_every=75,
+        params = train_linear_grid(data, groups, LinearGridConfig(steps=150, batch_size=batch, eval_every=75,
                                                                   v_init="normal", step_kind=kind),
                                    on_eval=lambda ev: seen.__setitem__(ev.step, ev))
         out[kind] = params, seen
@@ -345,3 +349,32 @@ def test_portable_builds_of_the_kernel_train_the_same_runs(flags, monkeypatch):
         for hi in range(len(groups[0].points)):
             _, tie = reference_counts(X, data.labels, v[gi, hi], V[gi, hi], b[gi, hi])
             assert np.abs(out[0][1][gi, hi] - out[1][1][gi, hi]).sum() <= tie.sum()
+
+
+@pytest.mark.skipif(load_kernel()[0] is None, reason="no compiled kernel")
+def test_a_compiled_run_does_not_see_the_other_runs_of_its_grid():
+    """Two things that touch only some lanes of the compiled step: a run that diverges (its lane is marked dead,
+    the others go on), and a non-finite feature (kept by some lanes, dropped by others: the lanes that drop it add
+    nothing, not 0·inf). A run's parameters and evaluations are the same bits alone and in the grid."""
+    data, groups = feature_grid(torch.float16)
+    feats = data.features.clone()
+    feats[::50, 0, 5] = float("inf")  # one unit of a few rows overflowed float16
+    data = LinearData(feats, data.labels, data.split_rows, data.num_splits, data.num_classes)
+    alone = GridPoint(0.01, 1e-4, 0.95)
+    grid = [GridPoint(1e4, 0.0, 0.9), alone, GridPoint(0.01, 1e-4, 0.1)]  # the first diverges
+    config = LinearGridConfig(steps=40, batch_size=8, eval_every=20, step_kind="sparse")
+    out = []
+    for points in ([alone], grid):
+        seen = []
+        gs = [Group(g.test_domain, g.seed, g.train_pools, points) for g in groups]
+        params = train_linear_grid(data, gs, config, on_eval=seen.append)
+        h = points.index(alone)
+        out.append(([t[:, h] for t in params], [(ev.correct[:, h], ev.diverged[:, h]) for ev in seen]))
+        if len(points) > 1:  # the lr-1e4 run and the dropout-0.1 run (it keeps the inf units) diverge
+            assert seen[-1].diverged[:, 0].all() and seen[-1].diverged[:, 2].all()
+        else:  # the precondition of the comparison: alone, the 0.95 run lives on in some group
+            assert not seen[-1].diverged[:, 0].all()
+    for a, b in zip(out[0][0], out[1][0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    for (c0, d0), (c1, d1) in zip(out[0][1], out[1][1]):
+        assert np.array_equal(c0, c1) and np.array_equal(d0, d1)
