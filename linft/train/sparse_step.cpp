@@ -30,6 +30,7 @@
 #include <cstring>
 #include <climits>
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 #if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -92,7 +93,8 @@ static int64_t kept_rows(uint32_t d, const uint32_t* w, int64_t B, uint32_t t, i
     const __m256i dv = _mm256_set1_epi32((int)d), tv = _mm256_set1_epi32((int)t - 1);  // u >= t: u > t - 1 (t >= 1)
     const __m256i c1 = _mm256_set1_epi32(0x7feb352d), c2 = _mm256_set1_epi32((int)0x846ca68bU);
     for (; i + 8 <= B; i += 8) {
-        __m256i x = _mm256_mullo_epi32(_mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i)), dv), c1);
+        const __m256i wi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i));
+        __m256i x = _mm256_mullo_epi32(_mm256_xor_si256(wi, dv), c1);
         x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15)); x = _mm256_mullo_epi32(x, c2);
         x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
         const __m256i u = _mm256_srli_epi32(x, 8);  // < 2^24: the signed compare is the unsigned one
@@ -143,7 +145,8 @@ struct Scratch {
     std::vector<const void*> rows, next_rows;  // the group's feature rows, the next group's
     // the pairs kept at the group's smallest threshold (0) and at a later chunk's threshold (1), unit by unit:
     // where each unit starts, row, noise, features (K per pair)
-    std::vector<int64_t> ustart[2]; std::vector<int32_t> prow[2]; std::vector<uint32_t> pu[2]; std::vector<float> pphi[2];
+    std::vector<int64_t> ustart[2]; std::vector<int32_t> prow[2]; std::vector<uint32_t> pu[2];
+    std::vector<float> pphi[2];
     std::vector<float> z;
     std::vector<char> stage[2];
     std::vector<v8> acc, gb;  // C++17: allocated at v8's alignment
@@ -265,15 +268,18 @@ static void chunk_step(const Args& a, int64_t g, int64_t q, Scratch& S, int l, u
         v8 Vr[NC ? NC : 1];
         for (int c = 0; c < NC; ++c) Vr[c] = ld8(Vd + 8 * c);
         const int64_t e1 = BUILD ? m : us[d + 1];
-        for (int64_t e = us[d]; e < e1; ++e) {
-            const v8i kept = (v8i{} + (int32_t)pu[e]) >= thr;  // the lanes that keep the pair (when not uniform)
-            v8 r = v8{};
-            for (int64_t k = 0; k < K; ++k) r += ld8(vd + 8 * k) * pphi[e * K + k];
-            r = uniform ? r * smc : kept ? r * scale : v8{};  // chosen, not multiplied: 0·inf would be NaN
-            float* __restrict__ zi = z + prow[e] * CP * 8;
-            if (NC) { for (int c = 0; c < NC; ++c) st8(zi + 8 * c, ld8(zi + 8 * c) + r * Vr[c]); }
-            else { for (int64_t c = 0; c < CP; ++c) st8(zi + 8 * c, ld8(zi + 8 * c) + r * ld8(Vd + 8 * c)); }
-        }
+        auto pairs = [&](auto uni) {  // uni: std::true_type when the chunk is uniform (two compiled loops)
+            for (int64_t e = us[d]; e < e1; ++e) {
+                v8 r = v8{};
+                for (int64_t k = 0; k < K; ++k) r += ld8(vd + 8 * k) * pphi[e * K + k];
+                if constexpr (decltype(uni)::value) r *= smc;
+                else r = (v8i{} + (int32_t)pu[e]) >= thr ? r * scale : v8{};  // chosen: 0·inf would be NaN
+                float* __restrict__ zi = z + prow[e] * CP * 8;
+                if (NC) { for (int c = 0; c < NC; ++c) st8(zi + 8 * c, ld8(zi + 8 * c) + r * Vr[c]); }
+                else { for (int64_t c = 0; c < CP; ++c) st8(zi + 8 * c, ld8(zi + 8 * c) + r * ld8(Vd + 8 * c)); }
+            }
+        };
+        if (uniform) pairs(std::true_type{}); else pairs(std::false_type{});
     }
     // softmax per row, the lanes in parallel; z becomes the logits' gradient (p - onehot) / B
     const v8 invB = bc8(1.0f / (float)B);
@@ -330,38 +336,42 @@ static void chunk_step(const Args& a, int64_t g, int64_t q, Scratch& S, int l, u
         if (!NC) for (int64_t c = 0; c < CP; ++c) acc[c] = v8{};
         v8* __restrict__ gv = NK ? gvr : acc + CP;
         for (int64_t k = 0; k < K; ++k) gv[k] = v8{};
-        for (int64_t e = us[d]; e < us[d + 1]; ++e) {
-            const v8i kept = (v8i{} + (int32_t)pu[e]) >= thr;
-            const float* __restrict__ ph = pphi + e * K;
-            v8 r = v8{};
-            for (int64_t k = 0; k < K; ++k) r += ld8(vd + 8 * k) * ph[k];
-            r = uniform ? r * smc : kept ? r * scale : v8{};
-            const float* __restrict__ gz = z + prow[e] * CP * 8;
-            v8 back = v8{};
-            if (NC) {
-                v8 back2 = v8{};
-                for (int c = 0; c < NC; c += 2) {
-                    const v8 g0 = ld8(gz + 8 * c), g1 = ld8(gz + 8 * c + 8);
-                    back += Vr[c] * g0; back2 += Vr[c + 1] * g1;
-                    gV[c] += r * g0; gV[c + 1] += r * g1;
+        auto pairs = [&](auto uni) {
+            for (int64_t e = us[d]; e < us[d + 1]; ++e) {
+                const v8i kept = (v8i{} + (int32_t)pu[e]) >= thr;  // (not used by a uniform chunk)
+                const float* __restrict__ ph = pphi + e * K;
+                v8 r = v8{};
+                for (int64_t k = 0; k < K; ++k) r += ld8(vd + 8 * k) * ph[k];
+                if constexpr (decltype(uni)::value) r *= smc;
+                else r = kept ? r * scale : v8{};
+                const float* __restrict__ gz = z + prow[e] * CP * 8;
+                v8 back = v8{};
+                if (NC) {
+                    v8 back2 = v8{};
+                    for (int c = 0; c < NC; c += 2) {
+                        const v8 g0 = ld8(gz + 8 * c), g1 = ld8(gz + 8 * c + 8);
+                        back += Vr[c] * g0; back2 += Vr[c + 1] * g1;
+                        gV[c] += r * g0; gV[c + 1] += r * g1;
+                    }
+                    back += back2;
+                } else {
+                    for (int64_t c = 0; c < CP; ++c) {
+                        const v8 gc = ld8(gz + 8 * c);
+                        back += ld8(Vd + 8 * c) * gc;
+                        acc[c] += r * gc;
+                    }
                 }
-                back += back2;
-            } else {
-                for (int64_t c = 0; c < CP; ++c) {
-                    const v8 gc = ld8(gz + 8 * c);
-                    back += ld8(Vd + 8 * c) * gc;
-                    acc[c] += r * gc;
+                if constexpr (decltype(uni)::value) {
+                    back *= smc;
+                    for (int64_t k = 0; k < K; ++k) gv[k] += back * ph[k];
+                } else {  // a lane that drops the pair adds 0·0, whatever its features (a non-finite one
+                    // included); a lane that keeps it the same fused multiply-add as above (the same bits in any grid)
+                    back = kept ? back * scale : v8{};
+                    for (int64_t k = 0; k < K; ++k) gv[k] += back * (kept ? bc8(ph[k]) : v8{});
                 }
             }
-            if (uniform) {
-                back *= smc;
-                for (int64_t k = 0; k < K; ++k) gv[k] += back * ph[k];
-            } else {  // a lane that drops the pair adds 0·0, whatever its features (a non-finite one included); a
-                // lane that keeps it the same fused multiply-add as above (the same bits in any grid)
-                back = kept ? back * scale : v8{};
-                for (int64_t k = 0; k < K; ++k) gv[k] += back * (kept ? bc8(ph[k]) : v8{});
-            }
-        }
+        };
+        if (uniform) pairs(std::true_type{}); else pairs(std::false_type{});
         if (NC) update(Vd, bVt + d * CP * 8, gV, NC);
         else update(Vd, bVt + d * CP * 8, acc, CP);
         update(vd, bv + d * K * 8, gv, K);
