@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from linft.protocol.schedule import eval_steps
 from linft.runtime import resolve_device
 from linft.train.linear import LinearGrid
-from linft.train.linear_engine import (GridPoint, Group, LinearData, LinearGridConfig, group_generator,
-                                       initial_parameters, linear_ft_logits, train_linear_grid)
+from linft.train.linear_engine import GridPoint, Group, LinearData, LinearGridConfig, train_linear_grid
+from linft.train.linear_model import group_generator, initial_parameters, linear_ft_logits
 from linft.train.linear_eval import _folded_logits, evaluate_grid
 from linft.train.sparse_step import EVAL_MAX_CLASSES, load_kernel
 

@@ -10,7 +10,8 @@ from linft.cli.options import print_grid_outcome, repeatable, split_seed_option
 from linft.output import say_line
 from linft.protocol.records import done_summary
 from linft.train.linear import default_linear_out, train_linear
-from linft.train.linear_engine import V_INITS, LinearGridConfig
+from linft.train.linear_engine import LinearGridConfig
+from linft.train.linear_model import V_INITS
 
 
 @click.command("train-linear")

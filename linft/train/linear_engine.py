@@ -1,12 +1,6 @@
 """The linear fine-tuning engine: the paper's linear model (Section 4.3) trained over a whole grid at once.
 
-The model, per φ block k a vector ``v_k`` in R^D, a head ``V`` (C x D) and ``b``::
-
-    Φ̃ = Σ_k v_k ⊙ φ_k                       (the adapted representation)
-    logits = V · dropout_λ(Φ̃) + b            (inverted dropout, identity at evaluation)
-
-Linear probing is the same model with ``v`` fixed to ``v_l = 1`` on the last
-block and 0 elsewhere, and only ``V, b`` trained.
+The model and its initialisation are :mod:`linft.train.linear_model`.
 
 :func:`train_linear_grid` trains every (held-out domain, seed) *group* times
 every grid point (lr, weight decay, dropout, probe) as stacked tensors of
@@ -34,59 +28,19 @@ import numpy as np
 import torch
 
 from linft.cache.chunks import H5Rows, window_steps
-from linft.data.splits import seed_hash
 from linft.errors import LinftError
 from linft.models.heads import check_dropout_rate
 from linft.protocol.schedule import check_milestones, eval_steps, lr_at, milestone_steps
 from linft.train.linear_draws import (NOISE, ROWS, VIEWS, draw_rows, draw_views, group_key, padded_pools, row_words,
                                       unit_noise)
 from linft.train.linear_eval import EVAL_FORMS, evaluate_grid
+from linft.train.linear_model import V_INITS, group_generator, initial_parameters
 from linft.train.linear_step import RunBlock, kernel_step, new_block, torch_step
 from linft.train.sparse_step import MAX_KERNEL_DIM, load_kernel
 
-V_INITS = ("normal", "last")
 STEP_KINDS = ("auto", "sparse", "torch")
 #: eager steps before a CUDA graph of the step is captured
 GRAPH_WARMUP = 3
-
-
-# --------------------------------------------------------------------------- the model (pure functions)
-
-
-def adapted_representation(phi: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``Σ_k v_k ⊙ φ_k``: phi (..., K, D), v (K, D) -> (..., D)."""
-    return (phi * v).sum(-2)
-
-
-def inverted_dropout(x: torch.Tensor, keep: torch.Tensor, rate: float | torch.Tensor) -> torch.Tensor:
-    """Kept units scaled by ``1/(1-rate)``, the others zeroed (``keep`` is a boolean mask)."""
-    return x * keep / (1.0 - rate)
-
-
-def linear_ft_logits(phi, v, V, b, keep=None, rate=0.0) -> torch.Tensor:
-    """Logits of the linear fine-tuning model; ``keep=None`` is evaluation (no dropout)."""
-    rep = adapted_representation(phi, v)
-    if keep is not None:
-        rep = inverted_dropout(rep, keep, rate)
-    return rep @ V.T + b
-
-
-def initial_parameters(num_blocks: int, dim: int, num_classes: int, generator: torch.Generator,
-                       v_init: str = "last", probe: bool = False, device="cpu"):
-    """``(v, V, b)`` of one run: V, b as ``nn.Linear`` initialises them (U(±1/√D));
-    v ~ N(0, 1) (``normal``, the official code) or the last block's ``1`` (``last``, and always for a probe)."""
-    if v_init not in V_INITS:
-        raise LinftError(f"unknown v init '{v_init}'; use one of {', '.join(V_INITS)}")
-    bound = 1.0 / dim**0.5
-    V = (torch.rand(num_classes, dim, generator=generator, device=device) * 2 - 1) * bound
-    b = (torch.rand(num_classes, generator=generator, device=device) * 2 - 1) * bound
-    normal = torch.randn(num_blocks, dim, generator=generator, device=device)
-    if v_init == "last" or probe:
-        v = torch.zeros(num_blocks, dim, device=device)
-        v[-1] = 1.0
-    else:
-        v = normal
-    return v, V, b
 
 
 # --------------------------------------------------------------------------- runs and streams
@@ -110,13 +64,6 @@ class Group:
     seed: int
     train_pools: list[torch.Tensor]  # global row indices of each training domain's "in" split
     points: list[GridPoint]
-
-
-def group_generator(seed: int, test_domain: int, purpose: str, device) -> torch.Generator:
-    """The initialisation stream of a group (``purpose`` ``init``), seeded by DomainBed's seed_hash."""
-    g = torch.Generator(device=device)
-    g.manual_seed(seed_hash("linft-linear", purpose, seed, test_domain))
-    return g
 
 
 # --------------------------------------------------------------------------- the engine

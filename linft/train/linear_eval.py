@@ -79,8 +79,7 @@ def evaluate_grid(features, labels, seed_split, v, Vt, b, num_splits: int, chunk
     if form == "factored":
         chunk = max(1, min(chunk, FACTORED_CHUNK_BYTES // (4 * G * H * D)))
     if max_bytes is not None:
-        itemsize = torch.empty(0, dtype=features.dtype).element_size() if isinstance(features.dtype, torch.dtype) \
-            else np.dtype(features.dtype).itemsize
+        itemsize = features.dtype.itemsize  # a torch or a numpy dtype
         # the rows as read, their float32 copy (not in the compiled form), the logits (or the kernel's int32
         # predictions, padded to 8 runs), the int64 argmax and the float64 "right" table of split_counts
         preds = 4 * (-(-G * H // 8) * 8) if form == "compiled" else 4 * G * H * C + 8 * G * H

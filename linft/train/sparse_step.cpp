@@ -161,6 +161,11 @@ struct Scratch {
 static const int64_t BLOCK_BYTES = 1024;  // of each row segment per block
 static const int64_t SEGMENTS_AHEAD = 4;
 
+// Elements of T per row of the buffer: K blocks of BLOCK_BYTES, and 64 bytes more so that its rows fall into
+// different cache sets.
+template <typename T>
+static int64_t stage_pitch(int64_t K) { return (K * BLOCK_BYTES + 64) / (int64_t)sizeof(T); }
+
 // Copies columns [d0, d0 + w) of the K segments of B feature rows into dst (row i, block k at dst[i·pitch + k·W]),
 // a slice at a time.
 template <typename T>
@@ -236,8 +241,7 @@ static void chunk_step(const Args& a, int64_t g, int64_t q, Scratch& S, int l, u
     uint32_t* __restrict__ pu = S.pu[l].data();
     float* __restrict__ pphi = S.pphi[l].data();
     const T* const* rows = reinterpret_cast<const T* const*>(S.rows.data());
-    const int64_t W = BLOCK_BYTES / (int64_t)sizeof(T), pitch = K * W + 64 / (int64_t)sizeof(T);  // +64 bytes:
-    for (auto& buf : S.stage) buf.resize(B * pitch * sizeof(T));  // the buffer's rows fall into different cache sets
+    const int64_t W = BLOCK_BYTES / (int64_t)sizeof(T), pitch = stage_pitch<T>(K);
     T* stage[2] = {reinterpret_cast<T*>(S.stage[0].data()), reinterpret_cast<T*>(S.stage[1].data())};
     Stager<T> stager;
     if (BUILD && !staged) {  // the first block, unless it was copied during the group before
@@ -395,6 +399,7 @@ static bool group_step(const Args& a, int64_t g, bool staged, int64_t next) {
         if (next >= 0) S.next_rows[i] = feats + a.offs[next * B + i];
     }
     S.z.resize(B * a.Cp * 8); S.acc.resize(a.Cp + K); S.gb.resize(a.Cp);
+    for (auto& buf : S.stage) buf.resize(B * stage_pitch<T>(K) * sizeof(T));
     bool built = false;
     int64_t filtered = -1;
     for (int64_t q = 0; q < Q; ++q) {
