@@ -11,7 +11,8 @@ import textwrap
 import pytest
 
 from linft.errors import LinftError
-from linft.output import human_bytes, lock_path, output_lock, writable_folder
+from linft.locks import lock_path, output_lock
+from linft.output import human_bytes, writable_folder
 
 # The child lowers its file-size limit (RLIMIT_FSIZE) and ignores SIGXFSZ: every write past the limit then fails
 # with EFBIG, the way writes fail on a full disk, at an exact point.
@@ -77,7 +78,7 @@ def test_sizes_in_messages_are_never_zero_gib():
 def test_a_lock_names_its_owner_and_a_dead_owners_lock_is_taken_over(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from linft.output import output_lock
+        from linft.locks import output_lock
         with output_lock({str(tmp_path / 'out')!r}, folder=True):
             print("locked", flush=True)
             time.sleep(60)
@@ -127,7 +128,7 @@ def test_a_terminated_command_releases_its_lock(tmp_path):
         import time
         import click
         from linft.cli.main import LinftGroup
-        from linft.output import output_lock
+        from linft.locks import output_lock
 
         class Group(LinftGroup):  # linft's group (its signal handling and errors) with one test command
             def get_command(self, ctx, name):
@@ -153,7 +154,7 @@ def test_a_terminated_command_releases_its_lock(tmp_path):
 
 def test_a_stale_lock_taken_over_by_one_process_is_not_taken_from_it(tmp_path):
     """Two processes saw the same dead owner; one took the lock over. The other must not remove that new lock."""
-    from linft.output import _take_over
+    from linft.locks import _take_over
     out = tmp_path / "out"
     out.mkdir()
     lock = lock_path(out, folder=True)
@@ -164,7 +165,7 @@ def test_a_stale_lock_taken_over_by_one_process_is_not_taken_from_it(tmp_path):
         _take_over(lock, dead)  # the slower process, acting on what it read before
         assert json.loads(lock.read_text()) == mine
         proc = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
-            from linft.output import output_lock
+            from linft.locks import output_lock
             from linft.errors import LinftError
             try:
                 with output_lock({str(out)!r}, folder=True):

@@ -19,7 +19,7 @@ PACKAGE = Path(linft.__file__).parent
 CLI = PACKAGE.parent / "cli"
 
 #: Each layer may import from itself and the layers before it in this list.
-LAYERS = ["linft.errors", "linft.lazy", "linft.output", "linft.runtime", "linft.data", "linft.models", "linft.cache", "linft.protocol",
+LAYERS = ["linft.errors", "linft.lazy", "linft.output", "linft.locks", "linft.runtime", "linft.data", "linft.models", "linft.cache", "linft.protocol",
           "linft.train", "linft.analysis", "linft.demo"]
 #: Imports allowed inside a function body: optional extras only (huggingface_hub comes with open_clip).
 OPTIONAL = {"submitit", "open_clip", "huggingface_hub", "timm", "tensorboard", "torch.utils.tensorboard"}

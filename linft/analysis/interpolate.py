@@ -61,6 +61,7 @@ from linft.data.folders import MultiDomainDataset, find_dataset
 from linft.data.images import EvalImages
 from linft.data.splits import domain_split_rows, split_seed
 from linft.errors import LinftError
+from linft.locks import output_lock
 from linft.models.checkpoints import state_dict_sha256
 from linft.models.heads import PROBE_MAX_ITER, PROBE_TOLERANCE, LinearHead, fit_probe_head, head_keys, \
     with_head
@@ -68,7 +69,7 @@ from linft.models.linearize import relative_linearity_gap
 from linft.protocol.records import RECORDS_FILE, RecordWriter, RunHeader, done_summary, final_records, make_record, \
     run_id
 from linft.protocol.selection import iid_accuracy, ood_accuracy, split_counts
-from linft.output import atomic_write_text, json_text, output_lock, progress_bar
+from linft.output import atomic_write_text, json_text, progress_bar
 from linft.runtime import effective_precision, resolve_device
 
 #: path key -> (record method, label prefix)

@@ -25,9 +25,10 @@ from linft.analysis.aggregate import (TIE_RULES, SelectedRun, domainbed_table, m
 from linft.analysis.figures import dropout_points, figure2_points, figure9_points
 from linft.analysis.plots import figure_files, plot_clouds, plot_dropout, plot_figure9, plot_interpolation
 from linft.errors import LinftError
+from linft.locks import output_lock
 from linft.protocol.records import read_records
 from linft.protocol.selection import SE_FORMULAS, check_se
-from linft.output import PARTIAL_SUFFIX, WriteError, atomic_write_text, output_lock, remove_path, write_failure
+from linft.output import PARTIAL_SUFFIX, WriteError, atomic_write_text, remove_path, write_failure
 
 #: What summary.md says about units.
 UNITS_NOTE = ("Units: accuracies are fractions in [0, 1] in every CSV (columns named *_acc*) and percent in the "
@@ -234,9 +235,9 @@ def write_report(record_paths, out_dir, selection: str = "iid", se: str = "sampl
     """
     check_se(se)
     out = Path(out_dir)
-    if existing_report(out) and not force:
-        raise LinftError(f"{out} already holds a report ({', '.join(existing_report(out)[:3])}); pass --force to "
-                         f"replace it or "
+    present = existing_report(out)
+    if present and not force:
+        raise LinftError(f"{out} already holds a report ({', '.join(present[:3])}); pass --force to replace it or "
                          f"choose another --out")
     records = read_records(record_paths)
     if not records:

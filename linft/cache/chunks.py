@@ -18,26 +18,18 @@ import torch
 
 from linft.cache.format import FeatureCache, open_cache, open_h5
 from linft.errors import LinftError
-
-GIB = 2**30
+from linft.output import human_bytes
 
 
 class H5Rows:
     """A features or views dataset left in its HDF5 file: ``shape``, ``dtype`` (torch), slices and row sets."""
 
     def __init__(self, path: Path, name: str):
-        self.path, self.name = Path(path), name
-        self.file = open_h5(self.path)
+        self.file = open_h5(Path(path))
         self.dataset = self.file[name]
         self.shape = tuple(self.dataset.shape)
         self.dtype = torch.from_numpy(np.zeros(0, self.dataset.dtype)).dtype
-        self.nbytes = int(np.prod(self.shape)) * self.dataset.dtype.itemsize
-        self.device = torch.device("cpu")
-        self._close = weakref.finalize(self, self.file.close)  # the HDF5 handle lives as long as this object
-
-    def close(self) -> None:
-        """Close the HDF5 file now (also done when the object is collected)."""
-        self._close()
+        weakref.finalize(self, self.file.close)  # the HDF5 handle lives as long as this object
 
     def __getitem__(self, index: slice) -> np.ndarray:
         return self.dataset[index]
@@ -73,18 +65,14 @@ def in_memory_bytes(cache: FeatureCache) -> int:
     return sum(a.nbytes for a in (cache.features, cache.views) if a is not None and not isinstance(a, H5Rows))
 
 
-def window_bytes(rows_per_step: int, row_bytes: int, steps: int) -> int:
-    """The most bytes a window of ``steps`` steps reads (every drawn row distinct)."""
-    return rows_per_step * row_bytes * steps
-
-
 def window_steps(rows_per_step: int, row_bytes: int, memory_budget: int | None, total_steps: int) -> int:
     """How many steps' rows one read from the file serves within ``memory_budget`` (at least 1; a LinftError
     naming the size needed when even one step's rows do not fit)."""
     if memory_budget is None:
         return total_steps
-    one = window_bytes(rows_per_step, row_bytes, 1)
+    one = rows_per_step * row_bytes  # the most one step reads (every drawn row distinct)
     if one > memory_budget:
-        raise LinftError(f"one training step reads {one / GIB:.2f} GiB of cached rows, more than the memory budget "
-                         f"of {memory_budget / GIB:.2f} GiB left for them; raise memory_budget to at least {one / GIB:.2f} GiB more")
+        raise LinftError(f"one training step reads {human_bytes(one)} of cached rows, more than the memory budget "
+                         f"of {human_bytes(memory_budget)} left for them; raise memory_budget to at least "
+                         f"{human_bytes(one)} more")
     return max(1, min(total_steps, memory_budget // one))

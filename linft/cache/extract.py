@@ -34,10 +34,10 @@ from linft.data.folders import MultiDomainDataset, load_image_folder
 from linft.data.images import (describe_transform, describe_views_transform, first_bad_image,
                                image_loader, model_input)
 from linft.errors import LinftError, worker_died
+from linft.locks import output_lock
 from linft.models.blocks import PooledBlockFeatures, phi_block_names
 from linft.models.registry import Backbone, load_backbone
-from linft.output import (commit_partial, human_bytes, output_lock, partial_path, progress_bar,
-                          read_only_file_system, writable_folder)
+from linft.output import commit_partial, human_bytes, partial_path, progress_bar, read_only_file_system, writable_folder
 from linft.runtime import DEFAULT_PRECISION, PRECISIONS, autocast, check_precision, effective_precision, resolve_device
 
 

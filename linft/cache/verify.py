@@ -89,8 +89,13 @@ def check_labels(f: h5py.File, meta: dict, paths: list[str] | None) -> tuple[boo
     return bool(ok), "labels and domains agree with paths" if ok else "labels or domains disagree with paths"
 
 
+def _rows_written(meta: dict) -> int:
+    """Rows the file holds: all of them in a complete cache, else the ones an interrupted extraction wrote."""
+    return _num_examples(meta) if meta.get("complete") else int(meta.get("num_done", 0))
+
+
 def check_finite(f: h5py.File, meta: dict, paths: list[str] | None, chunk_rows: int = 4096) -> tuple[bool, str]:
-    done = _num_examples(meta) if meta.get("complete") else int(meta.get("num_done", 0))
+    done = _rows_written(meta)
     bad_rows = 0
     for name in ("features", "views") if "views" in f else ("features",):
         data = f[name]
@@ -104,7 +109,7 @@ def check_digests(f: h5py.File, meta: dict, paths: list[str] | None, chunk_rows:
     """Every written row's content against the digest stored with it (caches of earlier releases have none)."""
     if "digests" not in f:
         return True, "no row digests (made by an earlier linft)"
-    done = _num_examples(meta) if meta.get("complete") else int(meta.get("num_done", 0))
+    done = _rows_written(meta)
     bad = list(digest_mismatches(f, done, chunk_rows))
     if bad:
         return False, f"{len(bad)} rows differ from their digest (first: row {bad[0]}); re-extract with --force"

@@ -32,8 +32,8 @@ from PIL import Image
 
 import linft
 from linft.errors import LinftError
-from linft.output import (PARTIAL_SUFFIX, atomic_write_text, output_lock, partial_path, remove_path, writable_folder,
-                          write_failure)
+from linft.locks import output_lock
+from linft.output import PARTIAL_SUFFIX, atomic_write_text, partial_path, remove_path, writable_folder, write_failure
 
 DEMO_CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "crescent")
 DEMO_STYLES = ("photo", "sketch", "cartoon", "painting")
@@ -249,7 +249,7 @@ def write_new_folder(out: str | os.PathLike, write: Callable[[Path], None], forc
     the old folder is then replaced whole (never merged: no image or domain of the old folder is left). A run
     that stops half-way leaves ``out`` as it was (the old folder is moved back if the new one cannot take its
     place). ``refusal`` is the caller's way out of the refusal. Two commands on one ``out`` exclude each other
-    (:func:`linft.output.output_lock` on ``out``).
+    (:func:`linft.locks.output_lock` on ``out``).
     """
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:

@@ -18,12 +18,12 @@ import torch
 from linft.data.folders import MultiDomainDataset
 from linft.data.images import EvalImages
 from linft.data.splits import domain_split_rows, split_seed
+from linft.locks import output_lock
 from linft.models.averaging import average_state_dicts, greedy_soup
 from linft.models.heads import build_classifier
 from linft.models.registry import load_backbone
 from linft.protocol.records import RECORDS_FILE, RecordWriter, RunHeader, derived, finished_run_ids, make_record, \
     run_id
-from linft.output import output_lock
 from linft.protocol.selection import iid_accuracy, split_counts
 from linft.runtime import resolve_device
 from linft.train.ensembles import ensemble_scores

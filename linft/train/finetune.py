@@ -38,6 +38,7 @@ from linft.data.folders import MultiDomainDataset, find_dataset
 from linft.data.images import EvalImages
 from linft.data.splits import domain_split_rows, split_seed
 from linft.errors import LinftError
+from linft.locks import output_lock
 from linft.models.blocks import STOCHASTIC_DEPTH_MODES
 from linft.models.checkpoints import load_checkpoint
 from linft.models.heads import load_head
@@ -45,7 +46,7 @@ from linft.protocol.grid import check_grid
 from linft.protocol.records import RecordWriter, RunHeader, existing_records, make_record
 from linft.protocol.schedule import eval_steps
 from linft.protocol.selection import iid_accuracy, split_counts
-from linft.output import atomic_write_text, output_lock, progress_bar
+from linft.output import atomic_write_text, progress_bar
 from linft.runtime import atomic_save, resolve_device
 from linft.train.finetune_model import (FineTuneConfig, FineTuneRun, build_run_model, finetune_label,
                                         finetune_method, ordinary_state, predict_logits, run_optimizer,

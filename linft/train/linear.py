@@ -21,12 +21,13 @@ from linft.cache.chunks import H5Rows, in_memory_bytes, open_cache_within
 from linft.cache.format import FeatureCache
 from linft.data.splits import check_split_seed, domain_split_rows, split_names, split_seed
 from linft.errors import LinftError
+from linft.locks import output_lock
 from linft.protocol.grid import check_grid
 from linft.protocol.records import (RECORDS_FILE, RecordWriter, RunHeader, existing_records, final_records,
                                     finals_of, make_record, run_id)
 from linft.protocol.selection import iid_accuracy, ood_accuracy
 from linft.protocol.sinks import TensorBoardSink
-from linft.output import output_lock, progress_bar
+from linft.output import progress_bar
 from linft.runtime import resolve_device
 from linft.train.linear_engine import (EvalPoint, GridPoint, Group, LinearData, LinearGridConfig, compiled_step_used,
                                        step_name, train_linear_grid)

@@ -28,9 +28,10 @@ import multiprocessing as mp
 from linft.data.folders import MultiDomainDataset, load_image_folder
 from linft.data.images import EvalImages
 from linft.errors import LinftError
+from linft.locks import output_lock
 from linft.models.registry import load_backbone
 from linft.train.across_runs import evaluate_across_runs
-from linft.output import output_lock, say_line
+from linft.output import say_line
 from linft.train.finetune import finetune, train_run
 from linft.train.run_hooks import watch_hooks
 from linft.train.finetune_model import FineTuneConfig, FineTuneRun, finetune_label

@@ -164,7 +164,7 @@ def test_a_folder_holding_another_caches_runs_is_refused_before_training(tmp_pat
 
 
 def test_a_second_train_linear_on_the_same_folder_is_refused(tmp_path):
-    from linft.output import output_lock
+    from linft.locks import output_lock
     cache = synthetic_cache(tmp_path)
     out = tmp_path / "runs"
     out.mkdir()
