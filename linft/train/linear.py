@@ -10,7 +10,7 @@ one rule of :func:`linft.protocol.records.final_records`.
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -97,7 +97,6 @@ class _Protocol:
     num_views: int
     split_seed: int | None = None
     memory_budget: int | None = None  # bytes of cached arrays in memory (linft.cache.chunks); None: no limit
-    compiled: bool = False  # whether the dropout runs train with the compiled sparse step (recorded, not in the id)
     attempt: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def hparams(self, p: GridPoint) -> dict:
@@ -120,8 +119,7 @@ class _Protocol:
                          weights=meta.get("weights"), test_domain=names[e],
                          train_domains=[names[d] for d in range(len(names)) if d != e], hparams=self.hparams(p),
                          grid={"lr": p.lr, "weight_decay": p.weight_decay}, seed=s, run_id=self.run_id(e, s, p),
-                         attempt=self.attempt, extra={"cache": str(self.cache.path),
-                                                             "engine": step_name(p, self.compiled)})
+                         attempt=self.attempt, extra={"cache": str(self.cache.path)})
 
 
 def _buckets(protocol: _Protocol, test_idx: list[int], seeds: int, points: list[GridPoint], done: set[str]):
@@ -183,10 +181,11 @@ def grid_eval_line(step: int, steps: int, records: list[dict], runs: int, diverg
             f"{100 * np.median(ood):.1f}%, {diverged} diverged")
 
 
-def _record_writer(writer: RecordWriter, protocol: _Protocol, groups: list[Group], counter: dict,
+def _record_writer(writer: RecordWriter, protocol: _Protocol, groups: list[Group], counter: dict, compiled: bool,
                    say: Callable[[str], None] | None = None, prefix: str = ""):
-    """The engine's ``on_eval``: one record per run, a run's records ending at its divergence; then one
-    :func:`grid_eval_line` to ``say``."""
+    """The engine's ``on_eval``: one record per run, a run's records ending at its divergence, each naming the step
+    that computed it (``compiled``: whether the dropout runs take the compiled sparse step; not in the run id);
+    then one :func:`grid_eval_line` to ``say``."""
     names = split_names(protocol.cache.domain_names)
     flagged: set[tuple[int, int]] = set()
     runs = sum(len(g.points) for g in groups)
@@ -202,7 +201,9 @@ def _record_writer(writer: RecordWriter, protocol: _Protocol, groups: list[Group
                     flagged.add((gi, hi))
                     counter["diverged"] += 1
                 splits = {n: [int(ev.correct[gi, hi, si]), int(ev.total[gi, si])] for si, n in enumerate(names)}
-                record = make_record(protocol.header(g.test_domain, g.seed, p), ev.step, splits,
+                header = protocol.header(g.test_domain, g.seed, p)
+                header = replace(header, extra={**header.extra, "engine": step_name(p, compiled)})
+                record = make_record(header, ev.step, splits,
                                      loss=None if is_div else float(ev.loss[gi, hi]),
                                      status="diverged" if is_div else "ok", final=ev.final or is_div)
                 writer.write(record)
@@ -294,13 +295,14 @@ def _train_grid(cache: FeatureCache, out_dir, grid: LinearGrid, config: LinearGr
     if buckets:
         write_plan(out_dir, {rid: plan_entry(asdict(h)) for rid, h in grid_runs.items()})
         data, rows_by_seed = _linear_data(cache, grid.seeds, dev, grid.split_seed, protocol.memory_budget)
-        protocol.compiled = compiled_step_used(data, config)  # which step made the numbers goes in every record
+        compiled = compiled_step_used(data, config)  # which step made the numbers goes in every record
         with RecordWriter(records_path, sinks=sinks) as writer, \
                 progress_bar(config.steps * len(buckets), "training", unit="step", enabled=progress) as update:
             for i, (points, pairs) in enumerate(buckets.items()):
                 groups = [_group(cache, rows_by_seed, e, s, points, dev) for e, s in pairs]
                 prefix = f"[{i + 1}/{len(buckets)}] " if len(buckets) > 1 else ""
                 train_linear_grid(data, groups, config, on_step=lambda step: update(1),
-                                  on_eval=_record_writer(writer, protocol, groups, counter, say, prefix))
+                                  on_eval=_record_writer(writer, protocol, groups, counter, compiled, say,
+                                                         prefix))
     usable, divergence = _outcome(records_path, grid_runs)
     return LinearProtocolResult(records_path, trained, skipped, counter["diverged"], usable, divergence)
