@@ -10,10 +10,10 @@ Both sides train the same network from the same weights on the same batch
 penultimate representation, frozen BatchNorm, SGD with momentum 0.9 and weight
 decay, and cross-entropy:
 
-* linft: the code path of :func:`linft.train.finetune.train_run`: the model of
-  :func:`~linft.train.finetune_model.build_run_model`, :func:`~linft.train.finetune_model.set_train_mode`,
-  the SGD parameter groups of :func:`~linft.train.finetune_model.run_optimizer`, and
-  :func:`~linft.train.finetune_model.train_step` on the uint8 batch (transfer, normalisation
+* linft: the code path of :func:`linft.train.finetune.run.train_run`: the model of
+  :func:`~linft.train.finetune.model.build_run_model`, :func:`~linft.train.finetune.model.set_train_mode`,
+  the SGD parameter groups of :func:`~linft.train.finetune.model.run_optimizer`, and
+  :func:`~linft.train.finetune.model.train_step` on the uint8 batch (transfer, normalisation
   on the device, channels_last, bfloat16 autocast on CUDA, learning-rate
   schedule, per-step mask seed) followed by ``float(loss)``, the divergence
   check ``train_run`` does every step;
@@ -54,7 +54,7 @@ from linft.data.images import normalize_uint8, train_augmentation
 from linft.data.tensor_augment import augment_batch
 from linft.models import load_backbone
 from linft.runtime import resolve_device
-from linft.train.finetune_model import (FineTuneConfig, FineTuneRun, build_run_model, run_optimizer, set_train_mode,
+from linft.train.finetune.model import (FineTuneConfig, FineTuneRun, build_run_model, run_optimizer, set_train_mode,
                                         train_step)
 
 NUM_CLASSES = 7

@@ -39,13 +39,13 @@ import torch
 import torch.nn.functional as F
 
 import linft.models.linearize as linearize
-from linft.analysis.interpolation_paths import (first_order_outputs, iter_weight_path, parse_alphas,
+from linft.interpolation.paths import (first_order_outputs, iter_weight_path, parse_alphas,
                                                 pooled_features_and_logits, representation_path_predictions)
 from linft.models import load_backbone, phi_block_names
 from linft.models.heads import LinearHead, build_classifier, fit_probe_head, with_head
 from linft.models.linearize import LinearizedModel
 from linft.runtime import resolve_device
-from linft.train.finetune_model import set_train_mode
+from linft.train.finetune.model import set_train_mode
 
 
 class Counter:

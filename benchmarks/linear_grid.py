@@ -34,11 +34,11 @@ import torch.nn.functional as F
 
 from linft.protocol.schedule import eval_steps
 from linft.runtime import resolve_device
-from linft.train.linear import LinearGrid
-from linft.train.linear_engine import GridPoint, Group, LinearData, LinearGridConfig, train_linear_grid
-from linft.train.linear_model import group_generator, initial_parameters, linear_ft_logits
-from linft.train.linear_eval import _folded_logits, evaluate_grid
-from linft.train.sparse_step import EVAL_MAX_CLASSES, load_kernel
+from linft.train.linear.driver import LinearGrid
+from linft.train.linear.engine import GridPoint, Group, LinearData, LinearGridConfig, train_linear_grid
+from linft.train.linear.model import group_generator, initial_parameters, linear_ft_logits
+from linft.train.linear.evaluate import _folded_logits, evaluate_grid
+from linft._kernels.sparse_step import EVAL_MAX_CLASSES, load_kernel
 
 N, K, D, C, NDOM, BATCH = 10_000, 3, 2048, 7, 4, 32
 FULL_STEPS, EVAL_EVERY = 10_000, 300

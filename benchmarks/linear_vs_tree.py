@@ -23,7 +23,7 @@ sys.path.insert(0, sys.argv[1])
 import numpy as np, torch
 torch.set_num_threads(1)
 import linft
-from linft.train.linear_engine import GridPoint, Group, LinearData, LinearGridConfig, train_linear_grid
+from linft.train.linear.engine import GridPoint, Group, LinearData, LinearGridConfig, train_linear_grid
 N, K, D, C, NDOM = 10000, 3, 2048, 7, 4
 rng = np.random.default_rng(0)
 labels = torch.from_numpy(rng.integers(0, C, N))

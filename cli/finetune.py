@@ -10,9 +10,9 @@ from linft.cli.options import precision_option, print_grid_outcome, repeatable, 
 from linft.data import find_dataset
 from linft.output import say_line
 from linft.protocol.records import done_summary
-from linft.train.finetune import default_finetune_out, sweep_runs
-from linft.train.finetune_model import AUGMENTATIONS, FineTuneConfig
-from linft.train.sweep import LAUNCHERS, LaunchOptions, launch_sweep
+from linft.train.finetune.run import default_finetune_out, sweep_runs
+from linft.train.finetune.model import AUGMENTATIONS, FineTuneConfig
+from linft.train.sweeps.launch import LAUNCHERS, LaunchOptions, launch_sweep
 
 
 @click.command("finetune")

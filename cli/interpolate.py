@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from linft.analysis.checkpoint_interpolation import CheckpointInterpolateConfig, interpolate_checkpoints
-from linft.analysis.interpolate import interpolate
-from linft.analysis.interpolation_paths import DEFAULT_ALPHAS
+from linft.interpolation.checkpoints import CheckpointInterpolateConfig, interpolate_checkpoints
+from linft.interpolation.run import interpolate
+from linft.interpolation.paths import DEFAULT_ALPHAS
 from linft.analysis.report import checkpoint_interpolation_text, interpolation_text
 from linft.errors import LinftError
 from linft.cli.options import deprecated_precision_flag, precision_of, precision_option

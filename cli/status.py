@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from linft.output import json_text
-from linft.train.status import DEFAULT_STALE_AFTER, describe_status, sweep_status
+from linft.train.sweeps.status import DEFAULT_STALE_AFTER, describe_status, sweep_status
 
 
 @click.command("status")

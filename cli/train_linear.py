@@ -9,9 +9,9 @@ import click
 from linft.cli.options import print_grid_outcome, repeatable, split_seed_option
 from linft.output import say_line
 from linft.protocol.records import done_summary
-from linft.train.linear import default_linear_out, train_linear
-from linft.train.linear_engine import LinearGridConfig
-from linft.train.linear_model import V_INITS
+from linft.train.linear.driver import default_linear_out, train_linear
+from linft.train.linear.engine import LinearGridConfig
+from linft.train.linear.model import V_INITS
 
 
 @click.command("train-linear")

@@ -12,19 +12,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from linft.analysis.interpolate import interpolate
+from linft.interpolation.run import interpolate
 from linft.analysis.report import write_report
 from linft.cache.extract import extract_features
 from linft.cache.verify import verify_cache
 from linft.data.folders import find_dataset
 from linft.data.shapes import write_demo_data
 from linft.protocol.records import done_summary
-from linft.train.across_runs import evaluate_across_runs
-from linft.train.finetune import SweepResult, finetune
-from linft.train.run_hooks import watch_hooks
-from linft.train.finetune_model import FineTuneConfig
-from linft.train.linear import train_linear
-from linft.train.linear_engine import LinearGridConfig
+from linft.train.finetune.across_runs import evaluate_across_runs
+from linft.train.finetune.run import SweepResult, finetune
+from linft.train.finetune.hooks import watch_hooks
+from linft.train.finetune.model import FineTuneConfig
+from linft.train.linear.driver import train_linear
+from linft.train.linear.engine import LinearGridConfig
 
 #: The demo's backbone: linft's small pretrained ResNet shipped in the package, at the data's 64 px.
 DEMO_BACKBONE = ("demo-resnet", "DEFAULT")
@@ -76,7 +76,7 @@ class DemoConfig:
     across_runs: bool = False  # also lr 5e-4, and ensembles and soups across the two runs of each held-out domain
 
     def finetune_grid(self) -> dict:
-        """The arguments of :func:`linft.train.finetune.sweep_runs` for the demo's full fine-tuning."""
+        """The arguments of :func:`linft.train.finetune.run.sweep_runs` for the demo's full fine-tuning."""
         return dict(DEMO_FINETUNE, lrs=DEMO_ACROSS_RUNS_LRS if self.across_runs else DEMO_FINETUNE["lrs"])
 
 

@@ -15,11 +15,16 @@ class LinftError(Exception):
     interpreter's clean-up: after a failed HDF5 write (full disk, file-size
     limit) the HDF5 library crashes when it closes its handles at exit, which
     would turn a clean one-line error into a segmentation fault.
+
+    ``param`` names the parameter (of the function or config the caller passed) that the message is about, as the
+    message writes it; the command-line interface shows the option that sets it instead (its one map of parameters
+    to flags).
     """
 
-    def __init__(self, message: str, exit_at_once: bool = False):
+    def __init__(self, message: str, exit_at_once: bool = False, *, param: str | None = None):
         super().__init__(message)
         self.exit_at_once = exit_at_once
+        self.param = param
 
 
 def worker_died(exc: BaseException) -> LinftError | None:

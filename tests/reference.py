@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from linft.protocol.schedule import eval_steps, lr_at
-from linft.train.linear_draws import (NOISE, ROWS, VIEWS, draw_rows, draw_views, group_key, keep_mask, padded_pools,
+from linft.train.linear.draws import (NOISE, ROWS, VIEWS, draw_rows, draw_views, group_key, keep_mask, padded_pools,
                                       row_words)
-from linft.train.linear_model import group_generator, initial_parameters, linear_ft_logits
+from linft.train.linear.model import group_generator, initial_parameters, linear_ft_logits
 
 #: How far the batched engine's parameters may be from the one-by-one loop's. Both are float32 SGD of the same
 #: batches from the same initialisation; they differ only by the rounding of differently factored (and differently

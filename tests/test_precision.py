@@ -10,13 +10,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from linft.analysis.interpolate import InterpolateConfig
+from linft.interpolation.run import InterpolateConfig
 from linft.cache.extract import ExtractConfig, compute_text, extract_features
 from linft.cache.format import cache_info, provenance_sha256, read_attrs, write_attrs
 from linft.cli.main import COMMANDS, main
 from linft.errors import LinftError
 from linft.runtime import DEFAULT_PRECISION, PRECISIONS, autocast, check_precision, effective_precision
-from linft.train.finetune_model import FineTuneConfig
+from linft.train.finetune.model import FineTuneConfig
 
 from conftest import assert_one_line_error
 

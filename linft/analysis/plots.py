@@ -204,7 +204,7 @@ def interpolation_figure(results: list[SelectedRun], title: str | None = None) -
     """The paper's Figure 1: accuracy (%) against α for every interpolation path, one axes per split.
 
     ``results`` are :class:`SelectedRun` of records written by
-    :func:`linft.analysis.interpolate.interpolate` (methods ``interpolation-*``,
+    :func:`linft.interpolation.run.interpolate` (methods ``interpolation-*``,
     ``grid = {"alpha": α}``); other methods are ignored. Per dataset, two
     axes (i.i.d. and o.o.d. accuracy), one curve per label, averaged over
     the runs (held-out domains, seeds, fine-tuned runs) that share it; the
@@ -274,7 +274,7 @@ def plot_figure1(curves: dict, path: Path, title: str | None = None) -> Path | N
 def figure1_figure(curves: dict, title: str | None = None) -> Figure | None:
     """The paper's Figure 1: mean o.o.d. accuracy (%) against i.i.d. accuracy (%) along each interpolation path.
 
-    ``curves[path] = [{"alpha", "iid", "ood"}, ...]`` (:func:`linft.analysis.checkpoint_interpolation.
+    ``curves[path] = [{"alpha", "iid", "ood"}, ...]`` (:func:`linft.interpolation.checkpoints.
     interpolate_checkpoints`); α runs along each curve, the pretrained end (α = 0) marked ◆, the fine-tuned
     end (α = 1) ★. None when no curve has an o.o.d. accuracy.
     """

@@ -66,7 +66,7 @@ def _curves_table(result, keys: list[str], title: str) -> str:
 
 
 def interpolation_text(result) -> str:
-    """An :class:`~linft.analysis.interpolate.InterpolationResult` as text: accuracy per α and path, linearity."""
+    """An :class:`~linft.interpolation.run.InterpolationResult` as text: accuracy per α and path, linearity."""
     main = [k for k in ("weights", "representation", "linearized") if k in result.curves]
     blocks = [k for k in result.curves if k.startswith("block:")]
     suffix = f" [{result.finetuned_label}]" if result.finetuned_label else ""
@@ -86,7 +86,7 @@ def interpolation_text(result) -> str:
 
 
 def checkpoint_interpolation_text(result) -> str:
-    """A :class:`~linft.analysis.checkpoint_interpolation.CheckpointInterpolation` as text (Figure 1's numbers)."""
+    """A :class:`~linft.interpolation.checkpoints.CheckpointInterpolation` as text (Figure 1's numbers)."""
     keys = [k for k in ("weights", "representation", "linearized") if k in result.curves]
     ood = ", ".join(result.ood_sets) or "none"
     out = [f"{result.backbone}: {result.pretrained} ({result.pretrained_head} head) → {result.finetuned}; "

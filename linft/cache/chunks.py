@@ -4,7 +4,7 @@
 ``features`` and ``views`` in the file (as :class:`H5Rows`) when they do not fit ``memory_budget`` bytes: the
 features first, then the views. An :class:`H5Rows` reads contiguous slices (``rows[a:b]``, what an evaluation
 reads chunk by chunk) and sorted row sets (:meth:`H5Rows.take`, what the linear engine reads for a window of
-steps, :mod:`linft.train.linear_engine`).
+steps, :mod:`linft.train.linear.engine`).
 """
 
 from __future__ import annotations

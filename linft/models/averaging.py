@@ -9,7 +9,7 @@ Weight averaging (model soups, DiWA, trajectory averaging, interpolation):
   (checkpoints along one trajectory) without storing them.
 - :func:`greedy_soup` — Wortsman et al.'s greedy soup.
 
-Output ensembles are :mod:`linft.train.ensembles`.
+Output ensembles are :mod:`linft.train.finetune.ensembles`.
 
 Conventions:
 

@@ -96,8 +96,8 @@ def fit_probe_head(features: torch.Tensor, labels: torch.Tensor | np.ndarray, nu
     ``max_iter`` iterations at most), from W = 0, b = 0, in float32 on the
     features' device: deterministic, no mini-batches, no learning rate to
     tune. This is the pretrained endpoint's head for interpolation and the
-    starting head of LP-FT (:mod:`linft.train.lp_ft`); linear probing as a protocol method (SGD, grid, seeds) is
-    :func:`linft.train.linear.train_linear` with ``probe=True``.
+    starting head of LP-FT (:mod:`linft.train.finetune.lp_ft`); linear probing as a protocol method (SGD, grid, seeds) is
+    :func:`linft.train.linear.driver.train_linear` with ``probe=True``.
     """
     x = features.detach().float()
     if x.dim() != 2 or len(x) == 0:

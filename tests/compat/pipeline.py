@@ -27,7 +27,7 @@ IDENTITY_FILE = Path(__file__).with_name("identity.json")
 
 
 def _finetune_variants():
-    from linft.train.finetune_model import FineTuneConfig
+    from linft.train.finetune.model import FineTuneConfig
 
     base = dict(steps=3, eval_every=2, image_size=64, eval_batch_size=512, augment="tensor")
     grid = dict(test_domains=("sketch",), seeds=1, lrs=(1e-3,), weight_decays=(1e-4,))
@@ -48,17 +48,17 @@ def _finetune_variants():
 
 def run_pipeline(out: Path) -> dict:
     """Every stage at demo size into ``out``; returns ``{"cache": provenance, "records": {file: [records]}}``."""
-    from linft.analysis.interpolate import interpolate
+    from linft.interpolation.run import interpolate
     from linft.cache.extract import extract_features
     from linft.cache.format import FeatureCache  # noqa: F401  (the cache contract this pins)
     from linft.cache import open_cache
     from linft.data.folders import find_dataset
     from linft.data.shapes import write_demo_data
     from linft.protocol.records import read_records
-    from linft.train.across_runs import evaluate_across_runs
-    from linft.train.finetune import finetune
-    from linft.train.linear import train_linear
-    from linft.train.linear_engine import LinearGridConfig
+    from linft.train.finetune.across_runs import evaluate_across_runs
+    from linft.train.finetune.run import finetune
+    from linft.train.linear.driver import train_linear
+    from linft.train.linear.engine import LinearGridConfig
 
     data = write_demo_data(out / "data", seed=0, per_class=3, force=True)
     cache = out / "demo.h5"

@@ -1,4 +1,4 @@
-"""Output ensembles (linft.train.ensembles) match independent computations and hand-computed cases."""
+"""Output ensembles (linft.train.finetune.ensembles) match independent computations and hand-computed cases."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from linft.errors import LinftError
-from linft.train.ensembles import RunningEnsemble, ensemble_scores
+from linft.train.finetune.ensembles import RunningEnsemble, ensemble_scores
 
 
 def np_softmax(x):

@@ -1,10 +1,10 @@
-"""Fine-tuning runs (linft.train.finetune): the protocol's pieces, records, the selected model, trajectory
+"""Fine-tuning runs (linft.train.finetune.run): the protocol's pieces, records, the selected model, trajectory
 ensembles, resuming, the variants and `linft finetune`, on tiny data (CPU).
 
 Three 12-image style domains of 32 px shapes (2 classes), the demo backbone
 briefly trained on them and saved as the "pretrained" weights file, runs of 2
 to 9 steps with 4 images per training domain. Runs are observed through
-their hooks (:class:`~linft.train.run_hooks.RunHooks`). Sweeps, launchers and
+their hooks (:class:`~linft.train.finetune.hooks.RunHooks`). Sweeps, launchers and
 the ensembles and soups across runs are in ``test_sweep.py``.
 """
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
-import linft.train.finetune_model as finetune_model
+import linft.train.finetune.model as finetune_model
 from linft.analysis.aggregate import domainbed_table, run_results
 from linft.analysis.report import write_report
 from linft.cli.main import main
@@ -42,11 +42,11 @@ from linft.models.heads import build_classifier
 from linft.models.registry import load_backbone
 from linft.protocol.records import REQUIRED_FIELDS, read_records
 from linft.protocol.selection import select_by_iid, split_counts
-from linft.train.finetune import load_selected, run_identity, sweep_runs, train_run
-from linft.train.run_hooks import RunHooks
-from linft.train.finetune_model import (FineTuneConfig, FineTuneRun, build_run_model, predict_logits, set_train_mode,
+from linft.train.finetune.run import load_selected, run_identity, sweep_runs, train_run
+from linft.train.finetune.hooks import RunHooks
+from linft.train.finetune.model import (FineTuneConfig, FineTuneRun, build_run_model, predict_logits, set_train_mode,
                                         step_batch)
-from linft.train.run_folder import RunFolder
+from linft.train.finetune.run_folder import RunFolder
 
 from conftest import SHAPE_CLASSES as CLASSES, assert_one_line_error
 from helpers import assert_counts_agree, near_ties
@@ -305,7 +305,7 @@ def grid(ds, pretrained, tmp_path_factory):
     """Two runs of one label (10x head lr), logging the optimizer's lrs and the batches of every step.
 
     The lrs are read at every ``torch.optim.SGD.step``, the batches at every call of the public
-    :func:`linft.train.finetune_model.step_batch` (the definition of a step's rows): both only observed, not
+    :func:`linft.train.finetune.model.step_batch` (the definition of a step's rows): both only observed, not
     changed. No hook of a run carries them.
     """
     out = tmp_path_factory.mktemp("grid")
@@ -568,9 +568,9 @@ KILLED_RUN = """
 import json, sys, time, torch
 torch.set_num_threads(1)
 from linft.data.folders import load_image_folder
-from linft.train.finetune import train_run
-from linft.train.run_hooks import RunHooks
-from linft.train.finetune_model import FineTuneConfig, FineTuneRun
+from linft.train.finetune.run import train_run
+from linft.train.finetune.hooks import RunHooks
+from linft.train.finetune.model import FineTuneConfig, FineTuneRun
 root, out, weights, run, config = sys.argv[1:]
 config = json.loads(config)
 config["lr_milestones"] = tuple(config["lr_milestones"])

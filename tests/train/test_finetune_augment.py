@@ -16,11 +16,11 @@ from linft.data.images import EvalImages
 from linft.data.tensor_augment import augment_batch
 from linft.errors import LinftError
 from linft.protocol.records import read_records
-from linft.train.finetune import run_identity, run_splits, train_run
-from linft.train.run_hooks import RunHooks
-from linft.train.finetune_model import (FineTuneConfig, FineTuneRun, augment_seed, build_run_model, finetune_label,
+from linft.train.finetune.run import run_identity, run_splits, train_run
+from linft.train.finetune.hooks import RunHooks
+from linft.train.finetune.model import (FineTuneConfig, FineTuneRun, augment_seed, build_run_model, finetune_label,
                                         run_optimizer, set_train_mode, train_batches, train_step)
-from linft.train.run_folder import RunFolder
+from linft.train.finetune.run_folder import RunFolder
 
 # evaluations at steps 0, 4 and 8: step 4 has a checkpoint and is neither the first nor the last evaluation
 CFG = FineTuneConfig(steps=9, batch_size=4, eval_every=4, image_size=32, eval_batch_size=64, workers=0,

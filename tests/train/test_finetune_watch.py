@@ -9,9 +9,9 @@ from linft.protocol.records import read_records
 from linft.protocol.schedule import lr_at
 from linft.protocol.selection import iid_accuracy, ood_accuracy
 from linft.protocol.sinks import tensorboard_run_name
-from linft.train.finetune import train_run
-from linft.train.run_hooks import watch_hooks
-from linft.train.finetune_model import FineTuneConfig, FineTuneRun
+from linft.train.finetune.run import train_run
+from linft.train.finetune.hooks import watch_hooks
+from linft.train.finetune.model import FineTuneConfig, FineTuneRun
 
 CFG = FineTuneConfig(steps=5, batch_size=2, eval_every=2, image_size=32, eval_batch_size=64, workers=0)
 RUN = FineTuneRun("photo", seed=0, lr=0.01, weight_decay=1e-4)  # evaluations at 0, 2, 4; lr ÷10 from step 2

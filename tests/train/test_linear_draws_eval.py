@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from linft.errors import LinftError
-from linft.train.linear_draws import (NOISE, ROWS, draw_rows, draw_views, keep_mask, keep_threshold, lowbias32,
+from linft.train.linear.draws import (NOISE, ROWS, draw_rows, draw_views, keep_mask, keep_threshold, lowbias32,
                                       padded_pools, row_words, unit_noise)
-from linft.train.linear_eval import evaluate_grid
-from linft.train.sparse_step import load_kernel
+from linft.train.linear.evaluate import evaluate_grid
+from linft._kernels.sparse_step import load_kernel
 
 from helpers import NEAR_TIE
 
@@ -103,7 +103,7 @@ def test_evaluation_forms_count_the_same_but_near_ties(C, D, G, H):
 
 def test_draws_of_many_steps_at_once_equal_the_draws_of_each_step():
     """The engine makes a CPU run's draws many steps at a time; they must be the draws of each step."""
-    from linft.train.linear_draws import draw_rows, padded_pools, row_words
+    from linft.train.linear.draws import draw_rows, padded_pools, row_words
     keys = torch.tensor([5, 1234567, 2**31 - 1])
     pools, sizes = padded_pools([[torch.arange(7), torch.arange(10, 13)] for _ in range(3)], "cpu")
     steps = torch.arange(3, 9)[:, None]
@@ -118,7 +118,7 @@ def test_a_memory_budget_makes_evaluation_chunks_smaller_not_counts_different(mo
     """max_bytes bounds a chunk's rows (and their float32 copy and logits), down to MIN_BUDGET_CHUNK rows; the
     counts do not change (the compiled form computes each row alike in any chunk; the folded GEMM may round
     otherwise only at near-ties, which this precondition rules out: no top-2 margin below NEAR_TIE)."""
-    import linft.train.linear_eval as le
+    import linft.train.linear.evaluate as le
     g = torch.Generator().manual_seed(3)
     N, K, D, C, G, H, S = 700, 3, 40, 5, 2, 3, 3
     phi, labels = torch.randn(N, K, D, generator=g).half(), torch.randint(C, (N,), generator=g)

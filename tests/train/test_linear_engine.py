@@ -15,9 +15,9 @@ import torch
 from linft.data.splits import domain_split_rows
 from linft.errors import LinftError
 from linft.protocol.schedule import eval_steps, lr_at
-from linft.train.linear_engine import GridPoint, Group, LinearData, LinearGridConfig, train_linear_grid
-from linft.train.linear_model import group_generator, initial_parameters, linear_ft_logits
-from linft.train.sparse_step import load_kernel
+from linft.train.linear.engine import GridPoint, Group, LinearData, LinearGridConfig, train_linear_grid
+from linft.train.linear.model import group_generator, initial_parameters, linear_ft_logits
+from linft._kernels.sparse_step import load_kernel
 
 from helpers import C, D, K, NDOM, synthetic
 from reference import ATOL, RTOL, plain_sgd_run, reference_counts

@@ -8,8 +8,8 @@ from linft.cache.chunks import H5Rows, open_cache_within
 from linft.cache.extract import ExtractConfig, extract_features
 from linft.errors import LinftError
 from linft.protocol.records import read_records
-from linft.train.linear import train_linear
-from linft.train.linear_engine import LinearGridConfig
+from linft.train.linear.driver import train_linear
+from linft.train.linear.engine import LinearGridConfig
 
 from conftest import make_image_folder
 

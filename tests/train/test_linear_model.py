@@ -2,7 +2,7 @@
 
 import torch
 
-from linft.train.linear_model import initial_parameters, inverted_dropout, linear_ft_logits
+from linft.train.linear.model import initial_parameters, inverted_dropout, linear_ft_logits
 
 from helpers import C, D, K
 

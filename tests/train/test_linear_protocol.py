@@ -8,8 +8,8 @@ from linft.data.splits import domain_split_rows
 from linft.errors import LinftError
 from linft.protocol.records import REQUIRED_FIELDS, read_records
 from linft.protocol.selection import iid_accuracy, ood_accuracy
-from linft.train.linear import train_linear
-from linft.train.linear_engine import GridPoint, LinearGridConfig
+from linft.train.linear.driver import train_linear
+from linft.train.linear.engine import GridPoint, LinearGridConfig
 
 from helpers import C, NDOM, synthetic, synthetic_cache
 from reference import ATOL, RTOL, decided_and_ties, plain_sgd_run
@@ -216,7 +216,7 @@ def test_split_seed_gives_every_seed_the_same_split(tmp_path):
         train_linear(cache, tmp_path / "bad", split_seed=-1, **kw)
 
 
-@pytest.mark.skipif(__import__("linft.train.sparse_step", fromlist=["load_kernel"]).load_kernel()[0] is None,
+@pytest.mark.skipif(__import__("linft._kernels.sparse_step", fromlist=["load_kernel"]).load_kernel()[0] is None,
                     reason="no compiled kernel")
 def test_with_the_compiled_step_a_run_is_bit_identical_whatever_else_is_in_the_grid(tmp_path):
     """Each run is its own SIMD lane of the compiled step: the same arithmetic in any grid (the README's claim;
@@ -237,7 +237,7 @@ def test_with_the_compiled_step_a_run_is_bit_identical_whatever_else_is_in_the_g
 def test_every_record_says_which_step_computed_it(tmp_path):
     """The compiled sparse step and the torch step agree to float32 rounding, not bit for bit: a record names its
     step (not part of the run id, so the same run from either step is the same run)."""
-    from linft.train.sparse_step import load_kernel
+    from linft._kernels.sparse_step import load_kernel
     cache = synthetic_cache(tmp_path)
     kw = dict(dropouts=(0.9,), probe=True, lrs=(0.05,), weight_decays=(1e-3,), seeds=1, test_domains=["a"],
               device="cpu", progress=False)

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from linft.cli.main import main
 from linft.protocol.records import read_records
 from linft.protocol.selection import iid_accuracy, ood_accuracy
-from linft.train.linear import train_linear
-from linft.train.linear_engine import LinearGridConfig
+from linft.train.linear.driver import train_linear
+from linft.train.linear.engine import LinearGridConfig
 
 from conftest import make_image_folder
 from helpers import synthetic_cache

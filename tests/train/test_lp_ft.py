@@ -1,4 +1,4 @@
-"""LP-FT (linft.train.lp_ft): the head starts from the linear-probe solution, and the run is its own method.
+"""LP-FT (linft.train.finetune.lp_ft): the head starts from the linear-probe solution, and the run is its own method.
 
 Tiny data: three 12-image style domains of 32 px shapes (2 classes), the shipped demo backbone, a float32 cache
 of it made on the CPU. A run is observed through its hooks; with lr = 0 and no weight decay the SGD update is
@@ -24,11 +24,11 @@ from linft.data.splits import domain_split_rows
 from linft.errors import LinftError
 from linft.models.heads import classifier_head, fit_probe_head
 from linft.protocol.records import METHODS, is_known_method, read_records, run_id
-from linft.train.finetune import run_identity, sweep_runs, train_run
-from linft.train.run_hooks import RunHooks
-from linft.train.finetune_model import FineTuneConfig, FineTuneRun, build_run_model
-from linft.train.lp_ft import BACKBONE_FEATURES, lp_ft_identity, probe_features
-from linft.train.run_folder import RunFolder
+from linft.train.finetune.run import run_identity, sweep_runs, train_run
+from linft.train.finetune.hooks import RunHooks
+from linft.train.finetune.model import FineTuneConfig, FineTuneRun, build_run_model
+from linft.train.finetune.lp_ft import BACKBONE_FEATURES, lp_ft_identity, probe_features
+from linft.train.finetune.run_folder import RunFolder
 
 from conftest import assert_one_line_error
 

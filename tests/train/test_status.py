@@ -13,11 +13,11 @@ from click.testing import CliRunner
 from linft.cli.main import main
 from linft.data.folders import load_image_folder
 from linft.protocol.selection import iid_accuracy, ood_accuracy
-from linft.train.finetune import train_run
-from linft.train.run_hooks import RunHooks
-from linft.train.finetune_model import FineTuneConfig, FineTuneRun
-from linft.train.run_folder import RunFolder
-from linft.train.status import describe_status, sweep_status, write_plan
+from linft.train.finetune.run import train_run
+from linft.train.finetune.hooks import RunHooks
+from linft.train.finetune.model import FineTuneConfig, FineTuneRun
+from linft.train.finetune.run_folder import RunFolder
+from linft.train.sweeps.status import describe_status, sweep_status, write_plan
 
 from conftest import make_image_folder
 from helpers import rec

@@ -1,5 +1,5 @@
-"""Sweeps of fine-tuning runs (linft.train.finetune.sweep_runs, linft.train.sweep.launch_sweep) and the ensembles
-and soups across the runs of a grid (linft.train.across_runs), on tiny data (CPU).
+"""Sweeps of fine-tuning runs (linft.train.finetune.run.sweep_runs, linft.train.sweeps.launch.launch_sweep) and the ensembles
+and soups across the runs of a grid (linft.train.finetune.across_runs), on tiny data (CPU).
 
 The data are the 2-class shapes of ``conftest.shapes_root``; the runs start from the shipped demo-resnet
 weights and take 2 to 4 steps of 4 images per training domain.
@@ -24,11 +24,11 @@ from linft.models.heads import build_classifier
 from linft.models.registry import load_backbone
 from linft.protocol.records import read_records
 from linft.protocol.selection import split_counts
-from linft.train.across_runs import evaluate_across_runs
-from linft.train.finetune import load_selected, run_identity, sweep_runs
-from linft.train.finetune_model import FineTuneConfig, FineTuneRun, predict_logits
-from linft.train.run_folder import RunFolder
-from linft.train.sweep import LaunchOptions, launch_sweep
+from linft.train.finetune.across_runs import evaluate_across_runs
+from linft.train.finetune.run import load_selected, run_identity, sweep_runs
+from linft.train.finetune.model import FineTuneConfig, FineTuneRun, predict_logits
+from linft.train.finetune.run_folder import RunFolder
+from linft.train.sweeps.launch import LaunchOptions, launch_sweep
 
 CFG = FineTuneConfig(steps=4, batch_size=4, eval_every=100, image_size=32, eval_batch_size=64, workers=0)
 RUN = FineTuneRun("photo", seed=2, lr=0.01, weight_decay=1e-4, dropout=0.5, last_layer_lr_mult=10.0)

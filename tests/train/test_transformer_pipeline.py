@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from linft.analysis.interpolate import interpolate
+from linft.interpolation.run import interpolate
 from linft.cache.extract import extract_features
 from linft.cache.format import open_cache
 from linft.cli.main import main
@@ -21,11 +21,11 @@ from linft.errors import LinftError
 from linft.models.blocks import phi_block_names
 from linft.models.registry import load_backbone
 from linft.protocol.records import read_records
-from linft.train.finetune import load_selected, train_run
-from linft.train.run_hooks import RunHooks
-from linft.train.finetune_model import FineTuneConfig, FineTuneRun
-from linft.train.linear import train_linear
-from linft.train.linear_engine import LinearGridConfig
+from linft.train.finetune.run import load_selected, train_run
+from linft.train.finetune.hooks import RunHooks
+from linft.train.finetune.model import FineTuneConfig, FineTuneRun
+from linft.train.linear.driver import train_linear
+from linft.train.linear.engine import LinearGridConfig
 
 from conftest import TINY_CLIP, assert_one_line_error
 

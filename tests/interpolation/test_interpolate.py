@@ -1,4 +1,4 @@
-"""linft.analysis.interpolate and `linft interpolate`: exact endpoints, the appendix formula, records, errors.
+"""linft.interpolation.run and `linft interpolate`: exact endpoints, the appendix formula, records, errors.
 
 Bit-for-bit equality only where the same code path runs twice (the weight path at α = 0 and 1 loads the end
 state_dicts themselves and runs the same forward pass as the endpoint model); two different code paths (the
@@ -17,9 +17,9 @@ import torch
 from click.testing import CliRunner
 
 import linft.models.registry as registry
-from linft.analysis.endpoints import load_endpoints
-from linft.analysis.interpolate import InterpolateConfig, _header, _setup, interpolate
-from linft.analysis.interpolation_paths import (first_order_outputs, iter_weight_path, parse_alphas,
+from linft.interpolation.endpoints import load_endpoints
+from linft.interpolation.run import InterpolateConfig, _header, _setup, interpolate
+from linft.interpolation.paths import (first_order_outputs, iter_weight_path, parse_alphas,
                                                 pooled_features_and_logits, representation_logits)
 from linft.analysis.report import write_report
 from linft.cli.main import main
@@ -33,8 +33,8 @@ from linft.models.heads import LinearHead, build_classifier, classifier_head, fi
 from linft.models.registry import load_backbone
 from linft.protocol.records import read_records
 from linft.protocol.selection import split_counts
-from linft.train.finetune import train_run
-from linft.train.finetune_model import FineTuneConfig, FineTuneRun, predict_logits
+from linft.train.finetune.run import train_run
+from linft.train.finetune.model import FineTuneConfig, FineTuneRun, predict_logits
 
 from conftest import assert_one_line_error
 from helpers import assert_counts_agree, near_ties
@@ -90,7 +90,7 @@ def perturbed_run(shapes, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained_run(shapes, tmp_path_factory):
-    """A real (3-step) run of linft.train.finetune.train_run."""
+    """A real (3-step) run of linft.train.finetune.run.train_run."""
     config = FineTuneConfig(steps=3, eval_every=2, image_size=32, batch_size=2, workers=0, precision="float32",
                             channels_last=False)
     result = train_run(shapes, tmp_path_factory.mktemp("ft"), FineTuneRun("photo", 0, 1e-2, 0.0, dropout=0.5),

@@ -1,8 +1,8 @@
 """Run a fine-tuning grid as independent, idempotent jobs: in this process, one process per GPU, or on Slurm.
 
-Each run of :func:`linft.train.finetune.sweep_runs` is one job that calls
-:func:`linft.train.finetune.train_run`; a run's final record makes a re-launch
-skip it (:meth:`linft.train.run_folder.RunFolder.is_done`) and its checkpoint
+Each run of :func:`linft.train.finetune.run.sweep_runs` is one job that calls
+:func:`linft.train.finetune.run.train_run`; a run's final record makes a re-launch
+skip it (:meth:`linft.train.finetune.run_folder.RunFolder.is_done`) and its checkpoint
 makes an interrupted job resume, so launching the same sweep again completes
 only what is missing.
 
@@ -30,14 +30,14 @@ from linft.data.images import EvalImages
 from linft.errors import LinftError
 from linft.locks import output_lock
 from linft.models.registry import load_backbone
-from linft.train.across_runs import evaluate_across_runs
+from linft.train.finetune.across_runs import evaluate_across_runs
 from linft.output import say_line
-from linft.train.finetune import finetune, train_run
-from linft.train.run_hooks import watch_hooks
-from linft.train.finetune_model import FineTuneConfig, FineTuneRun, finetune_label
-from linft.train.finetune import run_identity
-from linft.train.run_folder import RunFolder
-from linft.train.status import divergence_note, write_plan
+from linft.train.finetune.run import finetune, train_run
+from linft.train.finetune.hooks import watch_hooks
+from linft.train.finetune.model import FineTuneConfig, FineTuneRun, finetune_label
+from linft.train.finetune.run import run_identity
+from linft.train.finetune.run_folder import RunFolder
+from linft.train.sweeps.status import divergence_note, write_plan
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
 
@@ -145,7 +145,7 @@ def launch_sweep(dataset: MultiDomainDataset, out_dir, runs: list[FineTuneRun], 
     """Run ``runs`` as ``options`` say; returns ``{"submitted": n, "skipped": n, "jobs": [...], "statuses": [...],
     "usable": n, "divergence": line or None}`` (``statuses``: of the runs this call launched, whatever the launcher;
     ``usable``: runs whose final record is ``ok``; ``divergence``: one line on the runs that diverged,
-    :func:`linft.train.status.divergence_note`). Every run is added to
+    :func:`linft.train.sweeps.status.divergence_note`). Every run is added to
     ``out_dir/planned.json`` first when some are not done (``linft status`` counts those not started as to do)."""
     say = options.say or (lambda _line: None)
     config.check()

@@ -5,7 +5,7 @@
 the best-i.i.d. step: what ensembles, soups and interpolation use). A run is
 done when its records hold its final record (the one rule of
 :func:`linft.protocol.records.finished_run_ids`); its status is that record's.
-What a run's id is made of is :func:`linft.train.finetune.run_identity`.
+What a run's id is made of is :func:`linft.train.finetune.run.run_identity`.
 """
 
 from __future__ import annotations

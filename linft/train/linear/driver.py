@@ -1,7 +1,7 @@
 """The linear fine-tuning protocol from a feature cache: every held-out domain × seed × grid point, as records.
 
 :func:`train_linear` turns a cache and a :class:`LinearGrid` into engine calls
-(:func:`linft.train.linear_engine.train_linear_grid`, one per set of runs that
+(:func:`linft.train.linear.engine.train_linear_grid`, one per set of runs that
 still need the same grid points) and writes one record per run and evaluation
 (:func:`linft.protocol.records.make_record`). Finished runs are skipped by the
 one rule of :func:`linft.protocol.records.final_records`.
@@ -29,9 +29,9 @@ from linft.protocol.selection import iid_accuracy, ood_accuracy
 from linft.protocol.sinks import TensorBoardSink
 from linft.output import progress_bar
 from linft.runtime import resolve_device
-from linft.train.linear_engine import (EvalPoint, GridPoint, Group, LinearData, LinearGridConfig, compiled_step_used,
+from linft.train.linear.engine import (EvalPoint, GridPoint, Group, LinearData, LinearGridConfig, compiled_step_used,
                                        step_name, train_linear_grid)
-from linft.train.status import divergence_note, plan_entry, write_plan
+from linft.train.sweeps.status import divergence_note, plan_entry, write_plan
 
 
 @dataclass(frozen=True)
@@ -248,7 +248,7 @@ def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: Linear
     ``out_dir/records.jsonl`` as evaluations happen. Runs already finished in
     that file are skipped, so re-running the same call completes only what
     is missing. ``cache`` is a path or a :class:`~linft.cache.format.FeatureCache`.
-    Every run of the grid is added to ``out_dir/planned.json`` (:mod:`linft.train.status`).
+    Every run of the grid is added to ``out_dir/planned.json`` (:mod:`linft.train.sweeps.status`).
 
     ``say`` receives one line per evaluation step (:func:`grid_eval_line`: a summary over the grid, not one
     line per run); ``tensorboard_dir`` also writes the records as TensorBoard event files

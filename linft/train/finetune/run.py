@@ -8,16 +8,16 @@ every parameter; 32 images per training domain per step, drawn with
 replacement from the training domains' "in" splits and augmented with
 DomainBed's training transform; lr ÷10 at half; evaluation of every split
 with the evaluation transform every ``eval_every`` steps and at the last step.
-The variants are fields of :class:`~linft.train.finetune_model.FineTuneRun`
+The variants are fields of :class:`~linft.train.finetune.model.FineTuneRun`
 and of the records: dropout rate, last-layer learning-rate multiplier,
 residual-block dropout, training from scratch (``weights="none"``), the
 first-order model (``linearized``) and LP-FT (``lp_ft``: the head starts from
-the linear-probe solution, :mod:`linft.train.lp_ft`).
+the linear-probe solution, :mod:`linft.train.finetune.lp_ft`).
 
 Order of writes at an evaluation: ``selected.pt`` (when the i.i.d. accuracy
 improved), the trajectory records, the run's record, then the checkpoint
 (``weights_only``-loadable state_dicts). A run is done once its final record
-is on disk (:class:`~linft.train.run_folder.RunFolder`), so every other
+is on disk (:class:`~linft.train.finetune.run_folder.RunFolder`), so every other
 product of the run is durable by then; a record whose step is already on
 disk is never written twice, and a killed run resumes from its last
 checkpoint exactly as if it had never stopped (bit for bit on the CPU).
@@ -48,13 +48,13 @@ from linft.protocol.schedule import eval_steps
 from linft.protocol.selection import iid_accuracy, split_counts
 from linft.output import atomic_write_text, progress_bar
 from linft.runtime import atomic_save, resolve_device
-from linft.train.finetune_model import (FineTuneConfig, FineTuneRun, build_run_model, finetune_label,
+from linft.train.finetune.model import (FineTuneConfig, FineTuneRun, build_run_model, finetune_label,
                                         finetune_method, ordinary_state, predict_logits, run_optimizer,
                                         set_train_mode, train_batches, train_step)
-from linft.train.lp_ft import lp_ft_head, lp_ft_identity
-from linft.train.run_folder import SELECTED_FILE, RunFolder
-from linft.train.run_hooks import EvalEvent, RunHooks
-from linft.train.trajectory import Trajectory
+from linft.train.finetune.lp_ft import lp_ft_head, lp_ft_identity
+from linft.train.finetune.run_folder import SELECTED_FILE, RunFolder
+from linft.train.finetune.hooks import EvalEvent, RunHooks
+from linft.train.finetune.trajectory import Trajectory
 
 
 def run_identity(run: FineTuneRun, backbone: str, weights_sha256: str, dataset_sha256: str,
@@ -344,7 +344,7 @@ def finetune(dataset, out_dir, *, backbone: str = "resnet50", weights="DEFAULT",
     """Fine-tune every run of a grid, one after the other in this process (finished runs are skipped).
 
     ``grid`` takes the arguments of :func:`sweep_runs` when ``runs`` is not
-    given. Ensembles and soups across runs are :func:`linft.train.across_runs.evaluate_across_runs`.
+    given. Ensembles and soups across runs are :func:`linft.train.finetune.across_runs.evaluate_across_runs`.
     """
     config.check()
     hooks = hooks or RunHooks()

@@ -26,10 +26,10 @@ from linft.protocol.records import RECORDS_FILE, RecordWriter, RunHeader, derive
     run_id
 from linft.protocol.selection import iid_accuracy, split_counts
 from linft.runtime import resolve_device
-from linft.train.ensembles import ensemble_scores
-from linft.train.finetune_model import FineTuneConfig, predict_logits
-from linft.train.finetune import load_selected
-from linft.train.run_folder import RunFolder
+from linft.train.finetune.ensembles import ensemble_scores
+from linft.train.finetune.model import FineTuneConfig, predict_logits
+from linft.train.finetune.run import load_selected
+from linft.train.finetune.run_folder import RunFolder
 
 ACROSS_RUNS_FOLDER = "across_runs"
 KINDS = ("ensemble", "soup", "greedy-soup")

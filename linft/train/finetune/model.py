@@ -36,7 +36,7 @@ from linft.models.registry import Backbone, load_backbone
 from linft.protocol.records import METHODS
 from linft.protocol.schedule import check_milestones, lr_at, milestone_steps
 from linft.runtime import DEFAULT_PRECISION, autocast, check_precision
-from linft.train.ensembles import ENSEMBLE_RULES
+from linft.train.finetune.ensembles import ENSEMBLE_RULES
 
 
 #: Training augmentations: ``pil`` — DomainBed's PIL transform per image in DataLoader workers (the paper's
@@ -117,7 +117,7 @@ class FineTuneRun:
     last_layer_lr_mult: float = 1.0
     stochastic_depth: float = 0.0
     linearized: bool = False
-    lp_ft: bool = False  # LP-FT: the head starts from the linear-probe solution (linft.train.lp_ft)
+    lp_ft: bool = False  # LP-FT: the head starts from the linear-probe solution (linft.train.finetune.lp_ft)
     stochastic_depth_mode: str = "row"  # STOCHASTIC_DEPTH_MODES: per example (torchvision) or the official code's
 
     def identity(self) -> dict:

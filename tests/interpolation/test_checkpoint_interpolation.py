@@ -1,4 +1,4 @@
-"""Figure 1 mode of interpolation (linft.analysis.checkpoint_interpolation, `linft interpolate --iid`): two
+"""Figure 1 mode of interpolation (linft.interpolation.checkpoints, `linft interpolate --iid`): two
 checkpoints of a tiny CLIP (open_clip's real code paths) — an open_clip state_dict and a model-soups checkpoint —
 a zero-shot head through open_clip's tokenizer and text tower, and an o.o.d. set with a subset of the classes."""
 
@@ -15,8 +15,8 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.models.vision_transformer import VisionTransformer
 
-from linft.analysis import checkpoint_interpolation
-from linft.analysis.checkpoint_interpolation import CheckpointInterpolateConfig, interpolate_checkpoints
+from linft.interpolation import checkpoints as checkpoint_interpolation
+from linft.interpolation.checkpoints import CheckpointInterpolateConfig, interpolate_checkpoints
 from linft.cli.main import main
 from linft.data.folders import load_class_folder
 from linft.data.images import EvalImages, normalize_uint8

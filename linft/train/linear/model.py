@@ -6,7 +6,7 @@ Per φ block k a vector ``v_k`` in R^D, a head ``V`` (C x D) and ``b``::
     logits = V · dropout_λ(Φ̃) + b            (inverted dropout, identity at evaluation)
 
 Linear probing is the same model with ``v`` fixed to ``v_l = 1`` on the last
-block and 0 elsewhere, and only ``V, b`` trained. :mod:`linft.train.linear_engine`
+block and 0 elsewhere, and only ``V, b`` trained. :mod:`linft.train.linear.engine`
 trains it over a whole grid; the tests' plain ``torch.optim.SGD`` reference uses
 these functions as they are.
 """

@@ -1,4 +1,4 @@
-"""What :func:`linft.analysis.interpolate.interpolate` is asked (:class:`InterpolateConfig`) and what it returns
+"""What :func:`linft.interpolation.run.interpolate` is asked (:class:`InterpolateConfig`) and what it returns
 (:class:`InterpolationResult`, also written as the ``.json`` summary beside the records)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from linft.analysis.interpolation_paths import DEFAULT_ALPHAS, parse_alphas
+from linft.interpolation.paths import DEFAULT_ALPHAS, parse_alphas
 from linft.errors import LinftError
 from linft.models.heads import PROBE_L2
 from linft.runtime import DEFAULT_PRECISION, check_precision

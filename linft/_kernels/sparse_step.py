@@ -3,7 +3,7 @@
 ``sparse_step.cpp`` (next to this file) computes, for the dropout runs of every
 group, only the (row, unit) pairs that dropout keeps, and fuses forward,
 backward and the SGD update (see its header); it also evaluates a grid's runs
-(:func:`run_compiled_eval`, the ``compiled`` form of :mod:`linft.train.linear_eval`).
+(:func:`run_compiled_eval`, the ``compiled`` form of :mod:`linft.train.linear.evaluate`).
 It is plain C++ (no Python or torch headers, no OpenMP), so it builds in a few
 seconds with ``g++ -O3 -march=native`` into ``~/.cache/linft/kernels`` (``$LINFT_KERNEL_CACHE``, else
 ``$XDG_CACHE_HOME/linft/kernels``), keyed by the source, the compiler and the
@@ -15,7 +15,7 @@ each group in one thread, so the results do not depend on the thread count.
 :func:`load_kernel` returns the loaded kernel, or None and the reason when it
 cannot be had (no compiler, a failed build, or ``LINFT_SPARSE_KERNEL=0``): the
 engine then uses its pure-torch step, which computes the same functions
-densely (:mod:`linft.train.linear_step`), as it does on a GPU.
+densely (:mod:`linft.train.linear.step`), as it does on a GPU.
 """
 
 from __future__ import annotations

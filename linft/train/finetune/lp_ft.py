@@ -10,7 +10,7 @@ run trains on: the "in" splits of its training domains for its seed and
 held-out domain, with the evaluation transform. Everything else (schedule,
 dropout, one learning rate for every parameter, head included) is the
 fine-tuning protocol's. It is the probe of the interpolation's pretrained end
-(:mod:`linft.analysis.interpolate`) for the same run, with the same L2 strength.
+(:mod:`linft.interpolation.run`) for the same run, with the same L2 strength.
 
 Where φ_l comes from (``FineTuneConfig.lp_ft_cache``):
 
@@ -41,7 +41,7 @@ from linft.errors import LinftError
 from linft.models.blocks import PooledBlockFeatures, phi_block_names
 from linft.models.heads import PROBE_L2, PROBE_MAX_ITER, PROBE_TOLERANCE, LinearHead, fit_probe_head
 from linft.runtime import autocast
-from linft.train.finetune_model import FineTuneConfig
+from linft.train.finetune.model import FineTuneConfig
 
 #: ``lp_ft_identity(...)["features"]`` when φ_l is computed by the run's backbone.
 BACKBONE_FEATURES = "backbone"

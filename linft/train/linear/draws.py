@@ -4,7 +4,7 @@ Every draw hashes its coordinates with the 32-bit mixer ``lowbias32`` (a
 bijection on 32-bit words), so nothing carries a generator state from step to
 step: the draws of all groups of a step come from a fixed number of tensor
 calls (no host synchronisation: the step can be captured by CUDA graphs), and
-the compiled sparse step (:mod:`linft.train.sparse_step`) draws the same masks
+the compiled sparse step (:mod:`linft._kernels.sparse_step`) draws the same masks
 inside its loop, bit for bit.
 
 * :func:`row_words` — one 32-bit word per (group, step, purpose, batch row);

@@ -2,7 +2,7 @@
 
 A grid's runs are split in two :class:`RunBlock`: the dropout runs (rate > 0,
 not probes), trained by the compiled sparse step when it is available
-(:mod:`linft.train.sparse_step`), and the others (dropout 0, probes, and every
+(:mod:`linft._kernels.sparse_step`), and the others (dropout 0, probes, and every
 run when the kernel is not available), trained by :func:`torch_step`.
 
 :func:`torch_step` writes the gradients by hand (no autograd) with fixed
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from linft.train.linear_draws import keep_threshold
-from linft.train.sparse_step import padded, run_sparse_step
+from linft.train.linear.draws import keep_threshold
+from linft._kernels.sparse_step import padded, run_sparse_step
 
 
 @dataclass
@@ -159,6 +159,6 @@ def sgd_update(block: RunBlock, grads, lr: torch.Tensor, momentum: float) -> Non
 
 def kernel_step(block: RunBlock, feats: torch.Tensor, offs: torch.Tensor, y: torch.Tensor, words: torch.Tensor,
                 lr: torch.Tensor, momentum: float) -> None:
-    """The compiled sparse step of ``block`` (:mod:`linft.train.sparse_step`), in place."""
+    """The compiled sparse step of ``block`` (:mod:`linft._kernels.sparse_step`), in place."""
     run_sparse_step(block.kernel, feats, offs, y, words, block.params, block.bufs, block.thr,
                     block.scale, lr.contiguous(), block.wd, momentum, block.live, block.loss, block.num_classes)

@@ -30,7 +30,7 @@ share). The paths, each evaluated on every split:
   θ_0 carries the probe head, not the run's random initial head, so that
   f(θ_0) means something; this is also the start of the weight path.
 
-Exactness is discussed in :mod:`linft.analysis.interpolation_paths`. On CUDA the
+Exactness is discussed in :mod:`linft.interpolation.paths`. On CUDA the
 forward passes run under autocast to ``precision`` (bfloat16 by default, as
 extraction and fine-tuning; float32 makes the paths' shared endpoints agree
 exactly); the CPU computes in float32.
@@ -52,10 +52,10 @@ import numpy as np
 import torch
 
 from linft.analysis.aggregate import run_results
-from linft.analysis.endpoints import Endpoints, load_endpoints
-from linft.analysis.interpolation_paths import (first_order_outputs, iter_weight_path, pooled_features_and_logits,
+from linft.interpolation.endpoints import Endpoints, load_endpoints
+from linft.interpolation.paths import (first_order_outputs, iter_weight_path, pooled_features_and_logits,
                                                 representation_path_predictions)
-from linft.analysis.interpolation_result import InterpolateConfig, InterpolationResult
+from linft.interpolation.result import InterpolateConfig, InterpolationResult
 from linft.analysis.plots import plot_interpolation
 from linft.data.folders import MultiDomainDataset, find_dataset
 from linft.data.images import EvalImages

@@ -1,6 +1,6 @@
 """Where a sweep stands, read from its folder while its jobs run: done, running, interrupted, diverged, to do.
 
-A sweep folder holds fine-tuning run folders (``OUT/<run_id>/``, :class:`~linft.train.run_folder.RunFolder`),
+A sweep folder holds fine-tuning run folders (``OUT/<run_id>/``, :class:`~linft.train.finetune.run_folder.RunFolder`),
 records files of the linear protocol (``OUT/records.jsonl``) or of any other method, feature caches, and the
 plan (``planned.json``, written by ``train-linear`` and ``finetune`` before they train: every run of the grid
 asked for, so that runs not started yet count as *to do*).
@@ -34,7 +34,7 @@ from linft.errors import LinftError
 from linft.protocol.records import DERIVED, read_records
 from linft.protocol.selection import iid_accuracy, ood_accuracy
 from linft.output import PARTIAL_SUFFIX, atomic_write_text
-from linft.train.run_folder import RUN_FILE, RunFolder
+from linft.train.finetune.run_folder import RUN_FILE, RunFolder
 
 PLAN_FILE = "planned.json"
 

@@ -22,8 +22,8 @@ from linft.models.blocks import phi_block_names
 from linft.models.checkpoints import state_dict_sha256
 from linft.models.heads import build_classifier, head_keys
 from linft.models.registry import load_backbone
-from linft.train.finetune import load_selected
-from linft.train.run_folder import SELECTED_FILE
+from linft.train.finetune.run import load_selected
+from linft.train.finetune.run_folder import SELECTED_FILE
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Endpoints:
     ``pretrained_state`` is its state_dict (the head's weights are a
     placeholder until :func:`with_head` puts the probe head in);
     ``finetuned_state`` the fine-tuned run's; ``metadata`` the run's
-    (see :func:`linft.train.finetune.load_selected`).
+    (see :func:`linft.train.finetune.run.load_selected`).
     """
 
     network: nn.Module

@@ -1,11 +1,11 @@
 """The linear fine-tuning engine: the paper's linear model (Section 4.3) trained over a whole grid at once.
 
-The model and its initialisation are :mod:`linft.train.linear_model`.
+The model and its initialisation are :mod:`linft.train.linear.model`.
 
 :func:`train_linear_grid` trains every (held-out domain, seed) *group* times
 every grid point (lr, weight decay, dropout, probe) as stacked tensors of
-shape (G, H, ...), in blocks (:mod:`linft.train.linear_step`): on a CPU the
-dropout runs take the compiled sparse step (:mod:`linft.train.sparse_step`,
+shape (G, H, ...), in blocks (:mod:`linft.train.linear.step`): on a CPU the
+dropout runs take the compiled sparse step (:mod:`linft._kernels.sparse_step`,
 only the kept (row, unit) pairs), the others the pure-torch step; on CUDA the
 torch step, captured once as a CUDA graph. Each run follows the protocol
 exactly as a plain ``torch.optim.SGD`` loop would (momentum 0.9, weight decay
@@ -14,7 +14,7 @@ domain drawn with replacement from the "in" splits, evaluation every
 ``eval_every`` steps and at the last step). Runs of one group share their
 batches, dropout noise and initialisation, as in the official code (runs
 with the same seed see the same batches whatever their lr and weight decay);
-the draws are hashes of (group, step, row, unit) (:mod:`linft.train.linear_draws`),
+the draws are hashes of (group, step, row, unit) (:mod:`linft.train.linear.draws`),
 so masks are nested across dropout rates. A training array left in the cache
 file (:class:`~linft.cache.chunks.H5Rows`) is read a window of steps at a time.
 """
@@ -31,12 +31,12 @@ from linft.cache.chunks import H5Rows, window_steps
 from linft.errors import LinftError
 from linft.models.heads import check_dropout_rate
 from linft.protocol.schedule import check_milestones, eval_steps, lr_at, milestone_steps
-from linft.train.linear_draws import (NOISE, ROWS, VIEWS, draw_rows, draw_views, group_key, padded_pools, row_words,
+from linft.train.linear.draws import (NOISE, ROWS, VIEWS, draw_rows, draw_views, group_key, padded_pools, row_words,
                                       unit_noise)
-from linft.train.linear_eval import EVAL_FORMS, evaluate_grid
-from linft.train.linear_model import V_INITS, group_generator, initial_parameters
-from linft.train.linear_step import RunBlock, kernel_step, new_block, torch_step
-from linft.train.sparse_step import MAX_KERNEL_DIM, load_kernel
+from linft.train.linear.evaluate import EVAL_FORMS, evaluate_grid
+from linft.train.linear.model import V_INITS, group_generator, initial_parameters
+from linft.train.linear.step import RunBlock, kernel_step, new_block, torch_step
+from linft._kernels.sparse_step import MAX_KERNEL_DIM, load_kernel
 
 STEP_KINDS = ("auto", "sparse", "torch")
 #: eager steps before a CUDA graph of the step is captured
@@ -93,7 +93,7 @@ class LinearGridConfig:
     lr_milestones: tuple[float, ...] = (0.5,)  # fractions of ``steps``
     eval_chunk: int = 4096
     step_kind: str = "auto"  # "sparse": the compiled sparse step (CPU), "torch": the pure-torch step, "auto": sparse when available
-    eval_form: str = "auto"  # see linft.train.linear_eval
+    eval_form: str = "auto"  # see linft.train.linear.evaluate
     cuda_graph: bool = True  # on CUDA, capture the step once and replay it
     extra: dict = field(default_factory=dict)
 

@@ -18,7 +18,7 @@ classes must be among them, and its logits are restricted to the classes it has 
 ImageNet-A and ImageNet-R). ObjectNet's many-to-one class mapping is not supported.
 
 Both ends see the images as the fine-tuned end's weights take them (its own transform, or DomainBed's at its
-size). Paths (α = share of the fine-tuned end) as in :mod:`linft.analysis.interpolation_paths`: weights, representation
+size). Paths (α = share of the fine-tuned end) as in :mod:`linft.interpolation.paths`: weights, representation
 (the appendix A.1 formula on the representation the heads read), and with ``linearity`` the first-order path.
 Writes ``figure1.json`` and the plot ``figure1.png`` (the paper's form: o.o.d. against i.i.d. accuracy, one
 curve per path, α along it) into the output folder.
@@ -34,9 +34,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from linft.analysis.interpolation_paths import (first_order_outputs, iter_weight_path, pooled_features_and_logits,
+from linft.interpolation.paths import (first_order_outputs, iter_weight_path, pooled_features_and_logits,
                                                 representation_logits)
-from linft.analysis.interpolation_result import InterpolateConfig
+from linft.interpolation.result import InterpolateConfig
 from linft.analysis.plots import plot_figure1
 from linft.data.folders import MultiDomainDataset, load_class_folder
 from linft.data.images import EvalImages
@@ -56,7 +56,7 @@ from linft.runtime import effective_precision, resolve_device
 @dataclass(frozen=True)
 class CheckpointInterpolateConfig(InterpolateConfig):
     """What :func:`interpolate_checkpoints` compares (``backbone``, ``pretrained`` and these), and how
-    (:class:`~linft.analysis.interpolation_result.InterpolateConfig`'s settings; ``blocks`` is not used)."""
+    (:class:`~linft.interpolation.result.InterpolateConfig`'s settings; ``blocks`` is not used)."""
 
     finetuned: str = ""  # the fine-tuned end's weights file
     pretrained_head: str = "zeroshot"  # zeroshot | probe | a head file

@@ -6,8 +6,8 @@ Two forms of the same logits ``Σ_k (v_k ⊙ φ_k) · Vᵀ + b``:
 * ``folded`` — ``Σ_k φ_k (V ⊙ v_k)ᵀ``: one GEMM of (rows, K·D) by (K·D, runs·C) per chunk, 2·K·C·D FLOPs per
   (row, run), K·C/(K + C) times more, but all of it in one large GEMM.
 
-* ``compiled`` — the factored form in the compiled kernel of :mod:`linft.train.sparse_step` (CPU, up to
-  :data:`~linft.train.sparse_step.EVAL_MAX_CLASSES` classes): runs as SIMD lanes, float16 features read as they
+* ``compiled`` — the factored form in the compiled kernel of :mod:`linft._kernels.sparse_step` (CPU, up to
+  :data:`~linft._kernels.sparse_step.EVAL_MAX_CLASSES` classes): runs as SIMD lanes, float16 features read as they
   are, no float32 copy of a chunk; 1.7 times as fast as the folded GEMM on the 72-run protocol
   (benchmarks/linear_grid.py).
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from linft.errors import LinftError
-from linft.train.sparse_step import EVAL_MAX_CLASSES, eval_lanes, load_kernel, run_compiled_eval
+from linft._kernels.sparse_step import EVAL_MAX_CLASSES, eval_lanes, load_kernel, run_compiled_eval
 
 EVAL_FORMS = ("auto", "compiled", "factored", "folded")
 #: ``auto`` evaluates in the folded form up to this many classes

@@ -2,7 +2,7 @@
 
 From the first evaluation after step 0 (the step-0 model is the pretrained
 network with a barely trained head), every evaluation adds the run's current
-model to an output ensemble (:class:`~linft.train.ensembles.RunningEnsemble`)
+model to an output ensemble (:class:`~linft.train.finetune.ensembles.RunningEnsemble`)
 and to a weight average (:class:`~linft.models.averaging.RunningAverage`;
 ``config.average_every_step``: every step, as the official code), and each is
 evaluated and recorded as its own run (``<method>-trajectory-ensemble``,
@@ -22,8 +22,8 @@ from linft.models.heads import build_classifier
 from linft.models.registry import load_backbone
 from linft.protocol.records import RecordWriter, derived, run_id
 from linft.protocol.selection import split_counts
-from linft.train.ensembles import RunningEnsemble
-from linft.train.finetune_model import FineTuneConfig, ordinary_state
+from linft.train.finetune.ensembles import RunningEnsemble
+from linft.train.finetune.model import FineTuneConfig, ordinary_state
 
 KINDS = {"ensemble": "trajectory-ensemble", "average": "trajectory-average"}
 
