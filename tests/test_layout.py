@@ -19,8 +19,9 @@ PACKAGE = Path(linft.__file__).parent
 CLI = PACKAGE.parent / "cli"
 
 #: Each layer may import from itself and the layers before it in this list.
-LAYERS = ["linft.errors", "linft.lazy", "linft.output", "linft.locks", "linft.runtime", "linft._kernels", "linft.data",
-          "linft.models", "linft.cache", "linft.protocol", "linft.analysis", "linft.train", "linft.interpolation",
+#: ``linft.protocol`` (the protocol as data, no torch) sits below every layer that computes, so models may use its checks.
+LAYERS = ["linft.errors", "linft.lazy", "linft.output", "linft.locks", "linft.protocol", "linft.runtime",
+          "linft._kernels", "linft.data", "linft.models", "linft.cache", "linft.analysis", "linft.train", "linft.interpolation",
           "linft.demo"]
 #: Imports allowed inside a function body: optional extras only (huggingface_hub comes with open_clip).
 OPTIONAL = {"submitit", "open_clip", "huggingface_hub", "timm", "tensorboard", "torch.utils.tensorboard"}
