@@ -131,7 +131,9 @@ def finetune_method(run: FineTuneRun, weights: str) -> str:
 
 
 def finetune_label(run: FineTuneRun, weights: str, config: FineTuneConfig | None = None) -> str:
-    """The unit a report compares: the method and its variant (the grid lr × weight decay varies inside it).
+    """The unit a report compares: the method and its variant (the grid lr × weight decay varies inside it). Whatever
+    changes the computation beyond the grid is named (lr milestones other than the paper's, as steps), so that two
+    runs computing different things never share a row.
 
     ``weights`` are the resolved weights (:attr:`linft.models.registry.Backbone.weights`).
     """
