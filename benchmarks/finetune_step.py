@@ -53,6 +53,7 @@ from torch import nn
 from linft.data.images import normalize_uint8, train_augmentation
 from linft.data.tensor_augment import augment_batch
 from linft.models import load_backbone
+from linft.protocol.schedule import PAPER
 from linft.runtime import resolve_device
 from linft.train.finetune.model import (FineTuneConfig, FineTuneRun, build_run_model, run_optimizer, set_train_mode,
                                         train_step)
@@ -132,7 +133,7 @@ def main():
     if cuda:
         torch.backends.cudnn.benchmark = True
     # precision, channels_last: FineTuneConfig's defaults
-    config = FineTuneConfig(steps=10_000, batch_size=args.batch_size, image_size=size, augment=args.augment)
+    config = FineTuneConfig(steps=PAPER.steps, batch_size=args.batch_size, image_size=size, augment=args.augment)
     run = FineTuneRun("held-out", seed=0, lr=1e-3, weight_decay=1e-4, dropout=args.dropout)
 
     # linft: train_run's model, mode, optimizer and step

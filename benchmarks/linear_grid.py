@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from linft.protocol.schedule import eval_steps
+from linft.protocol.schedule import PAPER, eval_steps
 from linft.runtime import resolve_device
 from linft.train.linear.driver import LinearGrid
 from linft.train.linear.engine import GridPoint, Group, LinearData, LinearGridConfig, train_linear_grid
@@ -41,7 +41,7 @@ from linft.train.linear.evaluate import _folded_logits, evaluate_grid
 from linft._kernels.sparse_step import EVAL_MAX_CLASSES, load_kernel
 
 N, K, D, C, NDOM, BATCH = 10_000, 3, 2048, 7, 4, 32
-FULL_STEPS, EVAL_EVERY = 10_000, 300
+FULL_STEPS, EVAL_EVERY = PAPER.steps, PAPER.eval_every
 FULL_EVALS = len(eval_steps(FULL_STEPS, EVAL_EVERY))
 #: the benchmarked grids: the protocol's lr x weight decay at dropout 0.9, and at 0, 0.5, 0.9 plus the probe
 GRIDS = {"0.9": LinearGrid(dropouts=(0.9,)), "mixed": LinearGrid(dropouts=(0.0, 0.5, 0.9), probe=True)}

@@ -23,13 +23,14 @@ sys.path.insert(0, sys.argv[1])
 import numpy as np, torch
 torch.set_num_threads(1)
 import linft
+from linft.protocol.grid import PAPER_GRID
 from linft.train.linear.engine import GridPoint, Group, LinearData, LinearGridConfig, train_linear_grid
 N, K, D, C, NDOM = 10000, 3, 2048, 7, 4
 rng = np.random.default_rng(0)
 labels = torch.from_numpy(rng.integers(0, C, N))
 domains = np.sort(rng.integers(0, NDOM, N))
 feats = torch.from_numpy(np.abs(rng.standard_normal(size=(N, K, D), dtype=np.float32)).astype(np.float16))
-points = [GridPoint(lr, wd, 0.9) for lr in (1e-3, 5e-4) for wd in (1e-4, 5e-5, 1e-5)]
+points = [GridPoint(lr, wd, 0.9) for lr in PAPER_GRID.lrs for wd in PAPER_GRID.weight_decays]
 groups = [Group(e, s, [torch.from_numpy(np.flatnonzero(domains == d)) for d in range(NDOM) if d != e], points)
           for s in range(3) for e in range(NDOM)]
 data = LinearData(feats, labels, {s: torch.from_numpy(rng.integers(0, 8, N)) for s in range(3)}, 8, C)

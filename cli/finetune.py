@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import click
@@ -9,10 +10,15 @@ import click
 from linft.cli.options import precision_option, print_grid_outcome, repeatable, split_seed_option
 from linft.data import find_dataset
 from linft.output import say_line
+from linft.protocol.grid import Grid
 from linft.protocol.records import done_summary
+from linft.protocol.schedule import DOMAINNET
 from linft.train.finetune.run import default_finetune_out, sweep_runs
-from linft.train.finetune.model import AUGMENTATIONS, FineTuneConfig
+from linft.train.finetune.model import AUGMENTATIONS, FineTuneConfig, FineTuneRun
 from linft.train.sweeps.launch import LAUNCHERS, LaunchOptions, launch_sweep
+
+#: The library's defaults (the paper's grid, schedule and plain run): each option's default is read from them.
+GRID, CONFIG, RUN = Grid(), FineTuneConfig(), {f.name: f.default for f in fields(FineTuneRun)}
 
 
 @click.command("finetune")
@@ -25,13 +31,14 @@ from linft.train.sweeps.launch import LAUNCHERS, LaunchOptions, launch_sweep
               help='DEFAULT (the backbone\'s recommended weights: IMAGENET1K_V2 = "ResNet #2" for resnet50, the shipped '
                    'file for demo-resnet), a torchvision weight name (IMAGENET1K_V1 = "ResNet #1", IMAGENET1K_V2), '
                    "a local state_dict file, or none (seeded random init, i.e. training from scratch).")
-@click.option("--dropout", "dropouts", type=float, multiple=True, default=(0.0,), show_default=True,
+@click.option("--dropout", "dropouts", type=float, multiple=True, default=GRID.dropouts, show_default=True,
               help=repeatable("Dropout rate on the penultimate representation.", "--dropout 0 --dropout 0.9"))
-@click.option("--last-layer-lr-mult", type=float, default=1.0, show_default=True,
+@click.option("--last-layer-lr-mult", type=float, default=RUN["last_layer_lr_mult"], show_default=True,
               help="Learning-rate multiplier of the classifier head (the paper's baseline: 10).")
-@click.option("--stochastic-depth", type=float, default=0.0, show_default=True,
+@click.option("--stochastic-depth", type=float, default=RUN["stochastic_depth"], show_default=True,
               help="Residual-block dropout rate on every residual branch (the paper: 0.1 to 0.3).")
-@click.option("--stochastic-depth-mode", type=click.Choice(["row", "official"]), default="row", show_default=True,
+@click.option("--stochastic-depth-mode", type=click.Choice(["row", "official"]), default=RUN["stochastic_depth_mode"],
+              show_default=True,
               help="row: per example, rescaled by 1/(1-rate) in training (torchvision); official: the official "
                    "code's, one draw for the whole batch and no rescaling.")
 @click.option("--linearized", is_flag=True, help="Train the first-order (torch.func) model around the pretrained one.")
@@ -41,21 +48,23 @@ from linft.train.sweeps.launch import LAUNCHERS, LaunchOptions, launch_sweep
 @click.option("--lp-ft-cache", type=click.Path(exists=True, dir_okay=False, resolve_path=True), default=None,
               help="Fit the LP-FT probe on this feature cache (`linft extract` of the same data, weights and "
                    "--image-size) instead of one forward pass of the backbone; implies --lp-ft.")
-@click.option("--lr", "lrs", type=float, multiple=True, default=(1e-3, 5e-4), show_default=True,
+@click.option("--lr", "lrs", type=float, multiple=True, default=GRID.lrs, show_default=True,
               help=repeatable("Learning rates of the grid.", "--lr 1e-3 --lr 5e-4"))
-@click.option("--weight-decay", "weight_decays", type=float, multiple=True, default=(1e-4, 5e-5, 1e-5),
+@click.option("--weight-decay", "weight_decays", type=float, multiple=True, default=GRID.weight_decays,
               show_default=True, help=repeatable("Weight decays of the grid.", "--weight-decay 1e-4 --weight-decay 1e-5"))
-@click.option("--seeds", type=int, default=3, show_default=True, help="Trial seeds 0..N-1 (split, batches, masks, head init).")
+@click.option("--seeds", type=int, default=GRID.seeds, show_default=True, help="Trial seeds 0..N-1 (split, batches, masks, head init).")
 @split_seed_option()
-@click.option("--steps", type=int, default=10_000, show_default=True, help="SGD steps per run.")
-@click.option("--lr-milestones", "lr_milestones", type=float, multiple=True, default=(0.5,), show_default=True,
+@click.option("--steps", type=int, default=CONFIG.steps, show_default=True, help="SGD steps per run.")
+@click.option("--lr-milestones", "lr_milestones", type=float, multiple=True, default=CONFIG.lr_milestones,
+              show_default=True,
               help=repeatable("Where the lr is divided by 10: fractions of --steps (up to 1) or step numbers "
                               "(above 1). The official code: --steps 10001 with 5000 and 10000 (its last update at "
-                              "lr/100); on DomainNet 15000 and 25000 with --eval-every 1000.",
-                              "--lr-milestones 15000 --lr-milestones 25000"))
-@click.option("--eval-every", type=int, default=300, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per training domain per step.")
-@click.option("--image-size", type=int, default=224, show_default=True)
+                              f"lr/100); on DomainNet {' and '.join(map(str, DOMAINNET.lr_milestones))} with --steps "
+                              f"{DOMAINNET.steps} and --eval-every {DOMAINNET.eval_every}.",
+                              " ".join(f"--lr-milestones {m}" for m in DOMAINNET.lr_milestones)))
+@click.option("--eval-every", type=int, default=CONFIG.eval_every, show_default=True)
+@click.option("--batch-size", type=int, default=CONFIG.batch_size, show_default=True, help="Images per training domain per step.")
+@click.option("--image-size", type=int, default=CONFIG.image_size, show_default=True)
 @click.option("--test-domains", multiple=True,
               help=repeatable("Held-out domains to run (default: every domain).",
                               "--test-domains photo --test-domains sketch"))
@@ -65,10 +74,11 @@ from linft.train.sweeps.launch import LAUNCHERS, LaunchOptions, launch_sweep
 @click.option("--average-every-step", is_flag=True,
               help="Trajectory weight average over every step from --eval-every on (the official code: every step "
                    "after 300) instead of the checkpoints at each evaluation.")
-@click.option("--ensemble-rule", type=click.Choice(["probs", "logits"]), default="probs", show_default=True,
+@click.option("--ensemble-rule", type=click.Choice(["probs", "logits"]), default=CONFIG.ensemble_rule,
+              show_default=True,
               help="Output ensembles: mean of probabilities, or of logits (the official code).")
 @click.option("--no-freeze-bn", is_flag=True, help="Update BatchNorm statistics (the protocol freezes them).")
-@click.option("--augment", type=click.Choice(AUGMENTATIONS), default="pil", show_default=True,
+@click.option("--augment", type=click.Choice(AUGMENTATIONS), default=CONFIG.augment, show_default=True,
               help="Training augmentation: pil, DomainBed's PIL transform per image in DataLoader workers (the "
                    "paper's protocol); tensor, the same family batched on the device (faster, not bit-identical to "
                    "pil); none, the deterministic transform. Part of each run's id.")

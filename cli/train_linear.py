@@ -9,27 +9,30 @@ import click
 from linft.cli.options import print_grid_outcome, repeatable, split_seed_option
 from linft.output import say_line
 from linft.protocol.records import done_summary
-from linft.train.linear.driver import default_linear_out, train_linear
+from linft.train.linear.driver import LinearGrid, default_linear_out, train_linear
 from linft.train.linear.engine import LinearGridConfig
 from linft.train.linear.model import V_INITS
+
+#: The library's defaults (the paper's grid and schedule): each option's default is read from them.
+GRID, CONFIG = LinearGrid(), LinearGridConfig()
 
 
 @click.command("train-linear")
 @click.argument("cache", type=click.Path(dir_okay=False))
-@click.option("--dropout", "dropouts", type=float, multiple=True, default=(0.9,), show_default=True,
+@click.option("--dropout", "dropouts", type=float, multiple=True, default=GRID.dropouts, show_default=True,
               help=repeatable("Dropout rate on the adapted representation.", "--dropout 0 --dropout 0.9"))
 @click.option("--probe", is_flag=True, help="Also run linear probing (v fixed to the last block, only V, b trained).")
 @click.option("--probe-only", is_flag=True, help="Run only linear probing.")
-@click.option("--lr", "lrs", type=float, multiple=True, default=(1e-3, 5e-4), show_default=True,
+@click.option("--lr", "lrs", type=float, multiple=True, default=GRID.lrs, show_default=True,
               help=repeatable("Learning rates of the grid.", "--lr 1e-3 --lr 5e-4"))
-@click.option("--weight-decay", "weight_decays", type=float, multiple=True, default=(1e-4, 5e-5, 1e-5),
+@click.option("--weight-decay", "weight_decays", type=float, multiple=True, default=GRID.weight_decays,
               show_default=True, help=repeatable("Weight decays of the grid.", "--weight-decay 1e-4 --weight-decay 1e-5"))
-@click.option("--seeds", type=int, default=3, show_default=True, help="Trial seeds 0..N-1 (split, batches, masks, init).")
+@click.option("--seeds", type=int, default=GRID.seeds, show_default=True, help="Trial seeds 0..N-1 (split, batches, masks, init).")
 @split_seed_option()
-@click.option("--steps", type=int, default=10_000, show_default=True, help="SGD steps per run; lr ÷10 at half.")
-@click.option("--eval-every", type=int, default=300, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Examples per training domain per step.")
-@click.option("--v-init", type=click.Choice(V_INITS), default="last", show_default=True,
+@click.option("--steps", type=int, default=CONFIG.steps, show_default=True, help="SGD steps per run; lr ÷10 at half.")
+@click.option("--eval-every", type=int, default=CONFIG.eval_every, show_default=True)
+@click.option("--batch-size", type=int, default=CONFIG.batch_size, show_default=True, help="Examples per training domain per step.")
+@click.option("--v-init", type=click.Choice(V_INITS), default=CONFIG.v_init, show_default=True,
               help="v at the start: 'last' = the pretrained penultimate representation (v_l = 1, others 0); "
                    "'normal' = N(0, 1) per channel, as the official code.")
 @click.option("--test-domains", multiple=True,

@@ -18,7 +18,9 @@ from linft.cache.extract import extract_features
 from linft.cache.verify import verify_cache
 from linft.data.folders import find_dataset
 from linft.data.shapes import write_demo_data
+from linft.protocol.grid import PAPER_GRID
 from linft.protocol.records import done_summary
+from linft.protocol.schedule import PAPER
 from linft.train.finetune.across_runs import evaluate_across_runs
 from linft.train.finetune.run import SweepResult, finetune
 from linft.train.finetune.hooks import watch_hooks
@@ -32,15 +34,16 @@ DEMO_IMAGE_SIZE = 64
 
 #: The demo's linear fine-tuning: the paper's grid, a dropout sweep and probing, on a shorter schedule.
 #: (The schedules below keep the whole demo within about 5 minutes on a 2-core CPU.)
-DEMO_LINEAR = dict(dropouts=(0.0, 0.9, 0.95), probe=True, lrs=(1e-3, 5e-4), weight_decays=(1e-4, 5e-5, 1e-5), seeds=3)
+DEMO_LINEAR = dict(dropouts=(0.0, 0.9, 0.95), probe=True, lrs=PAPER_GRID.lrs, weight_decays=PAPER_GRID.weight_decays,
+                   seeds=PAPER_GRID.seeds)
 DEMO_LINEAR_STEPS = 800
 
 #: The demo's full fine-tuning: dropout 0 and 0.9, one grid point and seed, a short schedule (lr ÷10 at half),
 #: trajectory ensembles and averages, and the tensor augmentation (:func:`demo_notes` says how this differs from
 #: the paper's protocol). ``across_runs`` adds the paper's second lr, :data:`DEMO_ACROSS_RUNS_LRS`: two grid
 #: points per held-out domain, what ensembles and soups across runs need (about twice the fine-tuning time).
-DEMO_FINETUNE = dict(dropouts=(0.0, 0.9), lrs=(1e-3,), weight_decays=(1e-4,), seeds=1)
-DEMO_ACROSS_RUNS_LRS = (1e-3, 5e-4)
+DEMO_FINETUNE = dict(dropouts=(0.0, 0.9), lrs=PAPER_GRID.lrs[:1], weight_decays=PAPER_GRID.weight_decays[:1], seeds=1)
+DEMO_ACROSS_RUNS_LRS = PAPER_GRID.lrs
 DEMO_FINETUNE_STEPS = 150
 DEMO_FINETUNE_EVAL_EVERY = 50
 DEMO_AUGMENT = "tensor"
@@ -83,6 +86,11 @@ class DemoConfig:
 STAGES = 6
 
 
+def _values(values) -> str:
+    """``{1e-3, 5e-4}``: a grid's values as the paper writes them."""
+    return "{" + ", ".join(f"{v:.0e}".replace("e-0", "e-") for v in values) + "}"
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
@@ -101,11 +109,11 @@ def demo_notes(config: DemoConfig) -> list[str]:
         "backbone: demo-resnet (small, pretrained by linft on a procedural source at 64 px), not an ImageNet "
         "ResNet-50 at 224 px.",
         f"Linear fine-tuning and probing: the paper's grid, {_count(config.seeds or DEMO_LINEAR['seeds'], 'seed')}, "
-        f"{config.linear_steps} steps instead of 10,000.",
+        f"{config.linear_steps} steps instead of {PAPER.steps:,}.",
         f"Full fine-tuning: {config.finetune_steps} steps, evaluated every {config.finetune_eval_every} (lr ÷10 at "
-        f"half), instead of 10,000 and 300; lr {' and '.join(f'{lr:g}' for lr in ft['lrs'])} at weight decay "
-        f"{ft['weight_decays'][0]:g} instead of the paper's lr {{1e-3, 5e-4}} x weight decay {{1e-4, 5e-5, 1e-5}}; "
-        f"{_count(ft['seeds'], 'seed')} instead of 3; {augment}.",
+        f"half), instead of {PAPER.steps:,} and {PAPER.eval_every}; lr {' and '.join(f'{lr:g}' for lr in ft['lrs'])} "
+        f"at weight decay {ft['weight_decays'][0]:g} instead of the paper's lr {_values(PAPER_GRID.lrs)} x weight decay "
+        f"{_values(PAPER_GRID.weight_decays)}; {_count(ft['seeds'], 'seed')} instead of {PAPER_GRID.seeds}; {augment}.",
     ]
     if config.trajectory:
         notes.append("Trajectory ensembles and averages: over the evaluations after step 0 of each run.")

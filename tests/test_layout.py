@@ -19,8 +19,9 @@ PACKAGE = Path(linft.__file__).parent
 CLI = PACKAGE.parent / "cli"
 
 #: Each layer may import from itself and the layers before it in this list.
-LAYERS = ["linft.errors", "linft.lazy", "linft.output", "linft.locks", "linft.runtime", "linft._kernels", "linft.data",
-          "linft.models", "linft.cache", "linft.protocol", "linft.analysis", "linft.train", "linft.interpolation",
+#: ``linft.protocol`` (the protocol as data, no torch) sits below every layer that computes, so models may use its checks.
+LAYERS = ["linft.errors", "linft.lazy", "linft.output", "linft.locks", "linft.protocol", "linft.runtime",
+          "linft._kernels", "linft.data", "linft.models", "linft.cache", "linft.analysis", "linft.train", "linft.interpolation",
           "linft.demo"]
 #: Imports allowed inside a function body: optional extras only (huggingface_hub comes with open_clip).
 OPTIONAL = {"submitit", "open_clip", "huggingface_hub", "timm", "tensorboard", "torch.utils.tensorboard"}
@@ -141,3 +142,48 @@ def test_commands_that_read_records_do_not_import_torch(module):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "False"
+
+
+#: Layers that load or run networks (or compile their kernels): what records-only layers never import.
+NETWORK_LAYERS = ("linft.models", "linft.train", "linft.cache", "linft.interpolation", "linft._kernels")
+
+
+def _reachable(module: str, edges: dict[str, set[str]]) -> set[str]:
+    seen, todo = set(), [module]
+    while todo:
+        for d in edges[todo.pop()] - seen:
+            seen.add(d)
+            todo.append(d)
+    return seen
+
+
+@pytest.mark.parametrize("package", ["linft.protocol", "linft.analysis"])
+def test_records_only_layers_import_no_network_layer_and_no_torch(package):
+    """protocol/ (the protocol as data) and analysis/ (reads records) reach no layer that runs networks, directly or
+    through another linft module, and no module they reach imports torch at import time (an optional extra imported
+    where it is used, as TensorBoard's writer in protocol/sinks.py, is the rule of the test above)."""
+    edges = graph()
+    modules = [m for m in MODULES if m == package or m.startswith(package + ".")]
+    reached = set(modules).union(*(_reachable(m, edges) for m in modules))
+    assert not sorted(m for m in reached if m.startswith(NETWORK_LAYERS))
+    torch_users = []
+    for m in sorted(reached):
+        for node in ast.parse(MODULES[m].read_text()).body:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            torch_users += [f"{m} imports {n}" for n in names if n.split(".")[0] == "torch"]
+    assert not torch_users, torch_users
+    code = f"import sys, importlib\nfor m in {modules!r}:\n    importlib.import_module(m)\nprint('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"
+
+
+def test_one_header_builder():
+    """Every record header is built by linft.protocol.identity.run_header: no other module calls RunHeader(...)."""
+    calls = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "RunHeader":
+                calls.append(name)
+    assert calls == ["linft.protocol.identity"], calls

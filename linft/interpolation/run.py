@@ -66,8 +66,8 @@ from linft.models.checkpoints import state_dict_sha256
 from linft.models.heads import PROBE_MAX_ITER, PROBE_TOLERANCE, LinearHead, fit_probe_head, head_keys, \
     with_head
 from linft.models.linearize import relative_linearity_gap
-from linft.protocol.records import RECORDS_FILE, RecordWriter, RunHeader, done_summary, final_records, make_record, \
-    run_id
+from linft.protocol.identity import RunHeader, image_source, new_keys_unless_default, run_header, run_id
+from linft.protocol.records import RECORDS_FILE, RecordWriter, done_summary, final_records, make_record
 from linft.protocol.selection import iid_accuracy, ood_accuracy, split_counts
 from linft.output import atomic_write_text, json_text, progress_bar
 from linft.runtime import effective_precision, resolve_device
@@ -158,19 +158,19 @@ def _header(setup: _Setup, key: str, alpha: float, label: str) -> RunHeader:
     block = key[6:] if key.startswith("block:") else None
     precision = effective_precision(setup.dev, cfg.precision)
     # the computed precision is part of what a record is (float32, all that earlier releases computed, keeps their ids)
-    reduced = {} if precision == "float32" else {"precision": precision}
-    rid = run_id(method=method, finetuned=ends.finetuned_id, finetuned_sha256=setup.finetuned_sha256,
-                 pretrained=ends.pretrained_sha256, dataset=setup.ds.file_list_sha256, image_size=setup.image_size,
-                 probe_l2=cfg.probe_l2, probe_max_iter=PROBE_MAX_ITER, probe_tolerance=PROBE_TOLERANCE, alpha=alpha,
-                 block=block, **reduced)
+    rid = run_id(method, None, new_keys_unless_default(
+        {"finetuned": ends.finetuned_id, "finetuned_sha256": setup.finetuned_sha256,
+         "pretrained": ends.pretrained_sha256, "dataset": setup.ds.file_list_sha256, "image_size": setup.image_size,
+         "probe_l2": cfg.probe_l2, "probe_max_iter": PROBE_MAX_ITER, "probe_tolerance": PROBE_TOLERANCE,
+         "alpha": alpha, "block": block, "precision": precision}, {"precision": "float32"}))
     hparams = {"alpha": alpha, "path": key, "pretrained_weights": ends.pretrained_weights, "probe_l2": cfg.probe_l2,
                "finetuned_run": ends.finetuned_id, "finetuned_label": meta.get("label"),
                "finetuned_step": meta.get("step"), "image_size": setup.image_size, "block": block,
                "precision": precision}
-    source = meta.get("source") or f"{setup.ds.file_list_sha256[:16]}:{ends.pretrained_sha256[:16]}"
-    return RunHeader(method=method, label=label, dataset=setup.dataset_name, source=source, backbone=ends.backbone,
-                     weights=ends.pretrained_weights, test_domain=setup.test_domain, train_domains=setup.train_domains,
-                     hparams=hparams, grid={"alpha": alpha}, seed=setup.seed, run_id=rid, attempt=rid)
+    source = meta.get("source") or image_source(setup.ds.file_list_sha256, ends.pretrained_sha256)
+    return run_header(method, label, run_id=rid, source=source, dataset=setup.dataset_name, backbone=ends.backbone,
+                      weights=ends.pretrained_weights, test_domain=setup.test_domain,
+                      train_domains=setup.train_domains, hparams=hparams, grid={"alpha": alpha}, seed=setup.seed)
 
 
 def _representation_paths(setup: _Setup, progress: bool, passes: dict) -> tuple[dict, torch.Tensor, dict]:

@@ -6,7 +6,7 @@
   one on frozen features (the pretrained end of an interpolation has no head
   for the task; LP-FT starts from it); :func:`classifier_head`, :func:`load_head`
   and :func:`with_head` read and replace a model's head.
-* :func:`check_dropout_rate` is the one check of a dropout rate.
+* the dropout rate is checked by :func:`linft.protocol.grid.check_dropout_rate` (the protocol's one check).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import nn
 
 from linft.errors import LinftError
 from linft.models.linearize import LinearizedModel, escape_parameter_name
+from linft.protocol.grid import check_dropout_rate
 
 
 #: L2 strength of the probe head's logistic regression: mean cross-entropy + PROBE_L2/2 · ‖W‖².
@@ -29,17 +30,6 @@ PROBE_L2 = 1e-4
 PROBE_MAX_ITER = 200
 #: L-BFGS stops earlier when the largest gradient entry falls below this.
 PROBE_TOLERANCE = 1e-6
-
-
-def check_dropout_rate(rate: float, what: str = "dropout rate") -> float:
-    """``rate`` as a float in [0, 1), or one LinftError naming ``what``."""
-    try:
-        value = float(rate)
-    except (TypeError, ValueError):
-        raise LinftError(f"{what} {rate!r} is not a number; use e.g. 0.9") from None
-    if not 0.0 <= value < 1.0:
-        raise LinftError(f"{what} {rate} is outside [0, 1); use e.g. 0.9")
-    return value
 
 
 def classifier_linear(model: nn.Module) -> nn.Linear:

@@ -1,7 +1,9 @@
-"""The protocol: schedule, the grid and its validator, THE run-record schema, and selection on records.
+"""The protocol as data: schedule, the grid and its validator, run identity, THE run-record schema, and selection.
 
-``schedule`` (lr at a step, evaluation steps), ``grid`` (the one grid
-validator), ``records`` (the one record builder, writer and reader, and the
+``schedule`` (:class:`Schedule`, the paper's and DomainNet's, lr at a step,
+evaluation steps), ``grid`` (:class:`Grid`, the paper's grid, the one grid
+validator), ``identity`` (the one run-id recipe, the one header builder, the
+schema version), ``records`` (the one record builder, writer and reader, and the
 one "skip what is done" rule), ``selection`` (i.i.d. and o.o.d. accuracy,
 best-i.i.d. and oracle selection, mean ± SE).
 """
@@ -10,10 +12,11 @@ from linft.lazy import lazy_exports
 
 #: submodule -> the names this package re-exports from it (imported on first use)
 _EXPORTS = {
-    "grid": ["check_grid", "check_test_domains"],
-    "records": ["RECORDS_FILE", "RecordWriter", "RunHeader", "finished_run_ids", "make_record", "read_records",
-                "run_id"],
-    "schedule": ["eval_steps", "lr_at", "milestone_steps"],
+    "grid": ["DOMAINNET_LRS", "PAPER_GRID", "Grid", "GridPoint", "check_dropout_rate", "check_grid",
+             "check_test_domains"],
+    "identity": ["SCHEMA_VERSION", "RunHeader", "image_source", "run_header", "run_id"],
+    "records": ["RECORDS_FILE", "RecordWriter", "finished_run_ids", "make_record", "read_records"],
+    "schedule": ["DOMAINNET", "PAPER", "Schedule", "eval_steps", "lr_at", "milestone_steps"],
     "selection": ["SELECTIONS", "group_runs", "iid_accuracy", "mean_and_se", "ood_accuracy", "select_by_iid",
                   "select_oracle", "split_counts"],
 }

@@ -2,7 +2,7 @@
 
 Every method (linear FT and probing, full fine-tuning and its variants,
 trajectory and across-run ensembles and soups, interpolation paths) builds its
-records with :func:`make_record` from a :class:`RunHeader`, so that selection,
+records with :func:`make_record` from the header of :func:`linft.protocol.identity.run_header`, so that selection,
 tables and plots (:mod:`linft.protocol.selection`, :mod:`linft.analysis`) read
 nothing else. Fields:
 
@@ -13,8 +13,8 @@ cache's ``provenance_sha256``, or ``<dataset files>:<weights>`` hashes; records
 of different sources never mix), ``backbone``, ``weights``, ``test_domain``,
 ``train_domains``, ``hparams`` (all of them), ``grid`` (the hyper-parameters
 that vary inside one label: the cloud's grid points), ``seed``, ``run_id``,
-``attempt``, ``step``, ``splits`` (``{"<domain>_in"|"<domain>_out": [correct,
-total]}``), ``loss``, ``status`` (``ok`` or ``diverged``) and ``final`` (true on
+``attempt``, ``schema`` (:data:`~linft.protocol.identity.SCHEMA_VERSION`; absent: 1), ``step``, ``splits``
+(``{"<domain>_in"|"<domain>_out": [correct, total]}``), ``loss``, ``status`` (``ok`` or ``diverged``) and ``final`` (true on
 the run's last record), plus method-specific extras.
 
 One rule says what is done (:func:`finished_run_ids`): a run whose records hold
@@ -30,14 +30,12 @@ in one line naming its file and line.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from linft.errors import LinftError
+from linft.protocol.identity import SCHEMA_VERSION, RunHeader, run_id  # noqa: F401  (re-exported)
 from linft.output import is_count, write_failure
 
 RECORDS_FILE = "records.jsonl"
@@ -78,41 +76,6 @@ def derived(method: str, label: str, kind: str) -> tuple[str, str]:
 def is_known_method(method: str) -> bool:
     """Whether ``method`` is in the vocabulary: a method of :data:`METHODS`, or one with a :data:`DERIVED` suffix."""
     return method in METHODS or any(method == f"{m}-{k}" for m in METHODS for k in DERIVED)
-
-
-def run_id(**identity) -> str:
-    """A short stable id of a run from what defines it (method, source, domain, hyper-parameters, seed)."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class RunHeader:
-    """What every record of one run says about the run: all but the evaluation point."""
-
-    method: str
-    label: str
-    dataset: str
-    source: str
-    backbone: str
-    weights: str
-    test_domain: str
-    train_domains: list
-    hparams: dict
-    grid: dict
-    seed: int
-    run_id: str
-    attempt: str
-    extra: dict = field(default_factory=dict)
-
-    def replace(self, **changes) -> "RunHeader":
-        """A copy with some fields changed (a derived run: another method, label and id)."""
-        return dataclasses.replace(self, **changes)
-
-    def fields(self) -> dict:
-        """The header as the record fields it contributes (extras flattened in)."""
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
-        out.update(self.extra)
-        return out
 
 
 def make_record(header: RunHeader, step: int, splits: dict, *, loss: float | None = None, status: str = "ok",
@@ -258,7 +221,7 @@ def record_problem(record) -> str | None:
             and len(set(train)) == len(train) and record["test_domain"] not in train):
         return f"train_domains is {train!r}, not a list of distinct domains without the held-out one"
     for k, kind, what in (("grid", dict, "an object"), ("hparams", dict, "an object"), ("final", bool, "true or false"),
-                          ("attempt", str, "a text"), ("method", str, "a text")):
+                          ("attempt", str, "a text"), ("method", str, "a text"), ("schema", int, "a whole number")):
         if k in record and not isinstance(record[k], kind):
             return f"{k} is {record[k]!r}, not {what}"
     if record.get("status", "ok") not in STATUSES:

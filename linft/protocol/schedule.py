@@ -1,6 +1,9 @@
-"""The protocol's schedule: the learning rate at a step, and the steps at which runs are evaluated."""
+"""The protocol's schedule: its settings (:class:`Schedule`, the paper's :data:`PAPER` and DomainNet's
+:data:`DOMAINNET`), the learning rate at a step, and the steps at which runs are evaluated."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 from linft.errors import LinftError
 
@@ -23,9 +26,55 @@ def check_milestones(milestones) -> None:
     for m in milestones:
         if not (0 < m <= 1 or (m > 1 and float(m).is_integer())):
             raise LinftError(f"--lr-milestones {m:g} is neither a fraction of --steps in (0, 1] nor a whole step "
-                             f"number; e.g. 0.5, or 5000 with --steps 10001")
+                             f"number; e.g. 0.5, or 5000 with --steps 10001", param="lr_milestones")
 
 
 def eval_steps(steps: int, eval_every: int) -> list[int]:
     """DomainBed's evaluation steps: every ``eval_every`` steps from 0, and the last step."""
     return sorted(set(range(0, steps, eval_every)) | {steps - 1})
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long and how a run trains: SGD steps, examples per training domain per step, evaluation period,
+    momentum, and where the lr is divided by 10 (:func:`milestone_steps`). The defaults are the paper's (:data:`PAPER`).
+
+    The configurations of linear fine-tuning and full fine-tuning are schedules with more fields
+    (:class:`linft.train.linear.engine.LinearGridConfig`, :class:`linft.train.finetune.model.FineTuneConfig`).
+    """
+
+    steps: int = 10_000
+    batch_size: int = 32  # per training domain
+    eval_every: int = 300
+    momentum: float = 0.9
+    lr_milestones: tuple[float, ...] = (0.5,)  # fractions of ``steps``, or step numbers (> 1)
+
+    def milestone_steps(self) -> tuple[int, ...]:
+        return milestone_steps(self.lr_milestones, self.steps)
+
+    def eval_steps(self) -> list[int]:
+        return eval_steps(self.steps, self.eval_every)
+
+    def schedule(self) -> "Schedule":
+        """The schedule alone (of a configuration that extends it)."""
+        return Schedule(**{f.name: getattr(self, f.name) for f in fields(Schedule)})
+
+    def has_paper_milestones(self) -> bool:
+        """Whether the lr drops at the steps where :data:`PAPER`'s milestones put them for this many steps."""
+        return self.milestone_steps() == milestone_steps(PAPER.lr_milestones, self.steps)
+
+    def check(self) -> None:
+        """One-line errors for a schedule that cannot run."""
+        for name in ("steps", "batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise LinftError(f"{name} must be at least 1, got {getattr(self, name)}", param=name)
+        check_milestones(self.lr_milestones)
+
+
+#: The paper's schedule (Section 4; DomainBed's): 10,000 steps of 32 examples per training domain, momentum 0.9,
+#: lr ÷10 at half, evaluation every 300 steps and at the last.
+PAPER = Schedule()
+
+#: The paper's DomainNet schedule (appendix A.2): 30,000 steps, lr ÷10 at 15,000 and 25,000; evaluation every 1,000
+#: steps, as the official code (the paper does not say).
+DOMAINNET = Schedule(steps=30_000, eval_every=1_000, lr_milestones=(15_000, 25_000))

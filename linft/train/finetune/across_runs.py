@@ -22,8 +22,8 @@ from linft.locks import output_lock
 from linft.models.averaging import average_state_dicts, greedy_soup
 from linft.models.heads import build_classifier
 from linft.models.registry import load_backbone
-from linft.protocol.records import RECORDS_FILE, RecordWriter, RunHeader, derived, finished_run_ids, make_record, \
-    run_id
+from linft.protocol.identity import RunHeader, run_header, run_id
+from linft.protocol.records import RECORDS_FILE, RecordWriter, derived, finished_run_ids, make_record
 from linft.protocol.selection import iid_accuracy, split_counts
 from linft.runtime import resolve_device
 from linft.train.finetune.ensembles import ensemble_scores
@@ -81,10 +81,9 @@ def _results(scorer: _Scorer, states: list[dict], rule: str) -> tuple[dict, list
 
 def _header(meta: dict, kind: str, rid: str, hparams: dict) -> RunHeader:
     method, label = derived(meta["method"], meta["label"], kind)
-    return RunHeader(method=method, label=label, dataset=meta["dataset"], source=meta["source"],
-                     backbone=meta["backbone"], weights=meta["weights"], test_domain=meta["test_domain"],
-                     train_domains=meta["train_domains"], hparams=hparams, grid={}, seed=meta["seed"], run_id=rid,
-                     attempt=rid)
+    return run_header(method, label, run_id=rid, source=meta["source"], dataset=meta["dataset"],
+                      backbone=meta["backbone"], weights=meta["weights"], test_domain=meta["test_domain"],
+                      train_domains=meta["train_domains"], hparams=hparams, grid={}, seed=meta["seed"])
 
 
 def evaluate_across_runs(dataset: MultiDomainDataset, out_dir, run_dirs, *, config: FineTuneConfig = FineTuneConfig(),
@@ -99,8 +98,9 @@ def evaluate_across_runs(dataset: MultiDomainDataset, out_dir, run_dirs, *, conf
         with RecordWriter(path) as writer:
             for (label, test_domain, seed), members in sorted(_groups(run_dirs).items(), key=lambda kv: kv[0]):
                 member_ids = [m[1]["run_id"] for m in members]
-                ids = {kind: run_id(across=kind, members=sorted(member_ids),
-                                    rule=config.ensemble_rule if kind == "ensemble" else None) for kind in KINDS}
+                ids = {kind: run_id(None, None, {"across": kind, "members": sorted(member_ids),
+                                                 "rule": config.ensemble_rule if kind == "ensemble" else None})
+                       for kind in KINDS}  # no method nor source: release 0.2's recipe
                 if all(i in done for i in ids.values()):
                     continue
                 if say:

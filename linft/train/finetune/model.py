@@ -33,8 +33,9 @@ from linft.models.blocks import add_stochastic_depth
 from linft.models.heads import build_classifier, head_parameters
 from linft.models.linearize import LinearizedModel
 from linft.models.registry import Backbone, load_backbone
+from linft.protocol.identity import new_keys_unless_default
 from linft.protocol.records import METHODS
-from linft.protocol.schedule import check_milestones, lr_at, milestone_steps
+from linft.protocol.schedule import Schedule, lr_at
 from linft.runtime import DEFAULT_PRECISION, autocast, check_precision
 from linft.train.finetune.ensembles import ENSEMBLE_RULES
 
@@ -49,14 +50,10 @@ _AUGMENT_IDENTITY = {"pil": True, "none": False}
 
 
 @dataclass(frozen=True)
-class FineTuneConfig:
-    """Protocol settings shared by the runs of a sweep (the defaults are the paper's)."""
+class FineTuneConfig(Schedule):
+    """Protocol settings shared by the runs of a sweep: the :class:`~linft.protocol.schedule.Schedule` (the paper's
+    by default; ``FineTuneConfig(**asdict(DOMAINNET))`` for DomainNet's), and the rest (the defaults are the paper's)."""
 
-    steps: int = 10_000
-    batch_size: int = 32  # per training domain
-    eval_every: int = 300
-    momentum: float = 0.9
-    lr_milestones: tuple[float, ...] = (0.5,)  # fractions of ``steps``, or step numbers (> 1)
     image_size: int = 224
     freeze_bn: bool = True
     augment: str = "pil"  # AUGMENTATIONS: DomainBed's PIL transform in workers, the batched tensor one, or none
@@ -74,27 +71,21 @@ class FineTuneConfig:
         if isinstance(self.augment, bool):  # earlier releases: True (DomainBed's PIL augmentation) or False
             object.__setattr__(self, "augment", "pil" if self.augment else "none")
 
-    def milestone_steps(self) -> tuple[int, ...]:
-        return milestone_steps(self.lr_milestones, self.steps)
-
     def protocol(self) -> dict:
-        """The settings that change a run's result (what its id is made of)."""
-        keep = ("steps", "batch_size", "eval_every", "momentum", "lr_milestones", "image_size", "freeze_bn", "augment")
+        """The settings that change a run's result (what its id is made of); ``split_seed`` only when set."""
+        keep = ("steps", "batch_size", "eval_every", "momentum", "lr_milestones", "image_size", "freeze_bn", "augment",
+                "split_seed")
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keep}
-        if self.split_seed is not None:  # only when set, so that earlier run ids stay as they were
-            out["split_seed"] = self.split_seed
         out["augment"] = _AUGMENT_IDENTITY.get(self.augment, self.augment)
-        return out
+        return new_keys_unless_default(out, {"split_seed": None})
 
     def check(self) -> None:
         """One-line errors for protocol settings that cannot run."""
-        if self.steps < 1 or self.eval_every < 1 or self.batch_size < 1:
-            raise LinftError("--steps, --batch-size and --eval-every must be at least 1")
+        super().check()
         if self.image_size < 16:
             raise LinftError(f"--image-size must be at least 16, got {self.image_size}")
         if self.ensemble_rule not in ENSEMBLE_RULES:
             raise LinftError(f"unknown ensemble rule '{self.ensemble_rule}'; use {' or '.join(ENSEMBLE_RULES)}")
-        check_milestones(self.lr_milestones)
         check_split_seed(self.split_seed)
         if self.augment not in AUGMENTATIONS:
             raise LinftError(f"unknown augmentation '{self.augment}'; use {', '.join(AUGMENTATIONS)}")
@@ -120,15 +111,14 @@ class FineTuneRun:
     lp_ft: bool = False  # LP-FT: the head starts from the linear-probe solution (linft.train.finetune.lp_ft)
     stochastic_depth_mode: str = "row"  # STOCHASTIC_DEPTH_MODES: per example (torchvision) or the official code's
 
+    def __post_init__(self):
+        if not self.stochastic_depth:  # no stochastic depth: the mode changes nothing, so it is the default's
+            object.__setattr__(self, "stochastic_depth_mode", "row")
+
     def identity(self) -> dict:
         """The fields in the run's id; ``lp_ft`` and ``stochastic_depth_mode`` only when not their defaults, so runs
         of earlier releases keep their ids."""
-        fields = asdict(self)
-        if not self.lp_ft:
-            del fields["lp_ft"]
-        if self.stochastic_depth_mode == "row":
-            del fields["stochastic_depth_mode"]
-        return fields
+        return new_keys_unless_default(asdict(self), {"lp_ft": False, "stochastic_depth_mode": "row"})
 
 
 def finetune_method(run: FineTuneRun, weights: str) -> str:
@@ -141,7 +131,9 @@ def finetune_method(run: FineTuneRun, weights: str) -> str:
 
 
 def finetune_label(run: FineTuneRun, weights: str, config: FineTuneConfig | None = None) -> str:
-    """The unit a report compares: the method and its variant (the grid lr × weight decay varies inside it).
+    """The unit a report compares: the method and its variant (the grid lr × weight decay varies inside it). Whatever
+    changes the computation beyond the grid is named (lr milestones other than the paper's, as steps), so that two
+    runs computing different things never share a row.
 
     ``weights`` are the resolved weights (:attr:`linft.models.registry.Backbone.weights`).
     """
@@ -152,6 +144,9 @@ def finetune_label(run: FineTuneRun, weights: str, config: FineTuneConfig | None
     if run.stochastic_depth:
         parts.append(f"stochastic depth {run.stochastic_depth:g}"
                      + (" (official)" if run.stochastic_depth_mode == "official" else ""))
+    if config is not None and not config.has_paper_milestones():
+        steps = config.milestone_steps()
+        parts.append(f"lr ÷10 at step{'s' * (len(steps) > 1)} {'/'.join(map(str, steps))}" if steps else "constant lr")
     if config is not None and not config.freeze_bn:
         parts.append("BN trained")
     if config is not None and config.augment != "pil":

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +42,9 @@ from linft.locks import output_lock
 from linft.models.blocks import STOCHASTIC_DEPTH_MODES
 from linft.models.checkpoints import load_checkpoint
 from linft.models.heads import load_head
-from linft.protocol.grid import check_grid
-from linft.protocol.records import RecordWriter, RunHeader, existing_records, make_record
+from linft.protocol.grid import Grid
+from linft.protocol.identity import RunHeader, image_source, run_header
+from linft.protocol.records import RecordWriter, existing_records, make_record
 from linft.protocol.schedule import eval_steps
 from linft.protocol.selection import iid_accuracy, split_counts
 from linft.output import atomic_write_text, progress_bar
@@ -133,11 +134,11 @@ def _header(ds: MultiDomainDataset, run: FineTuneRun, backbone: str, bb, config:
                **({"lp_ft_cache": config.lp_ft_cache} if run.lp_ft else {})}
     hparams.pop("test_domain")
     hparams.pop("seed")
-    return RunHeader(method=finetune_method(run, bb.weights), label=finetune_label(run, bb.weights, config),
-                     dataset=ds.name or ds.root.name, source=f"{ds.file_list_sha256[:16]}:{bb.weights_sha256[:16]}",
-                     backbone=backbone, weights=bb.weights, test_domain=run.test_domain,
-                     train_domains=[d for d in names if d != run.test_domain], hparams=hparams,
-                     grid={"lr": run.lr, "weight_decay": run.weight_decay}, seed=run.seed, run_id=rid, attempt=rid)
+    return run_header(finetune_method(run, bb.weights), finetune_label(run, bb.weights, config), run_id=rid,
+                      source=image_source(ds.file_list_sha256, bb.weights_sha256), dataset=ds.name or ds.root.name,
+                      backbone=backbone, weights=bb.weights, test_domain=run.test_domain,
+                      train_domains=[d for d in names if d != run.test_domain], hparams=hparams,
+                      grid={"lr": run.lr, "weight_decay": run.weight_decay}, seed=run.seed)
 
 
 def run_splits(ds: MultiDomainDataset, run: FineTuneRun,
@@ -305,25 +306,25 @@ def default_finetune_out(ds: MultiDomainDataset) -> Path:
     return Path("runs") / "finetune" / (ds.name or ds.root.name).replace(" ", "_")
 
 
-def sweep_runs(domains: list[str], *, test_domains=None, dropouts=(0.0,), lrs=(1e-3, 5e-4),
-               weight_decays=(1e-4, 5e-5, 1e-5), seeds: int = 3, last_layer_lr_mult: float = 1.0,
+def sweep_runs(domains: list[str], grid: Grid = Grid(), *, last_layer_lr_mult: float = 1.0,
                stochastic_depth: float = 0.0, linearized: bool = False, lp_ft: bool = False,
-               stochastic_depth_mode: str = "row") -> list[FineTuneRun]:
-    """Every run of a grid: held-out domain × seed × dropout × lr × weight decay (one variant)."""
+               stochastic_depth_mode: str = "row", **grid_fields) -> list[FineTuneRun]:
+    """Every run of ``grid`` (whose fields ``grid_fields`` override: ``dropouts=(0, 0.9), seeds=1``; the paper's
+    grid by default): held-out domain × seed × dropout × lr × weight decay (:meth:`Grid.runs`), of one variant."""
     if lp_ft and linearized:
-        raise LinftError("--lp-ft and --linearized do not combine; run them separately")
-    chosen = check_grid(domains, test_domains=test_domains, seeds=seeds, lrs=lrs, weight_decays=weight_decays,
-                        dropouts=dropouts, where="the dataset")
+        raise LinftError("--lp-ft and --linearized do not combine; run them separately", param="lp_ft")
+    grid = replace(grid, **grid_fields)
+    runs = grid.runs(domains, where="the dataset")
     if not (last_layer_lr_mult > 0 and last_layer_lr_mult != float("inf")):
-        raise LinftError(f"--last-layer-lr-mult must be positive, got {last_layer_lr_mult}")
+        raise LinftError(f"--last-layer-lr-mult must be positive, got {last_layer_lr_mult}", param="last_layer_lr_mult")
     if not 0.0 <= stochastic_depth < 1.0:
-        raise LinftError(f"--stochastic-depth {stochastic_depth} is outside [0, 1); the paper uses 0.1 to 0.3")
+        raise LinftError(f"--stochastic-depth {stochastic_depth} is outside [0, 1); the paper uses 0.1 to 0.3",
+                         param="stochastic_depth")
     if stochastic_depth_mode not in STOCHASTIC_DEPTH_MODES:
         raise LinftError(f"unknown --stochastic-depth-mode '{stochastic_depth_mode}'; use "
-                         f"{' or '.join(STOCHASTIC_DEPTH_MODES)}")
-    return [FineTuneRun(d, s, float(lr), float(wd), float(p), float(last_layer_lr_mult), float(stochastic_depth),
-                        linearized, lp_ft, stochastic_depth_mode)
-            for d in chosen for s in range(seeds) for p in dropouts for lr in lrs for wd in weight_decays]
+                         f"{' or '.join(STOCHASTIC_DEPTH_MODES)}", param="stochastic_depth_mode")
+    return [FineTuneRun(d, s, p.lr, p.weight_decay, p.dropout, float(last_layer_lr_mult), float(stochastic_depth),
+                        linearized, lp_ft, stochastic_depth_mode) for d, s, p in runs]
 
 
 @dataclass

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from linft.protocol.records import RECORDS_FILE, final_records, run_id
+from linft.protocol.identity import run_id
+from linft.protocol.records import RECORDS_FILE, final_records
 
 CHECKPOINT_FILE = "checkpoint.pt"
 SELECTED_FILE = "selected.pt"

@@ -20,7 +20,8 @@ from linft.errors import LinftError
 from linft.models.averaging import RunningAverage
 from linft.models.heads import build_classifier
 from linft.models.registry import load_backbone
-from linft.protocol.records import RecordWriter, derived, run_id
+from linft.protocol.identity import run_id
+from linft.protocol.records import RecordWriter, derived
 from linft.protocol.selection import split_counts
 from linft.train.finetune.ensembles import RunningEnsemble
 from linft.train.finetune.model import FineTuneConfig, ordinary_state

@@ -22,9 +22,9 @@ from linft.cache.format import FeatureCache
 from linft.data.splits import check_split_seed, domain_split_rows, split_names, split_seed
 from linft.errors import LinftError
 from linft.locks import output_lock
-from linft.protocol.grid import check_grid
-from linft.protocol.records import (RECORDS_FILE, RecordWriter, RunHeader, existing_records, final_records,
-                                    finals_of, make_record, run_id)
+from linft.protocol.grid import Grid
+from linft.protocol.identity import RunHeader, new_keys_unless_default, run_header, run_id
+from linft.protocol.records import RECORDS_FILE, RecordWriter, existing_records, final_records, finals_of, make_record
 from linft.protocol.selection import iid_accuracy, ood_accuracy
 from linft.protocol.sinks import TensorBoardSink
 from linft.output import progress_bar
@@ -35,24 +35,12 @@ from linft.train.sweeps.status import divergence_note, plan_entry, write_plan
 
 
 @dataclass(frozen=True)
-class LinearGrid:
-    """The runs of the linear protocol: held-out domains × seeds × (dropout rates, and probing) × lr × weight decay."""
+class LinearGrid(Grid):
+    """The runs of the linear protocol: a :class:`~linft.protocol.grid.Grid` (the paper's lr × weight decay and
+    seeds) at dropout 0.9 by default, and the data split of its seeds."""
 
     dropouts: tuple = (0.9,)
-    probe: bool = False
-    lrs: tuple = (1e-3, 5e-4)
-    weight_decays: tuple = (1e-4, 5e-5, 1e-5)
-    seeds: int = 3
-    test_domains: tuple | None = None  # None or empty: every domain
     split_seed: int | None = None  # one data split for every seed (0: the official code's); None: each seed its own
-
-    def points(self) -> list[GridPoint]:
-        """The grid points of one (held-out domain, seed): dropout rates × lr × weight decay, then the probe runs."""
-        points = [GridPoint(float(lr), float(wd), float(p)) for p in self.dropouts for lr in self.lrs
-                  for wd in self.weight_decays]
-        if self.probe:
-            points += [GridPoint(float(lr), float(wd), 0.0, True) for lr in self.lrs for wd in self.weight_decays]
-        return points
 
 
 @dataclass
@@ -100,26 +88,26 @@ class _Protocol:
     attempt: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def hparams(self, p: GridPoint) -> dict:
+        """Every hyper-parameter of a run (``split_seed`` only when set: earlier ids kept)."""
         c = self.config
-        return {"lr": p.lr, "weight_decay": p.weight_decay, "dropout": p.dropout, "probe": p.probe,
-                "v_init": "last" if p.probe else c.v_init, "batch_size": c.batch_size, "steps": c.steps,
-                "eval_every": c.eval_every, "momentum": c.momentum, "lr_milestones": list(c.milestone_steps()),
-                "train_views": self.num_views,
-                **({"split_seed": self.split_seed} if self.split_seed is not None else {})}  # earlier ids kept
+        hparams = {"lr": p.lr, "weight_decay": p.weight_decay, "dropout": p.dropout, "probe": p.probe,
+                   "v_init": "last" if p.probe else c.v_init, "batch_size": c.batch_size, "steps": c.steps,
+                   "eval_every": c.eval_every, "momentum": c.momentum, "lr_milestones": list(c.milestone_steps()),
+                   "train_views": self.num_views, "split_seed": self.split_seed}
+        return new_keys_unless_default(hparams, {"split_seed": None})
 
     def run_id(self, e: int, s: int, p: GridPoint) -> str:
-        return run_id(method=linear_method(p.probe), source=self.cache.provenance_sha256,
-                      test_domain=self.cache.domain_names[e], hparams=self.hparams(p), seed=s)
+        return run_id(linear_method(p.probe), self.cache.provenance_sha256,
+                      {"test_domain": self.cache.domain_names[e], "hparams": self.hparams(p), "seed": s})
 
     def header(self, e: int, s: int, p: GridPoint) -> RunHeader:
         names, meta = self.cache.domain_names, self.cache.meta
-        return RunHeader(method=linear_method(p.probe), label=linear_label(p, self.split_seed),
-                         dataset=meta.get("dataset_name"),
-                         source=self.cache.provenance_sha256, backbone=meta.get("backbone"),
-                         weights=meta.get("weights"), test_domain=names[e],
-                         train_domains=[names[d] for d in range(len(names)) if d != e], hparams=self.hparams(p),
-                         grid={"lr": p.lr, "weight_decay": p.weight_decay}, seed=s, run_id=self.run_id(e, s, p),
-                         attempt=self.attempt, extra={"cache": str(self.cache.path)})
+        return run_header(linear_method(p.probe), linear_label(p, self.split_seed), run_id=self.run_id(e, s, p),
+                          source=self.cache.provenance_sha256, dataset=meta.get("dataset_name"),
+                          backbone=meta.get("backbone"), weights=meta.get("weights"), test_domain=names[e],
+                          train_domains=[names[d] for d in range(len(names)) if d != e], hparams=self.hparams(p),
+                          grid={"lr": p.lr, "weight_decay": p.weight_decay}, seed=s, attempt=self.attempt,
+                          extra={"cache": str(self.cache.path)})
 
 
 def _buckets(protocol: _Protocol, test_idx: list[int], seeds: int, points: list[GridPoint], done: set[str]):
@@ -265,9 +253,7 @@ def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: Linear
     cache = cache if isinstance(cache, FeatureCache) else \
         open_cache_within(cache, memory_budget)
     names = cache.domain_names
-    test_names = check_grid(names, test_domains=grid.test_domains, seeds=grid.seeds, lrs=grid.lrs,
-                            weight_decays=grid.weight_decays, dropouts=grid.dropouts, probe=grid.probe,
-                            usable=cache.usable_counts(), where="the cache")
+    test_names = grid.check(names, usable=cache.usable_counts(), where="the cache")
     config.check()
     dev = resolve_device(device)
     sinks = [TensorBoardSink(tensorboard_dir)] if tensorboard_dir is not None else []

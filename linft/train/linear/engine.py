@@ -29,8 +29,8 @@ import torch
 
 from linft.cache.chunks import H5Rows, window_steps
 from linft.errors import LinftError
-from linft.models.heads import check_dropout_rate
-from linft.protocol.schedule import check_milestones, eval_steps, lr_at, milestone_steps
+from linft.protocol.grid import GridPoint, check_dropout_rate
+from linft.protocol.schedule import Schedule, eval_steps, lr_at
 from linft.train.linear.draws import (NOISE, ROWS, VIEWS, draw_rows, draw_views, group_key, padded_pools, row_words,
                                       unit_noise)
 from linft.train.linear.evaluate import EVAL_FORMS, evaluate_grid
@@ -44,16 +44,6 @@ GRAPH_WARMUP = 3
 
 
 # --------------------------------------------------------------------------- runs and streams
-
-
-@dataclass(frozen=True)
-class GridPoint:
-    """The hyper-parameters of one run inside its group."""
-
-    lr: float
-    weight_decay: float
-    dropout: float
-    probe: bool = False
 
 
 @dataclass
@@ -81,33 +71,25 @@ class EvalPoint:
     final: bool
 
 
-@dataclass
-class LinearGridConfig:
-    """Protocol settings shared by every run of a grid."""
+@dataclass(frozen=True)
+class LinearGridConfig(Schedule):
+    """Protocol settings shared by every run of a grid: the :class:`~linft.protocol.schedule.Schedule` (the paper's
+    by default), and how the engine computes."""
 
-    steps: int = 10_000
-    batch_size: int = 32
-    eval_every: int = 300
-    momentum: float = 0.9
     v_init: str = "last"
-    lr_milestones: tuple[float, ...] = (0.5,)  # fractions of ``steps``
     eval_chunk: int = 4096
     step_kind: str = "auto"  # "sparse": the compiled sparse step (CPU), "torch": the pure-torch step, "auto": sparse when available
     eval_form: str = "auto"  # see linft.train.linear.evaluate
     cuda_graph: bool = True  # on CUDA, capture the step once and replay it
     extra: dict = field(default_factory=dict)
 
-    def milestone_steps(self) -> tuple[int, ...]:
-        return milestone_steps(self.lr_milestones, self.steps)
-
     def check(self) -> None:
         """One-line errors for settings that cannot run."""
-        for name in ("steps", "batch_size", "eval_every", "eval_chunk"):
-            if getattr(self, name) < 1:
-                raise LinftError(f"{name} must be at least 1, got {getattr(self, name)}")
+        super().check()
+        if self.eval_chunk < 1:
+            raise LinftError(f"eval_chunk must be at least 1, got {self.eval_chunk}", param="eval_chunk")
         if self.v_init not in V_INITS:
             raise LinftError(f"unknown v init '{self.v_init}'; use one of {', '.join(V_INITS)}")
-        check_milestones(self.lr_milestones)
         if self.step_kind not in STEP_KINDS:
             raise LinftError(f"unknown step kind '{self.step_kind}'; use one of {', '.join(STEP_KINDS)}")
         if self.eval_form not in EVAL_FORMS:
