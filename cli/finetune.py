@@ -16,6 +16,7 @@ from linft.protocol.schedule import DOMAINNET
 from linft.train.finetune.run import default_finetune_out, sweep_runs
 from linft.train.finetune.model import AUGMENTATIONS, FineTuneConfig, FineTuneRun
 from linft.train.sweeps.launch import LAUNCHERS, LaunchOptions, launch_sweep
+from linft.train.sweeps.result import RunStatus
 
 #: The library's defaults (the paper's grid, schedule and plain run): each option's default is read from them.
 GRID, CONFIG, RUN = Grid(), FineTuneConfig(), {f.name: f.default for f in fields(FineTuneRun)}
@@ -146,15 +147,17 @@ def finetune_cmd(dataset, data_root, backbone, weights, dropouts, last_layer_lr_
                             across_runs=ensembles, progress=not quiet, say=None if quiet else say_line,
                             tensorboard_dir=tensorboard_dir)
     result = launch_sweep(ds, out, runs, backbone=backbone, weights=weights, config=config, options=options)
-    failed = [s for s in result["statuses"] if str(s).startswith("failed")]
     verb = "submitted" if no_wait and launcher != "local" else "trained"
-    counts = done_summary(result["submitted"], result["skipped"], verb=verb,
-                          diverged=result["statuses"].count("diverged"), failed=len(failed))
+    counts = done_summary(result.launched, result.skipped, verb=verb, diverged=result.count(RunStatus.DIVERGED),
+                          failed=len(result.failed))
     click.echo(f"{counts} -> {out}", err=True)
+    for failed in result.failed:
+        click.echo(f"failed: run {failed.run_id} (held out {failed.run.test_domain}, seed {failed.run.seed}): "
+                   f"{failed.detail}", err=True)
     if no_wait and launcher != "local":
-        click.echo(f"jobs: {' '.join(result['jobs'])}; once they have ended, run the same command again to complete "
+        click.echo(f"jobs: {' '.join(result.jobs)}; once they have ended, run the same command again to complete "
                    f"what is missing (and, with --ensembles, evaluate the ensembles and soups)")
         return
-    print_grid_outcome([out], result["divergence"], result["usable"], as_json)
-    if failed:
+    print_grid_outcome([out], result.divergence, result.usable, as_json)
+    if result.failed:
         raise SystemExit(1)

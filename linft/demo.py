@@ -21,10 +21,10 @@ from linft.data.shapes import write_demo_data
 from linft.protocol.grid import PAPER_GRID
 from linft.protocol.records import done_summary
 from linft.protocol.schedule import PAPER
-from linft.train.finetune.across_runs import evaluate_across_runs
-from linft.train.finetune.run import SweepResult, finetune
-from linft.train.finetune.hooks import watch_hooks
 from linft.train.finetune.model import FineTuneConfig
+from linft.train.finetune.run import sweep_runs
+from linft.train.sweeps.launch import LaunchOptions, launch_sweep
+from linft.train.sweeps.result import LaunchResult, RunStatus
 from linft.train.linear.driver import train_linear
 from linft.train.linear.engine import LinearGridConfig
 
@@ -133,7 +133,7 @@ def _stage_linear(out: Path, cache: Path, config: DemoConfig, progress: bool, sa
     return lin.records
 
 
-def _stage_finetune(out: Path, data: Path, config: DemoConfig, progress: bool, say, took) -> SweepResult:
+def _stage_finetune(out: Path, data: Path, config: DemoConfig, progress: bool, say, took) -> LaunchResult:
     grid, across = config.finetune_grid(), config.across_runs
     say(f"[4/{STAGES}] full fine-tuning (dropout {', '.join(f'{p:g}' for p in grid['dropouts'])}; lr "
         f"{', '.join(f'{lr:g}' for lr in grid['lrs'])}), every held-out domain, {config.finetune_steps} steps, "
@@ -144,19 +144,18 @@ def _stage_finetune(out: Path, data: Path, config: DemoConfig, progress: bool, s
                                trajectory=config.trajectory)
     backbone, weights = DEMO_BACKBONE
     ds = find_dataset(data)
-    ft = finetune(ds, out / "runs" / "finetune", backbone=backbone, weights=weights, config=ft_config,
-                  device="auto", progress=progress, hooks=watch_hooks(say if progress else None), **grid)
-    say(f"      {done_summary(len(ft.runs) - ft.count('done'), ft.count('done'), diverged=ft.count('diverged'))} "
-        f"-> {ft.out}{took()}")
-    if across:
-        path = evaluate_across_runs(ds, ft.out, [r.run_dir for r in ft.runs], config=ft_config, device="auto",
-                                    eval_images=ft.eval_images, say=say if progress else None)
-        say(f"      ensembles, soups and greedy soups across the grid's runs -> {path}{took()}")
+    ft = launch_sweep(ds, out / "runs" / "finetune", sweep_runs(ds.domains, **grid), backbone=backbone,
+                      weights=weights, config=ft_config,
+                      options=LaunchOptions(device="auto", across_runs=across, progress=progress,
+                                            say=say if progress else None))
+    say(f"      {done_summary(ft.launched, ft.skipped, diverged=ft.count(RunStatus.DIVERGED))} -> {ft.out}{took()}")
+    if ft.across_runs is not None:
+        say(f"      ensembles, soups and greedy soups across the grid's runs -> {ft.across_runs}{took()}")
     return ft
 
 
-def _stage_interpolate(out: Path, data: Path, ft: SweepResult, progress: bool, say, took) -> None:
-    plain = [r for r in ft.runs if r.run.dropout == 0.0 and r.status != "diverged"]
+def _stage_interpolate(out: Path, data: Path, ft: LaunchResult, progress: bool, say, took) -> None:
+    plain = [r for r in ft.runs if r.run.dropout == 0.0 and r.final == "ok"]
     chosen = next((r for r in plain if r.run.test_domain == DEMO_INTERPOLATION_DOMAIN), plain[0] if plain else None)
     if chosen is None:
         say(f"[5/{STAGES}] skipping interpolation: no plain fine-tuning run finished")

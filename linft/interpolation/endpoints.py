@@ -22,8 +22,7 @@ from linft.models.blocks import phi_block_names
 from linft.models.checkpoints import state_dict_sha256
 from linft.models.heads import build_classifier, head_keys
 from linft.models.registry import load_backbone
-from linft.train.finetune.run import load_selected
-from linft.train.finetune.run_folder import SELECTED_FILE
+from linft.train.finetune.selected import load_selected, selected_file
 
 
 @dataclass
@@ -35,7 +34,7 @@ class Endpoints:
     ``pretrained_state`` is its state_dict (the head's weights are a
     placeholder until :func:`with_head` puts the probe head in);
     ``finetuned_state`` the fine-tuned run's; ``metadata`` the run's
-    (see :func:`linft.train.finetune.run.load_selected`).
+    (the format of :mod:`linft.train.finetune.selected`).
     """
 
     network: nn.Module
@@ -86,8 +85,7 @@ def load_endpoints(finetuned: str | os.PathLike, dataset=None, pretrained: str |
     checked against the run's. Every mismatch is a one-line :class:`LinftError`.
     """
     state, meta = load_selected(finetuned)
-    path = Path(finetuned)
-    checkpoint = path / SELECTED_FILE if path.is_dir() else path
+    checkpoint = selected_file(finetuned)
     if backbone:
         meta["backbone"] = backbone
     missing = [k for k in _NEEDED_METADATA if meta.get(k) is None]

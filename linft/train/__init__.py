@@ -12,7 +12,8 @@ from linft.lazy import lazy_exports
 _EXPORTS = {
     "finetune.across_runs": ["evaluate_across_runs"],
     "finetune.ensembles": ["ENSEMBLE_RULES", "RunningEnsemble", "ensemble_scores"],
-    "finetune.run": ["RunOutcome", "SweepResult", "load_selected", "run_identity", "sweep_runs", "train_run"],
+    "finetune.run": ["RunOutcome", "SweepResult", "run_identity", "sweep_runs", "train_run"],
+    "finetune.selected": ["load_selected", "save_selected"],
     "finetune.model": ["FineTuneConfig", "FineTuneRun", "build_run_model", "train_step"],
     "linear.driver": ["LinearGrid", "LinearProtocolResult", "train_linear"],
     "linear.engine": ["GridPoint", "Group", "LinearData", "LinearGridConfig", "train_linear_grid"],
@@ -21,6 +22,8 @@ _EXPORTS = {
     "finetune.hooks": ["EvalEvent", "RunHooks", "watch_hooks"],
     "sweeps.status": ["sweep_status"],
     "sweeps.launch": ["LAUNCHERS", "LaunchOptions", "launch_sweep"],
+    "sweeps.folder": ["SweepFolder"],
+    "sweeps.result": ["LaunchResult", "RunStatus"],
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

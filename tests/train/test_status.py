@@ -17,7 +17,8 @@ from linft.train.finetune.run import train_run
 from linft.train.finetune.hooks import RunHooks
 from linft.train.finetune.model import FineTuneConfig, FineTuneRun
 from linft.train.finetune.run_folder import RunFolder
-from linft.train.sweeps.status import describe_status, sweep_status, write_plan
+from linft.train.sweeps.plan import write_plan
+from linft.train.sweeps.status import describe_status, sweep_status
 
 from conftest import make_image_folder
 from helpers import rec

@@ -25,10 +25,14 @@ from linft.models.registry import load_backbone
 from linft.protocol.records import read_records
 from linft.protocol.selection import split_counts
 from linft.train.finetune.across_runs import evaluate_across_runs
-from linft.train.finetune.run import load_selected, run_identity, sweep_runs
+from linft.train.finetune.run import run_identity, sweep_runs
 from linft.train.finetune.model import FineTuneConfig, FineTuneRun, predict_logits
 from linft.train.finetune.run_folder import RunFolder
+from linft.train.finetune.selected import load_selected
+from linft.train.sweeps.folder import SweepFolder
 from linft.train.sweeps.launch import LaunchOptions, launch_sweep
+from linft.train.sweeps.plan import read_plan_file
+from linft.train.sweeps.result import LaunchResult, RunStatus
 
 CFG = FineTuneConfig(steps=4, batch_size=4, eval_every=100, image_size=32, eval_batch_size=64, workers=0)
 RUN = FineTuneRun("photo", seed=2, lr=0.01, weight_decay=1e-4, dropout=0.5, last_layer_lr_mult=10.0)
@@ -73,12 +77,30 @@ def grid(ds, tmp_path_factory):
     runs = [RUN, replace(RUN, lr=0.005, weight_decay=0.0)]
     result = launch_sweep(ds, out, runs, backbone="demo-resnet", weights="DEFAULT", config=CFG,
                           options=LaunchOptions(device="cpu", across_runs=True, progress=False))
-    assert result["submitted"] == 2 and result["skipped"] == 0 and result["statuses"] == ["trained", "trained"]
-    return out, folders_of(ds, out, runs, CFG)
+    assert isinstance(result, LaunchResult) and result.launched == 2 and result.skipped == 0
+    assert [r.status for r in result.runs] == [RunStatus.TRAINED, RunStatus.TRAINED]
+    return out, folders_of(ds, out, runs, CFG), result
+
+
+def test_launch_result_is_one_typed_outcome_per_run(grid, ds):
+    """Each run given is one LaunchedRun, in order: its run, its folder (the id computed here from run_identity),
+    a RunStatus, its final status; the across-runs records and the sweep's plan are where SweepFolder says."""
+    out, folders, result = grid
+    runs = [RUN, replace(RUN, lr=0.005, weight_decay=0.0)]
+    assert [r.run for r in result.runs] == runs
+    assert [(r.run_id, r.run_dir) for r in result.runs] == [(f.run_id, f.root) for f in folders]
+    assert all(type(r.status) is RunStatus and r.final == "ok" and r.detail is None for r in result.runs)
+    assert result.out == out and result.usable == 2 and result.divergence is None and result.jobs == [] \
+        and result.failed == []
+    assert result.across_runs == SweepFolder(out).across_runs_records == out / "across_runs" / "records.jsonl"
+    assert set(read_plan_file(out / "planned.json")) == {f.run_id for f in folders}
+    assert str(RunStatus.TRAINED) == "trained" and RunStatus("resumed") is RunStatus.RESUMED
+    with pytest.raises(ValueError):
+        RunStatus("finished")  # a status outside the enum is refused, never passed on as a string
 
 
 def test_ensembles_and_soups_across_runs(grid, ds):
-    out, folders = grid
+    out, folders, _ = grid
     path = out / "across_runs" / "records.jsonl"
     records = read_records([path])
     label = "full FT, 10x head lr, dropout 0.5"
@@ -115,7 +137,7 @@ def test_ensembles_and_soups_across_runs(grid, ds):
 def test_unfinished_runs_take_no_part_in_ensembles_across_runs(grid, ds, tmp_path):
     """A run with a selected.pt but no final record yet (still training, or its job failed) is left out: the
     ensemble's record is final, so one made from a half-trained member would never be redone."""
-    out, folders = grid
+    out, folders, _ = grid
     for f in folders:
         shutil.copytree(f.root, tmp_path / f.run_id)
     unfinished = RunFolder(tmp_path / folders[1].run_id)
@@ -130,7 +152,7 @@ def test_unfinished_runs_take_no_part_in_ensembles_across_runs(grid, ds, tmp_pat
 def test_launch_skips_finished_runs_and_run_folders_of_the_previous_release(grid, ds, tmp_path):
     """The previous release marked a finished run with a "done" file after its final record; today the final
     record alone says it is done, so such a folder is skipped and left as it is."""
-    out, folders = grid
+    out, folders, _ = grid
     for f in folders:
         shutil.copytree(f.root, tmp_path / f.run_id)
         (tmp_path / f.run_id / "done").write_text("ok\n")
@@ -138,7 +160,9 @@ def test_launch_skips_finished_runs_and_run_folders_of_the_previous_release(grid
     runs = [RUN, replace(RUN, lr=0.005, weight_decay=0.0)]
     result = launch_sweep(ds, tmp_path, runs, backbone="demo-resnet", weights="DEFAULT", config=CFG,
                           options=LaunchOptions(device="cpu", progress=False))
-    assert result["submitted"] == 0 and result["skipped"] == 2 and result["statuses"] == []  # launched now: none
+    assert result.launched == 0 and result.skipped == 2  # launched now: none
+    assert [r.status for r in result.runs] == [RunStatus.DONE, RunStatus.DONE]
+    assert not (tmp_path / "planned.json").exists()  # nothing to do: the folder is left as it is
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     assert all(RunFolder(tmp_path / f.run_id).final_status() == "ok" for f in folders)
 
@@ -154,7 +178,9 @@ def test_submitit_local_sweep_is_idempotent(ds, tmp_path, monkeypatch):
     options = LaunchOptions(launcher="submitit-local", device="cpu", progress=False)
     kw = dict(backbone="demo-resnet", weights="none", config=config)
     first = launch_sweep(ds, tmp_path, runs, options=options, **kw)
-    assert first["submitted"] == 2 and first["skipped"] == 0 and first["statuses"] == ["trained", "trained"]
+    assert first.launched == 2 and first.skipped == 0 and len(first.jobs) == 2
+    assert [r.status for r in first.runs] == [RunStatus.TRAINED, RunStatus.TRAINED]
+    assert (tmp_path / "submitit").is_dir() and SweepFolder(tmp_path).submitit == tmp_path / "submitit"
     folders = folders_of(ds, tmp_path, runs, config, weights="none")
     for f in folders:
         assert f.final_status() == "ok" and not f.checkpoint.exists()
@@ -162,7 +188,7 @@ def test_submitit_local_sweep_is_idempotent(ds, tmp_path, monkeypatch):
         assert [r["step"] for r in records] == [0, 1] and records[-1]["final"]
         assert records[0]["dataset"] == "Shapes" and records[0]["method"] == "scratch"
     second = launch_sweep(ds, tmp_path, runs, options=options, **kw)
-    assert second["submitted"] == 0 and second["skipped"] == 2 and second["jobs"] == []
+    assert second.launched == 0 and second.skipped == 2 and second.jobs == []
     with pytest.raises(LinftError, match="unknown launcher"):
         launch_sweep(ds, tmp_path, runs, options=replace(options, launcher="kubernetes"), **kw)
 
@@ -174,3 +200,16 @@ def test_slurm_launcher_without_slurm_is_one_line_before_anything_is_written(ds,
         launch_sweep(ds, tmp_path / "out", [RUN], backbone="demo-resnet", weights="none", config=CFG,
                      options=LaunchOptions(launcher="slurm", device="cpu", progress=False))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_job_is_a_failed_run_with_its_reason(ds, tmp_path, monkeypatch):
+    """A job that raises (here: a held-out domain the dataset lacks, refused inside the job) is RunStatus.FAILED with
+    the last line of its error; the runs beside it still count."""
+    pytest.importorskip("submitit", reason="the slurm launcher's engine (pip install submitit)")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    runs = [FineTuneRun("photo", 0, 1e-3, 0.0), FineTuneRun("nowhere", 0, 1e-3, 0.0)]
+    result = launch_sweep(ds, tmp_path, runs, backbone="demo-resnet", weights="none", config=replace(CFG, steps=2),
+                          options=LaunchOptions(launcher="submitit-local", device="cpu", progress=False))
+    assert [r.status for r in result.runs] == [RunStatus.TRAINED, RunStatus.FAILED]
+    assert result.failed == [result.runs[1]] and "nowhere" in result.runs[1].detail
+    assert [r.final for r in result.runs] == ["ok", None] and result.usable == 1

@@ -1,4 +1,4 @@
-"""Full fine-tuning: one run (``run``), its network and step (``model``), its folder (``run_folder``) and hooks
+"""Full fine-tuning: one run (``run``), its network and step (``model``), its folder (``run_folder``), its selected model (``selected``) and hooks
 (``hooks``), trajectory ensembles and averages (``trajectory``), LP-FT (``lp_ft``), ensemble rules (``ensembles``)
 and ensembles and soups across runs (``across_runs``).
 """
@@ -7,7 +7,8 @@ from linft.lazy import lazy_exports
 
 #: submodule -> the names this package re-exports from it (imported on first use)
 _EXPORTS = {
-    "run": ["RunOutcome", "SweepResult", "finetune", "load_selected", "run_identity", "sweep_runs", "train_run", "default_finetune_out"],
+    "run": ["RunOutcome", "SweepResult", "finetune", "run_identity", "sweep_runs", "train_run", "default_finetune_out"],
+    "selected": ["load_selected", "save_selected"],
     "model": ["FineTuneConfig", "FineTuneRun", "build_run_model", "train_step"],
     "run_folder": ["RunFolder"],
     "hooks": ["EvalEvent", "RunHooks", "watch_hooks"],

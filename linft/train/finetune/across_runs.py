@@ -23,15 +23,15 @@ from linft.models.averaging import average_state_dicts, greedy_soup
 from linft.models.heads import build_classifier
 from linft.models.registry import load_backbone
 from linft.protocol.identity import RunHeader, run_header, run_id
-from linft.protocol.records import RECORDS_FILE, RecordWriter, derived, finished_run_ids, make_record
+from linft.protocol.records import RecordWriter, derived, finished_run_ids, make_record
 from linft.protocol.selection import iid_accuracy, split_counts
 from linft.runtime import resolve_device
 from linft.train.finetune.ensembles import ensemble_scores
 from linft.train.finetune.model import FineTuneConfig, predict_logits
-from linft.train.finetune.run import load_selected
 from linft.train.finetune.run_folder import RunFolder
+from linft.train.finetune.selected import load_selected
+from linft.train.sweeps.folder import SweepFolder
 
-ACROSS_RUNS_FOLDER = "across_runs"
 KINDS = ("ensemble", "soup", "greedy-soup")
 
 
@@ -91,7 +91,7 @@ def evaluate_across_runs(dataset: MultiDomainDataset, out_dir, run_dirs, *, conf
                          say: Callable[[str], None] | None = None) -> Path:
     """Ensembles, soups and greedy soups of the selected models of ``run_dirs``; returns the records file."""
     dev = resolve_device(device)
-    path = Path(out_dir) / ACROSS_RUNS_FOLDER / RECORDS_FILE
+    path = SweepFolder(out_dir).across_runs_records
     with output_lock(path.parent, folder=True):  # one writer of these records (creates the folder)
         done = finished_run_ids([path])
         eval_images = eval_images or EvalImages(dataset, config.image_size, config.eval_batch_size, config.workers)

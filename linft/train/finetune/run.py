@@ -26,7 +26,6 @@ checkpoint exactly as if it had never stopped (bit for bit on the CPU).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from linft.locks import output_lock
 from linft.models.blocks import STOCHASTIC_DEPTH_MODES
 from linft.models.checkpoints import load_checkpoint
 from linft.models.heads import load_head
+from linft.models.registry import load_backbone
 from linft.protocol.grid import Grid
 from linft.protocol.identity import RunHeader, image_source, run_header
 from linft.protocol.records import RecordWriter, existing_records, make_record
@@ -53,9 +53,11 @@ from linft.train.finetune.model import (FineTuneConfig, FineTuneRun, build_run_m
                                         finetune_method, ordinary_state, predict_logits, run_optimizer,
                                         set_train_mode, train_batches, train_step)
 from linft.train.finetune.lp_ft import lp_ft_head, lp_ft_identity
-from linft.train.finetune.run_folder import SELECTED_FILE, RunFolder
+from linft.train.finetune.run_folder import RunFolder
+from linft.train.finetune.selected import load_selected, save_selected
 from linft.train.finetune.hooks import EvalEvent, RunHooks
 from linft.train.finetune.trajectory import Trajectory
+from linft.train.sweeps.plan import write_plan
 
 
 def run_identity(run: FineTuneRun, backbone: str, weights_sha256: str, dataset_sha256: str,
@@ -66,19 +68,6 @@ def run_identity(run: FineTuneRun, backbone: str, weights_sha256: str, dataset_s
     if run.lp_ft:
         identity["lp_ft"] = lp_ft_identity(config)
     return identity
-
-
-def load_selected(path: str | os.PathLike) -> tuple[dict, dict]:
-    """``(state_dict, metadata)`` of a ``selected.pt`` (a run folder, or the file itself)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / SELECTED_FILE
-    if not path.is_file():
-        raise LinftError(f"{path} does not exist; pass a run folder of `linft finetune` or its selected.pt")
-    obj = load_checkpoint(path, "checkpoint", "pass a run's selected.pt")
-    if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
-        raise LinftError(f"{path} is not a linft fine-tuning checkpoint (no state_dict); pass a run's selected.pt")
-    return obj["state_dict"], dict(obj.get("metadata") or {})
 
 
 @dataclass
@@ -186,11 +175,10 @@ def _restore(r: _Run, hooks: RunHooks) -> str:
 
 def _save_selected(r: _Run, step: int, iid: float) -> None:
     ds = r.dataset
-    atomic_save({"state_dict": ordinary_state(r.model),
-                 "metadata": {**r.header.fields(), "step": step, "iid": iid, "num_classes": len(ds.classes),
-                              "class_names": list(ds.classes), "domain_names": list(ds.domains),
-                              "image_size": r.config.image_size, "linearized": r.run.linearized}},
-                r.folder.selected)
+    save_selected(r.folder.selected, ordinary_state(r.model),
+                  {**r.header.fields(), "step": step, "iid": iid, "num_classes": len(ds.classes),
+                   "class_names": list(ds.classes), "domain_names": list(ds.domains),
+                   "image_size": r.config.image_size, "linearized": r.run.linearized})
 
 
 def _evaluation(r: _Run, writer: RecordWriter, step: int, loss: torch.Tensor, hooks: RunHooks) -> None:
@@ -339,13 +327,51 @@ class SweepResult:
         return sum(r.status == status for r in self.runs)
 
 
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a sweep before it is launched: its folder and its label."""
+
+    run: FineTuneRun
+    folder: RunFolder
+    label: str
+
+    def plan_entry(self) -> dict:
+        """What the sweep's plan keeps of it (:func:`linft.train.sweeps.plan.plan_entry`)."""
+        r = self.run
+        return {"label": self.label, "test_domain": r.test_domain, "seed": r.seed,
+                "grid": {"lr": r.lr, "weight_decay": r.weight_decay}}
+
+
+def planned_runs(dataset: MultiDomainDataset, out_dir, runs: list[FineTuneRun], *, backbone: str = "resnet50",
+                 weights="DEFAULT", config: FineTuneConfig = FineTuneConfig()) -> list[PlannedRun]:
+    """The folder and label of each of ``runs`` under ``out_dir`` (loads the backbone once: its resolved name and
+    weights are part of the ids; an image size it cannot take is refused here)."""
+    bb = load_backbone(backbone, weights)
+    bb.check_image_size(config.image_size)
+    return [PlannedRun(r, RunFolder.of(out_dir, run_identity(r, bb.name, bb.weights_sha256, dataset.file_list_sha256,
+                                                             config)), finetune_label(r, bb.weights, config))
+            for r in runs]
+
+
+def plan_sweep(out_dir, planned: list[PlannedRun]) -> list[bool]:
+    """Which of ``planned`` are done; when some are not, every one is added to the sweep's plan first
+    (:func:`linft.train.sweeps.plan.write_plan`: ``linft status`` counts those not started as to do). Call it
+    under the folder's lock."""
+    done = [p.folder.is_done() for p in planned]
+    if not all(done):
+        write_plan(out_dir, {p.folder.run_id: p.plan_entry() for p in planned})
+    return done
+
+
 def finetune(dataset, out_dir, *, backbone: str = "resnet50", weights="DEFAULT", data_root=None,
              runs: list[FineTuneRun] | None = None, config: FineTuneConfig = FineTuneConfig(), device="auto",
              progress: bool = True, hooks: RunHooks | None = None, **grid) -> SweepResult:
-    """Fine-tune every run of a grid, one after the other in this process (finished runs are skipped).
+    """Fine-tune every run of a grid, one after the other in this process (finished runs are skipped), after adding
+    them to the sweep's plan (:func:`plan_sweep`).
 
     ``grid`` takes the arguments of :func:`sweep_runs` when ``runs`` is not
-    given. Ensembles and soups across runs are :func:`linft.train.finetune.across_runs.evaluate_across_runs`.
+    given. This is the ``local`` launcher of :func:`linft.train.sweeps.launch.launch_sweep` (the one call of the CLI
+    and the demo, which also runs on several GPUs or Slurm and evaluates ensembles and soups across runs).
     """
     config.check()
     hooks = hooks or RunHooks()
@@ -353,7 +379,9 @@ def finetune(dataset, out_dir, *, backbone: str = "resnet50", weights="DEFAULT",
     runs = runs if runs is not None else sweep_runs(ds.domains, **grid)
     eval_images = EvalImages(ds, config.image_size, config.eval_batch_size, config.workers, progress)
     result = SweepResult(Path(out_dir), eval_images=eval_images)
+    planned = planned_runs(ds, out_dir, runs, backbone=backbone, weights=weights, config=config)
     with output_lock(out_dir, folder=True):  # a second identical command refuses at once
+        plan_sweep(out_dir, planned)
         for i, run in enumerate(runs):
             hooks.tell(f"run {i + 1}/{len(runs)}: dropout {run.dropout:g}, held out {run.test_domain}, "
                        f"seed {run.seed}, lr {run.lr:g}, weight decay {run.weight_decay:g}")

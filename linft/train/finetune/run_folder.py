@@ -2,7 +2,9 @@
 
 ``OUT/<run_id>/`` holds ``run.json`` (what the run is), ``records.jsonl``,
 ``checkpoint.pt`` while it trains (resume), and ``selected.pt`` (the model at
-the best-i.i.d. step: what ensembles, soups and interpolation use). A run is
+the best-i.i.d. step: what ensembles, soups and interpolation use; its format and its one writer and reader:
+:mod:`linft.train.finetune.selected`). The sweep folder around run folders is
+:class:`linft.train.sweeps.folder.SweepFolder`. A run is
 done when its records hold its final record (the one rule of
 :func:`linft.protocol.records.finished_run_ids`); its status is that record's.
 What a run's id is made of is :func:`linft.train.finetune.run.run_identity`.

@@ -24,14 +24,16 @@ from linft.errors import LinftError
 from linft.locks import output_lock
 from linft.protocol.grid import Grid
 from linft.protocol.identity import RunHeader, new_keys_unless_default, run_header, run_id
-from linft.protocol.records import RECORDS_FILE, RecordWriter, existing_records, final_records, finals_of, make_record
+from linft.protocol.records import RecordWriter, existing_records, final_records, finals_of, make_record
 from linft.protocol.selection import iid_accuracy, ood_accuracy
 from linft.protocol.sinks import TensorBoardSink
 from linft.output import progress_bar
 from linft.runtime import resolve_device
 from linft.train.linear.engine import (EvalPoint, GridPoint, Group, LinearData, LinearGridConfig, compiled_step_used,
                                        step_name, train_linear_grid)
-from linft.train.sweeps.status import divergence_note, plan_entry, write_plan
+from linft.train.sweeps.folder import SweepFolder
+from linft.train.sweeps.plan import plan_entry, write_plan
+from linft.train.sweeps.status import divergence_note
 
 
 @dataclass(frozen=True)
@@ -260,7 +262,7 @@ def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: Linear
     check_split_seed(grid.split_seed)
     protocol = _Protocol(cache, config, 0 if cache.views is None else int(cache.views.shape[1]), grid.split_seed,
                          memory_budget)
-    records_path = Path(out_dir) / RECORDS_FILE
+    records_path = SweepFolder(out_dir).records
     with output_lock(out_dir, folder=True):  # creates the folder
         records = existing_records(records_path)  # read once: the source check and the runs already done
         check_one_source(records, records_path, cache)

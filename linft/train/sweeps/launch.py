@@ -13,6 +13,10 @@ Launchers:
 * ``slurm``: one Slurm job per run through submitit (a job array), the
   engine made for that; ``submitit-local`` is submitit's local executor (all
   jobs at once as local processes), used by the tests.
+
+:func:`launch_sweep` is the one sweep call (``linft finetune`` and the demo); it writes the plan first and returns a
+:class:`~linft.train.sweeps.result.LaunchResult`, one :class:`~linft.train.sweeps.result.RunStatus` per run. The
+sweep folder's files are named by :class:`~linft.train.sweeps.folder.SweepFolder` (submitit's logs: ``submitit/``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from __future__ import annotations
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable
 
 import multiprocessing as mp
@@ -29,15 +32,14 @@ from linft.data.folders import MultiDomainDataset, load_image_folder
 from linft.data.images import EvalImages
 from linft.errors import LinftError
 from linft.locks import output_lock
-from linft.models.registry import load_backbone
 from linft.train.finetune.across_runs import evaluate_across_runs
 from linft.output import say_line
-from linft.train.finetune.run import finetune, train_run
 from linft.train.finetune.hooks import watch_hooks
-from linft.train.finetune.model import FineTuneConfig, FineTuneRun, finetune_label
-from linft.train.finetune.run import run_identity
-from linft.train.finetune.run_folder import RunFolder
-from linft.train.sweeps.status import divergence_note, write_plan
+from linft.train.finetune.model import FineTuneConfig, FineTuneRun
+from linft.train.finetune.run import PlannedRun, finetune, plan_sweep, planned_runs, train_run
+from linft.train.sweeps.folder import SweepFolder
+from linft.train.sweeps.result import LaunchedRun, LaunchResult, RunStatus
+from linft.train.sweeps.status import divergence_note
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
 
@@ -112,13 +114,16 @@ def _on_gpus(args: list[tuple], gpus: int, dataset_name, watch: dict) -> list[st
         return [s for _, s in pool.map(_gpu_job, *zip(*[a + (None, dataset_name, watch) for a in args]))]
 
 
-def _on_submitit(args: list[tuple], out_dir: Path, options: LaunchOptions, dataset_name) -> tuple[list, list[str]]:
+def _on_submitit(args: list[tuple], sweep: SweepFolder, options: LaunchOptions,
+                 dataset_name) -> tuple[list, list[tuple[RunStatus, str | None]]]:
+    """Submit one job per run; with ``options.wait``, each run's status (and the last line of a failed job's
+    error), else none."""
     try:
         import submitit
     except ImportError:
         raise LinftError("the slurm launcher needs submitit; pip install submitit (or linft[slurm])") from None
     cluster = "local" if options.launcher == "submitit-local" else "slurm"
-    executor = submitit.AutoExecutor(folder=out_dir / "submitit" / "%j", cluster=cluster)
+    executor = submitit.AutoExecutor(folder=sweep.submitit_jobs, cluster=cluster)
     params = dict(options.slurm or {})
     params.setdefault("timeout_min", 24 * 60)
     params.setdefault("name", "linft-finetune")
@@ -128,26 +133,29 @@ def _on_submitit(args: list[tuple], out_dir: Path, options: LaunchOptions, datas
     jobs = executor.map_array(_job, *zip(*[a + (job_device, dataset_name, watch) for a in args]))
     if options.say:
         options.say(f"submitted {len(jobs)} jobs: {', '.join(j.job_id for j in jobs[:5])}"
-                    f"{' ...' if len(jobs) > 5 else ''}; logs in {out_dir / 'submitit'}")
+                    f"{' ...' if len(jobs) > 5 else ''}; logs in {sweep.submitit}")
     statuses = []
     for j in jobs if options.wait else []:
         try:
-            statuses.append(j.result()[1])
+            statuses.append((RunStatus(j.result()[1]), None))
         except Exception as exc:  # a failed job is reported, the others still count
-            first = str(exc).strip().splitlines()
-            statuses.append(f"failed: {first[-1] if first else type(exc).__name__}")
+            statuses.append((RunStatus.FAILED, _failure_line(exc)))
     return jobs, statuses
 
 
-def launch_sweep(dataset: MultiDomainDataset, out_dir, runs: list[FineTuneRun], *, backbone: str = "resnet50",
-                 weights="DEFAULT", config: FineTuneConfig = FineTuneConfig(),
-                 options: LaunchOptions = LaunchOptions()) -> dict:
-    """Run ``runs`` as ``options`` say; returns ``{"submitted": n, "skipped": n, "jobs": [...], "statuses": [...],
-    "usable": n, "divergence": line or None}`` (``statuses``: of the runs this call launched, whatever the launcher;
-    ``usable``: runs whose final record is ``ok``; ``divergence``: one line on the runs that diverged,
-    :func:`linft.train.sweeps.status.divergence_note`). Every run is added to
-    ``out_dir/planned.json`` first when some are not done (``linft status`` counts those not started as to do)."""
-    say = options.say or (lambda _line: None)
+def _failure_line(exc: Exception) -> str:
+    """Why a job failed, in one line: the last line of the job's traceback (submitit puts it between two rules of
+    dashes, before the paths of the job's logs), else the error's last line, else its type."""
+    lines = [line.strip() for line in str(exc).strip().splitlines()]
+    rules = [i for i, line in enumerate(lines) if line and set(line) == {"-"}]
+    if len(rules) >= 2:
+        lines = lines[rules[0] + 1:rules[1]]
+    lines = [line for line in lines if line]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _check_launch(runs: list[FineTuneRun], config: FineTuneConfig, options: LaunchOptions) -> None:
+    """Refuse a launch that cannot run, before anything is written."""
     config.check()
     if options.launcher not in LAUNCHERS:
         raise LinftError(f"unknown launcher '{options.launcher}'; use one of {', '.join(LAUNCHERS)}")
@@ -155,44 +163,66 @@ def launch_sweep(dataset: MultiDomainDataset, out_dir, runs: list[FineTuneRun], 
         raise LinftError("the slurm launcher needs Slurm, but its srun command is not found on this machine; run "
                          "from a Slurm login node, or use launcher 'local' (or 'submitit-local') here")
     check_runs(runs, config, options.across_runs)
+
+
+def _run_elsewhere(dataset: MultiDomainDataset, sweep: SweepFolder, todo: list[FineTuneRun], backbone: str, weights,
+                   config: FineTuneConfig, options: LaunchOptions) -> tuple[list, list[tuple[RunStatus, str | None]]]:
+    """The runs ``todo`` on several local GPUs or through submitit: the jobs and, when waited for, each run's
+    status (submitted runs not waited for: :attr:`RunStatus.SUBMITTED`)."""
+    args = [(str(dataset.root), str(sweep.root), asdict(r), backbone, weights, asdict(config)) for r in todo]
+    if not todo:
+        return [], []
+    if options.launcher == "local":
+        watch = {"log": options.say is not None, "tensorboard_dir": options.tensorboard_dir}
+        return [], [(RunStatus(s), None) for s in _on_gpus(args, options.gpus, dataset.name, watch)]
+    jobs, statuses = _on_submitit(args, sweep, options, dataset.name)
+    return jobs, statuses if options.wait else [(RunStatus.SUBMITTED, None)] * len(todo)
+
+
+def launch_sweep(dataset: MultiDomainDataset, out_dir, runs: list[FineTuneRun], *, backbone: str = "resnet50",
+                 weights="DEFAULT", config: FineTuneConfig = FineTuneConfig(),
+                 options: LaunchOptions = LaunchOptions()) -> LaunchResult:
+    """Run ``runs`` as ``options`` say (in this process, one process per local GPU, or one submitit job per run);
+    the one sweep call of ``linft finetune`` and the demo. Every run is added to ``out_dir/planned.json`` first when
+    some are not done (:func:`linft.train.finetune.run.plan_sweep`), so ``linft status`` counts those not started as
+    to do. Returns one typed outcome per run (:class:`~linft.train.sweeps.result.LaunchResult`); with
+    ``options.across_runs`` (and ``wait``), also evaluates the ensembles and soups across the runs."""
+    _check_launch(runs, config, options)
     hooks = watch_hooks(options.say, options.tensorboard_dir)  # a missing tensorboard package fails here, early
-    out_dir = Path(out_dir)
-    bb = load_backbone(backbone, weights)
-    bb.check_image_size(config.image_size)
-    backbone = bb.name  # resolved, as train_run records it
-    folders = [RunFolder.of(out_dir, run_identity(r, backbone, bb.weights_sha256, dataset.file_list_sha256, config))
-               for r in runs]
-    labels = [finetune_label(r, bb.weights, config) for r in runs]
-    with output_lock(out_dir, folder=True):  # creates the folder; a second identical launch refuses
-        done_before = [f.is_done() for f in folders]
-        eval_images = None
-        if not all(done_before):
-            write_plan(out_dir, {f.run_id: {"label": label, "test_domain": r.test_domain, "seed": r.seed,
-                                            "grid": {"lr": r.lr, "weight_decay": r.weight_decay}}
-                                 for r, f, label in zip(runs, folders, labels)})
-        jobs, statuses = [], []
+    sweep = SweepFolder(out_dir)
+    planned = planned_runs(dataset, sweep.root, runs, backbone=backbone, weights=weights, config=config)
+    with output_lock(sweep.root, folder=True):  # creates the folder; a second identical launch refuses
+        done_before = plan_sweep(sweep.root, planned)
+        todo = [r for r, before in zip(runs, done_before) if not before]
+        jobs, eval_images = [], None
         if options.launcher == "local" and options.gpus <= 1:
-            result = finetune(dataset, out_dir, runs=runs, backbone=backbone, weights=weights, config=config,
+            inline = finetune(dataset, sweep.root, runs=runs, backbone=backbone, weights=weights, config=config,
                               device=options.device, progress=options.progress, hooks=hooks)
-            todo = [r for r, before in zip(result.runs, done_before) if not before]
-            statuses, eval_images = [r.status for r in todo], result.eval_images
+            statuses = [(RunStatus(o.status), None) for o, before in zip(inline.runs, done_before) if not before]
+            eval_images = inline.eval_images
         else:
-            todo = [r for r, before in zip(runs, done_before) if not before]
-            args = [(str(dataset.root), str(out_dir), asdict(r), backbone, weights, asdict(config)) for r in todo]
-            say(f"{len(todo)} of {len(runs)} runs to do ({len(runs) - len(todo)} already done), "
-                f"launcher {options.launcher}")
-            if todo and options.launcher == "local":
-                watch = {"log": options.say is not None, "tensorboard_dir": options.tensorboard_dir}
-                statuses = _on_gpus(args, options.gpus, dataset.name, watch)
-            elif todo:
-                jobs, statuses = _on_submitit(args, out_dir, options, dataset.name)
+            if options.say:
+                options.say(f"{len(todo)} of {len(runs)} runs to do ({len(runs) - len(todo)} already done), "
+                            f"launcher {options.launcher}")
+            jobs, statuses = _run_elsewhere(dataset, sweep, todo, backbone, weights, config, options)
+        across = None
         if options.across_runs and options.wait:
-            evaluate_across_runs(dataset, out_dir, [f.root for f in folders], config=config, device=options.device,
-                                 eval_images=eval_images or EvalImages(dataset, config.image_size,
-                                                                       config.eval_batch_size, config.workers),
-                                 say=options.say)
-        finals = [f.final_status() for f in folders]
-        diverged = [{"label": label, "lr": r.lr, "weight_decay": r.weight_decay}
-                    for r, label, final in zip(runs, labels, finals) if final == "diverged"]
-        return {"submitted": len(todo), "skipped": len(runs) - len(todo), "jobs": [j.job_id for j in jobs],
-                "statuses": statuses, "usable": finals.count("ok"), "divergence": divergence_note(diverged, len(runs))}
+            eval_images = eval_images or EvalImages(dataset, config.image_size, config.eval_batch_size, config.workers)
+            across = evaluate_across_runs(dataset, sweep.root, [p.folder.root for p in planned], config=config,
+                                          device=options.device, eval_images=eval_images, say=options.say)
+        return _result(sweep, planned, done_before, statuses, jobs, across, eval_images)
+
+
+def _result(sweep: SweepFolder, planned: list[PlannedRun], done_before: list[bool], statuses, jobs, across,
+            eval_images) -> LaunchResult:
+    """The typed outcome: runs done before are DONE, the others take their job's status, in order."""
+    launched = iter(statuses)
+    finals = [p.folder.final_status() for p in planned]
+    outcomes = []
+    for p, before, final in zip(planned, done_before, finals):
+        status, detail = (RunStatus.DONE, None) if before else next(launched)
+        outcomes.append(LaunchedRun(p.run, p.folder.run_id, p.folder.root, status, final, detail))
+    diverged = [{"label": p.label, "lr": p.run.lr, "weight_decay": p.run.weight_decay}
+                for p, final in zip(planned, finals) if final == "diverged"]
+    return LaunchResult(sweep.root, outcomes, [j.job_id for j in jobs], finals.count("ok"),
+                        divergence_note(diverged, len(planned)), across, eval_images)

@@ -2,8 +2,9 @@
 
 A sweep folder holds fine-tuning run folders (``OUT/<run_id>/``, :class:`~linft.train.finetune.run_folder.RunFolder`),
 records files of the linear protocol (``OUT/records.jsonl``) or of any other method, feature caches, and the
-plan (``planned.json``, written by ``train-linear`` and ``finetune`` before they train: every run of the grid
-asked for, so that runs not started yet count as *to do*).
+plan (``planned.json``, :mod:`linft.train.sweeps.plan`, written by ``train-linear``, ``finetune`` and the demo before
+they train: every run of the grid asked for, so that runs not started yet count as *to do*); its names are
+:class:`~linft.train.sweeps.folder.SweepFolder`'s.
 
 The state of a run:
 
@@ -23,7 +24,6 @@ writer is appending, is skipped), HDF5 caches are opened with ``locking=False``
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,10 +33,10 @@ from linft.cache.format import cache_info
 from linft.errors import LinftError
 from linft.protocol.records import DERIVED, read_records
 from linft.protocol.selection import iid_accuracy, ood_accuracy
-from linft.output import PARTIAL_SUFFIX, atomic_write_text
+from linft.output import PARTIAL_SUFFIX
 from linft.train.finetune.run_folder import RUN_FILE, RunFolder
-
-PLAN_FILE = "planned.json"
+from linft.train.sweeps.folder import SweepFolder
+from linft.train.sweeps.plan import read_plan_file
 
 #: A run whose files did not change for this long is interrupted (not running); ``linft status --stale-minutes``.
 DEFAULT_STALE_AFTER = 30 * 60
@@ -44,32 +44,7 @@ DEFAULT_STALE_AFTER = 30 * 60
 STATES = ("done", "running", "interrupted", "diverged", "to do")
 
 
-# --------------------------------------------------------------------------- the plan
-
-
-def plan_entry(record_or_header: dict) -> dict:
-    """What the plan keeps of a run: ``label``, ``test_domain``, ``seed``, ``grid``."""
-    return {k: record_or_header[k] for k in ("label", "test_domain", "seed", "grid")}
-
-
-def write_plan(out_dir: str | os.PathLike, runs: dict[str, dict]) -> Path:
-    """Add ``{run_id: plan_entry}`` to ``out_dir/planned.json`` (runs planned before are kept; a plan that
-    holds them all already is left untouched)."""
-    path = Path(out_dir) / PLAN_FILE
-    before = read_plan_file(path)
-    planned = {**before, **runs}
-    if planned == before:
-        return path
-    return atomic_write_text(path, json.dumps({"runs": planned}, indent=1, sort_keys=True) + "\n")
-
-
-def read_plan_file(path: Path) -> dict[str, dict]:
-    """The runs of one plan file (none when it is missing or unreadable: the plan only adds *to do* runs)."""
-    try:
-        runs = json.loads(path.read_text()).get("runs", {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return runs if isinstance(runs, dict) else {}
+# --------------------------------------------------------------------------- divergence
 
 
 def divergence_note(diverged: list[dict], total: int) -> str | None:
@@ -238,7 +213,7 @@ def sweep_status(folder: str | os.PathLike, stale_after: float = DEFAULT_STALE_A
     runs, records = _runs(folder, stale_after, now)
     known = {r.run_id for r in runs}
     planned: dict[str, dict] = {}
-    for path in sorted(folder.rglob(PLAN_FILE)):
+    for path in SweepFolder(folder).plans():
         planned.update(read_plan_file(path))
     runs += [RunState(rid, "to do", p.get("label"), p.get("test_domain"), p.get("seed"), p.get("grid") or {})
              for rid, p in sorted(planned.items()) if rid not in known]
