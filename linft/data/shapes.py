@@ -241,8 +241,7 @@ def write_shapes_dataset(
 
 
 def write_new_folder(out: str | os.PathLike, write: Callable[[Path], None], force: bool = False,
-                     refusal: str = "pass --force to replace it whole (then re-extract its caches with "
-                                    "`linft extract --force`)") -> Path:
+                     refusal: str = "pass force=True to replace it whole (then re-extract its caches with force=True)") -> Path:
     """Make the folder ``out`` with ``write(folder)``: a folder with files in it is refused unless ``force``.
 
     The files are written into ``<out>.partial`` and the folder takes its name only once complete; with ``force``
@@ -319,7 +318,7 @@ def write_pretraining_source(out: str | os.PathLike, seed: int = 0, per_class: i
     made; :func:`linft.train.pretrain.pretrain` copies it into the checkpoint's command.
     """
     if per_class < 1:
-        raise LinftError(f"--per-class must be at least 1, got {per_class}")
+        raise LinftError(f"per_class must be at least 1, got {per_class}", param="per_class")
     out = Path(out).expanduser()
     command = f"linft pretrain-source {shlex.quote(os.fspath(out))} --seed {seed} --per-class {per_class}"
     if size != 64:

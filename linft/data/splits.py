@@ -70,7 +70,17 @@ def split_seed(seed: int, hparams: dict | None = None) -> int:
 def check_split_seed(value: int | None) -> None:
     """A fixed split seed must be a non-negative integer (None: each seed its own split)."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise LinftError(f"--split-seed must be 0 or more, got {value}")
+        raise LinftError(f"split_seed must be 0 or more, got {value}", param="split_seed")
+
+
+def check_training_splits(split_rows: dict, train_domains, domain_names) -> None:
+    """The one check that every training domain has rows in both its "in" and "out" split (20% held out: 5
+    usable images at least; a cache's invalid rows do not count)."""
+    empty = [domain_names[d] for d in train_domains
+             if len(split_rows[(d, "in")]) == 0 or len(split_rows[(d, "out")]) == 0]
+    if empty:
+        raise LinftError(f"domain {', '.join(empty)} has an empty 'in' or 'out' split (20% held out); "
+                         f"each training domain needs at least 5 usable images")
 
 
 def split_names(domain_names) -> list[str]:

@@ -32,7 +32,7 @@ from torch import nn
 
 import linft
 from linft.data.folders import MultiDomainDataset, load_image_folder
-from linft.data.images import decoded_batches, fits_in_memory, normalize_uint8, preload_images
+from linft.data.images import check_workers, decoded_batches, fits_in_memory, normalize_uint8, preload_images
 from linft.data.shapes import source_command
 from linft.errors import LinftError
 from linft.models.registry import backbone_names, build_backbone
@@ -70,8 +70,7 @@ class PretrainConfig:
             raise LinftError(f"weight_decay must be a number >= 0, got {self.weight_decay}")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise LinftError(f"holdout_fraction must lie in [0, 1), got {self.holdout_fraction}")
-        if self.workers is not None and self.workers < 0:
-            raise LinftError(f"workers must be >= 0, got {self.workers}")
+        check_workers(self.workers)
 
     def command(self, data_dir, out) -> str:
         """The ``linft pretrain`` command line that reproduces a file made with these settings."""
@@ -124,9 +123,9 @@ def initial_model(arch: str, num_classes: int, seed: int) -> nn.Module:
 
 def _check_out(out_path: Path, force: bool) -> None:
     if out_path.exists() and not force:
-        raise LinftError(f"{out_path} already exists; pass --force to replace it, or choose another --out")
+        raise LinftError(f"{out_path} already exists; pass force=True to replace it, or choose another out", param="out")
     if out_path.exists() and out_path.is_dir():
-        raise LinftError(f"{out_path} is a folder; pass a file path for --out")
+        raise LinftError(f"{out_path} is a folder; pass a file path as out", param="out")
     writable_folder(out_path.parent)
 
 

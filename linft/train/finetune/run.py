@@ -36,10 +36,9 @@ from torch import nn
 
 from linft.data.folders import MultiDomainDataset, find_dataset
 from linft.data.images import EvalImages
-from linft.data.splits import domain_split_rows, split_seed
+from linft.data.splits import check_training_splits, domain_split_rows, split_seed
 from linft.errors import LinftError
 from linft.locks import output_lock
-from linft.models.blocks import STOCHASTIC_DEPTH_MODES
 from linft.models.checkpoints import load_checkpoint
 from linft.models.heads import load_head
 from linft.protocol.grid import check_grid
@@ -147,10 +146,7 @@ def run_splits(ds: MultiDomainDataset, run: FineTuneRun,
     names = ds.domains
     split_rows = domain_split_rows(ds.domain_ids, len(names), split_seed(run.seed, config.protocol()))
     train = [d for d in range(len(names)) if names[d] != run.test_domain]
-    empty = [names[d] for d in train if len(split_rows[(d, "in")]) == 0 or len(split_rows[(d, "out")]) == 0]
-    if empty:
-        raise LinftError(f"domain {', '.join(empty)} has an empty 'in' or 'out' split (20% held out); "
-                         f"each training domain needs at least 5 images")
+    check_training_splits(split_rows, train, names)
     return split_rows, [split_rows[(d, "in")] for d in train]
 
 
@@ -262,7 +258,7 @@ def train_run(dataset: MultiDomainDataset, out_dir, run: FineTuneRun, *, backbon
                          f"{', '.join(dataset.domains)}")
     dev = resolve_device(device)
     model, bb = build_run_model(backbone, weights, len(dataset.classes), run, dev, config.channels_last)
-    bb.check_image_size(config.image_size)  # fine-tuning runs DomainBed's transforms at --image-size
+    bb.check_image_size(config.image_size)  # fine-tuning runs DomainBed's transforms at image_size
     backbone = bb.name  # the architecture as resolved (clip:ViT-B-32 with OpenAI's weights: clip:ViT-B-32-quickgelu)
     identity = run_identity(run, backbone, bb.weights_sha256, dataset.file_list_sha256, config)
     folder = RunFolder.of(out_dir, identity)
@@ -309,18 +305,10 @@ def sweep_runs(domains: list[str], *, test_domains=None, dropouts=(0.0,), lrs=(1
                weight_decays=(1e-4, 5e-5, 1e-5), seeds: int = 3, last_layer_lr_mult: float = 1.0,
                stochastic_depth: float = 0.0, linearized: bool = False, lp_ft: bool = False,
                stochastic_depth_mode: str = "row") -> list[FineTuneRun]:
-    """Every run of a grid: held-out domain × seed × dropout × lr × weight decay (one variant)."""
-    if lp_ft and linearized:
-        raise LinftError("--lp-ft and --linearized do not combine; run them separately")
+    """Every run of a grid: held-out domain × seed × dropout × lr × weight decay (one variant, which each
+    :class:`FineTuneRun` checks)."""
     chosen = check_grid(domains, test_domains=test_domains, seeds=seeds, lrs=lrs, weight_decays=weight_decays,
                         dropouts=dropouts, where="the dataset")
-    if not (last_layer_lr_mult > 0 and last_layer_lr_mult != float("inf")):
-        raise LinftError(f"--last-layer-lr-mult must be positive, got {last_layer_lr_mult}")
-    if not 0.0 <= stochastic_depth < 1.0:
-        raise LinftError(f"--stochastic-depth {stochastic_depth} is outside [0, 1); the paper uses 0.1 to 0.3")
-    if stochastic_depth_mode not in STOCHASTIC_DEPTH_MODES:
-        raise LinftError(f"unknown --stochastic-depth-mode '{stochastic_depth_mode}'; use "
-                         f"{' or '.join(STOCHASTIC_DEPTH_MODES)}")
     return [FineTuneRun(d, s, float(lr), float(wd), float(p), float(last_layer_lr_mult), float(stochastic_depth),
                         linearized, lp_ft, stochastic_depth_mode)
             for d in chosen for s in range(seeds) for p in dropouts for lr in lrs for wd in weight_decays]

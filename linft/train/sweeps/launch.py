@@ -69,12 +69,10 @@ class LaunchOptions:
 
 
 def check_runs(runs: list[FineTuneRun], config: FineTuneConfig, across_runs: bool = False) -> None:
-    """Refuse, before anything is launched, variants that do not combine."""
-    if any(r.linearized and r.stochastic_depth for r in runs):
-        raise LinftError("--linearized and --stochastic-depth do not combine; run them separately")
+    """Refuse, before anything is launched, settings that do not combine with the runs (each run checks itself)."""
     if any(r.linearized for r in runs) and (config.trajectory or across_runs):
-        raise LinftError("--ensembles is not available with --linearized (averaging linearized models is a different "
-                         "model); run --linearized without --ensembles")
+        raise LinftError("ensembles are not available with linearized (averaging linearized models is a different "
+                         "model); run linearized without ensembles", param="ensembles")
 
 
 def _job(dataset_root: str, out_dir: str, run: dict, backbone: str, weights, config: dict, device: str,
