@@ -20,8 +20,6 @@ ALIASES = {
     "weight_decay": "weight_decays",
     "dropout": "dropouts",
     "dropout_rate": "dropouts",
-    "seed": "seeds",
-    "memory_budget": "memory_gib",
     "blocks": "num_blocks",
 }
 

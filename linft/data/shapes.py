@@ -222,11 +222,12 @@ def write_shapes_dataset(
     benchmark uses 0, the pretraining source 1), so they never share an image.
     """
     if size > 64 or size < 16:
-        raise LinftError(f"image size {size} is out of range; use 16 to 64 pixels")
+        raise LinftError(f"size {size} is out of range; use 16 to 64 pixels", param="size")
     if per_class < 1:
-        raise LinftError(f"per_class {per_class} writes no image; use at least 1 image per domain and class")
+        raise LinftError(f"per_class {per_class} writes no image; use at least 1 image per domain and class",
+                         param="per_class")
     if seed < 0:
-        raise LinftError(f"seed {seed} is negative; use a seed >= 0")
+        raise LinftError(f"seed {seed} is negative; use a seed >= 0", param="seed")
     out = Path(out)
     jobs = [(str(out), seed, si, st, ci, sh, per_class, size, seed_tag)
             for si, st in enumerate(styles) for ci, sh in enumerate(classes)]

@@ -199,7 +199,7 @@ def build_run_model(backbone: str, weights, num_classes: int, run: FineTuneRun, 
     """
     bb = load_backbone(backbone, weights)
     if run.lp_ft and (run.linearized or bb.weights == "none"):
-        raise LinftError("LP-FT starts from a probe on pretrained features: it does not combine with weights none; "
+        raise LinftError("LP-FT starts from a probe on pretrained features: it does not combine with weights='none'; "
                          "run them separately", param="lp_ft")
     model = build_classifier(bb.model, num_classes, run.dropout, seed=seed_hash("linft-finetune", "init", run.seed,
                                                                                   run.test_domain))
