@@ -48,7 +48,7 @@ DEFAULT_PRECISION = "bfloat16"
 def check_precision(precision: str) -> str:
     """``precision`` when it is one of :data:`PRECISIONS`, else one LinftError naming the choices."""
     if precision not in PRECISIONS:
-        raise LinftError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+        raise LinftError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}", param="precision")
     return precision
 
 

@@ -38,7 +38,8 @@ def test_flag_of_reads_the_command(name, param, flag):
      "--linearized and --stochastic-depth do not combine; run them separately"),
     ("extract", "c.h5 exists; pass force=True to replace it or choose another out", "out",
      "c.h5 exists; pass --force to replace it or choose another --out"),
-    ("extract", "vit takes 32 px images; pass image_size=32", "image_size", "vit takes 32 px images; pass --image-size 32"),
+    ("extract", "vit takes 32 px images; pass image_size=32", "image_size",
+     "vit takes 32 px images; pass --image-size 32"),
     ("extract", "device cuda asked for but CUDA is not available; use device='cpu'", "device",
      "--device cuda asked for but CUDA is not available; use --device cpu"),
     ("report", "workers must be >= 0, got -1", "workers", "workers must be >= 0, got -1"),  # no such option: as is

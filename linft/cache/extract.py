@@ -160,7 +160,7 @@ def _precision_hint(existing: dict, attrs: dict) -> str:
     if identity_differences(existing, attrs) != ["compute"]:
         return ""
     made = next((p for p in PRECISIONS if compute_text(p) == existing.get("compute")), None)
-    return f" (it was computed in {existing.get('compute')}: precision {made} reuses it)" if made else ""
+    return f" (it was computed in {existing.get('compute')}: precision='{made}' reuses it)" if made else ""
 
 
 def _up_to_date(out: Path, attrs: dict, force: bool) -> dict | None:
@@ -177,7 +177,8 @@ def _up_to_date(out: Path, attrs: dict, force: bool) -> dict | None:
                          f"(or pass force=True to replace it)", param="out")
     diff = ", ".join(identity_differences(existing, attrs)) or "completion"
     raise LinftError(f"{out} holds a feature cache with different provenance ({diff})"
-                     f"{_precision_hint(existing, attrs)}; pass force=True to replace it or choose another out", param="out")
+                     f"{_precision_hint(existing, attrs)}; pass force=True to replace it or choose another out",
+                     param="out")
 
 
 def _resume_point(partial: Path, attrs: dict, force: bool, batch_size: int) -> int:
@@ -282,12 +283,26 @@ def extract_features(dataset: MultiDomainDataset | str | os.PathLike, out: str |
     attrs = cache_attributes(ds, config, ext)
     out = (Path(out) if out is not None else default_cache_path(ds, config.backbone, ext.backbone.weights)).expanduser()
     with output_lock(out):  # creates the folder
-        return _extract_locked(ds, out, config, ext, attrs, force, progress, on_checkpoint, tick)
+        return _extract_locked(config, _Target(ds, out, ext, attrs, force, progress, on_checkpoint, tick))
 
 
-def _extract_locked(ds: MultiDomainDataset, out: Path, config: ExtractConfig, ext: _Extractor, attrs: dict,
-                    force: bool, progress: bool, on_checkpoint, tick: float) -> ExtractResult:
+@dataclass
+class _Target:
+    """What :func:`extract_features` settled before taking the lock on the cache file."""
+
+    ds: MultiDomainDataset
+    out: Path
+    ext: _Extractor
+    attrs: dict  # the cache's attributes (its provenance)
+    force: bool
+    progress: bool
+    on_checkpoint: Callable[[int, int], None] | None
+    tick: float  # when the call started
+
+
+def _extract_locked(config: ExtractConfig, target: _Target) -> ExtractResult:
     """:func:`extract_features` once the target is known and locked by this process."""
+    ds, out, ext, attrs, force, tick = target.ds, target.out, target.ext, target.attrs, target.force, target.tick
     existing = _up_to_date(out, attrs, force)
     if existing is not None:
         return ExtractResult(out, "up-to-date", len(ds), 0, time.perf_counter() - tick,
@@ -304,7 +319,7 @@ def _extract_locked(ds: MultiDomainDataset, out: Path, config: ExtractConfig, ex
         raise LinftError(f"cannot write {partial} ({why}); check the location or choose another out",
                          param="out") from None
     try:
-        extracted = _run_extraction(f, ds, ext, config, num_done, progress, on_checkpoint)
+        extracted = _run_extraction(f, ds, ext, config, num_done, target.progress, target.on_checkpoint)
         skipped = [ds.paths[i] for i in np.flatnonzero(~f["valid"][...])]
         f.attrs["skipped_paths"] = json.dumps(skipped)
         f.attrs["completed"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

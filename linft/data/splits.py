@@ -31,9 +31,10 @@ def split_indices(
     "in". Both are returned in that shuffled order, as DomainBed uses them.
     """
     if num_examples < 0:
-        raise LinftError(f"num_examples must be >= 0, got {num_examples}")
+        raise LinftError(f"num_examples must be >= 0, got {num_examples}", param="num_examples")
     if not 0.0 <= holdout_fraction <= 1.0:
-        raise LinftError(f"holdout_fraction must lie in [0, 1], got {holdout_fraction}")
+        raise LinftError(f"holdout_fraction must lie in [0, 1], got {holdout_fraction}",
+                         param="holdout_fraction")
     keys = list(range(num_examples))
     np.random.RandomState(seed_hash(trial_seed, env_index)).shuffle(keys)
     n_out = int(num_examples * holdout_fraction)

@@ -2,7 +2,6 @@
 
 import pytest
 
-from linft.errors import LinftError
 from linft.protocol.schedule import check_milestones, lr_at, milestone_steps
 from helpers import refused
 

@@ -95,15 +95,17 @@ class FineTuneConfig:
         if self.image_size < 16:
             raise LinftError(f"image_size must be at least 16, got {self.image_size}", param="image_size")
         if self.ensemble_rule not in ENSEMBLE_RULES:
-            raise LinftError(f"unknown ensemble rule '{self.ensemble_rule}'; use {' or '.join(ENSEMBLE_RULES)}")
+            raise LinftError(f"unknown ensemble rule '{self.ensemble_rule}'; use {' or '.join(ENSEMBLE_RULES)}",
+                             param="ensemble_rule")
         check_milestones(self.lr_milestones)
         check_split_seed(self.split_seed)
         if self.augment not in AUGMENTATIONS:
-            raise LinftError(f"unknown augmentation '{self.augment}'; use {', '.join(AUGMENTATIONS)}")
+            raise LinftError(f"unknown augmentation '{self.augment}'; use {', '.join(AUGMENTATIONS)}", param="augment")
         check_workers(self.workers)
         if check_precision(self.precision) == "float16":
             raise LinftError("precision float16 is for extraction and interpolation: training in float16 needs loss "
-                             "scaling, which linft does not do; use bfloat16 (as fast on GPUs since Ampere) or float32")
+                             "scaling, which linft does not do; use bfloat16 (as fast on GPUs since Ampere) or float32",
+                             param="precision")
 
 
 @dataclass(frozen=True)
@@ -128,9 +130,10 @@ class FineTuneRun:
                              param="last_layer_lr_mult")
         check_stochastic_depth(self.stochastic_depth, self.stochastic_depth_mode)
         if self.linearized and self.stochastic_depth:
-            raise LinftError("linearized and stochastic_depth do not combine; run them separately", param="linearized")
+            raise LinftError("linearized=True and stochastic_depth do not combine; run them separately",
+                             param="linearized")
         if self.lp_ft and self.linearized:
-            raise LinftError("lp_ft and linearized do not combine; run them separately", param="lp_ft")
+            raise LinftError("lp_ft=True and linearized=True do not combine; run them separately", param="lp_ft")
 
     def identity(self) -> dict:
         """The fields in the run's id; ``lp_ft`` and ``stochastic_depth_mode`` only when not their defaults, so runs

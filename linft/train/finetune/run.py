@@ -264,27 +264,43 @@ def train_run(dataset: MultiDomainDataset, out_dir, run: FineTuneRun, *, backbon
     folder = RunFolder.of(out_dir, identity)
     split_rows, pools = run_splits(dataset, run, config)  # a run refused here leaves no folder behind
     with output_lock(folder.root, folder=True):  # one process per run (a second launch, a Slurm resubmission)
-        return _train_locked(dataset, run, config, folder, identity, backbone, bb, model, split_rows, pools,
-                             eval_images, progress, hooks)
+        return _train_locked(config, _Prepared(dataset, run, folder, identity, backbone, bb, model, split_rows, pools,
+                                               eval_images), progress, hooks)
 
 
-def _train_locked(dataset: MultiDomainDataset, run: FineTuneRun, config: FineTuneConfig, folder: RunFolder,
-                  identity: dict, backbone: str, bb, model, split_rows, pools, eval_images, progress: bool,
-                  hooks: RunHooks) -> RunOutcome:
+@dataclass
+class _Prepared:
+    """What :func:`train_run` settles before taking the run folder's lock: the run, its identity and folder, its
+    network (``bb``: the resolved backbone) and its data."""
+
+    dataset: MultiDomainDataset
+    run: FineTuneRun
+    folder: RunFolder
+    identity: dict
+    backbone: str
+    bb: object
+    model: nn.Module
+    split_rows: dict
+    pools: list
+    eval_images: EvalImages | None
+
+
+def _train_locked(config: FineTuneConfig, p: _Prepared, progress: bool, hooks: RunHooks) -> RunOutcome:
     """:func:`train_run` once its folder is locked by this process."""
+    folder, run, dataset = p.folder, p.run, p.dataset
     done = folder.final_status()  # under the lock: also a run another process finished meanwhile
     if done is not None:
         folder.checkpoint.unlink(missing_ok=True)  # left by a kill between the final record and its removal
         return RunOutcome(folder.root, folder.run_id, "diverged" if done == "diverged" else "done", run=run)
-    atomic_write_text(folder.run_json, json.dumps({"run_id": folder.run_id, **identity}, indent=1) + "\n")
-    header = _header(dataset, run, backbone, bb, config, folder.run_id)
-    r = _Run(dataset, run, config, folder, header, model, run_optimizer(model, run, config.momentum),
-             dataset.domains.index(run.test_domain), split_rows, pools,
-             eval_images or EvalImages(dataset, config.image_size, config.eval_batch_size, config.workers),
-             Trajectory(identity, config, backbone) if config.trajectory else None)
+    atomic_write_text(folder.run_json, json.dumps({"run_id": folder.run_id, **p.identity}, indent=1) + "\n")
+    header = _header(dataset, run, p.backbone, p.bb, config, folder.run_id)
+    r = _Run(dataset, run, config, folder, header, p.model, run_optimizer(p.model, run, config.momentum),
+             dataset.domains.index(run.test_domain), p.split_rows, p.pools,
+             p.eval_images or EvalImages(dataset, config.image_size, config.eval_batch_size, config.workers),
+             Trajectory(p.identity, config, p.backbone) if config.trajectory else None)
     status = _restore(r, hooks)
     if run.lp_ft and r.start == 0:  # a resumed run has its head in its checkpoint
-        load_head(r.model, lp_ft_head(dataset, np.sort(np.concatenate(pools)), r.model, bb.weights_sha256, config,
+        load_head(r.model, lp_ft_head(dataset, np.sort(np.concatenate(p.pools)), r.model, p.bb.weights_sha256, config,
                                       r.eval_images))
     trained, diverged = _train(r, progress, hooks)
     if diverged:

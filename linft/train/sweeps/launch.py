@@ -71,8 +71,8 @@ class LaunchOptions:
 def check_runs(runs: list[FineTuneRun], config: FineTuneConfig, across_runs: bool = False) -> None:
     """Refuse, before anything is launched, settings that do not combine with the runs (each run checks itself)."""
     if any(r.linearized for r in runs) and (config.trajectory or across_runs):
-        raise LinftError("ensembles are not available with linearized (averaging linearized models is a different "
-                         "model); run linearized without ensembles", param="ensembles")
+        raise LinftError("ensembles are not available with linearized=True (averaging linearized models is a "
+                         "different model); run linearized runs without ensembles", param="ensembles")
 
 
 def _job(dataset_root: str, out_dir: str, run: dict, backbone: str, weights, config: dict, device: str,
@@ -148,7 +148,7 @@ def launch_sweep(dataset: MultiDomainDataset, out_dir, runs: list[FineTuneRun], 
     say = options.say or (lambda _line: None)
     config.check()
     if options.launcher not in LAUNCHERS:
-        raise LinftError(f"unknown launcher '{options.launcher}'; use one of {', '.join(LAUNCHERS)}")
+        raise LinftError(f"unknown launcher '{options.launcher}'; use one of {', '.join(LAUNCHERS)}", param="launcher")
     if options.launcher == "slurm" and shutil.which("srun") is None:  # what submitit looks for, with a traceback
         raise LinftError("the slurm launcher needs Slurm, but its srun command is not found on this machine; run "
                          "from a Slurm login node, or use launcher 'local' (or 'submitit-local') here")
