@@ -18,7 +18,8 @@ from pathlib import Path
 import click
 
 from linft import __version__
-from linft.errors import LinftError, worker_died
+from linft.cli.flags import in_flags
+from linft.errors import HDF5WriteError, LinftError, worker_died
 
 
 #: command -> (module in linft.cli, the command's function there).
@@ -76,18 +77,16 @@ class LinftGroup(click.Group):
         signal.signal(signal.SIGTERM, _terminated)
         try:
             return super().invoke(ctx)
-        except LinftError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            if exc.exit_at_once:  # see LinftError: HDF5 would crash at interpreter exit
+        except (LinftError, RuntimeError) as exc:
+            error = exc if isinstance(exc, LinftError) else worker_died(exc)  # raised anywhere by torch's SIGCHLD
+            if error is None:
+                raise
+            command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+            click.echo(f"Error: {in_flags(str(error), error.param, command)}", err=True)
+            if isinstance(error, HDF5WriteError):  # HDF5 may crash at interpreter exit: leave without clean-up
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(2)
-            ctx.exit(2)
-        except RuntimeError as exc:  # a dead decoding worker, raised anywhere by torch's SIGCHLD handler
-            died = worker_died(exc)
-            if died is None:
-                raise
-            click.echo(f"Error: {died}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted; re-run the same command to resume", err=True)

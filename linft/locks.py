@@ -142,7 +142,8 @@ def output_lock(target: str | os.PathLike, *, folder: bool = False):
             if _try_lock(path, owner):
                 break
         except OSError as exc:
-            raise LinftError(f"cannot lock {target} ({write_failure(exc)}); choose another --out") from None
+            raise LinftError(f"cannot lock {target} ({write_failure(exc)}); choose another out_dir",
+                             param="out_dir") from None
         held = _read_owner(path)
         if held is not None and _owner_alive(held) is not False:
             raise LinftError(

@@ -76,10 +76,11 @@ def writable_folder(folder: str | os.PathLike) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise LinftError(f"cannot create folder {folder} ({write_failure(exc)}); choose another --out") from None
+        raise LinftError(f"cannot create folder {folder} ({write_failure(exc)}); choose another out_dir",
+                         param="out_dir") from None
     if not os.access(folder, os.W_OK):
         why = "read-only file system" if read_only_file_system(folder) else "permission denied"
-        raise LinftError(f"cannot write to {folder} ({why}); choose another --out")
+        raise LinftError(f"cannot write to {folder} ({why}); choose another out_dir", param="out_dir")
     return folder
 
 

@@ -31,9 +31,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise LinftError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
+        raise LinftError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N", param="device") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LinftError(f"device {device} asked for but CUDA is not available; use --device cpu")
+        raise LinftError(f"device {device} asked for but CUDA is not available; use device='cpu'", param="device")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise LinftError(f"device {device} does not exist ({torch.cuda.device_count()} GPUs); use cuda:0 or auto")
     return dev
@@ -48,7 +48,7 @@ DEFAULT_PRECISION = "bfloat16"
 def check_precision(precision: str) -> str:
     """``precision`` when it is one of :data:`PRECISIONS`, else one LinftError naming the choices."""
     if precision not in PRECISIONS:
-        raise LinftError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+        raise LinftError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}", param="precision")
     return precision
 
 

@@ -5,12 +5,28 @@ Importable as ``helpers`` from every test file (pytest puts ``tests/`` on ``sys.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from itertools import product
 
 import numpy as np
+import pytest
 import torch
 
 from linft.cache.format import FeatureCache
+from linft.errors import LinftError
+
+# -- refusals --------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def refused(param: str | None = None, kind: type[LinftError] = LinftError):
+    """The block raises ``kind`` about ``param`` (None: about no parameter), in one line that names no ``--flag``
+    (only the CLI names flags). Yields pytest's ExceptionInfo, for the facts a test also checks (a path, a value)."""
+    with pytest.raises(kind) as err:
+        yield err
+    assert err.value.param == param, f"param {err.value.param!r} ({err.value})"
+    text = str(err.value)
+    assert "\n" not in text and " --" not in f" {text}", text
 
 # -- toy run records (selection, aggregation, reports) ------------------------------------------------------------
 

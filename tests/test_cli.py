@@ -182,8 +182,8 @@ def test_train_linear_refuses_a_domain_whose_images_were_all_skipped_before_trai
     assert not out.exists()
 
 
-@pytest.mark.parametrize("option,fragment", [("--per-class=0", "per_class 0"), ("--per-class=-3", "per_class -3"),
-                                             ("--seed=-1", "seed -1")])
+@pytest.mark.parametrize("option,fragment", [("--per-class=0", "--per-class 0"), ("--per-class=-3", "--per-class -3"),
+                                             ("--seed=-1", "--seed -1")])
 def test_demo_data_bad_numbers_are_one_line(tmp_path, option, fragment):
     assert_one_line_error(run("demo-data", tmp_path / "d", "--size", "16", "--per-class", "1", option), fragment)
     assert not (tmp_path / "d").exists()

@@ -187,3 +187,27 @@ def test_one_header_builder():
             if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "RunHeader":
                 calls.append(name)
     assert calls == ["linft.protocol.identity"], calls
+
+
+def _error_texts(tree: ast.AST):
+    """The string pieces of every exception built or warning issued in a module (``raise X(f"...")``,
+    ``warnings.warn(...)``): its error text."""
+    for call in ast.walk(tree):
+        if isinstance(call, ast.Call):
+            name = getattr(call.func, "id", None) or getattr(call.func, "attr", "")
+            if name.endswith(("Error", "Exception")) or name == "warn":
+                yield from (n for n in ast.walk(call) if isinstance(n, ast.Constant) and isinstance(n.value, str))
+
+
+def test_library_errors_name_parameters_not_flags():
+    """Only cli/ names `--flags`: a library error names the parameter (``workers must be >= 0``), and the CLI
+    shows the flag that sets it (cli/flags.py)."""
+    found = [f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.value!r}"
+             for path in sorted(PACKAGE.rglob("*.py")) if "cli" not in path.relative_to(PACKAGE).parts
+             for node in _error_texts(ast.parse(path.read_text())) if "--" in node.value]
+    assert not found, found
+
+
+def test_the_rule_finds_a_flag_in_error_text():
+    tree = ast.parse('raise LinftError(f"--workers must be >= 0, got {w}")\nwarnings.warn("use --force")')
+    assert [n.value for n in _error_texts(tree) if "--" in n.value] == ["--workers must be >= 0, got ", "use --force"]

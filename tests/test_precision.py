@@ -14,9 +14,9 @@ from linft.interpolation.run import InterpolateConfig
 from linft.cache.extract import ExtractConfig, compute_text, extract_features
 from linft.cache.format import cache_info, provenance_sha256, read_attrs, write_attrs
 from linft.cli.main import COMMANDS, main
-from linft.errors import LinftError
 from linft.runtime import DEFAULT_PRECISION, PRECISIONS, autocast, check_precision, effective_precision
 from linft.train.finetune.model import FineTuneConfig
+from helpers import refused
 
 from conftest import assert_one_line_error
 
@@ -37,9 +37,9 @@ def test_one_default_and_one_validator_for_the_three_configs():
     assert list(PRECISIONS) == ["float32", "bfloat16", "float16"]
     for config in configs:
         bad = type(config)(**{**config.__dict__, "precision": "fp16"})
-        with pytest.raises(LinftError, match="unknown precision 'fp16'; use float32, bfloat16, float16"):
+        with refused("precision"):
             bad.check()
-    with pytest.raises(LinftError, match="unknown precision"):
+    with refused("precision"):
         check_precision("half")
 
 
@@ -92,7 +92,7 @@ def test_a_cache_of_another_precision_is_refused_with_the_precision_that_reuses_
 
 
 def test_finetune_refuses_float16_in_one_line(image_folder):
-    with pytest.raises(LinftError, match="loss scaling"):
+    with refused("precision"):
         FineTuneConfig(precision="float16").check()
     result = CliRunner().invoke(main, ["finetune", str(image_folder), "--precision", "float16", "--backbone",
                                        "resnet18", "--weights", "none", "--seeds", "1", "--device", "cpu", "--quiet"])

@@ -115,7 +115,7 @@ def run_results(records: list[dict], selection: str = "iid") -> list[SelectedRun
     ``model: ``. One label of one model from two sources (two caches of the same backbone and weights) is refused.
     """
     if selection not in SELECTIONS:
-        raise LinftError(f"unknown selection '{selection}'; use one of {', '.join(SELECTIONS)}")
+        raise LinftError(f"unknown selection '{selection}'; use one of {', '.join(SELECTIONS)}", param="selection")
     select = SELECTIONS[selection]
     return _keep_models_apart([_selected(run_records, select) for run_records in group_runs(records).values()])
 

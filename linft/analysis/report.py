@@ -237,8 +237,8 @@ def write_report(record_paths, out_dir, selection: str = "iid", se: str = "sampl
     out = Path(out_dir)
     present = existing_report(out)
     if present and not force:
-        raise LinftError(f"{out} already holds a report ({', '.join(present[:3])}); pass --force to replace it or "
-                         f"choose another --out")
+        raise LinftError(f"{out} already holds a report ({', '.join(present[:3])}); pass force=True to replace it or "
+                         f"choose another out_dir", param="out_dir")
     records = read_records(record_paths)
     if not records:
         raise LinftError(f"the run records in {', '.join(map(str, record_paths))} are empty; train something first")
@@ -258,8 +258,8 @@ def write_report(record_paths, out_dir, selection: str = "iid", se: str = "sampl
                 paths[key] = out / path.name
         except (OSError, WriteError) as exc:
             reason = exc.reason if isinstance(exc, WriteError) else write_failure(exc)
-            raise LinftError(f"cannot write the report to {out} ({reason}); free space or choose another --out "
-                             f"(the previous report, if any, is unchanged)") from None
+            raise LinftError(f"cannot write the report to {out} ({reason}); free space or choose another out_dir "
+                             f"(the previous report, if any, is unchanged)", param="out_dir") from None
         finally:
             remove_path(staging)
     return paths

@@ -31,9 +31,9 @@ from linft.cache.format import (CACHE_FORMAT_VERSION, DTYPES, default_cache_path
                                 identity_differences, provenance_sha256, row_digests, write_attrs,
                                 digest_mismatches)
 from linft.data.folders import MultiDomainDataset, load_image_folder
-from linft.data.images import (describe_transform, describe_views_transform, first_bad_image,
+from linft.data.images import (check_workers, describe_transform, describe_views_transform, first_bad_image,
                                image_loader, model_input)
-from linft.errors import LinftError, worker_died
+from linft.errors import HDF5WriteError, LinftError, worker_died
 from linft.locks import output_lock
 from linft.models.blocks import PooledBlockFeatures, phi_block_names
 from linft.models.registry import Backbone, load_backbone
@@ -61,16 +61,16 @@ class ExtractConfig:
     def check(self) -> None:
         """One-line errors for settings that cannot run."""
         if self.dtype not in DTYPES:
-            raise LinftError(f"unknown --dtype {self.dtype}; use float16 or float32")
+            raise LinftError(f"unknown dtype {self.dtype}; use float16 or float32", param="dtype")
         check_precision(self.precision)
         if self.image_size < 16:
-            raise LinftError(f"--image-size {self.image_size} is too small; use at least 16 (DomainBed uses 224)")
+            raise LinftError(f"image_size {self.image_size} is too small; use at least 16 (DomainBed uses 224)",
+                             param="image_size")
         if self.batch_size < 1:
-            raise LinftError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise LinftError(f"batch_size must be at least 1, got {self.batch_size}", param="batch_size")
         if self.views < 0:
-            raise LinftError(f"--views must be 0 or more, got {self.views}")
-        if self.workers is not None and self.workers < 0:
-            raise LinftError(f"--workers must be 0 or more, got {self.workers}")
+            raise LinftError(f"views must be 0 or more, got {self.views}", param="views")
+        check_workers(self.workers)
 
 
 @dataclass
@@ -99,7 +99,7 @@ class _Extractor:
     dev: torch.device
     precision: str  # what the forward runs in on this device (float32 off CUDA)
     dim: int
-    transform: object  # PIL image -> uint8 (3, S, S): the weights' own, or DomainBed's at --image-size
+    transform: object  # PIL image -> uint8 (3, S, S): the weights' own, or DomainBed's at ``image_size``
     normalize: object  # the normalisation in effect (for the record; the network folds in any but ImageNet's)
     image_size: int
 
@@ -160,7 +160,7 @@ def _precision_hint(existing: dict, attrs: dict) -> str:
     if identity_differences(existing, attrs) != ["compute"]:
         return ""
     made = next((p for p in PRECISIONS if compute_text(p) == existing.get("compute")), None)
-    return f" (it was computed in {existing.get('compute')}: --precision {made} reuses it)" if made else ""
+    return f" (it was computed in {existing.get('compute')}: precision='{made}' reuses it)" if made else ""
 
 
 def _up_to_date(out: Path, attrs: dict, force: bool) -> dict | None:
@@ -173,11 +173,12 @@ def _up_to_date(out: Path, attrs: dict, force: bool) -> dict | None:
     if existing is not None and existing.get("complete") and existing["provenance_sha256"] == attrs["provenance_sha256"]:
         return existing
     if existing is None:
-        raise LinftError(f"{out} exists and is not a linft feature cache; choose another --out "
-                         f"(or --force to replace it)")
+        raise LinftError(f"{out} exists and is not a linft feature cache; choose another out "
+                         f"(or pass force=True to replace it)", param="out")
     diff = ", ".join(identity_differences(existing, attrs)) or "completion"
     raise LinftError(f"{out} holds a feature cache with different provenance ({diff})"
-                     f"{_precision_hint(existing, attrs)}; pass --force to replace it or choose another --out")
+                     f"{_precision_hint(existing, attrs)}; pass force=True to replace it or choose another out",
+                     param="out")
 
 
 def _resume_point(partial: Path, attrs: dict, force: bool, batch_size: int) -> int:
@@ -202,7 +203,7 @@ def _resume_point(partial: Path, attrs: dict, force: bool, batch_size: int) -> i
         diff = ", ".join(identity_differences(previous, attrs))
         raise LinftError(f"{partial} is an unfinished extraction with different settings ({diff})"
                          f"{_precision_hint(previous, attrs)}; "
-                         f"re-run its own command to finish it, or pass --force to discard it")
+                         f"re-run its own command to finish it, or pass force=True to discard it", param="force")
     if num_done == 0:
         partial.unlink()
     return num_done
@@ -227,7 +228,8 @@ def _check_location(out: Path, needed_bytes: int) -> None:
     free = shutil.disk_usage(out.parent).free
     if free < needed_bytes + (16 << 20):
         raise LinftError(f"not enough disk space in {out.parent}: the cache needs about {human_bytes(needed_bytes)} "
-                         f"plus 16 MiB of headroom, {human_bytes(free)} free; free some space or choose another --out")
+                         f"plus 16 MiB of headroom, {human_bytes(free)} free; free some space or choose another out",
+                         param="out")
 
 
 def _open_partial(partial: Path, ds: MultiDomainDataset, attrs: dict, num_done: int) -> h5py.File:
@@ -281,12 +283,26 @@ def extract_features(dataset: MultiDomainDataset | str | os.PathLike, out: str |
     attrs = cache_attributes(ds, config, ext)
     out = (Path(out) if out is not None else default_cache_path(ds, config.backbone, ext.backbone.weights)).expanduser()
     with output_lock(out):  # creates the folder
-        return _extract_locked(ds, out, config, ext, attrs, force, progress, on_checkpoint, tick)
+        return _extract_locked(config, _Target(ds, out, ext, attrs, force, progress, on_checkpoint, tick))
 
 
-def _extract_locked(ds: MultiDomainDataset, out: Path, config: ExtractConfig, ext: _Extractor, attrs: dict,
-                    force: bool, progress: bool, on_checkpoint, tick: float) -> ExtractResult:
+@dataclass
+class _Target:
+    """What :func:`extract_features` settled before taking the lock on the cache file."""
+
+    ds: MultiDomainDataset
+    out: Path
+    ext: _Extractor
+    attrs: dict  # the cache's attributes (its provenance)
+    force: bool
+    progress: bool
+    on_checkpoint: Callable[[int, int], None] | None
+    tick: float  # when the call started
+
+
+def _extract_locked(config: ExtractConfig, target: _Target) -> ExtractResult:
     """:func:`extract_features` once the target is known and locked by this process."""
+    ds, out, ext, attrs, force, tick = target.ds, target.out, target.ext, target.attrs, target.force, target.tick
     existing = _up_to_date(out, attrs, force)
     if existing is not None:
         return ExtractResult(out, "up-to-date", len(ds), 0, time.perf_counter() - tick,
@@ -300,9 +316,10 @@ def _extract_locked(ds: MultiDomainDataset, out: Path, config: ExtractConfig, ex
         f = _open_partial(partial, ds, attrs, num_done)
     except (OSError, RuntimeError) as exc:  # h5py reports some write failures as RuntimeError
         why = "read-only file system" if read_only_file_system(partial.parent) else _first_line(exc)
-        raise LinftError(f"cannot write {partial} ({why}); check the location or choose another --out") from None
+        raise LinftError(f"cannot write {partial} ({why}); check the location or choose another out",
+                         param="out") from None
     try:
-        extracted = _run_extraction(f, ds, ext, config, num_done, progress, on_checkpoint)
+        extracted = _run_extraction(f, ds, ext, config, num_done, target.progress, target.on_checkpoint)
         skipped = [ds.paths[i] for i in np.flatnonzero(~f["valid"][...])]
         f.attrs["skipped_paths"] = json.dumps(skipped)
         f.attrs["completed"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -312,9 +329,8 @@ def _extract_locked(ds: MultiDomainDataset, out: Path, config: ExtractConfig, ex
         died = worker_died(exc)  # a worker's death can surface anywhere in the loop (torch's SIGCHLD handler)
         if died is not None:
             raise died from None
-        raise LinftError(f"writing {partial} failed ({_first_line(exc)}); free space or fix the location, "
-                         f"then re-run the same command to resume (rows not proven written are redone)",
-                         exit_at_once=True) from None
+        raise HDF5WriteError(f"writing {partial} failed ({_first_line(exc)}); free space or fix the location, "
+                             f"then re-run the same call to resume (rows not proven written are redone)") from None
     finally:
         try:
             f.close()
@@ -372,8 +388,8 @@ def _run_extraction(f, ds: MultiDomainDataset, ext: _Extractor, config: ExtractC
             bad = first_bad_image(ds, ok, rows, errors)
             if bad and not config.skip_bad_images:
                 write()
-                raise LinftError(f"cannot read image {bad}; fix or remove it, or pass --skip-bad-images to record "
-                                 f"and skip it")
+                raise LinftError(f"cannot read image {bad}; fix or remove it, or pass skip_bad_images=True to record "
+                                 f"and skip it", param="skip_bad_images")
             ok = ok.numpy()
             # one forward for the plain images and their views (no copy when there are no views)
             feats = ext(torch.cat([images[:, None], view_images], 1).flatten(0, 1) if config.views else images)

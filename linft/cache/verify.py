@@ -112,7 +112,7 @@ def check_digests(f: h5py.File, meta: dict, paths: list[str] | None, chunk_rows:
     done = _rows_written(meta)
     bad = list(digest_mismatches(f, done, chunk_rows))
     if bad:
-        return False, f"{len(bad)} rows differ from their digest (first: row {bad[0]}); re-extract with --force"
+        return False, f"{len(bad)} rows differ from their digest (first: row {bad[0]}); re-extract it (force=True)"
     return True, f"{done} rows match their digests"
 
 

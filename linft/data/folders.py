@@ -71,7 +71,7 @@ def _utf8_name(folder, name: str, fix: str = "or move it out of the dataset") ->
         raw = os.fsencode(name)
         where = str(folder).encode("utf-8", "backslashreplace").decode()
         raise LinftError(f"the name {raw!r} in {where} is not UTF-8; rename it to UTF-8 "
-                         f"(e.g. `convmv -f latin1 -t utf8 -r --notest FOLDER`) {fix}") from None
+                         f"(convmv -f latin1 -t utf8 -r FOLDER lists the renames; its notest option makes them) {fix}") from None
     return name
 
 
@@ -215,7 +215,7 @@ def load_image_folder(root: str | os.PathLike, name: str | None = None) -> Multi
         raise LinftError(
             f"dataset folder {root} does not exist; pass a folder laid out "
             f"<dataset>/<domain>/<class>/<image>, or a DomainBed name ({', '.join(DOMAINBED_DATASETS)}) "
-            f"with --data-root"
+            f"with data_root=FOLDER", param="dataset"
         )
     if not root.is_dir():
         raise LinftError(f"dataset path {root} is not a folder; pass the folder that holds the domain folders")
@@ -275,7 +275,7 @@ def find_dataset(dataset: str | os.PathLike, data_root: str | os.PathLike | None
     if not folder.is_dir():
         raise LinftError(
             f"{spec_name} not found at {folder}; download it with DomainBed's "
-            f"domainbed/scripts/download.py into {base}, or pass --data-root"
+            f"domainbed/scripts/download.py into {base}, or pass data_root=FOLDER", param="data_root"
         )
     ds = load_image_folder(folder, name=spec_name)
     missing = sorted(set(spec.domains) - set(ds.domains))

@@ -49,11 +49,16 @@ NORMALIZE = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
 PRELOAD_LIMIT_BYTES = 2 << 30
 
 
+def check_workers(workers: int | None) -> None:
+    """The one check of a count of decoding processes: None (one per spare core) or 0 or more."""
+    if workers is not None and workers < 0:
+        raise LinftError(f"workers must be >= 0, got {workers}", param="workers")
+
+
 def default_workers(workers: int | None = None) -> int:
     """DataLoader processes that decode images: ``workers`` when given, else one per spare core (at most 8)."""
     if workers is not None:
-        if workers < 0:
-            raise LinftError(f"workers must be 0 or more, got {workers}")
+        check_workers(workers)
         return workers
     return min(8, max(1, (os.cpu_count() or 1) - 1))
 

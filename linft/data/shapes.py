@@ -222,11 +222,12 @@ def write_shapes_dataset(
     benchmark uses 0, the pretraining source 1), so they never share an image.
     """
     if size > 64 or size < 16:
-        raise LinftError(f"image size {size} is out of range; use 16 to 64 pixels")
+        raise LinftError(f"size {size} is out of range; use 16 to 64 pixels", param="size")
     if per_class < 1:
-        raise LinftError(f"per_class {per_class} writes no image; use at least 1 image per domain and class")
+        raise LinftError(f"per_class {per_class} writes no image; use at least 1 image per domain and class",
+                         param="per_class")
     if seed < 0:
-        raise LinftError(f"seed {seed} is negative; use a seed >= 0")
+        raise LinftError(f"seed {seed} is negative; use a seed >= 0", param="seed")
     out = Path(out)
     jobs = [(str(out), seed, si, st, ci, sh, per_class, size, seed_tag)
             for si, st in enumerate(styles) for ci, sh in enumerate(classes)]
@@ -241,8 +242,7 @@ def write_shapes_dataset(
 
 
 def write_new_folder(out: str | os.PathLike, write: Callable[[Path], None], force: bool = False,
-                     refusal: str = "pass --force to replace it whole (then re-extract its caches with "
-                                    "`linft extract --force`)") -> Path:
+                     refusal: str = "pass force=True to replace it whole (then re-extract its caches with force=True)") -> Path:
     """Make the folder ``out`` with ``write(folder)``: a folder with files in it is refused unless ``force``.
 
     The files are written into ``<out>.partial`` and the folder takes its name only once complete; with ``force``
@@ -319,7 +319,7 @@ def write_pretraining_source(out: str | os.PathLike, seed: int = 0, per_class: i
     made; :func:`linft.train.pretrain.pretrain` copies it into the checkpoint's command.
     """
     if per_class < 1:
-        raise LinftError(f"--per-class must be at least 1, got {per_class}")
+        raise LinftError(f"per_class must be at least 1, got {per_class}", param="per_class")
     out = Path(out).expanduser()
     command = f"linft pretrain-source {shlex.quote(os.fspath(out))} --seed {seed} --per-class {per_class}"
     if size != 64:

@@ -31,9 +31,10 @@ def split_indices(
     "in". Both are returned in that shuffled order, as DomainBed uses them.
     """
     if num_examples < 0:
-        raise LinftError(f"num_examples must be >= 0, got {num_examples}")
+        raise LinftError(f"num_examples must be >= 0, got {num_examples}", param="num_examples")
     if not 0.0 <= holdout_fraction <= 1.0:
-        raise LinftError(f"holdout_fraction must lie in [0, 1], got {holdout_fraction}")
+        raise LinftError(f"holdout_fraction must lie in [0, 1], got {holdout_fraction}",
+                         param="holdout_fraction")
     keys = list(range(num_examples))
     np.random.RandomState(seed_hash(trial_seed, env_index)).shuffle(keys)
     n_out = int(num_examples * holdout_fraction)
@@ -70,7 +71,17 @@ def split_seed(seed: int, hparams: dict | None = None) -> int:
 def check_split_seed(value: int | None) -> None:
     """A fixed split seed must be a non-negative integer (None: each seed its own split)."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise LinftError(f"--split-seed must be 0 or more, got {value}")
+        raise LinftError(f"split_seed must be 0 or more, got {value}", param="split_seed")
+
+
+def check_training_splits(split_rows: dict, train_domains, domain_names) -> None:
+    """The one check that every training domain has rows in both its "in" and "out" split (20% held out: 5
+    usable images at least; a cache's invalid rows do not count)."""
+    empty = [domain_names[d] for d in train_domains
+             if len(split_rows[(d, "in")]) == 0 or len(split_rows[(d, "out")]) == 0]
+    if empty:
+        raise LinftError(f"domain {', '.join(empty)} has an empty 'in' or 'out' split (20% held out); "
+                         f"each training domain needs at least 5 usable images")
 
 
 def split_names(domain_names) -> list[str]:

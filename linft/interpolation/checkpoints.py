@@ -68,8 +68,8 @@ class CheckpointInterpolateConfig(InterpolateConfig):
             raise LinftError("interpolating two checkpoints needs the backbone, the pretrained weights and the "
                              "fine-tuned checkpoint")
         if self.pretrained_head == "probe" and not self.probe_data:
-            raise LinftError("--pretrained-head probe needs --probe-data FOLDER (images of the head's classes to fit "
-                             "it on, not an evaluation set)")
+            raise LinftError("pretrained_head='probe' needs probe_data=FOLDER (images of the head's classes to fit it "
+                             "on, not an evaluation set)", param="probe_data")
         return alphas
 
 

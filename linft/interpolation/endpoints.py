@@ -103,7 +103,7 @@ def load_endpoints(finetuned: str | os.PathLike, dataset=None, pretrained: str |
     weights = pretrained if pretrained is not None else meta.get("weights")
     if weights is None:
         raise LinftError(f"{checkpoint} does not say which pretrained weights the run started from; "
-                         "pass --pretrained WEIGHTS")
+                         "pass pretrained=WEIGHTS", param="pretrained")
     if str(weights).lower() == "none" and pretrained is None:
         warnings.warn("the run started from random weights ('none'): the pretrained end is a random network")
     bb = load_backbone(meta["backbone"], weights)

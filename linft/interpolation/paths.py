@@ -55,13 +55,14 @@ def check_alphas(alphas: Sequence[float]) -> list[float]:
     try:
         values = [float(a) for a in alphas]
     except (TypeError, ValueError):
-        raise LinftError(f"α values must be numbers, got {alphas!r}; use e.g. 0:1:11 or 0,0.5,1") from None
+        raise LinftError(f"α values must be numbers, got {alphas!r}; use e.g. 0:1:11 or 0,0.5,1",
+                         param="alphas") from None
     if not values:
-        raise LinftError("no α given; use e.g. 0:1:11 (11 evenly spaced values) or 0,0.5,1")
+        raise LinftError("no α given; use e.g. 0:1:11 (11 evenly spaced values) or 0,0.5,1", param="alphas")
     bad = [a for a in values if not (math.isfinite(a) and 0.0 <= a <= 1.0)]
     if bad:
         raise LinftError(f"α {bad[0]:g} is outside [0, 1] (α is the share of the fine-tuned model: 0 = pretrained, "
-                         f"1 = fine-tuned); use values in [0, 1], e.g. 0:1:11")
+                         f"1 = fine-tuned); use values in [0, 1], e.g. 0:1:11", param="alphas")
     return sorted(set(values))
 
 
@@ -81,13 +82,13 @@ def parse_alphas(text: str | Sequence[float]) -> list[float]:
             start, stop, count = float(parts[0]), float(parts[1]), int(parts[2])
             if count < 1:
                 raise LinftError(f"α range {text!r} has COUNT {count}; "
-                                 "use START:STOP:COUNT with COUNT >= 1, e.g. 0:1:11")
+                                 "use START:STOP:COUNT with COUNT >= 1, e.g. 0:1:11", param="alphas")
             values = np.linspace(start, stop, count).tolist() if count > 1 else [start]
         else:
             values = [float(p) for p in s.split(",") if p.strip()]
     except ValueError:
         raise LinftError(f"cannot read α {text!r}; use START:STOP:COUNT (e.g. 0:1:11) "
-                         "or a comma list (e.g. 0,0.5,1)") from None
+                         "or a comma list (e.g. 0,0.5,1)", param="alphas") from None
     return check_alphas([round(v, 12) + 0.0 for v in values])
 
 
@@ -109,7 +110,7 @@ def representation_logits(alpha: float, phi_p: torch.Tensor, phi_f: torch.Tensor
     """
     a = float(alpha)
     if not (math.isfinite(a) and 0.0 <= a <= 1.0):
-        raise LinftError(f"α {alpha!r} is outside [0, 1] (0 = pretrained, 1 = fine-tuned)")
+        raise LinftError(f"α {alpha!r} is outside [0, 1] (0 = pretrained, 1 = fine-tuned)", param="alpha")
     if phi_p.shape != phi_f.shape:
         raise LinftError(f"representations of different shapes {tuple(phi_p.shape)} and {tuple(phi_f.shape)}: "
                          "compute both on the same images with the same architecture")

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from linft.interpolation.paths import DEFAULT_ALPHAS, parse_alphas
+from linft.data.images import check_workers
 from linft.errors import LinftError
 from linft.models.heads import PROBE_L2
 from linft.runtime import DEFAULT_PRECISION, check_precision
@@ -34,9 +35,8 @@ class InterpolateConfig:
         alphas = parse_alphas(self.alphas)
         check_precision(self.precision)
         if self.batch_size < 1:
-            raise LinftError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.workers is not None and self.workers < 0:
-            raise LinftError(f"--workers must be >= 0, got {self.workers}")
+            raise LinftError(f"batch_size must be at least 1, got {self.batch_size}", param="batch_size")
+        check_workers(self.workers)
         if not (math.isfinite(self.probe_l2) and self.probe_l2 >= 0):
             raise LinftError(f"the probe head's L2 strength must be finite and >= 0, got {self.probe_l2}")
         return alphas

@@ -319,12 +319,24 @@ def interpolate(dataset, finetuned: str | os.PathLike, config: InterpolateConfig
     labels = _labels(setup, _path_keys(setup))
     headers = {(key, a): _header(setup, key, a, labels[key]) for key in labels for a in setup.alphas}
     with output_lock(out, folder=True):  # a second identical command refuses instead of writing records twice
-        return _interpolate_locked(setup, config, out, stem, labels, headers, progress, say)
+        return _interpolate_locked(setup, _Target(out, stem, labels, headers), progress, say)
 
 
-def _interpolate_locked(setup: _Setup, config: InterpolateConfig, out: Path, stem: str, labels: dict, headers: dict,
-                        progress: bool, say: Callable[[str], None]) -> InterpolationResult:
-    """:func:`interpolate` once its output folder is locked by this process."""
+@dataclass(frozen=True)
+class _Target:
+    """Where :func:`interpolate` writes and what: the output folder, the file stem of its plot and summary, the
+    label and the record header of each path and α."""
+
+    out: Path
+    stem: str
+    labels: dict
+    headers: dict
+
+
+def _interpolate_locked(setup: _Setup, target: _Target, progress: bool,
+                        say: Callable[[str], None]) -> InterpolationResult:
+    """:func:`interpolate` once its output folder is locked by this process (the settings: ``setup.config``)."""
+    config, out, stem, labels, headers = setup.config, target.out, target.stem, target.labels, target.headers
     ends = setup.ends
     finals = final_records([out / RECORDS_FILE])
     done = set(finals)

@@ -124,9 +124,10 @@ def interpolate_state_dicts(start: StateDict, end: StateDict, alpha: float) -> d
     try:
         a = float(alpha)
     except (TypeError, ValueError):
-        raise LinftError(f"alpha must be a number in [0, 1], got {alpha!r}") from None
+        raise LinftError(f"alpha must be a number in [0, 1], got {alpha!r}", param="alpha") from None
     if not 0.0 <= a <= 1.0:
-        raise LinftError(f"alpha must lie in [0, 1] (0 = start/pretrained, 1 = end/fine-tuned), got {alpha!r}")
+        raise LinftError(f"alpha must lie in [0, 1] (0 = start/pretrained, 1 = end/fine-tuned), got {alpha!r}",
+                         param="alpha")
     return average_state_dicts([start, end], weights=[1.0 - a, a])
 
 

@@ -73,8 +73,8 @@ def phi_block_names(model: nn.Module, num_blocks: int | None = None) -> list[str
 def _last_blocks(blocks: list[str], num_blocks: int, what: str) -> list[str]:
     if not 1 <= num_blocks <= len(blocks):
         shown = ", ".join(blocks) if len(blocks) <= 6 else f"{blocks[0]} ... {blocks[-1]}"
-        raise LinftError(f"--blocks {num_blocks} is out of range: this backbone has {len(blocks)} {what} "
-                         f"({shown}); pass 1 to {len(blocks)}")
+        raise LinftError(f"num_blocks {num_blocks} is out of range: this backbone has {len(blocks)} {what} "
+                         f"({shown}); pass 1 to {len(blocks)}", param="num_blocks")
     return blocks[-num_blocks:]
 
 
@@ -155,6 +155,16 @@ def residual_branch_ends(model: nn.Module) -> list[nn.Module]:
 STOCHASTIC_DEPTH_MODES = ("row", "official")
 
 
+def check_stochastic_depth(rate: float, mode: str = "row") -> None:
+    """The one check of a stochastic depth ``rate`` (in [0, 1)) and ``mode`` (:data:`STOCHASTIC_DEPTH_MODES`)."""
+    if not 0.0 <= rate < 1.0:
+        raise LinftError(f"stochastic_depth {rate} is outside [0, 1); the paper uses 0.1 to 0.3",
+                         param="stochastic_depth")
+    if mode not in STOCHASTIC_DEPTH_MODES:
+        raise LinftError(f"unknown stochastic_depth_mode '{mode}'; use {' or '.join(STOCHASTIC_DEPTH_MODES)}",
+                         param="stochastic_depth_mode")
+
+
 def add_stochastic_depth(model: nn.Module, rate: float, mode: str = "row") -> list:
     """Residual-block dropout on every residual branch, with probability ``rate`` (see :data:`STOCHASTIC_DEPTH_MODES`).
 
@@ -164,10 +174,7 @@ def add_stochastic_depth(model: nn.Module, rate: float, mode: str = "row") -> li
     is the survival probability: 0.9 there is ``rate`` 0.1 here). Active in training mode only (the model's mode:
     frozen BatchNorms stay in eval mode). Draws come from torch's global generator. Returns the hook handles.
     """
-    if not 0.0 <= rate < 1.0:
-        raise LinftError(f"--stochastic-depth {rate} is outside [0, 1); the paper uses 0.1 to 0.3")
-    if mode not in STOCHASTIC_DEPTH_MODES:
-        raise LinftError(f"unknown stochastic depth mode '{mode}'; use {' or '.join(STOCHASTIC_DEPTH_MODES)}")
+    check_stochastic_depth(rate, mode)
 
     def official(module, inputs, output):  # the whole batch keeps or drops the branch; no rescaling (no host sync)
         if not model.training:

@@ -163,7 +163,7 @@ def _tag_weights(model_name: str, tag: str):
     except (RuntimeError, OSError) as exc:
         raise LinftError(f"weights clip:{model_name}/{tag} are not available (no download: {_where(cfg)}); run "
                          f"open_clip.create_model('{model_name}', pretrained='{tag}') once on a connected machine and "
-                         "copy that cache here, or pass --weights PATH to a local copy of the file") from None
+                         "copy that cache here, or pass weights=PATH, a local copy of the file", param="weights") from None
     return model, PREFIX + model_name + (QUICKGELU if quick else "")
 
 

@@ -317,7 +317,7 @@ def first_order_path(model: nn.Module, theta0_state: Mapping[str, torch.Tensor],
     """
     a = torch.as_tensor(alphas).reshape(-1)
     if a.numel() == 0:
-        raise LinftError("no α given: pass at least one value, e.g. 0, 0.5, 1")
+        raise LinftError("no α given: pass at least one value, e.g. 0, 0.5, 1", param="alphas")
     f0, jvp_out = first_order_terms(model, theta0_state, thetaf_state, x)
     a = a.to(device=f0.device, dtype=f0.dtype).reshape((-1,) + (1,) * f0.dim())
     return f0.unsqueeze(0) + a * jvp_out.unsqueeze(0)

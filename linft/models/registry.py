@@ -15,7 +15,7 @@
 Every backbone is a network whose classifier is ``model.fc`` and whose forward
 ends with ``fc(representation)``; a :class:`Backbone` also says which images
 it takes (``transform``: the weights' own evaluation transform, or DomainBed's
-at ``--image-size``; ``image_size``: the one size a transformer accepts).
+at ``image_size``; ``image_size``: the one size a transformer accepts).
 
 Edge cases: every load is strict (:func:`linft.models.checkpoints.load_state_dict_strict`);
 a local file may be a bare state_dict or a dict with a ``state_dict`` entry
@@ -124,7 +124,7 @@ class Backbone:
         """One line when the network takes only another image size (a transformer's position embedding fixes it)."""
         if self.image_size is not None and int(image_size) != int(self.image_size):
             raise LinftError(f"{self.name} with weights {self.weights_label} takes {self.image_size} px images; "
-                             f"pass --image-size {self.image_size}")
+                             f"pass image_size={self.image_size}", param="image_size")
 
 
 def check_backbone_name(name: str) -> None:
@@ -182,8 +182,8 @@ def torchvision_state_dict(name: str, weights_name: str):
     except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
         raise LinftError(
             f"weights {name}/{weights_name} are not available (no download: {getattr(exc, 'reason', exc)}); "
-            f"put {filename} ({weights.url}) in {folder}, or pass --weights PATH to a local state_dict"
-        ) from None
+            f"put {filename} ({weights.url}) in {folder}, or pass weights=PATH, a local state_dict",
+            param="weights") from None
     except PermissionError as exc:
         raise LinftError(f"cannot read {exc.filename or folder} (permission denied); fix its permissions "
                          f"or set TORCH_HOME to a folder you can read") from None

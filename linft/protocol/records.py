@@ -128,7 +128,7 @@ class RecordWriter:
             self._fh = open(self.path, "a", encoding="utf-8")
         except OSError as exc:
             raise LinftError(f"cannot write run records to {self.path} ({write_failure(exc)}); choose another "
-                             f"--out") from None
+                             f"out_dir", param="out_dir") from None
 
     def write(self, record: dict) -> None:
         try:

@@ -25,8 +25,8 @@ def check_milestones(milestones) -> None:
     number at or past the run's last step is never reached, as the fraction 1)."""
     for m in milestones:
         if not (0 < m <= 1 or (m > 1 and float(m).is_integer())):
-            raise LinftError(f"--lr-milestones {m:g} is neither a fraction of --steps in (0, 1] nor a whole step "
-                             f"number; e.g. 0.5, or 5000 with --steps 10001", param="lr_milestones")
+            raise LinftError(f"lr_milestones {m:g} is neither a fraction of steps in (0, 1] nor a whole step "
+                             f"number; e.g. 0.5, or 5000 with steps=10001", param="lr_milestones")
 
 
 def eval_steps(steps: int, eval_every: int) -> list[int]:

@@ -85,7 +85,8 @@ SE_FORMULAS = {"sample": "SE = std(x, ddof=1) / sqrt(n) over the n seeds (sample
 def check_se(se: str) -> str:
     """``se`` when it names a convention of :data:`SE_CONVENTIONS`; a :class:`LinftError` otherwise."""
     if se not in SE_CONVENTIONS:
-        raise LinftError(f"unknown standard-error convention se={se!r}; use one of {', '.join(SE_CONVENTIONS)}")
+        raise LinftError(f"unknown standard-error convention se={se!r}; use one of {', '.join(SE_CONVENTIONS)}",
+                         param="se")
     return se
 
 

@@ -32,7 +32,7 @@ from torch import nn
 
 import linft
 from linft.data.folders import MultiDomainDataset, load_image_folder
-from linft.data.images import decoded_batches, fits_in_memory, normalize_uint8, preload_images
+from linft.data.images import check_workers, decoded_batches, fits_in_memory, normalize_uint8, preload_images
 from linft.data.shapes import source_command
 from linft.errors import LinftError
 from linft.models.registry import backbone_names, build_backbone
@@ -59,19 +59,19 @@ class PretrainConfig:
     def check(self) -> None:
         """One-line errors for settings that cannot run."""
         if self.arch not in backbone_names():
-            raise LinftError(f"unknown arch '{self.arch}'; choose one of: {', '.join(backbone_names())}")
+            raise LinftError(f"unknown arch '{self.arch}'; choose one of: {', '.join(backbone_names())}", param="arch")
         for name, value, low in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 2),
                                  ("image_size", self.image_size, 16)):
             if int(value) != value or value < low:
-                raise LinftError(f"{name} must be an integer of at least {low}, got {value}")
+                raise LinftError(f"{name} must be an integer of at least {low}, got {value}", param=name)
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise LinftError(f"lr must be a positive number, got {self.lr}")
+            raise LinftError(f"lr must be a positive number, got {self.lr}", param="lr")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise LinftError(f"weight_decay must be a number >= 0, got {self.weight_decay}")
+            raise LinftError(f"weight_decay must be a number >= 0, got {self.weight_decay}", param="weight_decay")
         if not 0.0 <= self.holdout_fraction < 1.0:
-            raise LinftError(f"holdout_fraction must lie in [0, 1), got {self.holdout_fraction}")
-        if self.workers is not None and self.workers < 0:
-            raise LinftError(f"workers must be >= 0, got {self.workers}")
+            raise LinftError(f"holdout_fraction must lie in [0, 1), got {self.holdout_fraction}",
+                             param="holdout_fraction")
+        check_workers(self.workers)
 
     def command(self, data_dir, out) -> str:
         """The ``linft pretrain`` command line that reproduces a file made with these settings."""
@@ -124,9 +124,10 @@ def initial_model(arch: str, num_classes: int, seed: int) -> nn.Module:
 
 def _check_out(out_path: Path, force: bool) -> None:
     if out_path.exists() and not force:
-        raise LinftError(f"{out_path} already exists; pass --force to replace it, or choose another --out")
+        raise LinftError(f"{out_path} already exists; pass force=True to replace it, or choose another out",
+                         param="out")
     if out_path.exists() and out_path.is_dir():
-        raise LinftError(f"{out_path} is a folder; pass a file path for --out")
+        raise LinftError(f"{out_path} is a folder; pass a file path as out", param="out")
     writable_folder(out_path.parent)
 
 

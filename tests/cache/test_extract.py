@@ -20,6 +20,7 @@ from linft.data import load_image_folder, seed_hash
 from linft.data.images import augmented_views_uint8, normalize_uint8
 from linft.errors import LinftError
 from linft.models import PooledBlockFeatures, load_backbone
+from helpers import refused
 
 # Tiny CPU models on a shared machine; one thread also gives the in-process and subprocess runs the same kernels.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -99,12 +100,13 @@ def test_different_provenance_is_refused_unless_forced(image_folder, tmp_path):
     out = tmp_path / "c.h5"
     extract_features(image_folder, out, **SMALL)
     before = sha(out)
-    with pytest.raises(LinftError, match=r"different provenance \(blocks.*--force"):
+    with refused("out") as err:
         extract_features(image_folder, out, num_blocks=1, **SMALL)
+    assert "(blocks" in str(err.value)  # names what differs
     assert sha(out) == before
     other = tmp_path / "notes.h5"
     other.write_text("my notes")
-    with pytest.raises(LinftError, match="is not a linft feature cache"):
+    with refused("out"):
         extract_features(image_folder, other, **SMALL)
     assert other.read_text() == "my notes"
     res = extract_features(image_folder, out, num_blocks=1, force=True, **SMALL)
@@ -207,8 +209,9 @@ def test_corrupt_image_fails_by_name_or_is_skipped(image_folder, tmp_path):
     bad = image_folder / "domA" / "dog" / "img01.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     out = tmp_path / "c.h5"
-    with pytest.raises(LinftError, match=r"cannot read image .*domA/dog/img01\.png.*--skip-bad-images"):
+    with refused("skip_bad_images") as err:
         extract_features(image_folder, out, **SMALL)
+    assert "domA/dog/img01.png" in str(err.value)
     assert not out.exists()
     res = extract_features(image_folder, out, skip_bad_images=True, **{**SMALL, "workers": 2})
     assert res.skipped_paths == ["domA/dog/img01.png"]
@@ -222,22 +225,22 @@ def test_corrupt_image_fails_by_name_or_is_skipped(image_folder, tmp_path):
 def test_unwritable_and_full_locations(image_folder, tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(LinftError, match="cannot create folder"):
+    with refused("out_dir"):
         extract_features(image_folder, blocker / "c.h5", **SMALL)
 
     class Usage:
         free = 1000
 
     monkeypatch.setattr("linft.cache.extract.shutil.disk_usage", lambda p: Usage)
-    with pytest.raises(LinftError, match="not enough disk space"):
+    with refused("out"):
         extract_features(image_folder, tmp_path / "c.h5", **SMALL)
     assert not (tmp_path / "c.h5").exists() and not (tmp_path / "c.h5.partial").exists()
 
 
 def test_bad_arguments(image_folder, tmp_path):
-    with pytest.raises(LinftError, match="unknown --dtype"):
+    with refused("dtype"):
         extract_features(image_folder, tmp_path / "c.h5", **dict(SMALL, dtype="int8"))
-    with pytest.raises(LinftError, match="CUDA is not available|unknown device"):
+    with refused("device"):
         extract_features(image_folder, tmp_path / "c.h5", **dict(SMALL, device="cuda" if not torch.cuda.is_available() else "tpu"))
 
 
@@ -296,7 +299,7 @@ def test_a_write_failure_is_one_line_and_resumable(image_folder, tmp_path):
                           timeout=300, env=env)
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
-    assert "Traceback" not in proc.stderr and len(errors) == 1 and "re-run the same command to resume" in errors[0]
+    assert "Traceback" not in proc.stderr and len(errors) == 1 and "to resume" in errors[0]
     assert not out.exists()
     done = subprocess.run([sys.executable, "-m", "linft.cli.main", *args], capture_output=True, text=True, timeout=300,
                           env=env)
@@ -305,7 +308,7 @@ def test_a_write_failure_is_one_line_and_resumable(image_folder, tmp_path):
 
 
 def test_negative_workers_refused(image_folder, tmp_path):
-    with pytest.raises(LinftError, match="--workers must be 0 or more"):
+    with refused("workers"):
         extract_features(image_folder, tmp_path / "c.h5", **dict(SMALL, workers=-1))
 
 
@@ -413,8 +416,9 @@ def test_a_killed_decoding_worker_is_one_line_and_the_extraction_resumes(image_f
             for pid in _children():
                 os.kill(pid, signal.SIGKILL)
             time.sleep(1.0)  # torch's SIGCHLD handler raises wherever the main process is then
-    with pytest.raises(LinftError, match=r"an image-decoding worker died \(DataLoader worker .*fewer --workers"):
+    with refused("workers") as err:
         extract_features(image_folder, out, on_checkpoint=kill_workers, **dict(SMALL, workers=1))
+    assert "DataLoader worker" in str(err.value)
     res = extract_features(image_folder, out, **dict(SMALL, workers=1))
     assert res.status == "resumed" and not (tmp_path / "c.h5.lock").exists()
     np.testing.assert_array_equal(open_cache(ref).features, open_cache(out).features)

@@ -26,16 +26,28 @@ def test_split_indices_pinned():
     assert in_idx[:5].tolist() == [8428, 1150, 6236, 2355, 1244]
 
 
-@pytest.mark.parametrize("n,seed,env,frac", [(0, 0, 0, 0.2), (1, 1, 0, 0.2), (57, 2, 3, 0.2), (100, 0, 1, 0.5)])
-def test_split_indices_partition_and_independent_rule(n, seed, env, frac):
+@pytest.mark.parametrize("n,seed,env,frac,n_out", [(0, 0, 0, 0.2, 0), (1, 1, 0, 0.2, 0), (4, 0, 0, 0.2, 0),
+                                                   (5, 0, 0, 0.2, 1), (57, 2, 3, 0.2, 11), (100, 0, 1, 0.5, 50)])
+def test_split_indices_partition_with_domainbeds_count(n, seed, env, frac, n_out):
+    """"out" holds int(n * frac) indices, counted by hand (DomainBed rounds down: 4 images keep none out)."""
     in_idx, out_idx = split_indices(n, seed, env, frac)
-    assert len(out_idx) == int(n * frac)
+    assert len(out_idx) == n_out and len(in_idx) == n - n_out
     assert sorted(in_idx.tolist() + out_idx.tolist()) == list(range(n))
-    keys = list(range(n))
-    np.random.RandomState(seed_hash(seed, env)).shuffle(keys)
-    assert out_idx.tolist() == keys[: int(n * frac)]
+
+
+def test_split_indices_is_one_shuffle_cut_at_the_fraction():
+    """One permutation per (trial seed, domain), whatever the fraction: "out" is its head, "in" its tail; another
+    domain or seed is another permutation."""
+    cuts = [split_indices(50, 3, 1, frac) for frac in (0.0, 0.2, 0.5, 1.0)]
+    orders = [np.concatenate([out_idx, in_idx]).tolist() for in_idx, out_idx in cuts]
+    assert all(order == orders[0] for order in orders) and orders[0] != list(range(50))
+    assert [len(out_idx) for _, out_idx in cuts] == [0, 10, 25, 50]
+    assert split_indices(50, 3, 2)[1].tolist() != cuts[1][1].tolist()
+    assert split_indices(50, 4, 1)[1].tolist() != cuts[1][1].tolist()
+    np.testing.assert_array_equal(split_indices(50, 3, 1)[1], cuts[1][1])  # the same arguments, the same split
 
 
 def test_split_indices_rejects_bad_fraction():
-    with pytest.raises(LinftError, match="holdout_fraction"):
+    with pytest.raises(LinftError) as err:
         split_indices(10, 0, 0, 1.5)
+    assert err.value.param == "holdout_fraction"

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
-import linft
 from linft.protocol.records import done_summary
 
 
@@ -18,12 +14,3 @@ def test_the_wording():
     assert done_summary(22, 0, verb="written", unit="record") == "22 records written, 0 already done"
     assert done_summary(12_000, 1_000, verb="extracted", unit="image") == "12,000 images extracted, 1,000 already done"
 
-
-def test_no_command_words_it_another_way():
-    # the messages of release 0.2.0: f"trained {n} runs, {m} already finished", f"{n} runs launched ({m} already done",
-    # f"{n} new records -> ... ({m} already there)", f"trained {n} runs ({m} already done, {k} diverged)"
-    package = Path(linft.__file__).parent
-    cli = package.parent / "cli"
-    sources = {p: p.read_text() for folder in (package, cli) for p in folder.rglob("*.py")}
-    old = re.compile(r"\btrained \{|runs launched \(|new records ->|already done, \{|already finished, \{")
-    assert not [str(p) for p, text in sources.items() if old.search(text)]

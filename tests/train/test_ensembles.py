@@ -8,6 +8,7 @@ import torch
 
 from linft.errors import LinftError
 from linft.train.finetune.ensembles import RunningEnsemble, ensemble_scores
+from helpers import refused
 
 
 def np_softmax(x):
@@ -46,9 +47,9 @@ def test_running_ensemble_equals_ensemble_scores():
 
 
 def test_ensemble_errors():
-    with pytest.raises(LinftError, match="unknown ensemble rule 'vote'; choose one of: probs, logits"):
+    with refused("rule"):
         ensemble_scores(torch.zeros(1, 2, 3), rule="vote")
-    with pytest.raises(LinftError, match="unknown ensemble rule"):
+    with refused("rule"):
         RunningEnsemble("vote")
     with pytest.raises(LinftError, match=r"shape \(models, examples, classes\)"):
         ensemble_scores(torch.zeros(2, 3))

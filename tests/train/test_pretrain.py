@@ -11,6 +11,7 @@ from linft.models import checkpoint_metadata, load_backbone, phi_block_names
 from linft.models.demo_resnet import DemoResNet, demo_resnet
 from linft.runtime import denormals_flushed
 from linft.train.pretrain import PretrainConfig, pretrain
+from helpers import refused
 
 TINY = dict(epochs=1, batch_size=8, image_size=32, workers=0, device="cpu")
 
@@ -119,13 +120,13 @@ def test_pretrain_bad_input(tiny_folder, tmp_path):
         pretrain(empty, tmp_path / "x.pt", progress=False, **TINY)
     with pytest.raises(LinftError, match="unknown arch 'vgg16'"):
         pretrain(tiny_folder, tmp_path / "x.pt", arch="vgg16", progress=False, **TINY)
-    with pytest.raises(LinftError, match="lr must be a positive number"):
+    with refused("lr"):
         pretrain(tiny_folder, tmp_path / "x.pt", lr=-1.0, progress=False, **TINY)
-    with pytest.raises(LinftError, match="epochs must be an integer"):
+    with refused("epochs"):
         pretrain(tiny_folder, tmp_path / "x.pt", progress=False, **{**TINY, "epochs": 0})
     existing = tmp_path / "exists.pt"
     existing.write_bytes(b"keep me")
-    with pytest.raises(LinftError, match="--force"):
+    with refused("out"):
         pretrain(tiny_folder, existing, progress=False, **TINY)
     assert existing.read_bytes() == b"keep me"
     assert not (tmp_path / "x.pt").exists()

@@ -18,7 +18,7 @@ ENSEMBLE_RULES = ("probs", "logits")
 
 def _check_rule(rule: str) -> None:
     if rule not in ENSEMBLE_RULES:
-        raise LinftError(f"unknown ensemble rule {rule!r}; choose one of: {', '.join(ENSEMBLE_RULES)}")
+        raise LinftError(f"unknown ensemble rule {rule!r}; choose one of: {', '.join(ENSEMBLE_RULES)}", param="rule")
 
 
 def _model_scores(logits: torch.Tensor, rule: str) -> torch.Tensor:

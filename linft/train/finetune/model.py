@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from linft.data.folders import MultiDomainDataset
-from linft.data.images import image_loader, model_input
+from linft.data.images import check_workers, image_loader, model_input
 from linft.data.splits import check_split_seed, seed_hash
 from linft.data.tensor_augment import augment_batch
 from linft.errors import LinftError
-from linft.models.blocks import add_stochastic_depth
+from linft.models.blocks import add_stochastic_depth, check_stochastic_depth
 from linft.models.heads import build_classifier, head_parameters
 from linft.models.linearize import LinearizedModel
 from linft.models.registry import Backbone, load_backbone
@@ -83,17 +83,18 @@ class FineTuneConfig(Schedule):
         """One-line errors for protocol settings that cannot run."""
         super().check()
         if self.image_size < 16:
-            raise LinftError(f"--image-size must be at least 16, got {self.image_size}")
+            raise LinftError(f"image_size must be at least 16, got {self.image_size}", param="image_size")
         if self.ensemble_rule not in ENSEMBLE_RULES:
-            raise LinftError(f"unknown ensemble rule '{self.ensemble_rule}'; use {' or '.join(ENSEMBLE_RULES)}")
+            raise LinftError(f"unknown ensemble rule '{self.ensemble_rule}'; use {' or '.join(ENSEMBLE_RULES)}",
+                             param="ensemble_rule")
         check_split_seed(self.split_seed)
         if self.augment not in AUGMENTATIONS:
-            raise LinftError(f"unknown augmentation '{self.augment}'; use {', '.join(AUGMENTATIONS)}")
-        if self.workers is not None and self.workers < 0:
-            raise LinftError(f"--workers must be >= 0, got {self.workers}")
+            raise LinftError(f"unknown augmentation '{self.augment}'; use {', '.join(AUGMENTATIONS)}", param="augment")
+        check_workers(self.workers)
         if check_precision(self.precision) == "float16":
             raise LinftError("precision float16 is for extraction and interpolation: training in float16 needs loss "
-                             "scaling, which linft does not do; use bfloat16 (as fast on GPUs since Ampere) or float32")
+                             "scaling, which linft does not do; use bfloat16 (as fast on GPUs since Ampere) or float32",
+                             param="precision")
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,16 @@ class FineTuneRun:
     stochastic_depth_mode: str = "row"  # STOCHASTIC_DEPTH_MODES: per example (torchvision) or the official code's
 
     def __post_init__(self):
+        """The one check of a run's hyper-parameters and variant: one line for a value or a mix that cannot run."""
+        if not (self.last_layer_lr_mult > 0 and self.last_layer_lr_mult != float("inf")):
+            raise LinftError(f"last_layer_lr_mult must be positive, got {self.last_layer_lr_mult}",
+                             param="last_layer_lr_mult")
+        check_stochastic_depth(self.stochastic_depth, self.stochastic_depth_mode)
+        if self.linearized and self.stochastic_depth:
+            raise LinftError("linearized=True and stochastic_depth do not combine; run them separately",
+                             param="linearized")
+        if self.lp_ft and self.linearized:
+            raise LinftError("lp_ft=True and linearized=True do not combine; run them separately", param="lp_ft")
         if not self.stochastic_depth:  # no stochastic depth: the mode changes nothing, so it is the default's
             object.__setattr__(self, "stochastic_depth_mode", "row")
 
@@ -182,13 +193,11 @@ def build_run_model(backbone: str, weights, num_classes: int, run: FineTuneRun, 
     """
     bb = load_backbone(backbone, weights)
     if run.lp_ft and (run.linearized or bb.weights == "none"):
-        raise LinftError("LP-FT starts from a probe on pretrained features: it does not combine with --linearized or "
-                         "--weights none; run them separately")
+        raise LinftError("LP-FT starts from a probe on pretrained features: it does not combine with weights='none'; "
+                         "run them separately", param="lp_ft")
     model = build_classifier(bb.model, num_classes, run.dropout, seed=seed_hash("linft-finetune", "init", run.seed,
                                                                                   run.test_domain))
-    if run.stochastic_depth:
-        if run.linearized:
-            raise LinftError("--linearized and --stochastic-depth do not combine; run them separately")
+    if run.stochastic_depth:  # never with linearized (FineTuneRun refuses it)
         add_stochastic_depth(model, run.stochastic_depth, run.stochastic_depth_mode)
     model = model.to(dev)
     if channels_last:

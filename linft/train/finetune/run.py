@@ -35,10 +35,9 @@ from torch import nn
 
 from linft.data.folders import MultiDomainDataset, find_dataset
 from linft.data.images import EvalImages
-from linft.data.splits import domain_split_rows, split_seed
+from linft.data.splits import check_training_splits, domain_split_rows, split_seed
 from linft.errors import LinftError
 from linft.locks import output_lock
-from linft.models.blocks import STOCHASTIC_DEPTH_MODES
 from linft.models.checkpoints import load_checkpoint
 from linft.models.heads import load_head
 from linft.models.registry import load_backbone
@@ -137,10 +136,7 @@ def run_splits(ds: MultiDomainDataset, run: FineTuneRun,
     names = ds.domains
     split_rows = domain_split_rows(ds.domain_ids, len(names), split_seed(run.seed, config.protocol()))
     train = [d for d in range(len(names)) if names[d] != run.test_domain]
-    empty = [names[d] for d in train if len(split_rows[(d, "in")]) == 0 or len(split_rows[(d, "out")]) == 0]
-    if empty:
-        raise LinftError(f"domain {', '.join(empty)} has an empty 'in' or 'out' split (20% held out); "
-                         f"each training domain needs at least 5 images")
+    check_training_splits(split_rows, train, names)
     return split_rows, [split_rows[(d, "in")] for d in train]
 
 
@@ -251,33 +247,49 @@ def train_run(dataset: MultiDomainDataset, out_dir, run: FineTuneRun, *, backbon
                          f"{', '.join(dataset.domains)}")
     dev = resolve_device(device)
     model, bb = build_run_model(backbone, weights, len(dataset.classes), run, dev, config.channels_last)
-    bb.check_image_size(config.image_size)  # fine-tuning runs DomainBed's transforms at --image-size
+    bb.check_image_size(config.image_size)  # fine-tuning runs DomainBed's transforms at image_size
     backbone = bb.name  # the architecture as resolved (clip:ViT-B-32 with OpenAI's weights: clip:ViT-B-32-quickgelu)
     identity = run_identity(run, backbone, bb.weights_sha256, dataset.file_list_sha256, config)
     folder = RunFolder.of(out_dir, identity)
     split_rows, pools = run_splits(dataset, run, config)  # a run refused here leaves no folder behind
     with output_lock(folder.root, folder=True):  # one process per run (a second launch, a Slurm resubmission)
-        return _train_locked(dataset, run, config, folder, identity, backbone, bb, model, split_rows, pools,
-                             eval_images, progress, hooks)
+        return _train_locked(config, _Prepared(dataset, run, folder, identity, backbone, bb, model, split_rows, pools,
+                                               eval_images), progress, hooks)
 
 
-def _train_locked(dataset: MultiDomainDataset, run: FineTuneRun, config: FineTuneConfig, folder: RunFolder,
-                  identity: dict, backbone: str, bb, model, split_rows, pools, eval_images, progress: bool,
-                  hooks: RunHooks) -> RunOutcome:
+@dataclass
+class _Prepared:
+    """What :func:`train_run` settles before taking the run folder's lock: the run, its identity and folder, its
+    network (``bb``: the resolved backbone) and its data."""
+
+    dataset: MultiDomainDataset
+    run: FineTuneRun
+    folder: RunFolder
+    identity: dict
+    backbone: str
+    bb: object
+    model: nn.Module
+    split_rows: dict
+    pools: list
+    eval_images: EvalImages | None
+
+
+def _train_locked(config: FineTuneConfig, p: _Prepared, progress: bool, hooks: RunHooks) -> RunOutcome:
     """:func:`train_run` once its folder is locked by this process."""
+    folder, run, dataset = p.folder, p.run, p.dataset
     done = folder.final_status()  # under the lock: also a run another process finished meanwhile
     if done is not None:
         folder.checkpoint.unlink(missing_ok=True)  # left by a kill between the final record and its removal
         return RunOutcome(folder.root, folder.run_id, "diverged" if done == "diverged" else "done", run=run)
-    atomic_write_text(folder.run_json, json.dumps({"run_id": folder.run_id, **identity}, indent=1) + "\n")
-    header = _header(dataset, run, backbone, bb, config, folder.run_id)
-    r = _Run(dataset, run, config, folder, header, model, run_optimizer(model, run, config.momentum),
-             dataset.domains.index(run.test_domain), split_rows, pools,
-             eval_images or EvalImages(dataset, config.image_size, config.eval_batch_size, config.workers),
-             Trajectory(identity, config, backbone) if config.trajectory else None)
+    atomic_write_text(folder.run_json, json.dumps({"run_id": folder.run_id, **p.identity}, indent=1) + "\n")
+    header = _header(dataset, run, p.backbone, p.bb, config, folder.run_id)
+    r = _Run(dataset, run, config, folder, header, p.model, run_optimizer(p.model, run, config.momentum),
+             dataset.domains.index(run.test_domain), p.split_rows, p.pools,
+             p.eval_images or EvalImages(dataset, config.image_size, config.eval_batch_size, config.workers),
+             Trajectory(p.identity, config, p.backbone) if config.trajectory else None)
     status = _restore(r, hooks)
     if run.lp_ft and r.start == 0:  # a resumed run has its head in its checkpoint
-        load_head(r.model, lp_ft_head(dataset, np.sort(np.concatenate(pools)), r.model, bb.weights_sha256, config,
+        load_head(r.model, lp_ft_head(dataset, np.sort(np.concatenate(p.pools)), r.model, p.bb.weights_sha256, config,
                                       r.eval_images))
     trained, diverged = _train(r, progress, hooks)
     if diverged:
@@ -298,19 +310,10 @@ def sweep_runs(domains: list[str], grid: Grid = Grid(), *, last_layer_lr_mult: f
                stochastic_depth: float = 0.0, linearized: bool = False, lp_ft: bool = False,
                stochastic_depth_mode: str = "row", **grid_fields) -> list[FineTuneRun]:
     """Every run of ``grid`` (whose fields ``grid_fields`` override: ``dropouts=(0, 0.9), seeds=1``; the paper's
-    grid by default): held-out domain × seed × dropout × lr × weight decay (:meth:`Grid.runs`), of one variant."""
-    if lp_ft and linearized:
-        raise LinftError("--lp-ft and --linearized do not combine; run them separately", param="lp_ft")
+    grid by default): held-out domain × seed × dropout × lr × weight decay (:meth:`Grid.runs`), of one variant
+    (which each :class:`FineTuneRun` checks)."""
     grid = replace(grid, **grid_fields)
     runs = grid.runs(domains, where="the dataset")
-    if not (last_layer_lr_mult > 0 and last_layer_lr_mult != float("inf")):
-        raise LinftError(f"--last-layer-lr-mult must be positive, got {last_layer_lr_mult}", param="last_layer_lr_mult")
-    if not 0.0 <= stochastic_depth < 1.0:
-        raise LinftError(f"--stochastic-depth {stochastic_depth} is outside [0, 1); the paper uses 0.1 to 0.3",
-                         param="stochastic_depth")
-    if stochastic_depth_mode not in STOCHASTIC_DEPTH_MODES:
-        raise LinftError(f"unknown --stochastic-depth-mode '{stochastic_depth_mode}'; use "
-                         f"{' or '.join(STOCHASTIC_DEPTH_MODES)}", param="stochastic_depth_mode")
     return [FineTuneRun(d, s, p.lr, p.weight_decay, p.dropout, float(last_layer_lr_mult), float(stochastic_depth),
                         linearized, lp_ft, stochastic_depth_mode) for d, s, p in runs]
 

@@ -81,7 +81,7 @@ class Trajectory:
     def load_state_dict(self, checkpoint: dict, path: Path) -> None:
         """Continue from a run's checkpoint; one written without trajectory state is refused."""
         if checkpoint.get("average") is None or checkpoint.get("ensemble") is None:
-            raise LinftError(f"{path} was written without --ensembles; resume this run without --ensembles, "
-                             f"or delete the checkpoint to restart it with them")
+            raise LinftError(f"{path} was written without ensembles (trajectory); resume this run without them, "
+                             f"or delete the checkpoint to restart it with them", param="ensembles")
         self.average.load_state_dict(checkpoint["average"])
         self.ensemble.load_state_dict(checkpoint["ensemble"])

@@ -19,7 +19,7 @@ import torch
 
 from linft.cache.chunks import H5Rows, in_memory_bytes, open_cache_within
 from linft.cache.format import FeatureCache
-from linft.data.splits import check_split_seed, domain_split_rows, split_names, split_seed
+from linft.data.splits import check_split_seed, check_training_splits, domain_split_rows, split_names, split_seed
 from linft.errors import LinftError
 from linft.locks import output_lock
 from linft.protocol.grid import Grid
@@ -152,10 +152,7 @@ def _linear_data(cache: FeatureCache, seeds: int, dev: torch.device, fixed_split
 def _group(cache: FeatureCache, rows_by_seed: dict, e: int, s: int, points, dev) -> Group:
     names = cache.domain_names
     train = [d for d in range(len(names)) if d != e]
-    small = [names[d] for d in train if len(rows_by_seed[s][(d, "in")]) == 0 or len(rows_by_seed[s][(d, "out")]) == 0]
-    if small:
-        raise LinftError(f"domain {', '.join(small)} has an empty 'in' or 'out' split (20% held out); "
-                         f"each training domain needs at least 5 valid images")
+    check_training_splits(rows_by_seed[s], train, names)
     return Group(e, s, [torch.from_numpy(rows_by_seed[s][(d, "in")]).to(dev) for d in train], list(points))
 
 
@@ -216,8 +213,8 @@ def check_one_source(records: list[dict], records_path: Path, cache: FeatureCach
     """Refuse a records file that holds linear runs of another feature cache (before anything is trained).
 
     Runs of two caches in one file cannot be reported together; appending to such a file would leave the folder
-    unusable for ``report`` and for re-runs. This happens after ``extract --force`` re-made the cache (new
-    provenance) while ``--out`` kept the old folder.
+    unusable for ``report`` and for re-runs. This happens after a forced extraction re-made the cache (new
+    provenance) while ``out_dir`` kept the old folder.
     """
     linear = (r.get("source") for r in records if r.get("method") in ("linear-ft", "linear-probe"))
     others = set(linear) - {cache.provenance_sha256}
@@ -225,7 +222,7 @@ def check_one_source(records: list[dict], records_path: Path, cache: FeatureCach
         other = sorted(str(o) for o in others)[0]
         raise LinftError(f"{records_path} holds linear runs of another feature cache (source {other[:12]}, this "
                          f"cache {cache.provenance_sha256[:12]}: the cache was re-extracted or is another one); "
-                         f"choose another --out, or move that folder away")
+                         f"choose another out_dir, or move that folder away", param="out_dir")
 
 
 def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: LinearGridConfig | None = None, *,

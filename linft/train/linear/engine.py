@@ -91,9 +91,11 @@ class LinearGridConfig(Schedule):
         if self.v_init not in V_INITS:
             raise LinftError(f"unknown v init '{self.v_init}'; use one of {', '.join(V_INITS)}")
         if self.step_kind not in STEP_KINDS:
-            raise LinftError(f"unknown step kind '{self.step_kind}'; use one of {', '.join(STEP_KINDS)}")
+            raise LinftError(f"unknown step kind '{self.step_kind}'; use one of {', '.join(STEP_KINDS)}",
+                             param="step_kind")
         if self.eval_form not in EVAL_FORMS:
-            raise LinftError(f"unknown evaluation form '{self.eval_form}'; use one of {', '.join(EVAL_FORMS)}")
+            raise LinftError(f"unknown evaluation form '{self.eval_form}'; use one of {', '.join(EVAL_FORMS)}",
+                             param="eval_form")
 
 
 @dataclass

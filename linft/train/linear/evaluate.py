@@ -67,7 +67,7 @@ def evaluate_grid(features, labels, seed_split, v, Vt, b, num_splits: int, chunk
     copy and logits would take more than ``max_bytes``: a memory budget, None for none; never fewer than
     :data:`MIN_BUDGET_CHUNK` rows for it)."""
     if form not in EVAL_FORMS:
-        raise LinftError(f"unknown evaluation form {form!r}; use one of {', '.join(EVAL_FORMS)}")
+        raise LinftError(f"unknown evaluation form {form!r}; use one of {', '.join(EVAL_FORMS)}", param="form")
     G, H, K, D = v.shape
     C = Vt.shape[-1]
     kernel = compiled_eval_kernel(features, v.device, C) if form in ("auto", "compiled") else None

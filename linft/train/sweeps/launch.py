@@ -71,12 +71,10 @@ class LaunchOptions:
 
 
 def check_runs(runs: list[FineTuneRun], config: FineTuneConfig, across_runs: bool = False) -> None:
-    """Refuse, before anything is launched, variants that do not combine."""
-    if any(r.linearized and r.stochastic_depth for r in runs):
-        raise LinftError("--linearized and --stochastic-depth do not combine; run them separately")
+    """Refuse, before anything is launched, settings that do not combine with the runs (each run checks itself)."""
     if any(r.linearized for r in runs) and (config.trajectory or across_runs):
-        raise LinftError("--ensembles is not available with --linearized (averaging linearized models is a different "
-                         "model); run --linearized without --ensembles")
+        raise LinftError("ensembles are not available with linearized=True (averaging linearized models is a "
+                         "different model); run linearized runs without ensembles", param="ensembles")
 
 
 def _job(dataset_root: str, out_dir: str, run: dict, backbone: str, weights, config: dict, device: str,
@@ -158,7 +156,7 @@ def _check_launch(runs: list[FineTuneRun], config: FineTuneConfig, options: Laun
     """Refuse a launch that cannot run, before anything is written."""
     config.check()
     if options.launcher not in LAUNCHERS:
-        raise LinftError(f"unknown launcher '{options.launcher}'; use one of {', '.join(LAUNCHERS)}")
+        raise LinftError(f"unknown launcher '{options.launcher}'; use one of {', '.join(LAUNCHERS)}", param="launcher")
     if options.launcher == "slurm" and shutil.which("srun") is None:  # what submitit looks for, with a traceback
         raise LinftError("the slurm launcher needs Slurm, but its srun command is not found on this machine; run "
                          "from a Slurm login node, or use launcher 'local' (or 'submitit-local') here")

@@ -206,9 +206,10 @@ def sweep_status(folder: str | os.PathLike, stale_after: float = DEFAULT_STALE_A
     the best i.i.d. accuracy so far per method and held-out domain, and the feature caches found there."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise LinftError(f"{folder} is not a folder; pass the --out folder of train-linear, finetune or demo")
+        raise LinftError(f"{folder} is not a folder; pass the output folder of train-linear, finetune or demo",
+                         param="folder")
     if not stale_after > 0:
-        raise LinftError(f"stale_after must be positive, got {stale_after}")
+        raise LinftError(f"stale_after must be positive, got {stale_after}", param="stale_after")
     now = time.time()
     runs, records = _runs(folder, stale_after, now)
     known = {r.run_id for r in runs}
