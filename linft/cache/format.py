@@ -36,7 +36,7 @@ import numpy as np
 
 from linft.data.folders import MultiDomainDataset
 from linft.errors import LinftError
-from linft.output import PARTIAL_SUFFIX, is_count
+from linft.output import PARTIAL_SUFFIX, is_count, partial_path
 
 CACHE_FORMAT_VERSION = 1
 
@@ -198,8 +198,8 @@ def open_h5(path: Path) -> h5py.File:
     them without the lock is safe.
     """
     if not path.exists():
-        hint = f" (an unfinished extraction is at {path}{PARTIAL_SUFFIX}; re-run its command)" \
-            if Path(str(path) + PARTIAL_SUFFIX).exists() else ""
+        hint = f" (an unfinished extraction is at {partial_path(path)}; re-run its command)" \
+            if partial_path(path).exists() else ""
         raise LinftError(f"feature cache {path} does not exist{hint}; create it with `linft extract`")
     try:
         return h5py.File(path, "r", locking=False)
