@@ -25,7 +25,7 @@ from typing import Callable
 
 import multiprocessing as mp
 
-from linft.data.folders import MultiDomainDataset, load_image_folder
+from linft.data.folders import MultiDomainDataset, check_output_apart, load_image_folder
 from linft.data.images import EvalImages
 from linft.errors import LinftError
 from linft.locks import output_lock
@@ -155,6 +155,7 @@ def launch_sweep(dataset: MultiDomainDataset, out_dir, runs: list[FineTuneRun], 
         raise LinftError("the slurm launcher needs Slurm, but its srun command is not found on this machine; run "
                          "from a Slurm login node, or use launcher 'local' (or 'submitit-local') here")
     check_runs(runs, config, options.across_runs)
+    check_output_apart(out_dir, [dataset.root], param="out_dir")
     hooks = watch_hooks(options.say, options.tensorboard_dir)  # a missing tensorboard package fails here, early
     out_dir = Path(out_dir)
     bb = load_backbone(backbone, weights)
