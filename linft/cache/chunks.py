@@ -73,7 +73,7 @@ def memory_budget_bytes(budget: float | None) -> int | None:
         return None
     if not budget > 0:  # NaN too
         shown = "nan" if math.isnan(budget) else f"{budget / 2**30:g} GiB"
-        raise LinftError(f"memory_budget must be a positive size, got {shown}; give a number of GiB above 0, or "
+        raise LinftError(f"memory_budget must be positive, got {shown}; give a number of GiB above 0, or "
                          f"none for no limit", param="memory_budget")
     return int(budget)
 

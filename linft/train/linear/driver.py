@@ -19,6 +19,7 @@ import torch
 
 from linft.cache.chunks import H5Rows, in_memory_bytes, memory_budget_bytes, open_cache_within
 from linft.cache.format import FeatureCache
+from linft.data.folders import check_output_apart
 from linft.data.splits import check_split_seed, domain_split_rows, split_names, split_seed
 from linft.errors import LinftError
 from linft.locks import output_lock
@@ -263,6 +264,7 @@ def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: Linear
     config = config or LinearGridConfig()
     cache = cache if isinstance(cache, FeatureCache) else \
         open_cache_within(cache, memory_budget)
+    check_output_apart(out_dir, [root] if (root := cache.meta.get("dataset_root")) else [], param="out_dir")
     names = cache.domain_names
     test_names = check_grid(names, test_domains=grid.test_domains, seeds=grid.seeds, lrs=grid.lrs,
                             weight_decays=grid.weight_decays, dropouts=grid.dropouts, probe=grid.probe,
