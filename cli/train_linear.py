@@ -73,7 +73,7 @@ def train_linear_cmd(cache, dropouts, probe, probe_only, lrs, weight_decays, see
                           weight_decays=weight_decays, seeds=seeds, split_seed=split_seed, test_domains=test_domains, config=config,
                           device=device, progress=not quiet, say=None if quiet else say_line,
                           tensorboard_dir=tensorboard_dir,
-                          memory_budget=None if memory_gib is None else int(memory_gib * 2**30))
+                          memory_budget=None if memory_gib is None else memory_gib * 2**30)
     click.echo(f"{done_summary(result.trained, result.skipped, diverged=result.diverged)} -> {result.records}",
                err=True)
     print_grid_outcome([result.records], result.divergence, result.usable, as_json)

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from linft.errors import LinftError
-from linft.output import writable_folder, write_failure
+from linft.output import sibling_path, writable_folder, write_failure
 
 
 #: The lock file of an output folder; a file output ``x`` is locked by ``x.lock``.
@@ -30,9 +30,10 @@ _held_locks: dict[Path, int] = {}  # lock file -> depth, for the locks this proc
 
 
 def lock_path(target: str | os.PathLike, folder: bool = False) -> Path:
-    """The lock file of an output: ``<target>/.linft.lock`` for a folder, ``<target>.lock`` for a file."""
+    """The lock file of an output: ``<target>/.linft.lock`` for a folder, ``<target>.lock`` for a file (its name
+    cut, with a digest, where a long legal name would pass the file name limit: :func:`linft.output.sibling_path`)."""
     target = Path(target)
-    return target / LOCK_NAME if folder else target.with_name(target.name + ".lock")
+    return target / LOCK_NAME if folder else sibling_path(target, ".lock")
 
 
 def _process_start(pid: int) -> str | None:
@@ -49,11 +50,11 @@ def _owner_alive(owner: dict) -> bool | None:
     if owner.get("host") != socket.gethostname():
         return None
     pid = owner.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
+    if not isinstance(pid, int) or not 0 < pid < 2**31:  # no process has a pid out of that range
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:  # alive, owned by another user
         return True
@@ -77,7 +78,7 @@ def _try_lock(path: Path, owner: dict) -> bool:
     """Create the lock file with ``owner`` in it, atomically (written aside, then linked: a complete file or none;
     where hard links do not exist, an exclusive create). False when it exists."""
     text = json.dumps(owner)
-    aside = path.with_name(f"{path.name}.{uuid.uuid4().hex}")
+    aside = path.with_name(f".linft-lock.{uuid.uuid4().hex}")  # short: the lock's own name may be long
     try:
         aside.write_text(text, encoding="utf-8")
         try:
@@ -102,7 +103,7 @@ def _try_lock(path: Path, owner: dict) -> bool:
 def _take_over(path: Path, stale: dict | None) -> None:
     """Remove a dead owner's lock, but only if the file still is that owner's: another process may have taken it
     over since it was read. The file is moved aside first and put back when it is someone else's."""
-    aside = path.with_name(f"{path.name}.stale.{uuid.uuid4().hex}")
+    aside = path.with_name(f".linft-lock.stale.{uuid.uuid4().hex}")
     try:
         os.rename(path, aside)
     except FileNotFoundError:
@@ -144,6 +145,9 @@ def output_lock(target: str | os.PathLike, *, folder: bool = False):
         except OSError as exc:
             raise LinftError(f"cannot lock {target} ({write_failure(exc)}); choose another out_dir",
                              param="out_dir") from None
+        if path.is_dir() and not path.is_symlink():  # never a lock of linft's: never moved aside
+            raise LinftError(f"{path} is a folder, where linft keeps the lock of {target}; move that folder away "
+                             f"or choose another out_dir", param="out_dir")
         held = _read_owner(path)
         if held is not None and _owner_alive(held) is not False:
             raise LinftError(

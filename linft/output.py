@@ -17,6 +17,7 @@ This module imports no torch, so the commands that only read records (``report``
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -37,10 +38,27 @@ PARTIAL_SUFFIX = ".partial"
 # --------------------------------------------------------------------------- files
 
 
-def partial_path(path: str | os.PathLike) -> Path:
-    """``<path>.partial``: where a file is written before it takes its name."""
+#: The longest file name (bytes) of common file systems (ext4, xfs, btrfs, tmpfs, NFS).
+NAME_MAX = 255
+
+
+def sibling_path(path: str | os.PathLike, suffix: str) -> Path:
+    """``<path><suffix>``: a file beside ``path`` named after it. When that name would pass :data:`NAME_MAX`
+    (a legal ``path`` with a long name), ``path``'s name is cut and a digest of it keeps the name unique (its
+    extension is kept): ``<cut>~<digest><ext><suffix>``."""
     path = Path(path)
-    return path.with_name(path.name + PARTIAL_SUFFIX)
+    if len((path.name + suffix).encode()) <= NAME_MAX:
+        return path.with_name(path.name + suffix)
+    digest = hashlib.sha256(path.name.encode()).hexdigest()[:16]
+    ext = path.suffix if len(path.suffix) <= 16 else ""
+    keep = NAME_MAX - len(f"~{digest}{ext}{suffix}".encode())
+    cut = path.name[:len(path.name) - len(ext)].encode()[:max(keep, 0)].decode(errors="ignore")
+    return path.with_name(f"{cut}~{digest}{ext}{suffix}")
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """``<path>.partial``: where a file is written before it takes its name (:func:`sibling_path`)."""
+    return sibling_path(path, PARTIAL_SUFFIX)
 
 
 def human_bytes(n: float) -> str:

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -205,3 +206,45 @@ def test_a_report_on_a_full_disk_names_the_report_and_keeps_the_previous_one(tmp
     assert proc.stdout.startswith(f"Error: cannot write the report to {tmp_path / 'rep'} (file too large")
     assert ".partial" not in proc.stdout and "previous report, if any, is unchanged" in proc.stdout
     assert {p.name: p.read_bytes() for p in (tmp_path / "rep").iterdir()} == before
+
+
+@pytest.mark.parametrize("pid", [2**63, 10**30, -(2**63)])
+def test_a_lock_of_an_out_of_range_pid_is_a_dead_owners_lock(tmp_path, pid):
+    lock = lock_path(tmp_path / "out", folder=True)
+    lock.parent.mkdir()
+    lock.write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "then", "command": "x"}))
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    with output_lock(tmp_path / "out", folder=True):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("folder", [True, False])
+def test_a_lock_path_that_is_a_folder_is_refused_and_left_where_it_is(tmp_path, folder):
+    target = tmp_path / ("out" if folder else "out.h5")
+    lock = lock_path(target, folder=folder)
+    (lock / "mine").mkdir(parents=True)
+    (lock / "mine" / "data.txt").write_text("keep")
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(LinftError, match="folder"):
+        with output_lock(target, folder=folder):
+            pass
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    assert (lock / "mine" / "data.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("length", [200, 230, 250, 255])
+def test_a_legal_output_file_name_of_any_length_is_locked_and_written(tmp_path, length):
+    from linft.output import atomic_write_text
+
+    target = tmp_path / ("x" * (length - 3) + ".h5")
+    assert len(target.name) == length
+    with output_lock(target):
+        atomic_write_text(target, "done")
+        assert len(os.listdir(tmp_path)) == 2  # the output and its lock
+    assert os.listdir(tmp_path) == [target.name] and target.read_text() == "done"
+    other = tmp_path / ("x" * (length - 4) + "y.h5")  # another long name: another lock
+    assert lock_path(other) != lock_path(target)

@@ -24,6 +24,7 @@ from linft.analysis.aggregate import (TIE_RULES, SelectedRun, domainbed_table, m
                                       table_markdown, table_rows, tie_counts)
 from linft.analysis.figures import dropout_points, figure2_points, figure9_points
 from linft.analysis.plots import figure_files, plot_clouds, plot_dropout, plot_figure9, plot_interpolation
+from linft.data.folders import check_output_apart
 from linft.errors import LinftError
 from linft.locks import output_lock
 from linft.protocol.records import read_records
@@ -235,6 +236,7 @@ def write_report(record_paths, out_dir, selection: str = "iid", se: str = "sampl
     """
     check_se(se)
     out = Path(out_dir)
+    check_output_apart(out, param="out_dir")
     present = existing_report(out)
     if present and not force:
         raise LinftError(f"{out} already holds a report ({', '.join(present[:3])}); pass force=True to replace it or "

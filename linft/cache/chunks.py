@@ -9,6 +9,7 @@ steps, :mod:`linft.train.linear.engine`).
 
 from __future__ import annotations
 
+import math
 import os
 import weakref
 from pathlib import Path
@@ -65,6 +66,18 @@ def in_memory_bytes(cache: FeatureCache) -> int:
     return sum(a.nbytes for a in (cache.features, cache.views) if a is not None and not isinstance(a, H5Rows))
 
 
+def memory_budget_bytes(budget: float | None) -> int | None:
+    """A memory budget in bytes as an int: None or +inf is no limit; NaN, zero or less is one LinftError that
+    shows the budget in GiB (as ``--memory-gib`` takes it), not in bytes."""
+    if budget is None or budget == math.inf:
+        return None
+    if not budget > 0:  # NaN too
+        shown = "nan" if math.isnan(budget) else f"{budget / 2**30:g} GiB"
+        raise LinftError(f"memory_budget must be positive, got {shown}; give a number of GiB above 0, or "
+                         f"none for no limit", param="memory_budget")
+    return int(budget)
+
+
 def window_steps(rows_per_step: int, row_bytes: int, memory_budget: int | None, total_steps: int) -> int:
     """How many steps' rows one read from the file serves within ``memory_budget`` (at least 1; a LinftError
     naming the size needed when even one step's rows do not fit)."""
@@ -74,5 +87,5 @@ def window_steps(rows_per_step: int, row_bytes: int, memory_budget: int | None, 
     if one > memory_budget:
         raise LinftError(f"one training step reads {human_bytes(one)} of cached rows, more than the memory budget "
                          f"of {human_bytes(memory_budget)} left for them; raise memory_budget to at least "
-                         f"{human_bytes(one)} more")
+                         f"{human_bytes(one)} more", param="memory_budget")
     return max(1, min(total_steps, memory_budget // one))

@@ -30,7 +30,7 @@ import linft
 from linft.cache.format import (CACHE_FORMAT_VERSION, DTYPES, default_cache_path, existing_cache_attrs,
                                 identity_differences, provenance_sha256, row_digests, write_attrs,
                                 digest_mismatches)
-from linft.data.folders import MultiDomainDataset, load_image_folder
+from linft.data.folders import MultiDomainDataset, check_output_apart, load_image_folder
 from linft.data.images import (check_workers, describe_transform, describe_views_transform, first_bad_image,
                                image_loader, model_input)
 from linft.errors import HDF5WriteError, LinftError, worker_died
@@ -282,6 +282,7 @@ def extract_features(dataset: MultiDomainDataset | str | os.PathLike, out: str |
     ext = _extractor(config)
     attrs = cache_attributes(ds, config, ext)
     out = (Path(out) if out is not None else default_cache_path(ds, config.backbone, ext.backbone.weights)).expanduser()
+    check_output_apart(out, [ds.root], param="out")
     with output_lock(out):  # creates the folder
         return _extract_locked(config, _Target(ds, out, ext, attrs, force, progress, on_checkpoint, tick))
 
@@ -325,6 +326,11 @@ def _extract_locked(config: ExtractConfig, target: _Target) -> ExtractResult:
         f.attrs["completed"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         f.attrs["complete"] = True
         f.flush()
+    except NonFiniteFeatures:
+        f.close()
+        if num_done == 0:  # made by this command, and of no use once the weights or the dtype change
+            partial.unlink(missing_ok=True)
+        raise
     except (OSError, RuntimeError) as exc:  # a full disk or file-size limit surfaces as either
         died = worker_died(exc)  # a worker's death can surface anywhere in the loop (torch's SIGCHLD handler)
         if died is not None:
@@ -341,11 +347,38 @@ def _extract_locked(config: ExtractConfig, target: _Target) -> ExtractResult:
                          time.perf_counter() - tick, skipped)
 
 
+class NonFiniteFeatures(LinftError):
+    """Rows of features that are NaN or ±inf (computed so, or overflowing the storage dtype): nothing of them is
+    written."""
+
+
+def nonfinite_error(computed: np.ndarray, stored: np.ndarray, ok: np.ndarray, first_row: int, blocks: list[str],
+                    precision: str) -> NonFiniteFeatures | None:
+    """The error for a batch (rows from ``first_row``; ``(rows, 1 + views, blocks, dim)``) whose ``stored`` rows are
+    not all finite, naming how many, the blocks, and the cause: the storage dtype when the ``computed`` values
+    were finite, else the weights (and the precision of the forward). None when every valid row is finite."""
+    bad = ~np.isfinite(stored).all(axis=(1, 3)) & ok[:, None]  # (rows, blocks)
+    if not bad.any():
+        return None
+    rows = np.flatnonzero(bad.any(axis=1))
+    where = (f"{len(rows)} of images {first_row}..{first_row + len(ok) - 1} (the first: image {first_row + rows[0]}) "
+             f"in block{'s' if bad.any(axis=0).sum() > 1 else ''} "
+             f"{', '.join(b for b, x in zip(blocks, bad.any(axis=0)) if x)}")
+    if np.isfinite(computed[ok]).all():
+        largest = float(np.abs(computed[ok]).max())
+        return NonFiniteFeatures(f"features of {where} overflow {stored.dtype} storage (largest {largest:.3g}); "
+                                 f"store them as float32 (dtype float32), or check the weights", param="dtype")
+    also = f", or compute in float32 (precision float32 instead of {precision})" if precision != "float32" else ""
+    return NonFiniteFeatures(f"the backbone gives NaN or inf features for {where}; check the weights (a file with "
+                             f"NaN or inf or huge values){also}", param="weights")
+
+
 class _BatchWriter:
     """Writes one batch behind the forward (the copy from the GPU overlaps the next batch), then flushes."""
 
-    def __init__(self, f: h5py.File, num_examples: int, on_checkpoint):
+    def __init__(self, f: h5py.File, num_examples: int, on_checkpoint, blocks: list[str], precision: str):
         self.f, self.n, self.on_checkpoint = f, num_examples, on_checkpoint
+        self.blocks, self.precision = blocks, precision
         self.features, self.valid, self.digests = f["features"], f["valid"], f["digests"]
         self.views = f["views"] if "views" in f else None
         self.pending = None
@@ -357,7 +390,12 @@ class _BatchWriter:
         a, b, host, event, ok = pending
         if event is not None:
             event.synchronize()
-        host = host.numpy().astype(self.features.dtype, copy=False)
+        computed = host.float().numpy()
+        with np.errstate(over="ignore"):  # an overflow of the storage dtype is said by nonfinite_error
+            host = computed.astype(self.features.dtype, copy=False)
+        error = nonfinite_error(computed, host, ok, a, self.blocks, self.precision)
+        if error is not None:
+            raise error
         views = host[:, 1:] if self.views is not None else None
         self.features[a:b] = host[:, 0]
         if views is not None:
@@ -380,7 +418,7 @@ def _run_extraction(f, ds: MultiDomainDataset, ext: _Extractor, config: ExtractC
     loader = image_loader(ds, ext.image_size, range(num_done, n), batch_size=config.batch_size,
                           workers=config.workers, views=config.views, views_seed=config.views_seed,
                           pin_memory=ext.dev.type == "cuda", transform=ext.transform)
-    write = _BatchWriter(f, n, on_checkpoint)
+    write = _BatchWriter(f, n, on_checkpoint, ext.blocks, ext.precision)
     done = num_done
     with progress_bar(n, "extracting", unit="img", enabled=progress, initial=num_done) as update, \
             torch.inference_mode():

@@ -36,7 +36,7 @@ import numpy as np
 
 from linft.data.folders import MultiDomainDataset
 from linft.errors import LinftError
-from linft.output import PARTIAL_SUFFIX, is_count
+from linft.output import PARTIAL_SUFFIX, is_count, partial_path
 
 CACHE_FORMAT_VERSION = 1
 
@@ -198,8 +198,8 @@ def open_h5(path: Path) -> h5py.File:
     them without the lock is safe.
     """
     if not path.exists():
-        hint = f" (an unfinished extraction is at {path}{PARTIAL_SUFFIX}; re-run its command)" \
-            if Path(str(path) + PARTIAL_SUFFIX).exists() else ""
+        hint = f" (an unfinished extraction is at {partial_path(path)}; re-run its command)" \
+            if partial_path(path).exists() else ""
         raise LinftError(f"feature cache {path} does not exist{hint}; create it with `linft extract`")
     try:
         return h5py.File(path, "r", locking=False)
@@ -329,6 +329,29 @@ def cache_info(path: str | os.PathLike) -> dict:
     return info
 
 
+def nonfinite_rows(array, rows: int, chunk_rows: int = 4096) -> np.ndarray:
+    """Which of the first ``rows`` rows of ``array`` (in memory, an HDF5 dataset, or rows left in the file) hold a
+    NaN or ±inf, read ``chunk_rows`` at a time."""
+    bad = np.zeros(rows, bool)
+    for a in range(0, rows, chunk_rows):
+        block = np.asarray(array[a:min(rows, a + chunk_rows)])
+        bad[a:a + len(block)] = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+    return bad
+
+
+def refuse_nonfinite(path: Path, arrays, rows: int) -> None:
+    """One LinftError naming the cache ``path`` when a row of ``arrays`` (its features, its views) is not finite:
+    nothing is trained on such a cache (its runs would "diverge" for a reason that is not the learning rate)."""
+    bad = np.zeros(rows, bool)
+    for array in arrays:
+        bad |= nonfinite_rows(array, rows)
+    if bad.any():
+        raise LinftError(f"the feature cache {path} holds {int(bad.sum())} row{'s' if bad.sum() > 1 else ''} of NaN or "
+                         f"inf features (of {rows}; the first: {int(np.flatnonzero(bad)[0])}): nothing can be trained "
+                         f"on them; run `linft cache verify {path}`, then extract it again (check the weights; store "
+                         f"float32 where float16 overflowed)")
+
+
 def open_cache(path: str | os.PathLike, read_array=None) -> FeatureCache:
     """Read a complete cache into memory (one read per dataset); refuses incomplete files.
 
@@ -347,16 +370,11 @@ def open_cache(path: str | os.PathLike, read_array=None) -> FeatureCache:
                 f"{path} is an unfinished extraction ({meta.get('num_done', 0)} of {meta['num_examples']} images); "
                 f"re-run the same `linft extract` command to finish it"
             )
-        return FeatureCache(
-            path=path,
-            features=read("features", f["features"]),
-            labels=labels,
-            domains=domains,
-            paths=read_paths(f),
-            valid=f["valid"][...],
-            meta=meta,
-            views=read("views", f["views"]) if "views" in f else None,
-        )
+        features = read("features", f["features"])
+        views = read("views", f["views"]) if "views" in f else None
+        refuse_nonfinite(path, [a for a in (features, views) if a is not None], len(labels))
+        return FeatureCache(path=path, features=features, labels=labels, domains=domains, paths=read_paths(f),
+                            valid=f["valid"][...], meta=meta, views=views)
 
 
 def describe_cache(info: dict) -> str:

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 
 from linft.cache.format import (attribute_problems, cache_attrs, content_problems, dataset_problems, expected_datasets,
-                                digest_mismatches, open_h5, read_paths)
+                                digest_mismatches, nonfinite_rows, open_h5, read_paths)
 from linft.data.folders import file_list_sha256, load_image_folder
 
 
@@ -96,12 +96,8 @@ def _rows_written(meta: dict) -> int:
 
 def check_finite(f: h5py.File, meta: dict, paths: list[str] | None, chunk_rows: int = 4096) -> tuple[bool, str]:
     done = _rows_written(meta)
-    bad_rows = 0
-    for name in ("features", "views") if "views" in f else ("features",):
-        data = f[name]
-        for a in range(0, done, chunk_rows):
-            block = data[a:min(done, a + chunk_rows)]
-            bad_rows += int((~np.isfinite(block.reshape(len(block), -1)).all(axis=1)).sum())
+    bad_rows = sum(int(nonfinite_rows(f[name], done, chunk_rows).sum())
+                   for name in (("features", "views") if "views" in f else ("features",)))
     return bad_rows == 0, f"{bad_rows} rows with NaN/inf" if bad_rows else f"{done} rows finite"
 
 

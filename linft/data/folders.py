@@ -310,3 +310,63 @@ def load_class_folder(folder: str | os.PathLike, name: str | None = None) -> Mul
     return MultiDomainDataset(root=folder.parent, domains=[folder.name], classes=classes, paths=paths,
                               labels=np.asarray(labels, dtype=np.int64),
                               domain_ids=np.zeros(len(paths), dtype=np.int64), name=name or folder.name)
+
+
+# --------------------------------------------------------------------------- outputs apart from datasets
+
+
+def _domain_classes(folder: str) -> frozenset | None:
+    """The class folder names of ``folder`` when it is laid out as a domain (sub-folders, each with an image file
+    directly inside), else None. Reads one image name per class folder at most."""
+    try:
+        with os.scandir(folder) as it:
+            classes = [e.path for e in it if e.is_dir() and not e.name.startswith(".")]
+    except OSError:
+        return None
+    for path in classes:
+        try:
+            with os.scandir(path) as it:
+                if not any(e.is_file() and _is_image(e.name) for e in it):
+                    return None
+        except OSError:
+            return None
+    return frozenset(os.path.basename(p) for p in classes) or None
+
+
+def dataset_holding(path: str | os.PathLike) -> Path | None:
+    """The image dataset (``root/<domain>/<class>/<image>``) that ``path`` lies inside, or None.
+
+    That is the closest folder above ``path`` whose sub-folders other than the one towards ``path`` (at least one;
+    hidden ones aside) are all domains with the same class folders (:func:`_domain_classes`): a dataset however
+    it is named or passed. ``path`` need not exist."""
+    branch = Path(os.path.realpath(path))
+    for folder in branch.parents:
+        try:
+            with os.scandir(folder) as it:
+                others = [e.path for e in it if e.is_dir() and not e.name.startswith(".") and e.name != branch.name]
+        except OSError:
+            others = []
+        first = _domain_classes(others[0]) if others else None
+        if first is not None and all(_domain_classes(p) == first for p in others[1:]):
+            return folder
+        branch = folder
+    return None
+
+
+def check_output_apart(out: str | os.PathLike, datasets=(), *, param: str) -> None:
+    """One LinftError (about ``param``) when the output ``out`` lies inside an image dataset (one of ``datasets``,
+    or any folder laid out as one: :func:`dataset_holding`) or one of ``datasets`` lies inside ``out``: linft's files
+    would then be read as a domain of the dataset, or the dataset as part of the output."""
+    resolved = Path(os.path.realpath(out))
+    for dataset in datasets:
+        root = Path(os.path.realpath(dataset))
+        if resolved == root or root in resolved.parents:
+            raise LinftError(f"{param} {out} is inside the dataset {dataset}; its files would be read as part of the "
+                             f"dataset: choose a {param} outside it", param=param)
+        if resolved in root.parents:
+            raise LinftError(f"the dataset {dataset} is inside {param} {out}; choose a {param} that does not hold "
+                             f"the dataset", param=param)
+    found = dataset_holding(resolved)
+    if found is not None:
+        raise LinftError(f"{param} {out} is inside the image dataset {found}; its files would be read as part of "
+                         f"the dataset: choose a {param} outside it", param=param)

@@ -57,7 +57,7 @@ from linft.interpolation.paths import (first_order_outputs, iter_weight_path, po
                                                 representation_path_predictions)
 from linft.interpolation.result import InterpolateConfig, InterpolationResult
 from linft.analysis.plots import plot_interpolation
-from linft.data.folders import MultiDomainDataset, find_dataset
+from linft.data.folders import MultiDomainDataset, check_output_apart, find_dataset
 from linft.data.images import EvalImages
 from linft.data.splits import domain_split_rows, split_seed
 from linft.errors import LinftError
@@ -316,6 +316,7 @@ def interpolate(dataset, finetuned: str | os.PathLike, config: InterpolateConfig
     ends = setup.ends
     out = Path(out_dir) if out_dir else Path("runs") / "interpolate" / _safe_name(setup.dataset_name)
     stem = f"interpolation_{_safe_name(setup.test_domain)}_seed{setup.seed}_{_safe_name(ends.finetuned_id)[:16]}"
+    check_output_apart(out, [setup.ds.root], param="out_dir")
     labels = _labels(setup, _path_keys(setup))
     headers = {(key, a): _header(setup, key, a, labels[key]) for key in labels for a in setup.alphas}
     with output_lock(out, folder=True):  # a second identical command refuses instead of writing records twice

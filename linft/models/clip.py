@@ -27,6 +27,7 @@ backbone is then named ``clip:<model>-quickgelu``, open_clip's name for it.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -39,8 +40,8 @@ from linft.data.images import IMAGENET_MEAN, IMAGENET_STD
 from linft.errors import LinftError
 from linft.models.checkpoints import read_state_dict, state_dict_sha256
 from linft.models.heads import LinearHead
-from linft.models.registry import (Backbone, BackboneFamily, load_weights, read_backbone_state, register_family, seeded,
-                                   weights_file)
+from linft.models.registry import (Backbone, BackboneFamily, file_classes, load_weights, read_backbone_state,
+                                   register_family, seeded, weights_file)
 
 PREFIX = "clip:"
 QUICKGELU = "-quickgelu"
@@ -120,7 +121,22 @@ def _create(model_name: str, pretrained: str | None = None, **kwargs) -> nn.Modu
     if model_name not in known:
         raise LinftError(f"unknown backbone 'clip:{model_name}'; open_clip has no model '{model_name}' "
                          f"(e.g. {', '.join(m for m in known if m.startswith('ViT-B-32'))})")
-    return oc.create_model(model_name, pretrained=pretrained, **kwargs)
+    if pretrained is not None:
+        return oc.create_model(model_name, pretrained=pretrained, **kwargs)
+    quiet = _NotRandomlyInitialised()  # linft loads the weights itself (a file), or records "none"
+    logging.getLogger().addFilter(quiet)
+    try:
+        return oc.create_model(model_name, pretrained=None, **kwargs)
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+class _NotRandomlyInitialised(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded ... Model initialized randomly": said before linft loads a
+    weights file into the model, it would mislead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
 
 
 def _tower(clip_model: nn.Module, num_classes: int, name: str) -> ClipImageTower:
@@ -229,9 +245,8 @@ def _load(name: str, weights: str) -> Backbone:
         if finetuned:
             name = finetuned_clip_name(name)
             model_name = _model_name(name)
-        fc = state.get("fc.weight")
-        model = seeded(lambda: _tower(_create(model_name), int(fc.shape[0]) if fc is not None else 1000, name))
-        if fc is None:  # a CLIP without a head: keep the placeholder head
+        model = seeded(lambda: _tower(_create(model_name), file_classes(state), name))
+        if "fc.weight" not in state:  # a CLIP without a head: keep the placeholder head
             state = {**state, "fc.weight": model.fc.weight.detach(), "fc.bias": model.fc.bias.detach()}
         load_weights(model, state, name, str(path))
         resolved = str(path.resolve())

@@ -171,6 +171,13 @@ def read_backbone_state(path: Path) -> dict:
     return single_linear_head(read_state_dict(path))
 
 
+def file_classes(state: dict) -> int:
+    """The classes of a weights file's head ``fc.weight`` (classes, features); 1000 when it has none or one of
+    another rank (0-d, 1-d, ...), which the strict load then names with its shape."""
+    fc = state.get("fc.weight")
+    return int(fc.shape[0]) if isinstance(fc, torch.Tensor) and fc.dim() == 2 else 1000
+
+
 def torchvision_state_dict(name: str, weights_name: str):
     """``(state_dict, enum member)``: torchvision's weights through torchvision, or say exactly where to put the file."""
     enum = torchvision.models.get_model_weights(name)
@@ -241,8 +248,7 @@ def load_backbone(name: str = "resnet50", weights: str | os.PathLike = "DEFAULT"
         else:
             path = weights_file(name, text, list(members))
             state = read_backbone_state(path)
-            fc = state.get("fc.weight")  # (classes, features); any other rank is refused by the strict load below
-            model = build_backbone(name, int(fc.shape[0]) if fc is not None and fc.dim() == 2 else 1000)
+            model = build_backbone(name, file_classes(state))  # a head of another rank: the strict load names it
             load_weights(model, state, name, str(path))
             resolved = str(path.resolve())
     model.eval()

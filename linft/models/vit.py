@@ -25,8 +25,8 @@ from torchvision.models.vision_transformer import VisionTransformer
 from linft.data.images import IMAGENET_MEAN, IMAGENET_STD, NORMALIZE
 from linft.errors import LinftError
 from linft.models.checkpoints import state_dict_sha256
-from linft.models.registry import (Backbone, BackboneFamily, load_weights, read_backbone_state, register_family, seeded,
-                                   torchvision_state_dict, weights_file)
+from linft.models.registry import (Backbone, BackboneFamily, file_classes, load_weights, read_backbone_state,
+                                   register_family, seeded, torchvision_state_dict, weights_file)
 
 #: torchvision's Vision Transformers.
 VIT_NAMES = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14")
@@ -105,7 +105,7 @@ def _file_image_size(state: dict, patch_size: int) -> int | None:
     """The image size a state_dict's position embedding fixes ((S/p)² patches and the class token); None without one
     (the strict load then says what the file lacks)."""
     pos = state.get("encoder.pos_embedding")
-    if pos is None or pos.dim() != 3:
+    if not isinstance(pos, torch.Tensor) or pos.dim() != 3 or pos.shape[1] < 2:  # the strict load names its shape
         return None
     return math.isqrt(int(pos.shape[1]) - 1) * patch_size
 
@@ -128,8 +128,7 @@ def _load(name: str, weights: str) -> Backbone:
     else:
         path = weights_file(name, weights, list(members))
         state = from_torchvision_keys(read_backbone_state(path))
-        fc = state.get("fc.weight")
-        model = _build(name, int(fc.shape[0]) if fc is not None else 1000, _file_image_size(state, _patch_size(name)))
+        model = _build(name, file_classes(state), _file_image_size(state, _patch_size(name)))
         load_weights(model, state, name, str(path))
         resolved = str(path.resolve())
     return Backbone(model=model, name=name, weights=resolved, weights_sha256=state_dict_sha256(model.state_dict()),

@@ -19,9 +19,11 @@ from __future__ import annotations
 import math
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from linft.errors import LinftError
+from linft.output import write_failure
 from linft.protocol.selection import iid_accuracy, ood_accuracy
 
 TENSORBOARD_INSTALL = "pip install 'linft[tensorboard]'"
@@ -52,21 +54,35 @@ def record_scalars(record: dict) -> dict[str, float]:
     return scalars
 
 
+def writable_log_dir(log_dir: str | os.PathLike) -> Path:
+    """``log_dir``, proved writable before anything is trained, as an output folder is: a folder is made (and
+    removed) in it, or in its closest existing parent when it is missing (each run's event files make their own
+    folders). One LinftError about ``tensorboard_dir`` when that fails; nothing is left on disk."""
+    log_dir = Path(log_dir)
+    existing = log_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is a file, not a folder")
+        os.rmdir(tempfile.mkdtemp(prefix=".linft-probe-", dir=existing))
+    except OSError as exc:
+        raise LinftError(f"cannot write TensorBoard event files under {log_dir} ({write_failure(exc)}); choose "
+                         f"another tensorboard_dir", param="tensorboard_dir") from None
+    return log_dir
+
+
 class TensorBoardSink:
     """Records -> TensorBoard event files under ``log_dir``, one event-file writer per run (closed at its final
     record, or by :meth:`close`; a later record of the run opens a new event file in the same run folder)."""
 
     def __init__(self, log_dir: str | os.PathLike):
+        self.log_dir = writable_log_dir(log_dir)  # before training starts, as an output folder is checked
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise LinftError(f"TensorBoard event files (tensorboard_dir={str(log_dir)!r}) need the tensorboard "
-                             f"package; {TENSORBOARD_INSTALL}") from None
-        self.log_dir = Path(log_dir)
-        try:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise LinftError(f"cannot create the TensorBoard folder {self.log_dir} ({exc.strerror})") from None
+                             f"package; {TENSORBOARD_INSTALL}", param="tensorboard_dir") from None
         self._summary_writer = SummaryWriter
         self._writers = {}
 

@@ -31,7 +31,7 @@ import torchvision
 from torch import nn
 
 import linft
-from linft.data.folders import MultiDomainDataset, load_image_folder
+from linft.data.folders import MultiDomainDataset, check_output_apart, load_image_folder
 from linft.data.images import check_workers, decoded_batches, fits_in_memory, normalize_uint8, preload_images
 from linft.data.shapes import source_command
 from linft.errors import LinftError
@@ -283,6 +283,7 @@ def pretrain(data_dir: str | os.PathLike, out: str | os.PathLike, config: Pretra
     dev = resolve_device(config.device)
     ds = load_image_folder(data_dir)
     out_path = Path(out).expanduser()
+    check_output_apart(out_path, [ds.root], param="out")
     _check_out(out_path, force)
     gen = torch.Generator().manual_seed(config.seed)
     plan = _plan(ds, config, gen)

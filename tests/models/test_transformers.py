@@ -328,3 +328,39 @@ def test_clip_towers_that_are_not_vits_are_refused_in_one_line(weights, tmp_path
         text = str(info.value)
         assert f"the image tower of {rn} is a ModifiedResNet" in text and "ViT-based CLIP models" in text
         assert "\n" not in text
+
+
+def _broken(state: dict, key: str, value: torch.Tensor) -> dict:
+    return {**state, key: value}
+
+
+@pytest.mark.parametrize("name,key,value,fragment", [
+    ("vit-tiny", "heads.head.weight", torch.tensor(1.0), "fc.weight"),  # a 0-d head
+    ("vit-tiny", "heads.head.weight", torch.zeros(5), "fc.weight"),  # a 1-d head
+    ("vit-tiny", "encoder.pos_embedding", torch.zeros(1, 0, 32), "pos_embedding"),  # an empty position embedding
+    ("vit-tiny", "encoder.pos_embedding", torch.zeros(0), "pos_embedding"),
+    (TINY_CLIP, "fc.weight", torch.tensor(1.0), "fc.weight"),
+    (TINY_CLIP, "visual.positional_embedding", torch.zeros(0, 32), "positional_embedding"),
+])
+def test_weight_files_of_impossible_shapes_are_one_line(tmp_path, name, key, value, fragment):
+    state = load_backbone(name, "none").model.state_dict()
+    if name == "vit-tiny":  # torchvision's keys, as a torchvision file holds them
+        vit = VisionTransformer(**TINY_VIT, num_classes=3)
+        state = vit.state_dict()
+    path = tmp_path / "w.pt"
+    torch.save(_broken(state, key, value), path)
+    before = path.read_bytes()
+    with pytest.raises(LinftError, match=fragment) as info:
+        load_backbone(name, str(path))
+    assert "\n" not in str(info.value) and "shape" in str(info.value)
+    assert path.read_bytes() == before
+
+
+def test_a_clip_file_loads_without_open_clips_random_init_warning(tmp_path, caplog):
+    path = tmp_path / "clip.pt"
+    torch.save(load_backbone(TINY_CLIP, "none").model.state_dict(), path)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        bb = load_backbone(TINY_CLIP, str(path))
+    assert bb.weights == str(path.resolve())
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()], caplog.text

@@ -75,3 +75,4 @@ def test_missing_tensorboard_is_one_error_naming_the_extra(tmp_path, monkeypatch
     with pytest.raises(LinftError, match="pip install 'linft\\[tensorboard\\]'") as info:
         TensorBoardSink(tmp_path / "tb")
     assert TENSORBOARD_INSTALL in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "tb").exists()  # a refusal leaves nothing on disk

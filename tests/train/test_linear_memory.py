@@ -50,3 +50,29 @@ def test_training_from_the_file_within_a_memory_budget(tmp_path):
     assert run(path, tmp_path / "none", budget) == in_memory
     with pytest.raises(LinftError, match=r"one training step reads .* raise memory_budget to at least"):
         run(path, tmp_path / "small", step_bytes - 1)
+
+
+@pytest.mark.parametrize("gib", ["nan", "-1", "0", "-inf"])
+def test_a_memory_budget_that_is_not_a_positive_size_is_refused_in_gib(tmp_path, gib):
+    from click.testing import CliRunner
+
+    from conftest import assert_one_line_error
+    from linft.cli.main import main
+
+    path, _, _ = cache_file(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = CliRunner().invoke(main, ["train-linear", str(path), "--out", str(tmp_path / "o"), "--memory-gib", gib,
+                                       "--steps", "2", "--seeds", "1", "--quiet"])
+    assert_one_line_error(result, "memory")
+    assert "1073741824" not in result.output  # the budget as the user wrote it, not in bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_an_infinite_memory_budget_means_no_limit(tmp_path):
+    from linft.cache.chunks import memory_budget_bytes
+
+    assert memory_budget_bytes(float("inf")) is None and memory_budget_bytes(None) is None
+    assert memory_budget_bytes(2.5 * 2**30) == int(2.5 * 2**30)
+    with pytest.raises(LinftError) as info:
+        memory_budget_bytes(float("nan"))
+    assert info.value.param == "memory_budget"

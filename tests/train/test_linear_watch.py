@@ -1,12 +1,15 @@
 """Watching the linear grid: one summary line per evaluation, and grids whose runs diverge (all, or some)."""
 
+import os
 import re
+import tempfile
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from linft.cli.main import main
+from linft.errors import LinftError
 from linft.protocol.records import read_records
 from linft.protocol.selection import iid_accuracy, ood_accuracy
 from linft.train.linear.driver import train_linear
@@ -100,3 +103,35 @@ def test_cli_lines_while_training_and_quiet_is_silent(cache_file, tmp_path):
     assert re.search(r"^training: 7/7 step \(100%\), .* in \d+:\d\d$", loud.stderr, re.M)  # no terminal: plain lines
     quiet = train(cache_file, tmp_path / "quiet", "--lr", "0.01", "--quiet")
     assert quiet.exit_code == 0 and len(quiet.stderr.strip().splitlines()) == 1  # only the result line
+
+
+def _unwritable_folders(tmp_path):
+    """Existing folders a process cannot write: one without write permission (not for root, who writes anyway) and
+    sysfs's /sys/kernel (where even root may create nothing)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    return [p for p in (locked, "/sys/kernel") if os.path.isdir(p) and not _can_make_folder(p)]
+
+
+def _can_make_folder(folder) -> bool:
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=folder))
+        return True
+    except OSError:
+        return False
+
+
+def test_an_unwritable_tensorboard_folder_is_refused_before_training(tmp_path):
+    folders = _unwritable_folders(tmp_path)
+    if not folders:
+        pytest.skip("no unwritable folder on this machine")
+    (tmp_path / "a-file").write_text("x")
+    for tb in [*folders, tmp_path / "a-file", tmp_path / "a-file" / "below"]:
+        with pytest.raises(LinftError) as info:
+            train_linear(synthetic_cache(tmp_path), tmp_path / "runs", dropouts=(0.0,), lrs=(0.05,),
+                         weight_decays=(1e-3,), seeds=1, config=CONFIG, device="cpu", progress=False,
+                         tensorboard_dir=tb)
+        assert info.value.param == "tensorboard_dir" and str(tb) in str(info.value), str(info.value)
+        assert not (tmp_path / "runs").exists()  # nothing trained, nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "locked"] and not os.listdir(tmp_path / "locked")

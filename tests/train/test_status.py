@@ -169,3 +169,19 @@ def test_partial_cache_read_while_another_process_writes_it(tmp_path):
         _, err = writer.communicate(timeout=240)
     assert writer.returncode == 0, err[-2000:]
     assert cache.exists() and not cache.with_name("c.h5.partial").exists()
+
+
+@pytest.mark.parametrize("entry", [1, "run", [1, 2], None,
+                                   {"label": "m", "test_domain": "c", "seed": 0, "grid": 5},
+                                   {"label": "m", "test_domain": "c", "seed": "zero", "grid": {}},
+                                   {"label": ["m"], "test_domain": "c", "seed": 0, "grid": {}}])
+def test_a_plan_whose_entries_are_not_plan_entries_is_refused(sweep, entry):
+    plan = sweep / "planned.json"
+    plan.write_text(json.dumps({"runs": {"later": entry}}))
+    before = plan.read_bytes()
+    for args in (["status", str(sweep)], ["status", str(sweep), "--json"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output and result.output.startswith("Error:"), result.output
+        assert "planned.json" in result.output and "later" in result.output
+    assert plan.read_bytes() == before

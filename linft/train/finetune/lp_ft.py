@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from linft.cache.format import cache_attrs, check_cache, open_h5, read_paths
+from linft.cache.format import cache_attrs, check_cache, open_h5, read_paths, refuse_nonfinite
 from linft.data.folders import MultiDomainDataset
 from linft.data.images import EvalImages, describe_transform, eval_transform, model_input
 from linft.errors import LinftError
@@ -53,9 +53,10 @@ def _complete_cache_attrs(path: str | os.PathLike) -> dict:
     with open_h5(path) as f:
         meta = cache_attrs(f, path)
         check_cache(f, meta, path)
-    if not meta.get("complete"):
-        raise LinftError(f"{path} is an unfinished extraction; finish it with its `linft extract` command before "
-                         f"using it for LP-FT")
+        if not meta.get("complete"):
+            raise LinftError(f"{path} is an unfinished extraction; finish it with its `linft extract` command "
+                             f"before using it for LP-FT")
+        refuse_nonfinite(path, [f["features"]], len(f["features"]))  # before anything is trained
     return meta
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from linft.data.folders import MultiDomainDataset, find_dataset
+from linft.data.folders import MultiDomainDataset, check_output_apart, find_dataset
 from linft.data.images import EvalImages
 from linft.data.splits import check_training_splits, domain_split_rows, split_seed
 from linft.errors import LinftError
@@ -379,6 +379,7 @@ def finetune(dataset, out_dir, *, backbone: str = "resnet50", weights="DEFAULT",
     config.check()
     hooks = hooks or RunHooks()
     ds = dataset if isinstance(dataset, MultiDomainDataset) else find_dataset(dataset, data_root)
+    check_output_apart(out_dir, [ds.root], param="out_dir")
     runs = runs if runs is not None else sweep_runs(ds.domains, **grid)
     eval_images = EvalImages(ds, config.image_size, config.eval_batch_size, config.workers, progress)
     result = SweepResult(Path(out_dir), eval_images=eval_images)

@@ -17,8 +17,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from linft.cache.chunks import H5Rows, in_memory_bytes, open_cache_within
+from linft.cache.chunks import H5Rows, in_memory_bytes, memory_budget_bytes, open_cache_within
 from linft.cache.format import FeatureCache
+from linft.data.folders import check_output_apart
 from linft.data.splits import check_split_seed, check_training_splits, domain_split_rows, split_names, split_seed
 from linft.errors import LinftError
 from linft.locks import output_lock
@@ -227,7 +228,7 @@ def check_one_source(records: list[dict], records_path: Path, cache: FeatureCach
 
 def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: LinearGridConfig | None = None, *,
                  device="auto", progress: bool = True, say: Callable[[str], None] | None = None,
-                 tensorboard_dir=None, memory_budget: int | None = None, **grid_fields) -> LinearProtocolResult:
+                 tensorboard_dir=None, memory_budget: float | None = None, **grid_fields) -> LinearProtocolResult:
     """Run the leave-one-domain-out protocol of linear fine-tuning (and/or probing) from a feature cache.
 
     Every run of ``grid`` (whose fields ``grid_fields`` override:
@@ -241,16 +242,16 @@ def train_linear(cache, out_dir, grid: LinearGrid = LinearGrid(), config: Linear
     line per run); ``tensorboard_dir`` also writes the records as TensorBoard event files
     (:class:`linft.protocol.sinks.TensorBoardSink`).
 
-    ``memory_budget`` (bytes; None: no limit) bounds the cached features and views held in memory: what does not
+    ``memory_budget`` (bytes; None or +inf: no limit) bounds the cached features and views held in memory: what does not
     fit stays in the file and is read in chunks (:mod:`linft.cache.chunks`); training refuses in one line when one
     step's rows alone do not fit.
     """
-    if memory_budget is not None and memory_budget <= 0:
-        raise LinftError(f"memory_budget must be positive, got {memory_budget}")
+    memory_budget = memory_budget_bytes(memory_budget)
     grid = LinearGrid(**{**asdict(grid), **grid_fields})
     config = config or LinearGridConfig()
     cache = cache if isinstance(cache, FeatureCache) else \
         open_cache_within(cache, memory_budget)
+    check_output_apart(out_dir, [root] if (root := cache.meta.get("dataset_root")) else [], param="out_dir")
     names = cache.domain_names
     test_names = grid.check(names, usable=cache.usable_counts(), where="the cache")
     config.check()

@@ -28,7 +28,7 @@ from typing import Callable
 
 import multiprocessing as mp
 
-from linft.data.folders import MultiDomainDataset, load_image_folder
+from linft.data.folders import MultiDomainDataset, check_output_apart, load_image_folder
 from linft.data.images import EvalImages
 from linft.errors import LinftError
 from linft.locks import output_lock
@@ -186,6 +186,7 @@ def launch_sweep(dataset: MultiDomainDataset, out_dir, runs: list[FineTuneRun], 
     to do. Returns one typed outcome per run (:class:`~linft.train.sweeps.result.LaunchResult`); with
     ``options.across_runs`` (and ``wait``), also evaluates the ensembles and soups across the runs."""
     _check_launch(runs, config, options)
+    check_output_apart(out_dir, [dataset.root], param="out_dir")
     hooks = watch_hooks(options.say, options.tensorboard_dir)  # a missing tensorboard package fails here, early
     sweep = SweepFolder(out_dir)
     planned = planned_runs(dataset, sweep.root, runs, backbone=backbone, weights=weights, config=config)

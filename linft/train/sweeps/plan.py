@@ -13,7 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from linft.output import atomic_write_text
+from linft.errors import LinftError
+from linft.output import atomic_write_text, is_count
 from linft.train.sweeps.folder import SweepFolder
 
 #: What the plan keeps of a run.
@@ -36,10 +37,32 @@ def write_plan(out_dir: str | os.PathLike, runs: dict[str, dict]) -> Path:
     return atomic_write_text(path, json.dumps({"runs": planned}, indent=1, sort_keys=True) + "\n")
 
 
+def plan_entry_problem(entry) -> str | None:
+    """What makes ``entry`` not a plan entry (:func:`plan_entry`); None when nothing. The schema check of a plan,
+    as :func:`linft.protocol.records.record_problem` is that of a record."""
+    if not isinstance(entry, dict):
+        return f"is {entry!r}, not a JSON object"
+    for k, ok, what in (("label", lambda v: isinstance(v, str) and v, "a name"),
+                        ("test_domain", lambda v: isinstance(v, str) and v, "a name"),
+                        ("seed", is_count, "a whole number >= 0"),
+                        ("grid", lambda v: isinstance(v, dict), "an object")):
+        if k in entry and entry[k] is not None and not ok(entry[k]):
+            return f"has {k} {entry[k]!r}, not {what}"
+    return None
+
+
 def read_plan_file(path: str | os.PathLike) -> dict[str, dict]:
-    """The runs of one plan file (none when it is missing or unreadable: the plan only adds *to do* runs)."""
+    """The runs of one plan file (none when it is missing or unreadable: the plan only adds *to do* runs); an entry
+    that is not a plan entry (:func:`plan_entry_problem`) is one LinftError naming the file and the run."""
     try:
         runs = json.loads(Path(path).read_text()).get("runs", {})
     except (OSError, ValueError, AttributeError):
         return {}
-    return runs if isinstance(runs, dict) else {}
+    if not isinstance(runs, dict):
+        return {}
+    for rid, entry in runs.items():
+        problem = plan_entry_problem(entry)
+        if problem:
+            raise LinftError(f"{path} is not a linft plan: its run {rid!r} {problem}; delete that file (it only "
+                             f"lists the runs to do) and run the command again")
+    return runs
