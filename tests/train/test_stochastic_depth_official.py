@@ -24,6 +24,7 @@ from torch import nn
 
 from linft.models.blocks import add_stochastic_depth, residual_block_names
 from linft.models.demo_resnet import demo_resnet
+from linft.models.registry import load_backbone
 from linft.data.splits import seed_hash
 from linft.train.finetune.model import FineTuneConfig, FineTuneRun, model_input, run_optimizer, set_train_mode, \
     train_step
@@ -149,8 +150,6 @@ def test_official_mode_in_eval_mode_and_its_handles():
 def test_official_mode_gives_a_dropped_transformer_branch_no_gradient():
     """A Vision Transformer's attention and MLP branches (one draw each per batch, in forward order): a dropped one
     is replaced by zeros outside the graph, so its parameters get no gradient (None), a kept one gets one."""
-    from linft.models.registry import load_backbone
-
     model = load_backbone("vit-tiny", "none").model.train()
     layers = list(model.encoder.layers)
     branches = [part for layer in layers for part in ((layer.ln_1, layer.self_attention), (layer.ln_2, layer.mlp))]
