@@ -51,10 +51,12 @@ from linft.output import json_text, say_line
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder of the records, plot and summary. Default: runs/interpolate/<dataset>/")
+@click.option("--force", is_flag=True, help="Figure 1 mode: replace the figure1.* already in --out (refused without it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (accuracies per α and path) as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars or progress lines.")
 def interpolate_cmd(dataset, finetuned, iid, ood, pretrained_head, probe_data, data_root, pretrained, backbone, alphas,
-                    linearity, no_blocks, batch_size, workers, precision, deprecated_flag, device, out, as_json, quiet):
+                    linearity, no_blocks, batch_size, workers, precision, deprecated_flag, device, out, force, as_json,
+                    quiet):
     """Accuracy along the weight and representation paths from a pretrained to a fine-tuned model (Figure 1).
 
     The pretrained end is the backbone the run started from with a linear-probe
@@ -71,7 +73,8 @@ def interpolate_cmd(dataset, finetuned, iid, ood, pretrained_head, probe_data, d
     Figure 1 mode (--iid, no DATASET): any two checkpoints of --backbone, the
     pretrained one with --pretrained-head, evaluated on --iid and every --ood
     folder; writes OUT/figure1.json and the plot OUT/figure1.png (mean o.o.d.
-    against i.i.d. accuracy along each path). Default OUT: runs/figure1.
+    against i.i.d. accuracy along each path). Default OUT: runs/figure1; an
+    OUT that already holds them is refused unless --force.
 
     \b
     Examples:
@@ -91,8 +94,8 @@ def interpolate_cmd(dataset, finetuned, iid, ood, pretrained_head, probe_data, d
             backbone=backbone, pretrained=pretrained, finetuned=finetuned, pretrained_head=pretrained_head,
             probe_data=probe_data, alphas=alphas, linearity=linearity, device=device, batch_size=batch_size,
             workers=workers, precision=precision)
-        result = interpolate_checkpoints(iid, list(ood), config, out_dir=out or "runs/figure1", progress=not quiet,
-                                         say=say)
+        result = interpolate_checkpoints(iid, list(ood), config, out_dir=out or "runs/figure1", force=force,
+                                         progress=not quiet, say=say)
         click.echo(json_text(result.to_dict(), indent=2, ensure_ascii=False) if as_json
                    else checkpoint_interpolation_text(result))
         return

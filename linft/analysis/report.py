@@ -222,6 +222,14 @@ def existing_report(out_dir) -> list[str]:
     return [name for name in REPORT_FILES if (out_dir / name).exists()]
 
 
+def _refuse_report(out: Path, force: bool) -> None:
+    """Refuse ``out`` when it already holds a report, unless ``force``."""
+    present = existing_report(out)
+    if present and not force:
+        raise LinftError(f"{out} already holds a report ({', '.join(present[:3])}); pass force=True to replace it or "
+                         f"choose another out_dir", param="force")
+
+
 def write_report(record_paths, out_dir, selection: str = "iid", se: str = "sample",
                  notes: list[str] | None = None, force: bool = False) -> dict:
     """Write the report of the records in ``record_paths`` (files or folders) into ``out_dir``; return the paths.
@@ -237,15 +245,13 @@ def write_report(record_paths, out_dir, selection: str = "iid", se: str = "sampl
     check_se(se)
     out = Path(out_dir)
     check_output_apart(out, param="out_dir")
-    present = existing_report(out)
-    if present and not force:
-        raise LinftError(f"{out} already holds a report ({', '.join(present[:3])}); pass force=True to replace it or "
-                         f"choose another out_dir", param="out_dir")
+    _refuse_report(out, force)  # at once, before reading the records; again under the lock
     records = read_records(record_paths)
     if not records:
         raise LinftError(f"the run records in {', '.join(map(str, record_paths))} are empty; train something first")
     results = run_results(records, selection)
     with output_lock(out, folder=True):  # creates the folder
+        _refuse_report(out, force)  # under the lock: a report another process wrote meanwhile is not replaced
         staging = out / f".report{PARTIAL_SUFFIX}"
         remove_path(staging)
         try:

@@ -252,9 +252,13 @@ def write_new_folder(out: str | os.PathLike, write: Callable[[Path], None], forc
     (:func:`linft.locks.output_lock` on ``out``).
     """
     out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise LinftError(f"{out} exists and is not empty; choose a new folder, or {refusal}")
+
+    def refuse_filled() -> None:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+            raise LinftError(f"{out} exists and is not empty; choose a new folder, or {refusal}", param="force")
+    refuse_filled()
     with output_lock(out):  # creates the parent folder
+        refuse_filled()  # under the lock: a folder another process filled meanwhile is not replaced
         staging = partial_path(out)
         old = out.with_name(f"{out.name}.old{PARTIAL_SUFFIX}")
         remove_path(staging)

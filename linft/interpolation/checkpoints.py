@@ -21,7 +21,8 @@ Both ends see the images as the fine-tuned end's weights take them (its own tran
 size). Paths (α = share of the fine-tuned end) as in :mod:`linft.interpolation.paths`: weights, representation
 (the appendix A.1 formula on the representation the heads read), and with ``linearity`` the first-order path.
 Writes ``figure1.json`` and the plot ``figure1.png`` (the paper's form: o.o.d. against i.i.d. accuracy, one
-curve per path, α along it) into the output folder.
+curve per path, α along it) into the output folder, under its lock; an earlier result there is replaced only
+with ``force``. Two ends that take images of different sizes are refused before any forward pass.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ import torch
 from linft.interpolation.paths import (first_order_outputs, iter_weight_path, pooled_features_and_logits,
                                                 representation_logits)
 from linft.interpolation.result import InterpolateConfig
-from linft.analysis.plots import plot_figure1
+from linft.analysis.plots import figure_files, plot_figure1
 from linft.data.folders import MultiDomainDataset, load_class_folder
 from linft.data.images import EvalImages
 from linft.errors import LinftError
+from linft.locks import output_lock
 from linft.models.averaging import check_compatible
 from linft.models.blocks import phi_block_names
 from linft.models.checkpoints import load_checkpoint
@@ -51,6 +53,10 @@ from linft.models.registry import Backbone, load_backbone
 from linft.output import atomic_write_text, json_text, progress_bar
 from linft.runtime import effective_precision, resolve_device
 
+
+
+#: The files Figure 1 mode writes into its output folder (the plot as PNG and PDF, when there is one).
+FIGURE1_FILES = ("figure1.json", "figure1.png", "figure1.pdf")
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,7 @@ def _named_sets(folders: list) -> list[MultiDomainDataset]:
 def _ends(config: CheckpointInterpolateConfig, classes: list[str], dev: torch.device):
     """The network (fine-tuned, C classes), the pretrained state with ω_p, the fine-tuned state, the backbones."""
     bb_p, bb_f = load_backbone(config.backbone, config.pretrained), load_backbone(config.backbone, config.finetuned)
+    _check_one_architecture(bb_p, bb_f)  # before the probe pass, which feeds the pretrained end the fine-tuned images
     head_f = classifier_head(bb_f.model)
     if head_f.weight.shape[0] != len(classes):
         raise LinftError(f"the fine-tuned head has {head_f.weight.shape[0]} classes but the i.i.d. set has "
@@ -183,38 +190,69 @@ def _ends(config: CheckpointInterpolateConfig, classes: list[str], dev: torch.de
     except LinftError as exc:
         raise LinftError(f"the two checkpoints are not of one architecture ({str(exc).split(';')[0]}); interpolate "
                          "checkpoints of the same backbone") from None
-    if bb_p.name != bb_f.name:
-        raise LinftError(f"the pretrained end is a {bb_p.name} but the fine-tuned one a {bb_f.name}; interpolate "
-                         "checkpoints of one architecture")
     return bb_f.model.eval(), pre_state, fin_state, bb_p, bb_f
 
 
+def _check_one_architecture(bb_p: Backbone, bb_f: Backbone) -> None:
+    """One line when the ends are not one architecture, or take images of two sizes (a transformer's position
+    embedding fixes its size: weights of two sizes cannot be mixed, and one end's images do not fit the other)."""
+    if bb_p.name != bb_f.name:
+        raise LinftError(f"the pretrained end is a {bb_p.name} but the fine-tuned one a {bb_f.name}; interpolate "
+                         "checkpoints of one architecture")
+    if bb_p.image_size is not None and bb_f.image_size is not None and bb_p.image_size != bb_f.image_size:
+        raise LinftError(f"the pretrained end takes {bb_p.image_size} px images but the fine-tuned one "
+                         f"{bb_f.image_size} px (their position embeddings differ, so their weights cannot be mixed); "
+                         "interpolate two checkpoints made at one image size", param="pretrained")
+
+
 def interpolate_checkpoints(iid: str | os.PathLike, ood: list[str | os.PathLike], config: CheckpointInterpolateConfig,
-                            *, out_dir: str | os.PathLike = "runs/figure1", progress: bool = True,
+                            *, out_dir: str | os.PathLike = "runs/figure1", force: bool = False, progress: bool = True,
                             say: Callable[[str], None] | None = None, **settings) -> CheckpointInterpolation:
     """Weight, representation (and first-order) paths between two checkpoints on ``iid`` and the ``ood`` folders.
 
-    Cost per set: 2 forward passes (Φ_p, Φ_f), one per α on the weight path, one jvp with ``linearity``.
+    ``out_dir`` is locked (:func:`linft.locks.output_lock`) while the sets are evaluated and the results written;
+    a folder that already holds a Figure 1 result (:data:`FIGURE1_FILES`) is refused unless ``force``, checked at
+    once and again under the lock. Cost per set: 2 forward passes (Φ_p, Φ_f), one per α on the weight path, one
+    jvp with ``linearity``.
     """
     config = replace(config, **settings)
     alphas = config.check()
+    out = Path(out_dir)
+    _refuse_earlier_result(out, force)  # before any computation
     say = say or (lambda _line: None)
     dev = resolve_device(config.device)
     folders = _named_sets([iid] + list(ood))
-    iid_ds = folders[0]
-    classes = list(iid_ds.classes)
+    classes = list(folders[0].classes)
     net, pre_state, fin_state, bb_p, bb_f = _ends(config, classes, dev)
     transform, size = _input(bb_f)
     sets = {ds.domains[0]: _Set(ds, _columns(ds, classes, "evaluation set"),
                                 EvalImages(ds, size, config.batch_size, config.workers, transform=transform))
             for ds in folders}
+    with output_lock(out, folder=True):  # a second command on this folder refuses instead of writing beside it
+        _refuse_earlier_result(out, force)  # under the lock: a result another process wrote meanwhile
+        per_set, gaps = _evaluate_sets(config, alphas, sets, net.to(dev), (pre_state, fin_state), dev,
+                                       progress, say)
+        return _finish(config, alphas, per_set, list(sets), out, gaps, {n: len(s.ds) for n, s in sets.items()},
+                       bb_f)
+
+
+def _refuse_earlier_result(out: Path, force: bool) -> None:
+    present = [name for name in FIGURE1_FILES if (out / name).exists()]
+    if present and not force:
+        raise LinftError(f"{out} already holds a Figure 1 result ({', '.join(present)}); pass force to replace it "
+                         "or choose another out_dir", param="force")
+
+
+def _evaluate_sets(config: CheckpointInterpolateConfig, alphas: list[float], sets: dict, net, states: tuple, dev,
+                   progress: bool, say: Callable[[str], None]) -> tuple[dict, dict]:
+    """Accuracy per set, path and α (``per_set[name][path]``), and the linearity gap per set."""
+    pre_state, fin_state = states
     precision = effective_precision(dev, config.precision)
     block = phi_block_names(net, 1)
     wk, bk = head_keys(fin_state)
     heads = {end: LinearHead(state[wk].float(), state[bk].float()) for end, state in (("p", pre_state), ("f", fin_state))}
     per_set: dict[str, dict[str, list[float]]] = {}
     gaps = {}
-    net = net.to(dev)
     for name, s in sets.items():
         say(f"{name}: {len(s.ds)} images, {len(s.ds.classes)} classes")
         phis = {}
@@ -231,8 +269,7 @@ def interpolate_checkpoints(iid: str | os.PathLike, ood: list[str | os.PathLike]
             accs["linearized"] = [s.accuracy(f0 + a * jv) for a in alphas]
             gaps[name] = relative_linearity_gap(logits, f0 + jv, f0)
         per_set[name] = accs
-    return _finish(config, alphas, per_set, list(sets), Path(out_dir), gaps, {n: len(s.ds) for n, s in sets.items()},
-                   bb_f)
+    return per_set, gaps
 
 
 def _finish(config, alphas, per_set, names, out: Path, gaps, sizes, bb) -> CheckpointInterpolation:
@@ -250,4 +287,7 @@ def _finish(config, alphas, per_set, names, out: Path, gaps, sizes, bb) -> Check
         result.plot = plot_figure1(curves, out / "figure1.png",
                                    title=f"{bb.name}: {Path(config.pretrained).name} → {Path(config.finetuned).name}")
     atomic_write_text(result.summary, json_text(result.to_dict(), indent=1, ensure_ascii=False) + "\n")
+    if result.plot is None:  # a replaced result's plot is not this one's
+        for stale in figure_files(out / "figure1.png"):
+            stale.unlink(missing_ok=True)
     return result

@@ -7,7 +7,8 @@ Weight averaging (model soups, DiWA, trajectory averaging, interpolation):
 - :func:`interpolate_state_dicts` — ``(1-α)·start + α·end``.
 - :class:`RunningAverage` — the uniform mean of a stream of state_dicts
   (checkpoints along one trajectory) without storing them.
-- :func:`greedy_soup` — Wortsman et al.'s greedy soup.
+- :func:`greedy_soup` — Wortsman et al.'s greedy soup; :func:`soup_order` — its candidates' order, as
+  model-soups' code sorts them.
 
 Output ensembles are :mod:`linft.train.finetune.ensembles`.
 
@@ -208,12 +209,20 @@ def _as_meta(state_dict: StateDict) -> dict:
             for k, t in state_dict.items()}
 
 
+def soup_order(scores: Sequence[float]) -> list[int]:
+    """The candidates' indices in model-soups' greedy-soup order: by decreasing held-out score, and among tied
+    scores the later-listed candidate first. model-soups' ``main.py`` sorts ``(name, accuracy)`` pairs by
+    accuracy (ascending, a stable sort) and then reverses the list; this is that order, not "ties by listing"."""
+    ascending = sorted(range(len(scores)), key=lambda i: scores[i])
+    return ascending[::-1]
+
+
 def greedy_soup(candidates: Sequence[StateDict], evaluate: Callable[[StateDict], float], strict: bool = False
                 ) -> tuple[dict[str, torch.Tensor], list[int], list[float]]:
     """Wortsman et al.'s greedy soup: add each candidate to the uniform average if the score does not drop.
 
     ``candidates`` must already be sorted by decreasing validation (i.i.d.)
-    accuracy. The soup starts as the first candidate; each next candidate is
+    accuracy (:func:`soup_order`: model-soups' order, ties later-listed first). The soup starts as the first candidate; each next candidate is
     tried as the uniform average of the chosen ones plus it and kept when
     ``evaluate(average) >= best`` (ties keep the candidate, as the paper's
     "does not decrease"); ``strict=True`` keeps it only when ``> best``, as

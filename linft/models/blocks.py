@@ -20,6 +20,8 @@ stream). :mod:`linft.models.vit` and :mod:`linft.models.clip` implement it.
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -151,7 +153,7 @@ def residual_branch_ends(model: nn.Module) -> list[nn.Module]:
 
 #: How residual branches are dropped: ``row`` — per example, rescaled by 1/(1 − rate) in training
 #: (``torchvision.ops.StochasticDepth(rate, "row")``, linft's default); ``official`` — the official code's: one
-#: draw for the whole batch, no rescaling in training or evaluation.
+#: draw for the whole batch, no rescaling in training or evaluation, and a dropped branch is skipped.
 STOCHASTIC_DEPTH_MODES = ("row", "official")
 
 
@@ -168,18 +170,22 @@ def check_stochastic_depth(rate: float, mode: str = "row") -> None:
 def add_stochastic_depth(model: nn.Module, rate: float, mode: str = "row") -> list:
     """Residual-block dropout on every residual branch, with probability ``rate`` (see :data:`STOCHASTIC_DEPTH_MODES`).
 
-    Implemented as a forward hook on the end of each branch (:func:`residual_branch_ends`: a ResNet's last
-    BatchNorm; a transformer's attention and MLP outputs, each dropped on its own), so the model's modules and
-    state_dict keys are unchanged and pretrained weights load strictly (as the official code's do; its parameter
-    is the survival probability: 0.9 there is ``rate`` 0.1 here). Active in training mode only (the model's mode:
-    frozen BatchNorms stay in eval mode). Draws come from torch's global generator. Returns the hook handles.
+    The model's modules and state_dict keys are unchanged and pretrained weights load strictly (as the official
+    code's do; its parameter is the survival probability: 0.9 there is ``rate`` 0.1 here). Active in training mode
+    only (the model's mode: frozen BatchNorms stay in eval mode). Draws come from torch's global generator.
+    Returns handles whose ``remove()`` undoes it.
+
+    ``row``: a forward hook on the end of each branch (:func:`residual_branch_ends`: a ResNet's last BatchNorm; a
+    transformer's attention and MLP outputs, each dropped on its own). ``official``: one draw per branch and batch
+    on the CPU generator, in forward order, and a dropped branch is skipped as in the official code's StoDepth
+    blocks: a ResNet block returns ``relu(downsample(x) or x)`` without running its branch, so the branch's
+    parameters get no gradient (None: SGD applies neither weight decay nor momentum to them that step) and its
+    BatchNorms do not update their running statistics; a transformer branch's output is replaced by zeros outside
+    the autograd graph (no gradient either; it has no running statistics).
     """
     check_stochastic_depth(rate, mode)
-
-    def official(module, inputs, output):  # the whole batch keeps or drops the branch; no rescaling (no host sync)
-        if not model.training:
-            return output
-        return output * (torch.rand((), device=output.device) >= rate).to(output.dtype)
+    if mode == "official":
+        return _official_stochastic_depth(model, rate)
 
     def per_row(drop):
         def hook(module, inputs, output):
@@ -187,6 +193,45 @@ def add_stochastic_depth(model: nn.Module, rate: float, mode: str = "row") -> li
             return drop(output)
         return hook
 
-    return [end.register_forward_hook(official if mode == "official" else
-                                      per_row(torchvision.ops.StochasticDepth(rate, "row")))
+    return [end.register_forward_hook(per_row(torchvision.ops.StochasticDepth(rate, "row")))
             for end in residual_branch_ends(model)]
+
+
+def _dropped(rate: float) -> bool:
+    """One host-side draw (the CPU generator: no device sync): whether a branch is dropped for this batch."""
+    return bool(torch.rand(()) < rate)
+
+
+def _official_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A torchvision-style residual block with the official code's stochastic depth: a dropped branch is skipped."""
+    if block.training and _dropped(block.linft_drop_rate):
+        return F.relu(x if block.downsample is None else block.downsample(x))  # not in place: x is the stream
+    return type(block).forward(block, x)
+
+
+class _ForwardOverride:
+    """The handle of an instance ``forward``: ``remove()`` restores the class's."""
+
+    def __init__(self, block: nn.Module):
+        self.block = block
+
+    def remove(self) -> None:
+        self.block.__dict__.pop("forward", None)
+        self.block.__dict__.pop("linft_drop_rate", None)
+
+
+def _official_stochastic_depth(model: nn.Module, rate: float) -> list:
+    if hasattr(model, "residual_branch_ends"):  # transformers: zeros outside the graph in place of the branch
+
+        def skip(module, inputs, output):
+            return torch.zeros_like(output) if model.training and _dropped(rate) else output
+        return [end.register_forward_hook(skip) for end in residual_branch_ends(model)]
+    modules = dict(model.named_modules())
+    handles = []
+    for name in residual_block_names(model):
+        block = modules[name]
+        _branch_end(block)  # torchvision-style blocks only
+        block.linft_drop_rate = rate
+        block.forward = types.MethodType(_official_block_forward, block)  # deepcopy rebinds it to the copy
+        handles.append(_ForwardOverride(block))
+    return handles

@@ -35,6 +35,7 @@ from linft.data.folders import MultiDomainDataset, check_output_apart, load_imag
 from linft.data.images import check_workers, decoded_batches, fits_in_memory, normalize_uint8, preload_images
 from linft.data.shapes import source_command
 from linft.errors import LinftError
+from linft.locks import output_lock
 from linft.models.registry import backbone_names, build_backbone
 from linft.output import progress_bar, writable_folder
 from linft.runtime import atomic_save, denormals_flushed, deterministic_cuda, resolve_device
@@ -125,7 +126,7 @@ def initial_model(arch: str, num_classes: int, seed: int) -> nn.Module:
 def _check_out(out_path: Path, force: bool) -> None:
     if out_path.exists() and not force:
         raise LinftError(f"{out_path} already exists; pass force=True to replace it, or choose another out",
-                         param="out")
+                         param="force")
     if out_path.exists() and out_path.is_dir():
         raise LinftError(f"{out_path} is a folder; pass a file path as out", param="out")
     writable_folder(out_path.parent)
@@ -284,7 +285,15 @@ def pretrain(data_dir: str | os.PathLike, out: str | os.PathLike, config: Pretra
     ds = load_image_folder(data_dir)
     out_path = Path(out).expanduser()
     check_output_apart(out_path, [ds.root], param="out")
-    _check_out(out_path, force)
+    _check_out(out_path, force)  # at once; again under the lock
+    with output_lock(out_path):
+        _check_out(out_path, force)  # under the lock: a file another pretraining saved meanwhile is not replaced
+        return _pretrain_locked(ds, out_path, config, dev, progress, say, (data_dir, out), (tick, t0))
+
+
+def _pretrain_locked(ds, out_path: Path, config: PretrainConfig, dev, progress: bool, say, args: tuple,
+                     started: tuple) -> Path:
+    """:func:`pretrain` once ``out_path`` is locked by this process (``args``: its ``data_dir`` and ``out``)."""
     gen = torch.Generator().manual_seed(config.seed)
     plan = _plan(ds, config, gen)
     model = initial_model(config.arch, len(ds.classes), config.seed)
@@ -308,6 +317,6 @@ def pretrain(data_dir: str | os.PathLike, out: str | os.PathLike, config: Pretra
         if heldout is not None:
             say(f"held-out accuracy {100 * heldout:.1f}% ({len(plan.held)} images)")
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-        metadata = _metadata(ds, run, data_dir, out, last, heldout, (tick, t0))
+        metadata = _metadata(ds, run, *args, last, heldout, started)
         atomic_save({"state_dict": state, "metadata": metadata}, out_path)
     return out_path

@@ -3,9 +3,10 @@
 Per (label, held-out domain, seed), over the selected (best-i.i.d.) models of
 every grid run: the uniform output ensemble, the uniform weight average
 (model soup / DiWA) and the greedy soup (models in order of decreasing i.i.d.
-accuracy, each kept when the i.i.d. accuracy does not drop). Each is
-evaluated on every split and written as one final record to
-``OUT/across_runs/records.jsonl``; groups already there are skipped.
+accuracy, ties as model-soups' code orders them: the later-listed run first;
+each kept when the i.i.d. accuracy does not drop). Each is evaluated on every
+split and written as one final record to ``OUT/across_runs/records.jsonl``;
+groups already there are skipped.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from linft.data.folders import MultiDomainDataset
 from linft.data.images import EvalImages
 from linft.data.splits import domain_split_rows, split_seed
 from linft.locks import output_lock
-from linft.models.averaging import average_state_dicts, greedy_soup
+from linft.models.averaging import average_state_dicts, greedy_soup, soup_order
 from linft.models.heads import build_classifier
 from linft.models.registry import load_backbone
 from linft.protocol.identity import RunHeader, run_header, run_id
@@ -37,15 +38,14 @@ KINDS = ("ensemble", "soup", "greedy-soup")
 
 def _groups(run_dirs) -> dict[tuple, list[tuple[dict, dict]]]:
     """Selected models ``(state, metadata)`` of the finished runs per (label, held-out domain, seed), by decreasing
-    i.i.d. accuracy. Unfinished and diverged runs take no part (an ensemble's record is final, never redone)."""
+    i.i.d. accuracy, tied runs in model-soups' order (:func:`~linft.models.averaging.soup_order`: the later of
+    ``run_dirs`` first). Unfinished and diverged runs take no part (an ensemble's record is final, never redone)."""
     groups: dict[tuple, list[tuple[dict, dict]]] = {}
     for folder in map(RunFolder, map(Path, run_dirs)):
         if folder.final_status() == "ok" and folder.selected.exists():  # finished runs only: an ensemble is final
             state, meta = load_selected(folder.root)
             groups.setdefault((meta["label"], meta["test_domain"], meta["seed"]), []).append((state, meta))
-    for members in groups.values():
-        members.sort(key=lambda m: -m[1]["iid"])
-    return groups
+    return {key: [members[i] for i in soup_order([m[1]["iid"] for m in members])] for key, members in groups.items()}
 
 
 class _Scorer:
