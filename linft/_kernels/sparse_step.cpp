@@ -1,4 +1,4 @@
-// The sparse fused step of the linear engine (linft/train/sparse_step.py builds and calls it).
+// The sparse fused step of the linear engine (linft/_kernels/build.py builds it, sparse_step.py calls it).
 //
 // Everything runs unit by unit. For every group g (each group in one thread) and each chunk of 8 of its runs (SIMD
 // lanes: parameters interleaved by run, so a unit's v and head row are vectors over the chunk's runs):
@@ -26,6 +26,7 @@
 // into one cache set); through this buffer, 3.6-4.1 ms. Software prefetching of the rows did not help on that
 // machine: the feature reads (about 2 of 10 Mcycles) do not overlap the arithmetic.
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <climits>
@@ -529,3 +530,28 @@ extern "C" int linft_eval(const EvalArgs* a, int half, int64_t r0, int64_t r1) {
 
 // Returns the noise of one (word, unit) pair: the test of the kernel's hash against the Python one.
 extern "C" uint32_t linft_unit_noise(uint32_t word, uint32_t unit) { return mix(unit ^ word) >> 8; }
+
+// ---------------------------------------------------------------------------------------------- layout
+// The argument structs as the compiler laid them out, field by field, and each struct's size (a row with an empty
+// field name): linft/_kernels/abi.py checks its ctypes declarations against this table before any call.
+struct Field { const char* type; const char* name; int64_t offset, size; };
+#define LINFT_FIELD(T, f) {#T, #f, (int64_t)offsetof(T, f), (int64_t)sizeof(((T*)nullptr)->f)}
+#define LINFT_SIZE(T) {#T, "", 0, (int64_t)sizeof(T)}
+static const Field LAYOUT[] = {
+    LINFT_FIELD(Args, feats), LINFT_FIELD(Args, offs), LINFT_FIELD(Args, labels), LINFT_FIELD(Args, words),
+    LINFT_FIELD(Args, G), LINFT_FIELD(Args, B), LINFT_FIELD(Args, K), LINFT_FIELD(Args, D), LINFT_FIELD(Args, C),
+    LINFT_FIELD(Args, Cp), LINFT_FIELD(Args, H), LINFT_FIELD(Args, v), LINFT_FIELD(Args, Vt), LINFT_FIELD(Args, b),
+    LINFT_FIELD(Args, bv), LINFT_FIELD(Args, bVt), LINFT_FIELD(Args, bb), LINFT_FIELD(Args, thr),
+    LINFT_FIELD(Args, scale), LINFT_FIELD(Args, lr), LINFT_FIELD(Args, wd), LINFT_FIELD(Args, momentum),
+    LINFT_FIELD(Args, live), LINFT_FIELD(Args, loss), LINFT_SIZE(Args),
+    LINFT_FIELD(EvalArgs, feats), LINFT_FIELD(EvalArgs, n), LINFT_FIELD(EvalArgs, K), LINFT_FIELD(EvalArgs, D),
+    LINFT_FIELD(EvalArgs, C), LINFT_FIELD(EvalArgs, Cp), LINFT_FIELD(EvalArgs, R8), LINFT_FIELD(EvalArgs, v),
+    LINFT_FIELD(EvalArgs, Vt), LINFT_FIELD(EvalArgs, b), LINFT_FIELD(EvalArgs, pred), LINFT_SIZE(EvalArgs),
+};
+
+// Row i of the layout table; returns 0 past its end.
+extern "C" int linft_layout(int64_t i, const char** type, const char** name, int64_t* offset, int64_t* size) {
+    if (i < 0 || i >= (int64_t)(sizeof LAYOUT / sizeof LAYOUT[0])) return 0;
+    *type = LAYOUT[i].type; *name = LAYOUT[i].name; *offset = LAYOUT[i].offset; *size = LAYOUT[i].size;
+    return 1;
+}

@@ -1,127 +1,75 @@
-"""The compiled kernels of the linear engine: built once per machine with the system C++ compiler, loaded by ctypes.
+"""The compiled kernels of the linear engine, loaded by ctypes: the sparse dropout step and the grid evaluation.
 
 ``sparse_step.cpp`` (next to this file) computes, for the dropout runs of every
 group, only the (row, unit) pairs that dropout keeps, and fuses forward,
 backward and the SGD update (see its header); it also evaluates a grid's runs
 (:func:`run_compiled_eval`, the ``compiled`` form of :mod:`linft.train.linear.evaluate`).
 It is plain C++ (no Python or torch headers, no OpenMP), so it builds in a few
-seconds with ``g++ -O3 -march=native`` into ``~/.cache/linft/kernels`` (``$LINFT_KERNEL_CACHE``, else
-``$XDG_CACHE_HOME/linft/kernels``), keyed by the source, the compiler and the
-CPU's flags; a build is written under a temporary name and renamed, so
-concurrent processes never load half a file. Groups run in parallel in
+seconds with ``g++ -O3 -march=native``; :mod:`linft._kernels.build` builds and
+caches it and uses a cached library only once it has proved itself, and
+:mod:`linft._kernels.abi` declares its calling convention, checked against the
+library's own struct layout when it is loaded. Groups run in parallel in
 ``torch.get_num_threads()`` Python threads (a ctypes call releases the GIL),
 each group in one thread, so the results do not depend on the thread count.
 
 :func:`load_kernel` returns the loaded kernel, or None and the reason when it
-cannot be had (no compiler, a failed build, or ``LINFT_SPARSE_KERNEL=0``): the
-engine then uses its pure-torch step, which computes the same functions
-densely (:mod:`linft.train.linear.step`), as it does on a GPU.
+cannot be had (no compiler, a failed build, a library that fails its checks, or
+``LINFT_SPARSE_KERNEL=0``): the engine then uses its pure-torch step, which
+computes the same functions densely (:mod:`linft.train.linear.step`), as it
+does on a GPU, and says so once per process on stderr (:func:`warn_fallback`).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import shutil
-import subprocess
-import tempfile
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-SOURCE = Path(__file__).with_name("sparse_step.cpp")
-#: flag sets tried in order: the first that builds is used (``$LINFT_KERNEL_FLAGS``: only ``-O3`` and those flags,
-#: e.g. ``-march=native -mno-avx512f``, to build and test the kernel's portable paths)
-FLAG_SETS = (["-O3", "-march=native"], ["-O3"])
+from linft._kernels.abi import Args, EvalArgs, check_layout, declare
+from linft._kernels.build import built_kernel, discard
 
-
-def flag_sets() -> tuple[list[str], ...]:
-    extra = os.environ.get("LINFT_KERNEL_FLAGS")
-    return (["-O3", *extra.split()],) if extra else FLAG_SETS
-
-_P = ctypes.c_void_p
-_I = ctypes.c_int64
-
-
-class Args(ctypes.Structure):
-    """The kernel's argument block (``struct Args`` of sparse_step.cpp, same order)."""
-
-    _fields_ = [("feats", _P), ("offs", _P), ("labels", _P), ("words", _P),
-                ("G", _I), ("B", _I), ("K", _I), ("D", _I), ("C", _I), ("Cp", _I), ("H", _I),
-                ("v", _P), ("Vt", _P), ("b", _P), ("bv", _P), ("bVt", _P), ("bb", _P),
-                ("thr", _P), ("scale", _P), ("lr", _P), ("wd", _P), ("momentum", ctypes.c_float),
-                ("live", _P), ("loss", _P)]
-
-
-class EvalArgs(ctypes.Structure):
-    """The evaluation kernel's argument block (``struct EvalArgs`` of sparse_step.cpp, same order)."""
-
-    _fields_ = [("feats", _P), ("n", _I), ("K", _I), ("D", _I), ("C", _I), ("Cp", _I), ("R8", _I),
-                ("v", _P), ("Vt", _P), ("b", _P), ("pred", _P)]
-
-
-def kernel_cache_dir() -> Path:
-    if os.environ.get("LINFT_KERNEL_CACHE"):
-        return Path(os.environ["LINFT_KERNEL_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "linft" / "kernels"
-
-
-def _cpu_flags() -> str:
-    try:
-        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
-def _build(compiler: str) -> tuple[Path | None, str]:
-    """The built library (cached), or None and why not."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    source = SOURCE.read_bytes()
-    errors = []
-    for flags in flag_sets():
-        key = hashlib.sha256(source + repr((flags, version, _cpu_flags())).encode()).hexdigest()[:16]
-        lib = kernel_cache_dir() / f"sparse_step-{key}.so"
-        if lib.exists():
-            return lib, ""
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
-        os.close(fd)
-        cmd = [compiler, *flags, "-std=c++17", "-shared", "-fPIC", str(SOURCE), "-o", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode == 0:
-            os.replace(tmp, lib)
-            return lib, ""
-        os.unlink(tmp)
-        errors.append(done.stderr.strip().splitlines()[-1:] or ["failed"])
-    return None, f"{compiler} could not build {SOURCE.name}: {errors[-1][0]}"
+#: the reason :func:`load_kernel` gives when ``LINFT_SPARSE_KERNEL=0`` (a choice: no warning)
+DISABLED = "disabled by LINFT_SPARSE_KERNEL=0"
+_warned: set[str] = set()
 
 
 @lru_cache(maxsize=None)
 def load_kernel() -> tuple[ctypes.CDLL | None, str]:
-    """The compiled kernel and ``""``, or None and the reason (built at the first call of a process)."""
+    """The compiled kernel and ``""``, or None and the reason (built or checked at the first call of a process)."""
     if os.environ.get("LINFT_SPARSE_KERNEL", "1") == "0":
-        return None, "disabled by LINFT_SPARSE_KERNEL=0"
+        return None, DISABLED
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if compiler is None:
         return None, "no C++ compiler (g++, c++ or clang++; or set CXX)"
     try:
-        lib, why = _build(compiler)
+        lib, why = built_kernel(compiler)
     except OSError as exc:
         return None, f"cannot build the kernel ({exc})"
     if lib is None:
         return None, why
-    dll = ctypes.CDLL(str(lib))
-    dll.linft_sparse_step.argtypes = [ctypes.POINTER(Args), ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    dll.linft_sparse_step.restype = ctypes.c_int
-    dll.linft_eval.argtypes = [ctypes.POINTER(EvalArgs), ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    dll.linft_eval.restype = ctypes.c_int
-    dll.linft_unit_noise.argtypes = [ctypes.c_uint32, ctypes.c_uint32]
-    dll.linft_unit_noise.restype = ctypes.c_uint32
+    try:
+        dll = declare(ctypes.CDLL(str(lib)))
+        why = check_layout(dll)
+    except (OSError, AttributeError) as exc:  # changed on disk since it proved itself
+        why = " ".join(str(exc).split())
+    if why:
+        discard(lib)
+        return None, why
     return dll, ""
+
+
+def warn_fallback(why: str) -> None:
+    """Say on stderr, once per process and reason, that the torch step replaces the compiled kernel, and why (not
+    when the kernel was disabled on purpose)."""
+    if why and why != DISABLED and why not in _warned:
+        _warned.add(why)
+        print(f"linft: the compiled kernel is not used ({why}); the torch step trains instead", file=sys.stderr)
 
 
 def padded(n: int, multiple: int = 8) -> int:

@@ -36,7 +36,7 @@ from linft.train.linear.draws import (NOISE, ROWS, VIEWS, draw_rows, draw_views,
 from linft.train.linear.evaluate import EVAL_FORMS, evaluate_grid
 from linft.train.linear.model import V_INITS, group_generator, initial_parameters
 from linft.train.linear.step import RunBlock, kernel_step, new_block, torch_step
-from linft._kernels.sparse_step import MAX_KERNEL_DIM, load_kernel
+from linft._kernels.sparse_step import MAX_KERNEL_DIM, load_kernel, warn_fallback
 
 STEP_KINDS = ("auto", "sparse", "torch")
 #: eager steps before a CUDA graph of the step is captured
@@ -181,6 +181,8 @@ def _kernel_for(data: LinearData, config: LinearGridConfig):
         why = why or (f"features of dtype {source.dtype} and dimension {source.shape[-1]} (float16 or float32 "
                       f"contiguous, at most {MAX_KERNEL_DIM} units needed)")
         raise LinftError(f"the compiled sparse step is not available: {why}; use step kind auto or torch")
+    if kernel is None and data.device.type == "cpu":
+        warn_fallback(why)  # once per process
     return kernel if usable else None
 
 
