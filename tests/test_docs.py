@@ -203,9 +203,8 @@ def example_commands(path: Path) -> list[list[str]]:
     examples = []
     for block in re.findall(r"```bash\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
-            words = shlex.split(line, comments=True)
-            if words[:1] == ["linft"]:
-                examples.append(words[1:])
+            if line.strip().startswith("linft "):
+                examples.append(shlex.split(line, comments=True)[1:])
     return examples
 
 
