@@ -5,7 +5,7 @@
         --batch-size 256 --train-batch 32
 
 Setup: a backbone with random weights (``none``) and the head of
-``linft.finetune.build_classifier`` as the pretrained end, the same network
+``linft.models.build_classifier`` as the pretrained end, the same network
 with every float entry perturbed as the fine-tuned end, random uint8 images
 (no decoding: only the model's work is timed) and an 11-point α sweep.
 

@@ -1,6 +1,6 @@
-"""The linear protocol with this linft against another checkout of linft (an earlier release), each in its own process.
+"""The linear protocol with this linft against another checkout of linft, each in its own process.
 
-    git worktree add --detach /tmp/linft-old 5bc9407      # the engine of the previous release
+    git worktree add --detach /tmp/linft-old 5bc9407      # the engine before the compiled kernel
     python benchmarks/linear_vs_tree.py /tmp/linft-old    # alternated twice, 1 thread, CPU time
 
 Both trees train the same synthetic grid (N = 10,000, K = 3, D = 2048, C = 7, float16 features, 8 splits; 72 runs:

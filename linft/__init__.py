@@ -7,8 +7,9 @@ data             DomainBed-style folders, DomainBed's split, the one image pipel
 models           backbone registry, φ blocks, heads, checkpoints, weight averages, first-order models
 cache            the HDF5 feature cache: its format, extraction, verification
 protocol         schedule, the grid validator, THE run-record schema, selection on records
+analysis         records only: aggregation (tables, 1296 clouds), plots, report
 train            linear engine and protocol, fine-tuning runs, ensembles and soups, sweeps, pretraining
-analysis         interpolation, aggregation (tables, 1296 clouds), plots, report
+interpolation    weight vs representation interpolation and the first-order path, written as records
 demo             the whole pipeline on the built-in benchmark
 """
 

@@ -113,8 +113,8 @@ class _Extractor:
 def compute_text(precision: str) -> str:
     """The cache's ``compute`` attribute for an effective precision (:func:`linft.runtime.effective_precision`).
 
-    The texts are those of earlier releases for the same computation (``float32``; ``cuda autocast float16``,
-    the former default on CUDA), so that existing caches keep their provenance.
+    The texts are part of the provenance of existing caches (``tests/compat`` pins them): ``float32``, or
+    ``cuda autocast <dtype>``.
     """
     return "float32" if precision == "float32" else f"cuda autocast {precision}"
 

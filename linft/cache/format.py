@@ -8,7 +8,8 @@ One HDF5 file per (backbone, weights, dataset, transform), readable with ``h5ls`
   ``domains`` (N,) int64, ``paths`` (N,) utf-8 (``domain/class/file``),
   ``valid`` (N,) bool (False for images skipped with ``skip_bad_images``;
   their features are zero), ``digests`` (N,) uint64 (a digest of each row's stored bytes, by which a
-  resumed extraction proves which rows reached the disk; absent from caches of earlier releases);
+  resumed extraction proves which rows reached the disk; optional: a cache without it is read, and verified without
+  the row check);
 * attributes: scalars as they are, lists and dicts as JSON text (see
   :data:`JSON_ATTRS`); ``complete`` says whether the file may be used and
   ``provenance_sha256`` identifies its content (records of later stages carry it).

@@ -22,8 +22,8 @@ a ``final`` record. Every method writes a run's final record last, after all
 else it produces is on disk, so a run killed before it is redone or resumed.
 Every command reports it in one wording (:func:`done_summary`).
 
-Files are only ever appended to, one complete line per write, flushed. Records
-of earlier releases are read as they are (:func:`upgrade_record`). The reader
+Files are only ever appended to, one complete line per write, flushed. A record
+whose source is named ``cache_provenance`` is read with it as its ``source`` (:func:`upgrade_record`). The reader
 refuses a record that selection and reports could not use (:func:`record_problem`)
 in one line naming its file and line.
 """
@@ -90,7 +90,7 @@ def make_record(header: RunHeader, step: int, splits: dict, *, loss: float | Non
 
 
 def upgrade_record(record: dict) -> dict:
-    """A record of any release in today's schema (earlier linear records named ``source`` ``cache_provenance``)."""
+    """``record`` in today's schema: ``source`` taken from ``cache_provenance`` when only that is present."""
     if "source" not in record and "cache_provenance" in record:
         record = {**record, "source": record["cache_provenance"]}
     return record

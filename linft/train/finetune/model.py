@@ -44,8 +44,8 @@ from linft.train.finetune.ensembles import ENSEMBLE_RULES
 #: protocol); ``tensor`` — the same family batched on the device (:mod:`linft.data.tensor_augment`; faster,
 #: not bit-identical to PIL); ``none`` — the evaluation transform.
 AUGMENTATIONS = ("pil", "tensor", "none")
-#: How ``augment`` enters a run's id: ``pil`` and ``none`` as the booleans of earlier releases (their runs keep
-#: their ids).
+#: How ``augment`` enters a run's id: ``pil`` and ``none`` as the booleans True and False, ``tensor`` as its name
+#: (the ids ``tests/compat`` pins).
 _AUGMENT_IDENTITY = {"pil": True, "none": False}
 
 
@@ -127,8 +127,8 @@ class FineTuneRun:
             object.__setattr__(self, "stochastic_depth_mode", "row")
 
     def identity(self) -> dict:
-        """The fields in the run's id; ``lp_ft`` and ``stochastic_depth_mode`` only when not their defaults, so runs
-        of earlier releases keep their ids."""
+        """The fields in the run's id; ``lp_ft`` and ``stochastic_depth_mode`` only when not their defaults (so the
+        ids ``tests/compat`` pins stay as they are)."""
         return new_keys_unless_default(asdict(self), {"lp_ft": False, "stochastic_depth_mode": "row"})
 
 
