@@ -10,7 +10,10 @@
 * :func:`figure9_points` — Figure 9: the same clouds for datasets whose records
   come from several pretrained models, split into naive and advanced fine-tuning;
 * :func:`dropout_points` — the average o.o.d. and i.i.d. accuracy (the table's
-  average column) against the dropout rate.
+  average column) against the dropout rate: Figure 3 (:func:`figure3_points`), Figure 4 on DomainNet
+  (:func:`figure4_points`) and Figure 5 from scratch (:func:`figure5_points`);
+* :func:`figure6_points`, :func:`figure7_points`, :func:`figure10_points` — Figure 2's clouds restricted to
+  the 10x last-layer lr runs, to the ensembles and averages of dropout models, and to stochastic depth vs dropout.
 
 Accuracies are fractions in [0, 1]; the plots (:mod:`linft.analysis.plots`) draw them in percent.
 """
@@ -38,6 +41,7 @@ ROLE_STYLES = {
     "ensemble": ("^", True),
     "soup": ("*", True),
     "greedy soup": ("P", True),
+    "stochastic depth": ("o", False),  # Figure 10: residual-block dropout, circles as the paper
 }
 ROLE_OF_KIND = {"trajectory-ensemble": "trajectory ensemble", "trajectory-average": "trajectory average",
                 "ensemble": "ensemble", "soup": "soup", "greedy-soup": "greedy soup"}
@@ -171,3 +175,112 @@ def dropout_points(results: list[SelectedRun], selection: str = "iid", se: str =
         if len(rows["rates"]) >= 2:
             out[key] = rows
     return out
+
+
+_HEAD_LR = re.compile(r"\b([0-9.eE+-]+)x head lr\b")
+_DEPTH = re.compile(r"\bstochastic depth ([0-9.eE+-]+)")
+
+
+def label_variant(label: str) -> tuple[float, float]:
+    """``(last-layer lr multiplier, stochastic depth rate)`` of a fine-tuning label (``1.0, 0.0`` when it does not
+    say), as :func:`linft.train.finetune.model.finetune_label` writes them."""
+    head, depth = _HEAD_LR.search(label), _DEPTH.search(label)
+    return (float(head.group(1)) if head else 1.0, float(depth.group(1)) if depth else 0.0)
+
+
+def _base_method(method: str) -> str:
+    kind = derived_kind(method)
+    return method if kind is None else method[: -len(kind) - 1]
+
+
+def _clouds_where(results: list[SelectedRun], fig2: dict | None, keep) -> dict[tuple, FigurePoints]:
+    """The :func:`figure2_points` (``fig2``: already computed) whose result ``r`` and points ``fp`` pass
+    ``keep(r, fp)``, only full fine-tuning runs (method ``finetune`` and what is derived from it)."""
+    fig2 = figure2_points(results) if fig2 is None else fig2
+    info = _label_info(results)
+    return {k: fp for k, fp in fig2.items()
+            if _base_method(info[(k[0], k[2])].method) == "finetune" and keep(info[(k[0], k[2])], fp)}
+
+
+def _single_series(points: dict, roles) -> dict:
+    """``points`` of the datasets where one of them has one of ``roles`` (the series that make the figure)."""
+    keep = {k[0] for k, fp in points.items() if fp.role in roles}
+    return {k: fp for k, fp in points.items() if k[0] in keep}
+
+
+def figure6_points(results: list[SelectedRun], fig2: dict | None = None) -> dict[tuple, FigurePoints]:
+    """Figure 6 (Figure 2 with a larger last-layer lr): every full fine-tuning series (baseline, dropout,
+    ensembles, averages) whose runs have a last-layer lr multiplier other than 1. Empty when there is none."""
+    return _clouds_where(results, fig2, lambda r, fp: label_variant(r.base_label)[0] != 1.0)
+
+
+def _plain(r: SelectedRun) -> bool:
+    return label_variant(r.base_label) == (1.0, 0.0)
+
+
+def figure7_points(results: list[SelectedRun], fig2: dict | None = None) -> dict[tuple, FigurePoints]:
+    """Figure 7: plain full fine-tuning's baseline and dropout clouds, and the ensembles and weight averages
+    made of models fine-tuned *with dropout* (dropout rate above 0). Empty without such an ensemble or average."""
+    derived = set(ROLE_OF_KIND.values())
+    points = _clouds_where(results, fig2, lambda r, fp: _plain(r) and (fp.role not in derived or bool(r.dropout)))
+    return _single_series(points, derived)
+
+
+def figure10_points(results: list[SelectedRun], fig2: dict | None = None) -> dict[tuple, FigurePoints]:
+    """Figure 10: stochastic depth (residual-block dropout, one cloud per rate, role ``stochastic depth``) against
+    plain fine-tuning's baseline and dropout clouds (no ensembles or averages). Empty without stochastic depth."""
+    derived = set(ROLE_OF_KIND.values())
+    picked = _clouds_where(results, fig2, lambda r, fp: fp.role not in derived and label_variant(r.base_label)[0] == 1)
+    info = _label_info(results)
+    out = {}
+    for key, fp in picked.items():
+        depth = label_variant(info[(key[0], key[2])].base_label)[1]
+        if depth:
+            style = ROLE_STYLES["stochastic depth"]
+            out[key] = FigurePoints("stochastic depth", style[0], style[1], fp.points, fp.exact)
+        else:
+            out[key] = fp
+    return _single_series(out, {"stochastic depth"})
+
+
+def is_domainnet(dataset: str) -> bool:
+    """Whether a dataset is DomainNet (Figure 4's; its dropout rates are not drawn in Figure 3)."""
+    return "domainnet" in dataset.lower()
+
+
+def figure3_points(results: list[SelectedRun], selection: str = "iid", se: str = "sample") -> dict[tuple, dict]:
+    """Figure 3: :func:`dropout_points` of every dataset but DomainNet, fine-tuning from pretrained weights (linear
+    and full fine-tuning; not from scratch, Figure 5)."""
+    return {k: v for k, v in dropout_points(results, selection, se).items()
+            if not is_domainnet(k[0]) and k[2] != "scratch"}
+
+
+def figure4_points(results: list[SelectedRun], selection: str = "iid", se: str = "sample") -> dict[tuple, dict]:
+    """Figure 4: :func:`dropout_points` on DomainNet (fine-tuning from pretrained weights)."""
+    return {k: v for k, v in dropout_points(results, selection, se).items() if is_domainnet(k[0]) and k[2] != "scratch"}
+
+
+def figure5_points(results: list[SelectedRun], selection: str = "iid", se: str = "sample") -> dict[tuple, dict]:
+    """Figure 5: :func:`dropout_points` of training from scratch (method ``scratch``), any dataset."""
+    return {k: v for k, v in dropout_points(results, selection, se).items() if k[2] == "scratch"}
+
+
+def figure8_points(results: list[SelectedRun], fig2: dict | None = None) -> dict[tuple, FigurePoints]:
+    """Figure 8: linear fine-tuning against full fine-tuning and linear probing, the clouds of their runs with a grid
+    (no ensembles or averages; full fine-tuning without a larger head lr or stochastic depth), on the datasets that
+    have linear fine-tuning and one of the other two."""
+    fig2 = figure2_points(results) if fig2 is None else fig2
+    info = _label_info(results)
+    derived = set(ROLE_OF_KIND.values())
+    out = {}
+    for key, fp in fig2.items():
+        r = info[(key[0], key[2])]
+        if fp.role in derived or r.method not in ("linear-ft", "linear-probe", "finetune"):
+            continue
+        if r.method != "finetune" or _plain(r):
+            out[key] = fp
+    methods: dict[str, set] = defaultdict(set)
+    for k in out:
+        methods[k[0]].add(info[(k[0], k[2])].method)
+    return {k: fp for k, fp in out.items()
+            if "linear-ft" in methods[k[0]] and methods[k[0]] & {"linear-probe", "finetune"}}

@@ -42,20 +42,51 @@ def figure_files(path: Path) -> list[Path]:
     return [path, path.with_suffix(".pdf")]
 
 
-def save_figure(fig: Figure, path: Path) -> Path:
-    """Write ``fig`` as PNG at ``path`` and as PDF (vector) beside it, each atomically; return ``path``.
+#: Every figure is written at this resolution (PNG); its size in inches is set per figure below.
+DPI = 150
+#: Inches of one cloud panel (Figures 2, 6, 7, 9, 10; the legend beside it is inside this width).
+CLOUD_PANEL = (9.0, 4.6)
+#: Inches of one row of the dropout-rate figures (Figures 3, 4, 5): o.o.d. and i.i.d. side by side, per dataset.
+DROPOUT_ROW = (10.0, 3.6)
+#: Inches of one row of the interpolation figure (i.i.d. and o.o.d. against α), and of Figure 1's one panel.
+INTERPOLATION_ROW = (11.0, 4.2)
+FIGURE1_SIZE = (6.0, 5.0)
 
-    The saved page grows to hold everything drawn (``bbox_inches="tight"``: legends beside the axes), so the
-    spacing of :meth:`Figure.tight_layout` is a nicety: its "not applied" warning (very many legend entries)
-    is not shown.
-    """
+
+def layout(fig: Figure) -> Figure:
+    """Space the panels (:meth:`Figure.tight_layout`) as :func:`save_figure` does before writing; its "not applied"
+    warning (very many legend entries) is not shown: the saved page grows to hold everything drawn."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Tight layout not applied")
         fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as PNG (:data:`DPI`) at ``path`` and as PDF (vector) beside it, each atomically; return ``path``.
+
+    The saved page grows to hold everything drawn (``bbox_inches="tight"``: legends beside or below the axes).
+    """
+    layout(fig)
     png, pdf = figure_files(path)
-    atomic_write(png, lambda fh: fig.savefig(fh, format="png", dpi=150, bbox_inches="tight"))
+    atomic_write(png, lambda fh: fig.savefig(fh, format="png", dpi=DPI, bbox_inches="tight"))
     atomic_write(pdf, lambda fh: fig.savefig(fh, format="pdf", bbox_inches="tight", metadata={"CreationDate": None}))
     return png
+
+
+def legend_below(fig: Figure, axes, **kw) -> None:
+    """One legend for the whole figure, centred below every panel (never over data, labels or titles): the
+    labelled handles of ``axes``, each label once."""
+    handles, labels = [], []
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(h)
+                labels.append(label)
+    if handles:
+        layout(fig)  # the panels placed first: the legend goes under them
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=8, frameon=False,
+                   ncol=min(len(handles), kw.pop("ncol", 2)), **kw)
 
 
 def _label_axes(ax, title: str) -> None:
@@ -97,22 +128,24 @@ def _saved(fig: Figure | None, path: Path) -> Path | None:
     return None if fig is None else save_figure(fig, path)
 
 
-def plot_clouds(points: dict, path: Path) -> Path | None:
+def plot_clouds(points: dict, path: Path, title: str = "") -> Path | None:
     """:func:`clouds_figure` saved at ``path`` (PNG) and beside it (PDF); None when there is nothing to draw."""
-    return _saved(clouds_figure(points), path)
+    return _saved(clouds_figure(points, title), path)
 
 
-def clouds_figure(points: dict) -> Figure | None:
+def clouds_figure(points: dict, title: str = "") -> Figure | None:
     """The paper's Figure 2 from :func:`~linft.analysis.figures.figure2_points`: one panel per dataset and model
     (models side by side), one colour per label, the paper's marker per series (● baseline, ◆ dropout,
-    ▲ ensembles, ★ weight averages; the across-run ensemble and soups as single large points with a black edge).
+    ▲ ensembles, ★ weight averages; the across-run ensemble and soups as single large points with a black edge),
+    legends beside the panels. Figures 6, 7 and 10 are drawn by it too, ``title`` heading each panel.
     None when there is nothing to draw."""
     if not points:
         return None
     panels = sorted({k[:2] for k in points})
     datasets = sorted({d for d, _ in panels})
     cols = max(sum(1 for d, _ in panels if d == ds) for ds in datasets)
-    fig, axes = _subplots(len(datasets), cols, figsize=(9.0 * cols, 4.6 * len(datasets)), squeeze=False)
+    fig, axes = _subplots(len(datasets), cols, figsize=(CLOUD_PANEL[0] * cols, CLOUD_PANEL[1] * len(datasets)),
+                          squeeze=False)
     for row, dataset in zip(axes, datasets):
         models = [m for d, m in panels if d == dataset]
         for ax in row[len(models):]:
@@ -124,7 +157,7 @@ def clouds_figure(points: dict) -> Figure | None:
                 role = points[key].role
                 color = f"C{i % 10}" if role in shared or role not in ROLE_COLORS else ROLE_COLORS[role]
                 _draw_points(ax, points[key], color, key[2].removeprefix(f"{model}: "))
-            _label_axes(ax, f"{dataset or 'dataset'}" + (f"\n{model}" if model else ""))
+            _label_axes(ax, (f"{title}: " if title else "") + f"{dataset or 'dataset'}" + (f"\n{model}" if model else ""))
     return fig
 
 
@@ -145,7 +178,7 @@ def figure9_figure(points: dict) -> Figure | None:
     if not points:
         return None
     datasets = sorted({k[0] for k in points})
-    fig, axes = _subplots(1, len(datasets), figsize=(9.0 * len(datasets), 4.6), squeeze=False)
+    fig, axes = _subplots(1, len(datasets), figsize=(CLOUD_PANEL[0] * len(datasets), CLOUD_PANEL[1]), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         models = sorted({k[1] for k in points if k[0] == dataset})
         for i, model in enumerate(models):
@@ -158,31 +191,35 @@ def figure9_figure(points: dict) -> Figure | None:
     return fig
 
 
-def plot_dropout(points: dict, path: Path) -> Path | None:
+def plot_dropout(points: dict, path: Path, title: str = "") -> Path | None:
     """:func:`dropout_figure` saved at ``path`` (PNG) and beside it (PDF); None when there is nothing to draw."""
-    return _saved(dropout_figure(points), path)
+    return _saved(dropout_figure(points, title), path)
 
 
-def dropout_figure(points: dict) -> Figure | None:
+def dropout_figure(points: dict, title: str = "") -> Figure | None:
     """Average o.o.d. and i.i.d. accuracy (%) (the table's average column, mean ± SE over seeds) against the
-    dropout rate, from :func:`~linft.analysis.figures.dropout_points`, one marker and line style per series.
-    None when there is nothing to draw (no series with two rates or more)."""
+    dropout rate, from :func:`~linft.analysis.figures.dropout_points`: one row per dataset (o.o.d. left, i.i.d.
+    right), one marker and line style per series, the legend below. Figures 3, 4 and 5 are drawn by it, ``title``
+    heading each row. None when there is nothing to draw (no series with two rates or more)."""
     if not points:
         return None
-    fig, axes = _subplots(1, 2, figsize=(10, 4.2))
-    multi_model = len({k[1] for k in points}) > 1
+    datasets = sorted({k[0] for k in points})
+    fig, axes = _subplots(len(datasets), 2, figsize=(DROPOUT_ROW[0], DROPOUT_ROW[1] * len(datasets)), squeeze=False)
     for i, (key, rows) in enumerate(sorted(points.items())):
         dataset, model, method, variant = key
-        name = f"{dataset}: {variant} ({method})" + (f" [{model}]" if multi_model else "")
-        for ax, metric in zip(axes, ("ood", "iid")):
+        multi_model = len({k[1] for k in points if k[0] == dataset}) > 1
+        name = f"{variant} ({method})" + (f" [{model}]" if multi_model and model else "")
+        for ax, metric in zip(axes[datasets.index(dataset)], ("ood", "iid")):
             ax.errorbar(rows["rates"], [100 * m for m, _ in rows[metric]], yerr=[100 * e for _, e in rows[metric]],
                         marker=MARKERS[i % len(MARKERS)], linestyle=LINESTYLES[i % len(LINESTYLES)], ms=7,
                         mfc="none", mew=1.5, color=f"C{i % 10}", label=name, capsize=3, alpha=0.85)
-    for ax, metric in zip(axes, ("o.o.d.", "i.i.d.")):
-        ax.set_xlabel("dropout rate")
-        ax.set_ylabel(f"{metric} accuracy (%), average over held-out domains")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    for row, dataset in zip(axes, datasets):
+        for ax, metric in zip(row, ("o.o.d.", "i.i.d.")):
+            ax.set_title((f"{title}: " if title else "") + f"{dataset or 'dataset'}, {metric}", fontsize=9)
+            ax.set_xlabel("dropout rate")
+            ax.set_ylabel(f"{metric} accuracy (%)\n(average of held-out domains)", fontsize=9)
+            ax.grid(alpha=0.3)
+    legend_below(fig, axes.ravel(), title="mean ± SE over seeds", title_fontsize=8)
     return fig
 
 
@@ -223,7 +260,8 @@ def interpolation_figure(results: list[SelectedRun], title: str | None = None) -
     if not curves:
         return None
     datasets = sorted({k[0] for k in curves})
-    fig, axes = _subplots(len(datasets), 2, figsize=(11, 4.2 * len(datasets)), squeeze=False)
+    fig, axes = _subplots(len(datasets), 2, figsize=(INTERPOLATION_ROW[0], INTERPOLATION_ROW[1] * len(datasets)),
+                          squeeze=False)
     order = list(INTERPOLATION_STYLES)
     for row, dataset in zip(axes, datasets):
         keys = sorted((k for k in curves if k[0] == dataset),
@@ -256,10 +294,8 @@ def interpolation_figure(results: list[SelectedRun], title: str | None = None) -
             ax.set_title(f"{heading}\n{'i.i.d.' if metric == 'iid' else 'o.o.d.'} split", fontsize=9)
             ax.set_xlim(-0.05, 1.05)
             ax.grid(alpha=0.3)
-        row[0].legend(fontsize=7, loc="best")
+    legend_below(fig, axes.ravel())
     return fig
-
-
 
 
 #: Figure 1's paths: (line style, marker, colour); the paper draws weights dashed, representations solid.
@@ -281,7 +317,7 @@ def figure1_figure(curves: dict, title: str | None = None) -> Figure | None:
     drawn = {k: [p for p in v if p.get("ood") is not None] for k, v in curves.items()}
     if not any(drawn.values()):
         return None
-    fig, ax = _subplots(1, 1, figsize=(6, 5))
+    fig, ax = _subplots(1, 1, figsize=FIGURE1_SIZE)
     for key, points in drawn.items():
         ls, marker, color = FIGURE1_STYLES.get(key, ("-", "o", "C7"))
         xs, ys = [100 * p["iid"] for p in points], [100 * p["ood"] for p in points]
@@ -294,5 +330,5 @@ def figure1_figure(curves: dict, title: str | None = None) -> Figure | None:
     ax.set_ylabel("mean o.o.d. accuracy (%)")
     ax.set_title((title + "\n" if title else "") + "◆ pretrained (α = 0), ★ fine-tuned (α = 1)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    legend_below(fig, [ax], ncol=1)
     return fig

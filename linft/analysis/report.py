@@ -2,10 +2,8 @@
 
 :func:`write_report` writes ``summary.md``, ``table.csv``, ``runs.csv``,
 ``clouds.csv`` and the figures that have something to draw, each as PNG and
-PDF: ``clouds`` (Figure 2), ``figure9`` (when a dataset's records come from
-several pretrained models), ``dropout`` (when a series has several dropout
-rates) and ``interpolation`` (when interpolation records exist), into one
-folder; every file is written atomically. Accuracies are fractions in [0, 1]
+PDF (:data:`FIGURES`: the paper's Figures 2 to 10 whose records are there, and
+the interpolation curves), embedded in ``summary.md``, into one folder; every file is written atomically. Accuracies are fractions in [0, 1]
 in every CSV (columns named ``*_acc*``) and percent in the markdown tables and
 figures. :func:`summary_tables` is the short form the training commands print
 after a run.
@@ -22,8 +20,10 @@ from pathlib import Path
 
 from linft.analysis.aggregate import (TIE_RULES, SelectedRun, domainbed_table, missing_domains, run_results,
                                       table_markdown, table_rows, tie_counts)
-from linft.analysis.figures import dropout_points, figure2_points, figure9_points
-from linft.analysis.plots import figure_files, plot_clouds, plot_dropout, plot_figure9, plot_interpolation
+from linft.analysis.figures import (figure2_points, figure3_points, figure4_points, figure5_points, figure6_points,
+                                    figure7_points, figure8_points, figure9_points, figure10_points)
+from linft.analysis.plots import (DPI, clouds_figure, dropout_figure, figure9_figure, interpolation_figure,
+                                  save_figure)
 from linft.data.folders import check_output_apart
 from linft.errors import LinftError
 from linft.locks import output_lock
@@ -180,22 +180,69 @@ def _summary(results, table, points, record_paths, selection: str, se: str, file
     return "\n".join(lines) + "\n"
 
 
+#: The figures a report can draw, in the order summary.md shows them: file name -> caption. Each is drawn only when
+#: its records are there (its data, a pure function of the selected runs, is not empty).
+FIGURES = {
+    "clouds": "Figure 2: i.i.d. vs o.o.d. accuracy of every series (● baseline, ◆ dropout, ▲ ensembles, "
+              "★ weight averages; single large points: across runs)",
+    "figure6": "Figure 6: as Figure 2 with a larger last-layer learning rate",
+    "figure7": "Figure 7: ensembles and weight averages of models fine-tuned with dropout",
+    "figure8": "Figure 8: linear fine-tuning vs full fine-tuning vs linear probing",
+    "figure10": "Figure 10: stochastic depth (residual-block dropout) vs dropout",
+    "figure9": "Figure 9: naive (●) vs advanced (◆) fine-tuning of several pretrained models",
+    "dropout": "Figure 3: average accuracy against the dropout rate",
+    "figure4": "Figure 4: DomainNet, average accuracy against the dropout rate",
+    "figure5": "Figure 5: from scratch, average accuracy against the dropout rate",
+    "interpolation": "Figure 1 (per α): accuracy along the interpolation paths",
+}
+
+
+def report_figures(results: list[SelectedRun], curves: list[SelectedRun], points: dict, selection: str = "iid",
+                   se: str = "sample") -> dict:
+    """``{name: matplotlib Figure}`` of every figure of :data:`FIGURES` with something to draw, none saved.
+    ``points``: :func:`figure2_points` of ``results``; ``curves``: the interpolation results."""
+    clouds = {"figure6": ("Figure 6", figure6_points), "figure7": ("Figure 7", figure7_points),
+              "figure8": ("Figure 8", figure8_points), "figure10": ("Figure 10", figure10_points)}
+    rates = {"dropout": ("", figure3_points), "figure4": ("Figure 4", figure4_points),
+             "figure5": ("Figure 5", figure5_points)}
+    drawn = {"clouds": clouds_figure(points), "figure9": figure9_figure(figure9_points(results, fig2=points)),
+             "interpolation": interpolation_figure(curves) if curves else None}
+    drawn.update({name: clouds_figure(f(results, fig2=points), title) for name, (title, f) in clouds.items()})
+    drawn.update({name: dropout_figure(f(results, selection, se), title) for name, (title, f) in rates.items()})
+    return {name: drawn[name] for name in FIGURES if drawn[name] is not None}
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` in pixels of a PNG file, from its header."""
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
 def _figures(results, curves, points, out: Path, selection: str, se: str) -> dict:
     """Every figure with something to draw, as ``{"<name>_png": path, "<name>_pdf": path}``."""
-    drawn = {"clouds": plot_clouds(points, out / "clouds.png"),
-             "figure9": plot_figure9(figure9_points(results, fig2=points), out / "figure9.png"),
-             "dropout": plot_dropout(dropout_points(results, selection, se), out / "dropout.png"),
-             "interpolation": plot_interpolation(curves, out / "interpolation.png") if curves else None}
     paths = {}
-    for name, png in drawn.items():
-        if png is not None:
-            paths[f"{name}_png"], paths[f"{name}_pdf"] = figure_files(png)
+    for name, fig in report_figures(results, curves, points, selection, se).items():
+        png = save_figure(fig, out / f"{name}.png")
+        paths[f"{name}_png"], paths[f"{name}_pdf"] = png, png.with_suffix(".pdf")
     return paths
+
+
+def _figures_markdown(paths: dict) -> str:
+    """summary.md's figures section: each figure embedded (a markdown viewer shows it), its caption and size."""
+    lines = ["\n**Figures**\n", f"PNG at {DPI} dpi (a PDF of each beside it).\n"]
+    for name, caption in FIGURES.items():
+        png = paths.get(f"{name}_png")
+        if png is not None:
+            w, h = png_size(png)
+            lines.append(f"{caption} ({png.name}, {w}×{h} px, {w / DPI:.1f}×{h / DPI:.1f} in)\n\n"
+                         f"![{caption}]({png.name})\n")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 #: Every file a report may hold; a folder holding one of them holds a report (refused without ``force``).
 REPORT_FILES = ("summary.md", "table.csv", "runs.csv", "clouds.csv",
-                *(f"{name}.{ext}" for name in ("clouds", "figure9", "dropout", "interpolation") for ext in ("png", "pdf")))
+                *(f"{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")))
 
 
 def _write_report(results: list[SelectedRun], record_paths, out: Path, selection: str, se: str,
@@ -210,6 +257,7 @@ def _write_report(results: list[SelectedRun], record_paths, out: Path, selection
              "clouds_csv": atomic_write_text(out / "clouds.csv", _clouds_csv(points))}
     paths.update(_figures(results, curves, points, out, selection, se))
     summary = _summary(results, table, points, record_paths, selection, se, [p.name for p in paths.values()])
+    summary += _figures_markdown(paths)
     if notes:  # the caller's notes, e.g. the demo's differences from the paper's protocol
         summary += "\n**Notes**\n\n" + "".join(f"- {note}\n" for note in notes)
     paths["summary"] = atomic_write_text(out / "summary.md", summary)

@@ -94,7 +94,7 @@ def test_roles_from_methods():
     assert figure_role("linear-ft-greedy-soup", None) == "greedy soup"
     assert figure_role("linear-ft", 0.9) == "dropout" and figure_role("linear-probe", 0.0) == "baseline"
     assert set(ROLE_STYLES) == {"baseline", "dropout", "trajectory ensemble", "trajectory average", "ensemble",
-                                "soup", "greedy soup"}
+                                "soup", "greedy soup", "stochastic depth"}
 
 
 def two_weights(more=()):
