@@ -126,7 +126,6 @@ def test_a_terminated_command_releases_its_lock(tmp_path):
     """Slurm's time limit sends SIGTERM: the command leaves through its clean-up, so the lock is gone and a
     resubmitted job (maybe on another host, where a dead owner cannot be checked) is not refused."""
     import signal
-    import time
     script = textwrap.dedent(f"""
         import time
         import click

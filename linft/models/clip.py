@@ -176,7 +176,7 @@ def _tag_weights(model_name: str, tag: str):
     quick = bool(cfg.get("quick_gelu")) and not model_name.endswith(QUICKGELU)
     try:
         model = oc.create_model(model_name, pretrained=tag, force_quick_gelu=quick)
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError):
         raise LinftError(f"weights clip:{model_name}/{tag} are not available (no download: {_where(cfg)}); run "
                          f"open_clip.create_model('{model_name}', pretrained='{tag}') once on a connected machine and "
                          "copy that cache here, or pass weights=PATH, a local copy of the file", param="weights") from None

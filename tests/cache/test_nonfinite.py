@@ -1,7 +1,6 @@
 """Non-finite features are caught where they are made (extract) and before anything trains on them (train-linear,
 LP-FT): one line naming the rows, the block, the storage dtype and the fix."""
 
-import os
 
 import h5py
 import numpy as np

@@ -1,7 +1,6 @@
 """linft.data.shapes: the procedural benchmark (demo data) and the pretraining source of demo-resnet."""
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np

@@ -5,9 +5,7 @@ is deterministic and resumes bit for bit."""
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

@@ -11,7 +11,7 @@ from linft.protocol.selection import iid_accuracy, ood_accuracy
 from linft.train.linear.driver import train_linear
 from linft.train.linear.engine import GridPoint, LinearGridConfig
 
-from helpers import refused, C, NDOM, synthetic, synthetic_cache
+from helpers import refused, C, NDOM, synthetic_cache
 from reference import ATOL, RTOL, decided_and_ties, plain_sgd_run
 
 
