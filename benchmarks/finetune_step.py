@@ -140,7 +140,6 @@ def main():
     model, _ = build_run_model(backbone, args.weights, NUM_CLASSES, run, dev, config.channels_last)
     set_train_mode(model, True, config.freeze_bn)
     optimizer = run_optimizer(model, run, config.momentum)
-    milestones = config.milestone_steps()
 
     # plain: the same network and weights, the simplest loop
     plain_cl = cuda or args.plain_channels_last

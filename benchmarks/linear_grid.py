@@ -106,7 +106,8 @@ def eval_ms(rows, classes, runs, form, dev) -> float:
     feats = torch.rand(rows, K, D, generator=g, device=dev).half()
     labels = torch.randint(classes, (rows,), generator=g, device=dev)
     G = runs // 6
-    v, Vt, b = torch.randn(G, 6, K, D, device=dev), torch.randn(G, 6, D, classes, device=dev), torch.zeros(G, 6, classes, device=dev)
+    v, Vt, b = (torch.randn(G, 6, K, D, device=dev), torch.randn(G, 6, D, classes, device=dev),
+                torch.zeros(G, 6, classes, device=dev))
     split = torch.zeros(G, rows, dtype=torch.long, device=dev)
     t = clock(dev)
     evaluate_grid(feats, labels, split, v, Vt, b, 1, 4096, form)
@@ -198,7 +199,32 @@ def tensor_core_check(dev, rows: int = N, runs: int = 72) -> dict:
     near = (top2[..., 0] - top2[..., 1]) < 1e-3 * exact.abs().amax()
     differ = exact.argmax(-1) != out[True][0].argmax(-1)
     return {"predictions": int(differ.numel()), "differ": int(differ.sum()), "differ_not_near_tie":
-            int((differ & ~near).sum()), "near_ties": int(near.sum()), "float32_ms": out[False][1], "tf32_ms": out[True][1]}
+            int((differ & ~near).sum()), "near_ties": int(near.sum()), "float32_ms": out[False][1],
+            "tf32_ms": out[True][1]}
+
+
+def print_table(out: dict, results: list[dict], evals: dict, machine: dict, steps: int, repeats: int,
+                compiled: bool) -> None:
+    """The text report of :func:`main`: the step times per grid, the evaluations and the protocol estimate."""
+    print(f"{out['device']}, {out['threads']} thread(s), {out['timer']}, median of {repeats} interleaved "
+          f"repeats of {steps} steps; GEMM {machine['gemm_gflops']:.0f} GFLOP/s, "
+          f"copy {machine['bandwidth_gbs']:.1f} GB/s")
+    print(f"{'grid':>6} {'runs':>5} {'one by one':>11} {'engine':>8} {'torch step':>10} {'speed-up':>9} "
+          f"{'floor sparse':>12} {'x floor':>8} {'floor dense':>11}  (ms per step, all runs)")
+    for r in results:
+        print(f"{r['grid']:>6} {r['runs']:>5} {r['one by one_ms']:>11.1f} {r['engine_ms']:>8.2f} "
+              f"{r['torch step_ms']:>10.1f} {r['one by one_ms'] / r['engine_ms']:>8.1f}x "
+              f"{r['floor_sparse_ms']:>12.2f} {r['engine_ms'] / r['floor_sparse_ms']:>7.1f}x "
+              f"{r['floor_dense_ms']:>11.2f}")
+    for name, ms in evals.items():
+        print(f"evaluation {name}: {ms:.0f} ms")
+    r72 = next(r for r in results if r["runs"] == 72)
+    full = lambda step_ms, eval_ms_: (step_ms * FULL_STEPS + eval_ms_ * FULL_EVALS) / 1000
+    ev = evals[f"C=7, {N} rows, 72 runs, {'compiled' if compiled else 'folded'}"]  # the form "auto" takes
+    print(f"protocol estimate (grid {r72['grid']}, 72 runs, {FULL_STEPS} steps + {FULL_EVALS} evaluations, "
+          f"extrapolated from {steps} timed steps): engine {full(r72['engine_ms'], ev):.0f} s, torch step "
+          f"{full(r72['torch step_ms'], evals[f'C=7, {N} rows, 72 runs, folded']):.0f} s (folded evaluations), "
+          f"one by one {full(r72['one by one_ms'], 0):.0f} s + evaluations")
 
 
 def main():
@@ -250,8 +276,10 @@ def main():
                 times["one by one"].append(sum(per_kind[(p.dropout, p.probe)] for p in points) * len(groups))
             ms = {k: float(np.median(v)) for k, v in times.items()}
             cost = step_costs(points, runs)
-            floor_dense = max(cost["dense_mflop"] / machine["gemm_gflops"], cost["row_mbytes"] / machine["bandwidth_gbs"])
-            floor_sparse = max(cost["sparse_mflop"] / machine["gemm_gflops"], cost["row_mbytes"] / machine["bandwidth_gbs"])
+            floor_dense = max(cost["dense_mflop"] / machine["gemm_gflops"],
+                              cost["row_mbytes"] / machine["bandwidth_gbs"])
+            floor_sparse = max(cost["sparse_mflop"] / machine["gemm_gflops"],
+                               cost["row_mbytes"] / machine["bandwidth_gbs"])
             results.append({"grid": grid, "runs": runs, **{f"{k}_ms": v for k, v in ms.items()},
                             "spread_ms": {k: [float(min(v)), float(max(v))] for k, v in times.items()}, **cost,
                             "floor_dense_ms": floor_dense, "floor_sparse_ms": floor_sparse})
@@ -265,22 +293,7 @@ def main():
     if args.json:
         print(json.dumps(out, indent=2))
         return
-    print(f"{out['device']}, {out['threads']} thread(s), {out['timer']}, median of {args.repeats} interleaved "
-          f"repeats of {args.steps} steps; GEMM {machine['gemm_gflops']:.0f} GFLOP/s, copy {machine['bandwidth_gbs']:.1f} GB/s")
-    print(f"{'grid':>6} {'runs':>5} {'one by one':>11} {'engine':>8} {'torch step':>10} {'speed-up':>9} "
-          f"{'floor sparse':>12} {'x floor':>8} {'floor dense':>11}  (ms per step, all runs)")
-    for r in results:
-        print(f"{r['grid']:>6} {r['runs']:>5} {r['one by one_ms']:>11.1f} {r['engine_ms']:>8.2f} {r['torch step_ms']:>10.1f} "
-              f"{r['one by one_ms'] / r['engine_ms']:>8.1f}x {r['floor_sparse_ms']:>12.2f} "
-              f"{r['engine_ms'] / r['floor_sparse_ms']:>7.1f}x {r['floor_dense_ms']:>11.2f}")
-    for name, ms in evals.items():
-        print(f"evaluation {name}: {ms:.0f} ms")
-    r72 = next(r for r in results if r["runs"] == 72)
-    full = lambda step_ms, eval_ms_: (step_ms * FULL_STEPS + eval_ms_ * FULL_EVALS) / 1000
-    ev = evals[f"C=7, {N} rows, 72 runs, {'compiled' if compiled else 'folded'}"]  # the form "auto" takes
-    print(f"protocol estimate (grid {r72['grid']}, 72 runs, {FULL_STEPS} steps + {FULL_EVALS} evaluations, "
-          f"extrapolated from {args.steps} timed steps): engine {full(r72['engine_ms'], ev):.0f} s, torch step "
-          f"{full(r72['torch step_ms'], evals[f'C=7, {N} rows, 72 runs, folded']):.0f} s (folded evaluations), one by one {full(r72['one by one_ms'], 0):.0f} s + evaluations")
+    print_table(out, results, evals, machine, args.steps, args.repeats, compiled)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ def main():
     base = r0 - per_row * n0
     views4 = FULL * 4 * K * D * 2 / 2**30
     out = {"runs": rows, "per_row_bytes": per_row * 2**30, "base_gib": base,
-           "domainnet_estimate_gib": base + per_row * FULL, "domainnet_views4_estimate_gib": base + per_row * FULL + views4}
+           "domainnet_estimate_gib": base + per_row * FULL,
+           "domainnet_views4_estimate_gib": base + per_row * FULL + views4}
     if args.json:
         print(json.dumps(out, indent=2))
         return

@@ -21,17 +21,19 @@ from linft.output import say_line
                    "Vision Transformer (vit_b_16, vit_b_32, vit_l_16, vit_l_32, vit_h_14), or OpenCLIP image tower "
                    "clip:NAME (clip:ViT-B-32; needs linft[clip]).")
 @click.option("--weights", default="DEFAULT", show_default=True,
-              help='DEFAULT (the backbone\'s recommended weights: IMAGENET1K_V2 = "ResNet #2" for resnet50, the shipped '
-                   'file for demo-resnet), a torchvision weight name (IMAGENET1K_V1 = "ResNet #1", IMAGENET1K_V2), '
-                   "an open_clip tag for clip: backbones (openai), a local state_dict file, or none (seeded random "
-                   "init).")
+              help='DEFAULT (the backbone\'s recommended weights: IMAGENET1K_V2 = "ResNet #2" for resnet50, the '
+                   'shipped file for demo-resnet), a torchvision weight name (IMAGENET1K_V1 = "ResNet #1", '
+                   'IMAGENET1K_V2), an open_clip tag for clip: backbones (openai), a local state_dict file, or none '
+                   "(seeded random init).")
 @click.option("--blocks", "num_blocks", type=int, default=None,
               help="Keep the last K residual blocks of the last stage (of a transformer: the last K encoder blocks). "
                    "Default: all of the last stage (3 for ResNet-50); 3 for transformers.")
-@click.option("--image-size", type=int, default=224, show_default=True, help="Images are resized to S x S (DomainBed's transform; "
-              "transformer weights with a transform of their own use it and its size).")
+@click.option("--image-size", type=int, default=224, show_default=True,
+              help="Images are resized to S x S (DomainBed's transform; "
+                   "transformer weights with a transform of their own use it and its size).")
 @click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--workers", type=int, default=None, help="DataLoader worker processes. Default: one per spare core, at most 8.")
+@click.option("--workers", type=int, default=None,
+              help="DataLoader worker processes. Default: one per spare core, at most 8.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Storage type of the features (the computation: --precision).")

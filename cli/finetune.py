@@ -26,12 +26,13 @@ GRID, CONFIG, RUN = Grid(), FineTuneConfig(), {f.name: f.default for f in fields
 @click.argument("dataset")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="Where DomainBed names (PACS, VLCS, ...) are looked up. Default: $LINFT_DATA_ROOT, then ./data.")
-@click.option("--backbone", default="resnet50", show_default=True, help="torchvision ResNet-family name, demo-resnet, a Vision Transformer (vit_b_16 ... vit_h_14) or "
-              "clip:NAME (needs linft[clip]).")
+@click.option("--backbone", default="resnet50", show_default=True,
+              help="torchvision ResNet-family name, demo-resnet, a Vision Transformer (vit_b_16 ... vit_h_14) or "
+                   "clip:NAME (needs linft[clip]).")
 @click.option("--weights", default="DEFAULT", show_default=True,
-              help='DEFAULT (the backbone\'s recommended weights: IMAGENET1K_V2 = "ResNet #2" for resnet50, the shipped '
-                   'file for demo-resnet), a torchvision weight name (IMAGENET1K_V1 = "ResNet #1", IMAGENET1K_V2), '
-                   "a local state_dict file, or none (seeded random init, i.e. training from scratch).")
+              help='DEFAULT (the backbone\'s recommended weights: IMAGENET1K_V2 = "ResNet #2" for resnet50, the '
+                   'shipped file for demo-resnet), a torchvision weight name (IMAGENET1K_V1 = "ResNet #1", '
+                   "IMAGENET1K_V2), a local state_dict file, or none (seeded random init, i.e. training from scratch).")
 @click.option("--dropout", "dropouts", type=float, multiple=True, default=GRID.dropouts, show_default=True,
               help=repeatable("Dropout rate on the penultimate representation.", "--dropout 0 --dropout 0.9"))
 @click.option("--last-layer-lr-mult", type=float, default=RUN["last_layer_lr_mult"], show_default=True,
@@ -52,8 +53,10 @@ GRID, CONFIG, RUN = Grid(), FineTuneConfig(), {f.name: f.default for f in fields
 @click.option("--lr", "lrs", type=float, multiple=True, default=GRID.lrs, show_default=True,
               help=repeatable("Learning rates of the grid.", "--lr 1e-3 --lr 5e-4"))
 @click.option("--weight-decay", "weight_decays", type=float, multiple=True, default=GRID.weight_decays,
-              show_default=True, help=repeatable("Weight decays of the grid.", "--weight-decay 1e-4 --weight-decay 1e-5"))
-@click.option("--seeds", type=int, default=GRID.seeds, show_default=True, help="Trial seeds 0..N-1 (split, batches, masks, head init).")
+              show_default=True,
+              help=repeatable("Weight decays of the grid.", "--weight-decay 1e-4 --weight-decay 1e-5"))
+@click.option("--seeds", type=int, default=GRID.seeds, show_default=True,
+              help="Trial seeds 0..N-1 (split, batches, masks, head init).")
 @split_seed_option()
 @click.option("--steps", type=int, default=CONFIG.steps, show_default=True, help="SGD steps per run.")
 @click.option("--lr-milestones", "lr_milestones", type=float, multiple=True, default=CONFIG.lr_milestones,
@@ -64,7 +67,8 @@ GRID, CONFIG, RUN = Grid(), FineTuneConfig(), {f.name: f.default for f in fields
                               f"{DOMAINNET.steps} and --eval-every {DOMAINNET.eval_every}.",
                               " ".join(f"--lr-milestones {m}" for m in DOMAINNET.lr_milestones)))
 @click.option("--eval-every", type=int, default=CONFIG.eval_every, show_default=True)
-@click.option("--batch-size", type=int, default=CONFIG.batch_size, show_default=True, help="Images per training domain per step.")
+@click.option("--batch-size", type=int, default=CONFIG.batch_size, show_default=True,
+              help="Images per training domain per step.")
 @click.option("--image-size", type=int, default=CONFIG.image_size, show_default=True)
 @click.option("--test-domains", multiple=True,
               help=repeatable("Held-out domains to run (default: every domain).",
@@ -84,7 +88,8 @@ GRID, CONFIG, RUN = Grid(), FineTuneConfig(), {f.name: f.default for f in fields
                    "paper's protocol); tensor, the same family batched on the device (faster, not bit-identical to "
                    "pil); none, the deterministic transform. Part of each run's id.")
 @click.option("--no-augment", is_flag=True, hidden=True, help="Same as --augment none (earlier releases).")
-@click.option("--workers", type=int, default=None, help="DataLoader processes decoding images. Default: one per spare core, at most 8.")
+@click.option("--workers", type=int, default=None,
+              help="DataLoader processes decoding images. Default: one per spare core, at most 8.")
 @click.option("--device", default="auto", show_default=True)
 @precision_option("Fine-tuning refuses float16 (it would need loss scaling).")
 @click.option("--launcher", type=click.Choice(LAUNCHERS), default="local", show_default=True,
@@ -102,11 +107,10 @@ GRID, CONFIG, RUN = Grid(), FineTuneConfig(), {f.name: f.default for f in fields
 @click.option("--json", "as_json", is_flag=True, help="Print the summary table as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars and no line per evaluation.")
 def finetune_cmd(dataset, data_root, backbone, weights, dropouts, last_layer_lr_mult, stochastic_depth,
-                 stochastic_depth_mode, linearized,
-                 lp_ft, lp_ft_cache, lrs, weight_decays, seeds, split_seed, steps, lr_milestones, eval_every, batch_size,
-                 image_size, test_domains, ensembles, average_every_step, ensemble_rule, no_freeze_bn, augment, no_augment,
-                 workers, device, precision, launcher, gpus, slurm_partition, slurm_timeout, slurm_gpus, no_wait, out,
-                 tensorboard_dir, as_json, quiet):
+                 stochastic_depth_mode, linearized, lp_ft, lp_ft_cache, lrs, weight_decays, seeds, split_seed, steps,
+                 lr_milestones, eval_every, batch_size, image_size, test_domains, ensembles, average_every_step,
+                 ensemble_rule, no_freeze_bn, augment, no_augment, workers, device, precision, launcher, gpus,
+                 slurm_partition, slurm_timeout, slurm_gpus, no_wait, out, tensorboard_dir, as_json, quiet):
     """Fine-tune a pretrained backbone leave-one-domain-out, with dropout on the penultimate layer.
 
     Every held-out domain x seed x dropout x lr x weight decay is one run with

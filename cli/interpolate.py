@@ -51,7 +51,8 @@ from linft.output import json_text, say_line
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder of the records, plot and summary. Default: runs/interpolate/<dataset>/")
-@click.option("--force", is_flag=True, help="Figure 1 mode: replace the figure1.* already in --out (refused without it).")
+@click.option("--force", is_flag=True,
+              help="Figure 1 mode: replace the figure1.* already in --out (refused without it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (accuracies per α and path) as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars or progress lines.")
 def interpolate_cmd(dataset, finetuned, iid, ood, pretrained_head, probe_data, data_root, pretrained, backbone, alphas,

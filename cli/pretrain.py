@@ -47,7 +47,8 @@ def pretrain_source(out_dir, seed, per_class, size, workers):
               help="Seeds initialisation, held-out split, shuffling and augmentation.")
 @click.option("--image-size", type=int, default=64, show_default=True, help="Images are resized to S x S.")
 @click.option("--workers", type=int, default=None,
-              help="DataLoader processes decoding images (does not change the result). Default: one per spare core, at most 8.")
+              help="DataLoader processes decoding images (does not change the result). "
+                   "Default: one per spare core, at most 8.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--force", is_flag=True, help="Replace an existing file at --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")

@@ -26,12 +26,15 @@ GRID, CONFIG = LinearGrid(), LinearGridConfig()
 @click.option("--lr", "lrs", type=float, multiple=True, default=GRID.lrs, show_default=True,
               help=repeatable("Learning rates of the grid.", "--lr 1e-3 --lr 5e-4"))
 @click.option("--weight-decay", "weight_decays", type=float, multiple=True, default=GRID.weight_decays,
-              show_default=True, help=repeatable("Weight decays of the grid.", "--weight-decay 1e-4 --weight-decay 1e-5"))
-@click.option("--seeds", type=int, default=GRID.seeds, show_default=True, help="Trial seeds 0..N-1 (split, batches, masks, init).")
+              show_default=True,
+              help=repeatable("Weight decays of the grid.", "--weight-decay 1e-4 --weight-decay 1e-5"))
+@click.option("--seeds", type=int, default=GRID.seeds, show_default=True,
+              help="Trial seeds 0..N-1 (split, batches, masks, init).")
 @split_seed_option()
 @click.option("--steps", type=int, default=CONFIG.steps, show_default=True, help="SGD steps per run; lr ÷10 at half.")
 @click.option("--eval-every", type=int, default=CONFIG.eval_every, show_default=True)
-@click.option("--batch-size", type=int, default=CONFIG.batch_size, show_default=True, help="Examples per training domain per step.")
+@click.option("--batch-size", type=int, default=CONFIG.batch_size, show_default=True,
+              help="Examples per training domain per step.")
 @click.option("--v-init", type=click.Choice(V_INITS), default=CONFIG.v_init, show_default=True,
               help="v at the start: 'last' = the pretrained penultimate representation (v_l = 1, others 0); "
                    "'normal' = N(0, 1) per channel, as the official code.")
@@ -70,8 +73,8 @@ def train_linear_cmd(cache, dropouts, probe, probe_only, lrs, weight_decays, see
     out = Path(out) if out else default_linear_out(cache)
     config = LinearGridConfig(steps=steps, batch_size=batch_size, eval_every=eval_every, v_init=v_init)
     result = train_linear(cache, out, dropouts=() if probe_only else dropouts, probe=probe or probe_only, lrs=lrs,
-                          weight_decays=weight_decays, seeds=seeds, split_seed=split_seed, test_domains=test_domains, config=config,
-                          device=device, progress=not quiet, say=None if quiet else say_line,
+                          weight_decays=weight_decays, seeds=seeds, split_seed=split_seed, test_domains=test_domains,
+                          config=config, device=device, progress=not quiet, say=None if quiet else say_line,
                           tensorboard_dir=tensorboard_dir,
                           memory_budget=None if memory_gib is None else memory_gib * 2**30)
     click.echo(f"{done_summary(result.trained, result.skipped, diverged=result.diverged)} -> {result.records}",

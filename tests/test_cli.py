@@ -134,7 +134,8 @@ def test_train_linear_then_report(image_folder, tmp_path):
 def test_train_linear_bad_input(image_folder, tmp_path, extra, fragment):
     cache = tmp_path / "c.h5"
     assert run("extract", image_folder, "--out", cache, *SMALL).exit_code == 0
-    assert_one_line_error(run("train-linear", cache, "--steps", "2", "--quiet", "--out", tmp_path / "r", *extra), fragment)
+    assert_one_line_error(run("train-linear", cache, "--steps", "2", "--quiet", "--out", tmp_path / "r", *extra),
+                          fragment)
 
 
 def test_train_linear_refuses_unfinished_cache(image_folder, tmp_path):
@@ -177,7 +178,8 @@ def test_train_linear_refuses_a_domain_whose_images_were_all_skipped_before_trai
     assert run("extract", image_folder, "--out", cache, *SMALL).exit_code == 0
     with h5py.File(cache, "r+") as f:  # as --skip-bad-images leaves a domain of unreadable images
         f["valid"][...] = f["valid"][...] & (f["domains"][...] != 0)
-    assert_one_line_error(run("train-linear", cache, "--steps", "2", "--quiet", "--test-domains", "dom C", "--out", out),
+    assert_one_line_error(run("train-linear", cache, "--steps", "2", "--quiet", "--test-domains", "dom C",
+                              "--out", out),
                           "domain 'dom C' has no usable image")
     assert not out.exists()
 

@@ -19,10 +19,11 @@ PACKAGE = Path(linft.__file__).parent
 CLI = PACKAGE.parent / "cli"
 
 #: Each layer may import from itself and the layers before it in this list.
-#: ``linft.protocol`` (the protocol as data, no torch) sits below every layer that computes, so models may use its checks.
+#: ``linft.protocol`` (the protocol as data, no torch) sits below every layer that computes, so models may use its
+#: checks.
 LAYERS = ["linft.errors", "linft.lazy", "linft.output", "linft.locks", "linft.protocol", "linft.runtime",
-          "linft._kernels", "linft.data", "linft.models", "linft.cache", "linft.analysis", "linft.train", "linft.interpolation",
-          "linft.demo"]
+          "linft._kernels", "linft.data", "linft.models", "linft.cache", "linft.analysis", "linft.train",
+          "linft.interpolation", "linft.demo"]
 #: Imports allowed inside a function body: optional extras only (huggingface_hub comes with open_clip).
 OPTIONAL = {"submitit", "open_clip", "huggingface_hub", "timm", "tensorboard", "torch.utils.tensorboard"}
 
@@ -173,7 +174,8 @@ def test_records_only_layers_import_no_network_layer_and_no_torch(package):
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             torch_users += [f"{m} imports {n}" for n in names if n.split(".")[0] == "torch"]
     assert not torch_users, torch_users
-    code = f"import sys, importlib\nfor m in {modules!r}:\n    importlib.import_module(m)\nprint('torch' in sys.modules)"
+    code = (f"import sys, importlib\nfor m in {modules!r}:\n    importlib.import_module(m)\n"
+            "print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "False"

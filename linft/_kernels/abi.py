@@ -35,7 +35,8 @@ class Args(ctypes.Structure):
 
 
 class EvalArgs(ctypes.Structure):
-    """The evaluation kernel's argument block (``struct EvalArgs`` of sparse_step.cpp; checked by :func:`check_layout`)."""
+    """The evaluation kernel's argument block (``struct EvalArgs`` of sparse_step.cpp; checked by
+    :func:`check_layout`)."""
 
     _fields_ = [("feats", _P), ("n", _I), ("K", _I), ("D", _I), ("C", _I), ("Cp", _I), ("R8", _I),
                 ("v", _P), ("Vt", _P), ("b", _P), ("pred", _P)]

@@ -170,7 +170,8 @@ def _up_to_date(out: Path, attrs: dict, force: bool) -> dict | None:
     if force:  # always re-extract: images may have changed in place (same names, same provenance)
         return None
     existing = existing_cache_attrs(out)
-    if existing is not None and existing.get("complete") and existing["provenance_sha256"] == attrs["provenance_sha256"]:
+    if (existing is not None and existing.get("complete")
+            and existing["provenance_sha256"] == attrs["provenance_sha256"]):
         return existing
     if existing is None:
         raise LinftError(f"{out} exists and is not a linft feature cache; choose another out "
@@ -236,7 +237,8 @@ def _open_partial(partial: Path, ds: MultiDomainDataset, attrs: dict, num_done: 
     """Reopen the interrupted file, or create it with every dataset and attribute (``complete`` False)."""
     if num_done:
         return h5py.File(partial, "r+")
-    n, k, dim, views, dtype = len(ds), len(attrs["blocks"]), attrs["feature_dim"], attrs["views"], DTYPES[attrs["dtype"]]
+    n, k, dim, views, dtype = (len(ds), len(attrs["blocks"]), attrs["feature_dim"], attrs["views"],
+                               DTYPES[attrs["dtype"]])
     f = h5py.File(partial, "w")
     rows = max(1, min(n, (1 << 20) // (k * dim * np.dtype(dtype).itemsize)))
     f.create_dataset("features", shape=(n, k, dim), dtype=dtype, chunks=(rows, k, dim))

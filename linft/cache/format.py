@@ -240,7 +240,8 @@ def attribute_problems(meta: dict, provenance: bool = True) -> list[str]:
                  for k, least in (("num_examples", 0), ("feature_dim", 1)) if not is_count(meta[k], least)]
     per_domain = meta["per_domain"]
     if not problems and not (isinstance(per_domain, dict) and all(
-            isinstance(per_domain.get(d), dict) and is_count(per_domain[d].get("count")) for d in meta["domain_names"])):
+            isinstance(per_domain.get(d), dict) and is_count(per_domain[d].get("count"))
+            for d in meta["domain_names"])):
         problems.append("has a per_domain attribute without the count of every domain")
     if meta.get("views") and not (is_count(meta["views"], 1) and "views_transform" in meta and "views_seed" in meta):
         problems.append(f"has views {meta['views']!r} without views_transform and views_seed")
@@ -393,7 +394,8 @@ def describe_cache(info: dict) -> str:
         ("blocks", ", ".join(info["blocks"])),
         ("features", f"{tuple(feats['shape'])} {feats['dtype']}, computed in {info['compute']}"),
         ("transform", info["transform"]),
-        *([("views", f"{info['views']} augmented views per image: {info['views_transform']}, seed {info['views_seed']}")]
+        *([("views", f"{info['views']} augmented views per image: {info['views_transform']}, "
+                     f"seed {info['views_seed']}")]
           if info.get("views") else []),
         ("file list", f"sha256 {info['file_list_sha256'][:16]}"),
         ("provenance", info["provenance_sha256"]),

@@ -71,7 +71,8 @@ def _utf8_name(folder, name: str, fix: str = "or move it out of the dataset") ->
         raw = os.fsencode(name)
         where = str(folder).encode("utf-8", "backslashreplace").decode()
         raise LinftError(f"the name {raw!r} in {where} is not UTF-8; rename it to UTF-8 "
-                         f"(convmv -f latin1 -t utf8 -r FOLDER lists the renames; its notest option makes them) {fix}") from None
+                         f"(convmv -f latin1 -t utf8 -r FOLDER lists the renames; its notest option makes them) "
+                         f"{fix}") from None
     return name
 
 

@@ -73,7 +73,8 @@ def _shape_field(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         shaft = np.maximum(np.abs(v) - 0.2, np.abs(u + 0.45) - 0.45)
         return np.minimum(head, shaft)
     if shape == "plus_ring":
-        return np.minimum(np.abs(r - 0.75) - 0.12, np.minimum(np.maximum(np.abs(u) - 0.12, r - 0.75), np.maximum(np.abs(v) - 0.12, r - 0.75)))
+        return np.minimum(np.abs(r - 0.75) - 0.12, np.minimum(np.maximum(np.abs(u) - 0.12, r - 0.75),
+                                                              np.maximum(np.abs(v) - 0.12, r - 0.75)))
     if shape == "bar":
         return np.maximum(np.abs(u) - 0.9, np.abs(v) - 0.25)
     if shape == "dots":
@@ -158,7 +159,8 @@ def render(shape: str, style: str, rng: np.random.Generator, size: int = 64) -> 
         jitter = 0.6 * px * (_smooth_noise(size, rng, 10) - 0.5)
         line = np.clip(1 - np.abs(f + jitter) / width, 0, 1)[..., None]
         ink = rng.uniform(0.05, 0.35)
-        hatch = (np.sin((x + y) * size * 0.9) > 0.6).astype(np.float32)[..., None] * inside[..., None] * rng.uniform(0, 0.25)
+        hatch = ((np.sin((x + y) * size * 0.9) > 0.6).astype(np.float32)[..., None] * inside[..., None]
+                 * rng.uniform(0, 0.25))
         img = paper * (1 - line) + ink * line
         img = img * (1 - hatch) + ink * hatch
         img = np.repeat(img.mean(-1, keepdims=True), 3, -1)
@@ -184,7 +186,8 @@ def render(shape: str, style: str, rng: np.random.Generator, size: int = 64) -> 
         img = bg * (1 - soft)
     elif style == "halftone":
         period = rng.uniform(3, 5)
-        dots = ((np.sin(x * size * np.pi / period) * np.sin(y * size * np.pi / period)) > 0.0).astype(np.float32)[..., None]
+        dots = ((np.sin(x * size * np.pi / period) * np.sin(y * size * np.pi / period))
+                > 0.0).astype(np.float32)[..., None]
         ink = _random_color(rng, (0.6, 1.0), (0.3, 0.8))
         img = 1.0 - soft * dots * (1 - ink)
     else:
@@ -242,7 +245,8 @@ def write_shapes_dataset(
 
 
 def write_new_folder(out: str | os.PathLike, write: Callable[[Path], None], force: bool = False,
-                     refusal: str = "pass force=True to replace it whole (then re-extract its caches with force=True)") -> Path:
+                     refusal: str = "pass force=True to replace it whole (then re-extract its caches with force=True)"
+                     ) -> Path:
     """Make the folder ``out`` with ``write(folder)``: a folder with files in it is refused unless ``force``.
 
     The files are written into ``<out>.partial`` and the folder takes its name only once complete; with ``force``

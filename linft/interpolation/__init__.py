@@ -11,7 +11,8 @@ _EXPORTS = {
     "run": ["interpolate"],
     "checkpoints": ["CheckpointInterpolateConfig", "CheckpointInterpolation", "interpolate_checkpoints"],
     "result": ["InterpolateConfig", "InterpolationResult"],
-    "paths": ["first_order_outputs", "iter_weight_path", "parse_alphas", "pooled_features_and_logits", "representation_logits"],
+    "paths": ["first_order_outputs", "iter_weight_path", "parse_alphas", "pooled_features_and_logits",
+              "representation_logits"],
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

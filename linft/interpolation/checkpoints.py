@@ -118,7 +118,8 @@ class _Set:
 
 def _head_of_file(path: str) -> LinearHead:
     obj = load_checkpoint(path, "head file", 'save it with torch.save({"weight": W, "bias": b}, path)')
-    if isinstance(obj, dict) and isinstance(obj.get("weight"), torch.Tensor) and isinstance(obj.get("bias"), torch.Tensor):
+    if (isinstance(obj, dict) and isinstance(obj.get("weight"), torch.Tensor)
+            and isinstance(obj.get("bias"), torch.Tensor)):
         return LinearHead(obj["weight"].float(), obj["bias"].float())
     raise LinftError(f"head file {path} holds no weight and bias; save it with torch.save({{\"weight\": W, "
                      "\"bias\": b}, path)")
@@ -150,7 +151,8 @@ def _pretrained_head(config: CheckpointInterpolateConfig, bb: Backbone, classes:
 def _columns(ds: MultiDomainDataset, classes: list[str], what: str) -> torch.Tensor:
     unknown = [c for c in ds.classes if c not in classes]
     if unknown:
-        raise LinftError(f"{what} {ds.root / ds.domains[0]} has classes the head does not know ({', '.join(unknown[:3])}"
+        raise LinftError(f"{what} {ds.root / ds.domains[0]} has classes the head does not know "
+                         f"({', '.join(unknown[:3])}"
                          f"{' ...' if len(unknown) > 3 else ''}); pass sets whose classes are among the i.i.d. set's")
     return torch.tensor([classes.index(c) for c in ds.classes])
 
@@ -250,7 +252,8 @@ def _evaluate_sets(config: CheckpointInterpolateConfig, alphas: list[float], set
     precision = effective_precision(dev, config.precision)
     block = phi_block_names(net, 1)
     wk, bk = head_keys(fin_state)
-    heads = {end: LinearHead(state[wk].float(), state[bk].float()) for end, state in (("p", pre_state), ("f", fin_state))}
+    heads = {end: LinearHead(state[wk].float(), state[bk].float())
+             for end, state in (("p", pre_state), ("f", fin_state))}
     per_set: dict[str, dict[str, list[float]]] = {}
     gaps = {}
     for name, s in sets.items():

@@ -173,7 +173,8 @@ def pooled_features_and_logits(model: nn.Module, block_names: Sequence[str], ima
 @torch.no_grad()
 def iter_weight_path(model: nn.Module, start_state: Mapping[str, torch.Tensor], end_state: Mapping[str, torch.Tensor],
                      alphas: Sequence[float], images, device="cpu", channels_last: bool = False,
-                     precision: str = "float32", update: Callable[[int], None] | None = None) -> Iterator[tuple[float, torch.Tensor]]:
+                     precision: str = "float32", update: Callable[[int], None] | None = None
+                     ) -> Iterator[tuple[float, torch.Tensor]]:
     """``(α, logits (N, C))`` of the weight-interpolated model θ(α) = (1-α)·start + α·end, one α at a time.
 
     Every state_dict entry is interpolated by

@@ -87,11 +87,13 @@ def _check_weights(weights, count: int) -> list[float]:
     return values
 
 
-def average_state_dicts(state_dicts: Sequence[StateDict], weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+def average_state_dicts(state_dicts: Sequence[StateDict], weights: Sequence[float] | None = None
+                        ) -> dict[str, torch.Tensor]:
     """The weighted (default uniform) average ``Σ w_i sd_i / Σ w_i`` of state_dicts of one architecture.
 
     Float entries are accumulated in float64 and cast back to their dtype
-    (elements equal in every model are kept exactly); integer and bool entries are the element-wise maximum over the models with
+    (elements equal in every model are kept exactly); integer and bool
+    entries are the element-wise maximum over the models with
     a positive weight (never a float round-trip). Keys, shapes and dtypes must
     match (:class:`LinftError` otherwise). Inputs are not modified.
     """
@@ -121,7 +123,8 @@ def average_state_dicts(state_dicts: Sequence[StateDict], weights: Sequence[floa
 
 
 def interpolate_state_dicts(start: StateDict, end: StateDict, alpha: float) -> dict[str, torch.Tensor]:
-    """``(1-α)·start + α·end``: α is the share of ``end`` (the fine-tuned model); α = 0 gives ``start`` exactly, α = 1 ``end``."""
+    """``(1-α)·start + α·end``: α is the share of ``end`` (the fine-tuned model); α = 0 gives ``start`` exactly,
+    α = 1 ``end``."""
     try:
         a = float(alpha)
     except (TypeError, ValueError):
@@ -222,7 +225,8 @@ def greedy_soup(candidates: Sequence[StateDict], evaluate: Callable[[StateDict],
     """Wortsman et al.'s greedy soup: add each candidate to the uniform average if the score does not drop.
 
     ``candidates`` must already be sorted by decreasing validation (i.i.d.)
-    accuracy (:func:`soup_order`: model-soups' order, ties later-listed first). The soup starts as the first candidate; each next candidate is
+    accuracy (:func:`soup_order`: model-soups' order, ties later-listed first).
+    The soup starts as the first candidate; each next candidate is
     tried as the uniform average of the chosen ones plus it and kept when
     ``evaluate(average) >= best`` (ties keep the candidate, as the paper's
     "does not decrease"); ``strict=True`` keeps it only when ``> best``, as

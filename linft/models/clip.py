@@ -158,7 +158,8 @@ def _build(name: str, num_classes: int = 1000, **kwargs) -> ClipImageTower:
 
 
 def clip_transform(clip_model: nn.Module) -> tuple[transforms.Compose, transforms.Normalize]:
-    """open_clip's evaluation preprocessing of ``clip_model`` (a CLIP or anything with its ``visual``) as linft runs it: its resize and crop up to the uint8
+    """open_clip's evaluation preprocessing of ``clip_model`` (a CLIP or anything with its ``visual``) as linft
+    runs it: its resize and crop up to the uint8
     tensor, and its normalisation (which :class:`ClipImageTower` applies inside)."""
     oc = open_clip_module()
     cfg = oc.get_model_preprocess_cfg(clip_model)
@@ -179,7 +180,8 @@ def _tag_weights(model_name: str, tag: str):
     except (RuntimeError, OSError):
         raise LinftError(f"weights clip:{model_name}/{tag} are not available (no download: {_where(cfg)}); run "
                          f"open_clip.create_model('{model_name}', pretrained='{tag}') once on a connected machine and "
-                         "copy that cache here, or pass weights=PATH, a local copy of the file", param="weights") from None
+                         "copy that cache here, or pass weights=PATH, a local copy of the file",
+                         param="weights") from None
     return model, PREFIX + model_name + (QUICKGELU if quick else "")
 
 

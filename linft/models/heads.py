@@ -33,7 +33,8 @@ PROBE_TOLERANCE = 1e-6
 
 
 def classifier_linear(model: nn.Module) -> nn.Linear:
-    """The linear layer of ``model.fc``: ``fc`` itself, or the last module of linft's ``Sequential(Dropout, Linear)``."""
+    """The linear layer of ``model.fc``: ``fc`` itself, or the last module of linft's
+    ``Sequential(Dropout, Linear)``."""
     fc = getattr(model, "fc", None)
     linear = fc if isinstance(fc, nn.Linear) else (fc[-1] if isinstance(fc, nn.Sequential) and len(fc) else None)
     if not isinstance(linear, nn.Linear):
@@ -86,7 +87,8 @@ def fit_probe_head(features: torch.Tensor, labels: torch.Tensor | np.ndarray, nu
     ``max_iter`` iterations at most), from W = 0, b = 0, in float32 on the
     features' device: deterministic, no mini-batches, no learning rate to
     tune. This is the pretrained endpoint's head for interpolation and the
-    starting head of LP-FT (:mod:`linft.train.finetune.lp_ft`); linear probing as a protocol method (SGD, grid, seeds) is
+    starting head of LP-FT (:mod:`linft.train.finetune.lp_ft`); linear probing
+    as a protocol method (SGD, grid, seeds) is
     :func:`linft.train.linear.driver.train_linear` with ``probe=True``.
     """
     x = features.detach().float()

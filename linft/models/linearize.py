@@ -108,7 +108,8 @@ def _tree_add(a: Any, b: Any) -> Any:
         return type(a)((k, _tree_add(a[k], b[k])) for k in a)
     if isinstance(a, (tuple, list)):
         return type(a)(_tree_add(u, v) for u, v in zip(a, b))
-    raise LinftError(f"cannot linearize a model whose output contains {type(a).__name__}: return tensors (or tuples/dicts of tensors)")
+    raise LinftError(f"cannot linearize a model whose output contains {type(a).__name__}: "
+                     "return tensors (or tuples/dicts of tensors)")
 
 
 def _check_state(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
@@ -150,7 +151,8 @@ class LinearizedModel(nn.Module):
             raise LinftError("the model has no parameters: there is nothing to linearize")
         keys = [escape_parameter_name(n) for n in names]
         if len(set(keys)) != len(keys):
-            raise LinftError("two parameter names collide once dots become '-': rename the sub-modules to linearize this model")
+            raise LinftError("two parameter names collide once dots become '-': "
+                             "rename the sub-modules to linearize this model")
         originals = dict(inner.named_parameters())
         # Turn every parameter of the copy into a buffer holding θ0 (tied
         # parameters become one shared buffer registered under each name).

@@ -179,7 +179,8 @@ def file_classes(state: dict) -> int:
 
 
 def torchvision_state_dict(name: str, weights_name: str):
-    """``(state_dict, enum member)``: torchvision's weights through torchvision, or say exactly where to put the file."""
+    """``(state_dict, enum member)``: torchvision's weights through torchvision, or say exactly where to put
+    the file."""
     enum = torchvision.models.get_model_weights(name)
     weights = enum[weights_name]
     filename = os.path.basename(weights.url)

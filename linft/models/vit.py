@@ -1,4 +1,5 @@
-"""torchvision's Vision Transformers as linft backbones: ``vit_b_16``, ``vit_b_32``, ``vit_l_16``, ``vit_l_32``, ``vit_h_14``.
+"""torchvision's Vision Transformers as linft backbones: ``vit_b_16``, ``vit_b_32``, ``vit_l_16``, ``vit_l_32``,
+``vit_h_14``.
 
 :class:`ClassTokenViT` is torchvision's ``VisionTransformer`` with its
 classifier ``heads.head`` renamed ``fc`` (every other state_dict key is
@@ -70,7 +71,8 @@ class ClassTokenViT(nn.Module):
 
 
 def register_vit_config(name: str, **config) -> None:
-    """Make ``VisionTransformer(**config)`` (``image_size``, ``patch_size``, ``num_layers``, ...) a backbone ``name``."""
+    """Make ``VisionTransformer(**config)`` (``image_size``, ``patch_size``, ``num_layers``, ...) a backbone
+    ``name``."""
     _CONFIGS[name] = dict(config)
 
 

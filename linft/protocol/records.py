@@ -14,8 +14,8 @@ of different sources never mix), ``backbone``, ``weights``, ``test_domain``,
 ``train_domains``, ``hparams`` (all of them), ``grid`` (the hyper-parameters
 that vary inside one label: the cloud's grid points), ``seed``, ``run_id``,
 ``attempt``, ``schema`` (:data:`~linft.protocol.identity.SCHEMA_VERSION`; absent: 1), ``step``, ``splits``
-(``{"<domain>_in"|"<domain>_out": [correct, total]}``), ``loss``, ``status`` (``ok`` or ``diverged``) and ``final`` (true on
-the run's last record), plus method-specific extras.
+(``{"<domain>_in"|"<domain>_out": [correct, total]}``), ``loss``, ``status`` (``ok`` or ``diverged``) and
+``final`` (true on the run's last record), plus method-specific extras.
 
 One rule says what is done (:func:`finished_run_ids`): a run whose records hold
 a ``final`` record. Every method writes a run's final record last, after all

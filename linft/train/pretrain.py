@@ -201,7 +201,8 @@ def _train_epoch(run: _Training, perm: torch.Tensor, step: int, update) -> dict:
     for b, batch in enumerate(run.batches(perm)):
         idx = perm[b * config.batch_size:(b + 1) * config.batch_size]
         y = run.labels[idx].to(dev)
-        x = random_crop_flip(normalize_uint8(batch.to(dev)), run.gen, plan.pad).contiguous(memory_format=torch.channels_last)
+        x = random_crop_flip(normalize_uint8(batch.to(dev)), run.gen, plan.pad).contiguous(
+            memory_format=torch.channels_last)
         for group in optimizer.param_groups:
             group["lr"] = warmup_cosine_lr(step, plan.total_steps, plan.warmup, config.lr)
         logits = model(x)

@@ -241,7 +241,8 @@ def test_bad_arguments(image_folder, tmp_path):
     with refused("dtype"):
         extract_features(image_folder, tmp_path / "c.h5", **dict(SMALL, dtype="int8"))
     with refused("device"):
-        extract_features(image_folder, tmp_path / "c.h5", **dict(SMALL, device="cuda" if not torch.cuda.is_available() else "tpu"))
+        extract_features(image_folder, tmp_path / "c.h5",
+                         **dict(SMALL, device="cuda" if not torch.cuda.is_available() else "tpu"))
 
 
 def test_augmented_views_are_deterministic_resumable_and_match_their_transform(image_folder, tmp_path):

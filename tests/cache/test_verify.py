@@ -59,7 +59,8 @@ def verified_cache(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("dataset,failing", [("valid", {"shapes", "digests"}), ("features", {"shapes", "finite", "digests"})])
+@pytest.mark.parametrize("dataset,failing", [("valid", {"shapes", "digests"}),
+                                             ("features", {"shapes", "finite", "digests"})])
 def test_a_missing_dataset_is_a_failed_check_not_a_traceback(verified_cache, tmp_path, dataset, failing):
     broken = tmp_path / "broken.h5"
     shutil.copy(verified_cache, broken)

@@ -41,7 +41,8 @@ def _finetune_variants():
     base = dict(steps=3, eval_every=2, image_size=64, eval_batch_size=512, augment="tensor")
     grid = dict(test_domains=("sketch",), seeds=1, lrs=(1e-3,), weight_decays=(1e-4,))
     return [
-        ("plain", FineTuneConfig(**base, trajectory=True), dict(grid, dropouts=(0.0, 0.9), lrs=(1e-3, 5e-4)), "DEFAULT"),
+        ("plain", FineTuneConfig(**base, trajectory=True), dict(grid, dropouts=(0.0, 0.9), lrs=(1e-3, 5e-4)),
+         "DEFAULT"),
         ("head-lr", FineTuneConfig(**base), dict(grid, last_layer_lr_mult=10.0), "DEFAULT"),
         ("sd-row", FineTuneConfig(**base), dict(grid, stochastic_depth=0.1), "DEFAULT"),
         ("sd-official", FineTuneConfig(**base), dict(grid, stochastic_depth=0.1, stochastic_depth_mode="official"),
@@ -88,7 +89,8 @@ def run_pipeline(out: Path) -> dict:
                           device="cpu", progress=False, **kwargs)
         if name == "plain":
             plain_dirs = [r.run_dir for r in result.runs if r.run.dropout == 0.0]
-            evaluate_across_runs(ds, result.out, plain_dirs, config=config, device="cpu", eval_images=result.eval_images)
+            evaluate_across_runs(ds, result.out, plain_dirs, config=config, device="cpu",
+                                 eval_images=result.eval_images)
     interpolate(data, plain_dirs[0], alphas="0:1:3", linearity=True, blocks=False, out_dir=out / "interpolate",
                 device="cpu", progress=False)
     records = {}

@@ -55,9 +55,11 @@ def test_description_names_every_parameter_that_differs_from_its_default():
     lopsided = transforms.Compose([transforms.ColorJitter(brightness=(0.5, 1.1)),
                                    transforms.RandomResizedCrop(64, ratio=(0.5, 2.0))])
     text = describe_transform(lopsided)
-    assert text.startswith("ColorJitter((0.5, 1.1), 0, 0, 0), RandomResizedCrop(64, scale=(0.08, 1.0), ratio=(0.5, 2.0))")
+    assert text.startswith("ColorJitter((0.5, 1.1), 0, 0, 0), "
+                           "RandomResizedCrop(64, scale=(0.08, 1.0), ratio=(0.5, 2.0))")
     nearest = transforms.RandomResizedCrop(64, interpolation=transforms.InterpolationMode.NEAREST)
-    assert describe_transform(transforms.Compose([nearest])).startswith("RandomResizedCrop(64, scale=(0.08, 1.0)) [PIL nearest]")
+    assert describe_transform(transforms.Compose([nearest])).startswith(
+        "RandomResizedCrop(64, scale=(0.08, 1.0)) [PIL nearest]")
 
 
 def test_description_follows_the_transform_parameters():

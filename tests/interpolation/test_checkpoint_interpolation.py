@@ -197,7 +197,8 @@ def test_probe_head_is_fitted_on_the_images_as_the_fine_tuned_end_takes_them(set
     torch.manual_seed(3)
     finetuned = tmp_path / "vit.pt"
     torch.save(VisionTransformer(**TINY_VIT, num_classes=3).state_dict(), finetuned)
-    blank = transforms.Compose([transforms.Resize((32, 32)), transforms.PILToTensor(), transforms.Lambda(lambda t: t * 0)])
+    blank = transforms.Compose([transforms.Resize((32, 32)), transforms.PILToTensor(),
+                                transforms.Lambda(lambda t: t * 0)])
 
     def load(name, weights):
         bb = load_backbone(name, weights)

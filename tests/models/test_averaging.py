@@ -22,7 +22,8 @@ class Tiny(nn.Module):
     def __init__(self, classes=3, seed=0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten())
         self.fc = nn.Linear(4, classes)
         self.register_buffer("half_buf", torch.randn(5, generator=g).half())
         self.register_buffer("double_buf", torch.randn(2, 3, generator=g, dtype=torch.float64))
@@ -157,7 +158,8 @@ def test_key_mismatch_names_keys_and_what_to_do():
 
 
 def test_shape_mismatch_different_class_count_names_key_and_both_shapes():
-    with pytest.raises(LinftError, match=r"'fc.weight' has shape \(3, 4\) in state_dict 0 but \(5, 4\) in state_dict 1.*same architecture and class set"):
+    with pytest.raises(LinftError, match=r"'fc.weight' has shape \(3, 4\) in state_dict 0 but \(5, 4\) "
+                                         r"in state_dict 1.*same architecture and class set"):
         average_state_dicts([Tiny(3).state_dict(), Tiny(5).state_dict()])
 
 
@@ -194,7 +196,8 @@ def test_interpolation_end_points_are_exact_and_midpoints_follow_the_formula():
     for k in ("fc.weight", "body.0.weight", "body.1.running_var", "double_buf"):
         expected = (1 - alpha) * start[k].double() + alpha * end[k].double()
         torch.testing.assert_close(mid[k], expected.to(start[k].dtype), rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(mid["half_buf"].double(), 0.75 * start["half_buf"].double() + 0.25 * end["half_buf"].double(),
+    torch.testing.assert_close(mid["half_buf"].double(),
+                               0.75 * start["half_buf"].double() + 0.25 * end["half_buf"].double(),
                                rtol=1e-3, atol=1e-3)
 
 

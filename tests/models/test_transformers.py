@@ -87,7 +87,8 @@ def test_vit_phi_is_the_residual_stream_through_the_final_norm():
 
 def test_vit_weights_bring_their_own_transform():
     swag = torchvision.models.ViT_L_16_Weights.IMAGENET1K_SWAG_E2E_V1
-    assert describe_transform(weights_transform(swag)).startswith("Resize(512) [PIL bicubic], CenterCrop(512), ToTensor")
+    assert describe_transform(weights_transform(swag)).startswith(
+        "Resize(512) [PIL bicubic], CenterCrop(512), ToTensor")
     v1 = torchvision.models.ViT_B_16_Weights.IMAGENET1K_V1
     assert describe_transform(weights_transform(v1)).startswith("Resize(256) [PIL bilinear], CenterCrop(224), ToTensor")
 

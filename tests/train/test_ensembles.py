@@ -20,7 +20,8 @@ def test_ensemble_rules_match_independent_computations():
     logits = torch.randn(4, 6, 5, generator=torch.Generator().manual_seed(0))
     x = logits.double().numpy()
     np.testing.assert_allclose(ensemble_scores(logits).numpy(), np_softmax(x).mean(axis=0), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(ensemble_scores(list(logits), rule="logits").numpy(), x.mean(axis=0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ensemble_scores(list(logits), rule="logits").numpy(), x.mean(axis=0),
+                               rtol=1e-6, atol=1e-7)
     one = logits[:1]
     torch.testing.assert_close(ensemble_scores(one), torch.softmax(logits[0], -1))
     assert torch.equal(ensemble_scores(one, rule="logits"), logits[0])  # the mean of one value is that value, exactly
@@ -43,7 +44,8 @@ def test_running_ensemble_equals_ensemble_scores():
         for m in range(5):
             running.add(logits[m])
             assert running.count == m + 1
-            torch.testing.assert_close(running.scores(), ensemble_scores(logits[: m + 1], rule=rule), rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(running.scores(), ensemble_scores(logits[: m + 1], rule=rule),
+                                       rtol=1e-6, atol=1e-7)
 
 
 def test_ensemble_errors():

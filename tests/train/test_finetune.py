@@ -706,7 +706,8 @@ def test_split_seed_enters_the_run_identity_only_when_set():
     from linft.data.splits import split_seed
     assert "split_seed" not in FineTuneConfig().protocol()  # earlier run ids are kept
     assert FineTuneConfig(split_seed=0).protocol()["split_seed"] == 0
-    assert split_seed(2, FineTuneConfig(split_seed=0).protocol()) == 0 and split_seed(2, FineTuneConfig().protocol()) == 2
+    assert (split_seed(2, FineTuneConfig(split_seed=0).protocol()) == 0
+            and split_seed(2, FineTuneConfig().protocol()) == 2)
     with refused("split_seed"):
         FineTuneConfig(split_seed=-1).check()
 

@@ -13,8 +13,8 @@ from helpers import refused, NEAR_TIE
 
 
 def test_lowbias32_is_the_published_mixer():
-    """Hand-computed from Wellons' lowbias32 (x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16)
-    with Python's unbounded integers."""
+    """Hand-computed from Wellons' lowbias32 (x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b;
+    x ^= x >> 16) with Python's unbounded integers."""
     def ref(x):
         x ^= x >> 16
         x = (x * 0x7FEB352D) & 0xFFFFFFFF
@@ -73,7 +73,8 @@ def test_evaluation_forms_count_the_same_but_near_ties(C, D, G, H):
     g = torch.Generator().manual_seed(0)
     N, K, S = 400, 3, 4
     phi, labels = torch.randn(N, K, D, generator=g).half(), torch.randint(C, (N,), generator=g)
-    v, Vt, b = torch.randn(G, H, K, D, generator=g), torch.randn(G, H, D, C, generator=g), torch.randn(G, H, C, generator=g)
+    v, Vt, b = (torch.randn(G, H, K, D, generator=g), torch.randn(G, H, D, C, generator=g),
+                torch.randn(G, H, C, generator=g))
     split = torch.randint(-1, S, (G, N), generator=g)
     folded = evaluate_grid(phi, labels, split, v, Vt, b, S, 64, "folded")
     factored = evaluate_grid(phi, labels, split, v, Vt, b, S, 64, "factored")
@@ -121,7 +122,8 @@ def test_a_memory_budget_makes_evaluation_chunks_smaller_not_counts_different(mo
     g = torch.Generator().manual_seed(3)
     N, K, D, C, G, H, S = 700, 3, 40, 5, 2, 3, 3
     phi, labels = torch.randn(N, K, D, generator=g).half(), torch.randint(C, (N,), generator=g)
-    v, Vt, b = torch.randn(G, H, K, D, generator=g), torch.randn(G, H, D, C, generator=g), torch.randn(G, H, C, generator=g)
+    v, Vt, b = (torch.randn(G, H, K, D, generator=g), torch.randn(G, H, D, C, generator=g),
+                torch.randn(G, H, C, generator=g))
     split = torch.randint(-1, S, (G, N), generator=g)
     logits = torch.einsum("nkd,ghkd,ghdc->nghc", phi.double(), v.double(), Vt.double()) + b.double()
     top2 = logits.topk(2, dim=-1).values

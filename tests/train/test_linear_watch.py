@@ -53,8 +53,8 @@ def test_every_run_diverging_is_said_in_one_line(tmp_path):
 
 
 def test_some_runs_diverging_leaves_the_others_usable(tmp_path):
-    res = train_linear(synthetic_cache(tmp_path), tmp_path / "runs", lrs=(0.05, HUGE_LR), weight_decays=(1e-3,), seeds=2,
-                       config=CONFIG, device="cpu", progress=False)
+    res = train_linear(synthetic_cache(tmp_path), tmp_path / "runs", lrs=(0.05, HUGE_LR), weight_decays=(1e-3,),
+                       seeds=2, config=CONFIG, device="cpu", progress=False)
     assert (res.trained, res.diverged, res.usable) == (12, 6, 6)
     assert res.divergence == "6 of 12 runs diverged (linear FT, dropout 0.9; lr 1e+30; weight decay 0.001)"
 

@@ -1,5 +1,5 @@
-"""Sweeps of fine-tuning runs (linft.train.finetune.run.sweep_runs, linft.train.sweeps.launch.launch_sweep) and the ensembles
-and soups across the runs of a grid (linft.train.finetune.across_runs), on tiny data (CPU).
+"""Sweeps of fine-tuning runs (linft.train.finetune.run.sweep_runs, linft.train.sweeps.launch.launch_sweep) and the
+ensembles and soups across the runs of a grid (linft.train.finetune.across_runs), on tiny data (CPU).
 
 The data are the 2-class shapes of ``conftest.shapes_root``; the runs start from the shipped demo-resnet
 weights and take 2 to 4 steps of 4 images per training domain.

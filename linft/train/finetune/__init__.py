@@ -1,6 +1,6 @@
-"""Full fine-tuning: one run (``run``), its network and step (``model``), its folder (``run_folder``), its selected model (``selected``) and hooks
-(``hooks``), trajectory ensembles and averages (``trajectory``), LP-FT (``lp_ft``), ensemble rules (``ensembles``)
-and ensembles and soups across runs (``across_runs``).
+"""Full fine-tuning: one run (``run``), its network and step (``model``), its folder (``run_folder``), its
+selected model (``selected``) and hooks (``hooks``), trajectory ensembles and averages (``trajectory``), LP-FT
+(``lp_ft``), ensemble rules (``ensembles``) and ensembles and soups across runs (``across_runs``).
 """
 
 from linft.lazy import lazy_exports

@@ -28,7 +28,8 @@ def _model_scores(logits: torch.Tensor, rule: str) -> torch.Tensor:
 
 
 def ensemble_scores(outputs: torch.Tensor | Sequence[torch.Tensor], rule: str = "probs") -> torch.Tensor:
-    """The (N, C) ensemble scores of M models' logits (M, N, C): mean of softmax probabilities (``"probs"``) or of logits (``"logits"``)."""
+    """The (N, C) ensemble scores of M models' logits (M, N, C): mean of softmax probabilities (``"probs"``) or
+    of logits (``"logits"``)."""
     _check_rule(rule)
     if not isinstance(outputs, torch.Tensor):
         outputs = list(outputs)
@@ -37,9 +38,11 @@ def ensemble_scores(outputs: torch.Tensor | Sequence[torch.Tensor], rule: str = 
         try:
             outputs = torch.stack(list(outputs))
         except RuntimeError as exc:
-            raise LinftError(f"model outputs differ in shape ({exc}); pass logits of every model on the same examples") from None
+            raise LinftError(f"model outputs differ in shape ({exc}); "
+                             "pass logits of every model on the same examples") from None
     if outputs.dim() != 3 or outputs.shape[0] == 0:
-        raise LinftError(f"outputs must have shape (models, examples, classes) with at least one model, got {tuple(outputs.shape)}")
+        raise LinftError("outputs must have shape (models, examples, classes) with at least one model, "
+                         f"got {tuple(outputs.shape)}")
     return _model_scores(outputs, rule).mean(dim=0)
 
 

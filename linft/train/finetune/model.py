@@ -52,7 +52,8 @@ _AUGMENT_IDENTITY = {"pil": True, "none": False}
 @dataclass(frozen=True)
 class FineTuneConfig(Schedule):
     """Protocol settings shared by the runs of a sweep: the :class:`~linft.protocol.schedule.Schedule` (the paper's
-    by default; ``FineTuneConfig(**asdict(DOMAINNET))`` for DomainNet's), and the rest (the defaults are the paper's)."""
+    by default; ``FineTuneConfig(**asdict(DOMAINNET))`` for DomainNet's), and the rest (the defaults are the
+    paper's)."""
 
     image_size: int = 224
     freeze_bn: bool = True
@@ -230,7 +231,8 @@ def ordinary_state(model: nn.Module) -> dict:
 # --------------------------------------------------------------------------- batches and steps
 
 
-def step_batch(pools: list[np.ndarray], batch_size: int, seed: int, test_domain: int, step: int) -> list[tuple[int, int]]:
+def step_batch(pools: list[np.ndarray], batch_size: int, seed: int, test_domain: int, step: int
+               ) -> list[tuple[int, int]]:
     """The rows of step ``step`` (``batch_size`` per training domain, with replacement) and their augmentation seeds."""
     g = torch.Generator().manual_seed(seed_hash("linft-finetune", "batch", seed, test_domain, step))
     rows = np.concatenate([pool[torch.randint(len(pool), (batch_size,), generator=g).numpy()] for pool in pools])
@@ -243,7 +245,8 @@ def augment_seed(seed: int, test_domain: int, step: int, j: int) -> int:
 
 
 class _StepSampler(torch.utils.data.Sampler):
-    """Yields, for each step from ``start`` on, the items ``[(row, seed), ...]`` of that step (seed None: no augmentation)."""
+    """Yields, for each step from ``start`` on, the items ``[(row, seed), ...]`` of that step (seed None: no
+    augmentation)."""
 
     def __init__(self, pools: list[np.ndarray], config: FineTuneConfig, seed: int, test_domain: int, start: int):
         self.pools, self.config, self.seed, self.test_domain, self.start = pools, config, seed, test_domain, start

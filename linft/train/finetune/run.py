@@ -1,8 +1,8 @@
 """Full fine-tuning with a (very large) dropout on the penultimate representation, and its baselines.
 
 One *run* (:func:`train_run`) fine-tunes a backbone leave-one-domain-out with
-the paper's protocol (as its official code runs it; the README lists where linft differs): the classifier is ``Dropout(λ) → Linear(D, C)`` on
-the pooled penultimate representation; BatchNorm is frozen (running statistics
+the paper's protocol (as its official code runs it; the README lists where linft differs): the classifier
+is ``Dropout(λ) → Linear(D, C)`` on the pooled penultimate representation; BatchNorm is frozen (running statistics
 fixed, affine parameters trained); SGD with momentum 0.9 and weight decay on
 every parameter; 32 images per training domain per step, drawn with
 replacement from the training domains' "in" splits and augmented with

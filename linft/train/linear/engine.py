@@ -78,7 +78,8 @@ class LinearGridConfig(Schedule):
 
     v_init: str = "last"
     eval_chunk: int = 4096
-    step_kind: str = "auto"  # "sparse": the compiled sparse step (CPU), "torch": the pure-torch step, "auto": sparse when available
+    # "sparse": the compiled sparse step (CPU), "torch": the pure-torch step, "auto": sparse when available
+    step_kind: str = "auto"
     eval_form: str = "auto"  # see linft.train.linear.evaluate
     cuda_graph: bool = True  # on CUDA, capture the step once and replay it
     extra: dict = field(default_factory=dict)
@@ -316,7 +317,8 @@ def _grid_tensors(blocks: list[RunBlock], num_classes: int):
     cat = lambda ts: torch.cat(ts, 1).index_select(1, inv)
     models = [blk.model(num_classes) for blk in blocks]
     return (*(cat([m[i] for m in models]) for i in range(3)),
-            cat([blk.loss[:, :len(blk.points)] for blk in blocks]), cat([blk.live[:, :len(blk.points)] for blk in blocks]))
+            cat([blk.loss[:, :len(blk.points)] for blk in blocks]),
+            cat([blk.live[:, :len(blk.points)] for blk in blocks]))
 
 
 def train_linear_grid(data: LinearData, groups: list[Group], config: LinearGridConfig = LinearGridConfig(),
