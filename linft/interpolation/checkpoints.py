@@ -50,6 +50,7 @@ from linft.models.clip import prompt_names, zero_shot_head
 from linft.models.heads import LinearHead, classifier_head, fit_probe_head, head_keys, with_head
 from linft.models.linearize import relative_linearity_gap
 from linft.models.registry import Backbone, load_backbone
+from linft.protocol.selection import predicted_classes, split_counts
 from linft.output import atomic_write_text, json_text, progress_bar
 from linft.runtime import effective_precision, resolve_device
 
@@ -110,16 +111,22 @@ class _Set:
     columns: torch.Tensor  # head class index of each of the set's classes
     images: EvalImages
 
-    def accuracy(self, logits: torch.Tensor) -> float:
-        """Accuracy of logits (N, C_head) restricted to this set's classes."""
-        predicted = logits[:, self.columns].argmax(1).numpy()
-        return float(np.mean(predicted == self.ds.labels))
+    def accuracy(self, logits: torch.Tensor) -> float | None:
+        """Accuracy of logits (N, C_head) restricted to this set's classes; None (not a number) when they are not all
+        finite."""
+        splits = split_counts(predicted_classes(logits[:, self.columns]), self.ds.labels,
+                              {(0, "all"): np.arange(len(self.ds))}, self.ds.domains)
+        return None if splits is None else splits[f"{self.ds.domains[0]}_all"][0] / len(self.ds)
 
 
 def _head_of_file(path: str) -> LinearHead:
     obj = load_checkpoint(path, "head file", 'save it with torch.save({"weight": W, "bias": b}, path)')
     if (isinstance(obj, dict) and isinstance(obj.get("weight"), torch.Tensor)
             and isinstance(obj.get("bias"), torch.Tensor)):
+        bad = [k for k in ("weight", "bias") if not obj[k].float().isfinite().all()]
+        if bad:
+            raise LinftError(f"pretrained_head file {path} has NaN or inf values in its {' and '.join(bad)}; pass "
+                             "a head file with finite weights", param="pretrained_head")
         return LinearHead(obj["weight"].float(), obj["bias"].float())
     raise LinftError(f"head file {path} holds no weight and bias; save it with torch.save({{\"weight\": W, "
                      "\"bias\": b}, path)")
@@ -275,19 +282,25 @@ def _evaluate_sets(config: CheckpointInterpolateConfig, alphas: list[float], set
     return per_set, gaps
 
 
+def _mean(accuracies: list) -> float | None:
+    """The mean o.o.d. accuracy over the sets; None when there is no set or one set's accuracy is not a number."""
+    return None if not accuracies or None in accuracies else float(np.mean(accuracies))
+
+
 def _finish(config, alphas, per_set, names, out: Path, gaps, sizes, bb) -> CheckpointInterpolation:
     iid_name, ood_names = names[0], names[1:]
     curves = {}
     for path in per_set[iid_name]:
         curves[path] = [{"alpha": a, "iid": per_set[iid_name][path][i],
-                         "ood": float(np.mean([per_set[n][path][i] for n in ood_names])) if ood_names else None,
+                         "ood": _mean([per_set[n][path][i] for n in ood_names]),
                          "sets": {n: per_set[n][path][i] for n in names}} for i, a in enumerate(alphas)]
     out.mkdir(parents=True, exist_ok=True)
     result = CheckpointInterpolation(alphas, curves, iid_name, ood_names, bb.name, config.pretrained,
                                      str(config.finetuned), config.pretrained_head, out / "figure1.json",
                                      linearity_gap=gaps or None, set_sizes=sizes)
     if config.plot and ood_names:
-        result.plot = plot_figure1(curves, out / "figure1.png",
+        drawn = {k: [p for p in v if p["iid"] is not None] for k, v in curves.items()}  # a missing point: a gap
+        result.plot = plot_figure1(drawn, out / "figure1.png",
                                    title=f"{bb.name}: {Path(config.pretrained).name} → {Path(config.finetuned).name}")
     atomic_write_text(result.summary, json_text(result.to_dict(), indent=1, ensure_ascii=False) + "\n")
     if result.plot is None:  # a replaced result's plot is not this one's

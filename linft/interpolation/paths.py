@@ -42,6 +42,7 @@ from linft.models.averaging import interpolate_state_dicts
 from linft.models.blocks import PooledBlockFeatures
 from linft.models.heads import LinearHead
 from linft.models.linearize import first_order_terms
+from linft.protocol.selection import predicted_classes
 from linft.runtime import autocast
 
 #: The default α sweep: 11 points from 0 (pretrained) to 1 (fine-tuned).
@@ -124,14 +125,15 @@ def representation_logits(alpha: float, phi_p: torch.Tensor, phi_f: torch.Tensor
 def representation_path_predictions(alphas: Sequence[float], phi_p: torch.Tensor, phi_f: torch.Tensor,
                                     head_p: LinearHead, head_f: LinearHead, device="cpu",
                                     chunk: int = 256) -> torch.Tensor:
-    """Predicted classes (A, N) of :func:`representation_logits` for every α, in row chunks on ``device``."""
+    """Predicted classes (A, N) of :func:`representation_logits` for every α, in row chunks on ``device`` (-1 for a
+    row of non-finite logits, :func:`~linft.protocol.selection.predicted_classes`)."""
     dev = torch.device(device)
     hp, hf = head_p.to(dev), head_f.to(dev)
     out = torch.empty(len(alphas), len(phi_p), dtype=torch.long)
     for a0 in range(0, len(phi_p), chunk):
         xp, xf = phi_p[a0:a0 + chunk].to(dev), phi_f[a0:a0 + chunk].to(dev)
         for i, a in enumerate(alphas):
-            out[i, a0:a0 + chunk] = representation_logits(a, xp, xf, hp, hf).argmax(1).cpu()
+            out[i, a0:a0 + chunk] = predicted_classes(representation_logits(a, xp, xf, hp, hf)).cpu()
     return out
 
 

@@ -68,7 +68,7 @@ from linft.models.heads import PROBE_MAX_ITER, PROBE_TOLERANCE, LinearHead, fit_
 from linft.models.linearize import relative_linearity_gap
 from linft.protocol.identity import RunHeader, image_source, new_keys_unless_default, run_header, run_id
 from linft.protocol.records import RECORDS_FILE, RecordWriter, done_summary, final_records, make_record
-from linft.protocol.selection import iid_accuracy, ood_accuracy, split_counts
+from linft.protocol.selection import iid_accuracy, ood_accuracy, predicted_classes, split_counts
 from linft.output import atomic_write_text, json_text, progress_bar
 from linft.runtime import effective_precision, resolve_device
 
@@ -114,11 +114,14 @@ class _Setup:
         return [d for d in self.ds.domains if d != self.test_domain]
 
     def accuracies(self, predictions: torch.Tensor) -> dict:
-        """``{"iid", "ood", "splits"}`` of predicted classes (N,)."""
+        """``{"iid", "ood", "splits"}`` of predicted classes (N,) (:func:`predicted_classes`)."""
         return self.split_accuracies(split_counts(predictions, self.ds.labels, self.split_rows, self.ds.domains))
 
-    def split_accuracies(self, splits: dict) -> dict:
-        """``{"iid", "ood", "splits"}`` of a record's ``splits``."""
+    def split_accuracies(self, splits: dict | None) -> dict:
+        """``{"iid", "ood", "splits"}`` of a record's ``splits``; all None where there are none (non-finite logits:
+        the point's record is ``diverged``)."""
+        if not splits:
+            return {"iid": None, "ood": None, "splits": None}
         rec = {"splits": splits, "test_domain": self.test_domain, "train_domains": self.train_domains}
         return {"iid": iid_accuracy(rec), "ood": ood_accuracy(rec), "splits": splits}
 
@@ -222,7 +225,7 @@ def _weight_path(setup: _Setup, pre_state: dict, progress: bool, passes: dict) -
         for i, (_, logits) in enumerate(iter_weight_path(net, pre_state, setup.ends.finetuned_state, setup.alphas,
                                                          setup.images, dev, dev.type == "cuda", setup.config.precision,
                                                          update)):
-            out[i] = logits.argmax(1)
+            out[i] = predicted_classes(logits)
             passes["forward"] += 1
     return out
 
@@ -239,8 +242,8 @@ def _linearized_path(setup: _Setup, pre_state: dict, logits_f: torch.Tensor, pro
     f_lin = f0 + jv
     summary = {"gap": relative_linearity_gap(logits_f, f_lin, f0)}
     for what, logits in (("f(θf)", logits_f), ("f_lin(θf)", f_lin), ("f(θ0)", f0)):
-        summary[what] = setup.accuracies(logits.argmax(1))
-    return (f0.unsqueeze(0) + a * jv.unsqueeze(0)).argmax(2), summary
+        summary[what] = setup.accuracies(predicted_classes(logits))
+    return predicted_classes(f0.unsqueeze(0) + a * jv.unsqueeze(0)), summary
 
 
 def _path_keys(setup: _Setup) -> list[str]:

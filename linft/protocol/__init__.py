@@ -17,8 +17,8 @@ _EXPORTS = {
     "identity": ["SCHEMA_VERSION", "RunHeader", "image_source", "run_header", "run_id"],
     "records": ["RECORDS_FILE", "RecordWriter", "finished_run_ids", "make_record", "read_records"],
     "schedule": ["DOMAINNET", "PAPER", "Schedule", "eval_steps", "lr_at", "milestone_steps"],
-    "selection": ["SELECTIONS", "group_runs", "iid_accuracy", "mean_and_se", "ood_accuracy", "select_by_iid",
-                  "select_oracle", "split_counts"],
+    "selection": ["SELECTIONS", "group_runs", "iid_accuracy", "mean_and_se", "ood_accuracy", "predicted_classes",
+                  "select_by_iid", "select_oracle", "split_counts"],
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

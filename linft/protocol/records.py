@@ -36,7 +36,7 @@ from pathlib import Path
 
 from linft.errors import LinftError
 from linft.protocol.identity import SCHEMA_VERSION, RunHeader, run_id  # noqa: F401  (re-exported)
-from linft.output import is_count, write_failure
+from linft.output import finite_or_none, is_count, write_failure
 
 RECORDS_FILE = "records.jsonl"
 
@@ -78,11 +78,14 @@ def is_known_method(method: str) -> bool:
     return method in METHODS or any(method == f"{m}-{k}" for m in METHODS for k in DERIVED)
 
 
-def make_record(header: RunHeader, step: int, splits: dict, *, loss: float | None = None, status: str = "ok",
+def make_record(header: RunHeader, step: int, splits: dict | None, *, loss: float | None = None, status: str = "ok",
                 final: bool = False, **extra) -> dict:
-    """The record of one evaluation point: the header's fields, the point's, and any extras."""
+    """The record of one evaluation point: the header's fields, the point's, and any extras. ``splits`` None (no
+    accuracy: non-finite logits, :func:`~linft.protocol.selection.split_counts`) is a ``diverged`` record."""
     if not is_known_method(header.method):
         raise LinftError(f"unknown record method {header.method!r}; add it to linft.protocol.records.METHODS")
+    if splits is None:
+        splits, status, loss = {}, "diverged", None
     record = header.fields()
     record.update(step=int(step), splits=splits, loss=loss, status=status, final=bool(final))
     record.update(extra)
@@ -132,7 +135,7 @@ class RecordWriter:
 
     def write(self, record: dict) -> None:
         try:
-            self._fh.write(json.dumps(record, sort_keys=True) + "\n")
+            self._fh.write(json.dumps(finite_or_none(record), sort_keys=True, allow_nan=False) + "\n")  # NaN: null
             self._fh.flush()
         except OSError as exc:  # a full disk: the torn line is dropped when the file is next opened
             raise LinftError(f"cannot write run records to {self.path} ({write_failure(exc)}); free space, then "

@@ -21,9 +21,20 @@ import numpy as np
 from linft.errors import LinftError
 
 
-def split_counts(predictions, labels, split_rows: dict, domain_names: list[str]) -> dict:
-    """``{"<domain>_in"|"<domain>_out": [correct, total]}`` of predicted classes (N,) against ``labels`` (N,)."""
-    right = np.asarray(predictions) == np.asarray(labels)
+def predicted_classes(logits):
+    """The predicted class of each row of a torch tensor of logits (argmax over the last dimension), -1 (no class)
+    for a row holding a NaN or inf logit: the accuracy of such logits is not a number (:func:`split_counts`)."""
+    return logits.argmax(-1).masked_fill(~logits.isfinite().all(-1), -1)
+
+
+def split_counts(predictions, labels, split_rows: dict, domain_names: list[str]) -> dict | None:
+    """``{"<domain>_in"|"<domain>_out": [correct, total]}`` of predicted classes (N,) against ``labels`` (N,); None
+    (no accuracy: a record of it is ``diverged``) when a prediction is -1, a row of non-finite logits
+    (:func:`predicted_classes`)."""
+    predictions = np.asarray(predictions)
+    if (predictions < 0).any():
+        return None
+    right = predictions == np.asarray(labels)
     return {f"{domain_names[d]}_{part}": [int(right[rows].sum()), int(len(rows))]
             for (d, part), rows in sorted(split_rows.items())}
 

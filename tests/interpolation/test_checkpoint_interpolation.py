@@ -27,7 +27,7 @@ from linft.models.heads import LinearHead, fit_probe_head
 from linft.models.registry import load_backbone
 
 from conftest import TINY_CLIP, TINY_VIT, assert_one_line_error
-from helpers import NEAR_TIE
+from helpers import NEAR_TIE, refused
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -222,3 +222,56 @@ def test_probe_head_is_fitted_on_the_images_as_the_fine_tuned_end_takes_them(set
     assert expected - ties > 0.5  # 12 images in 32 dimensions: the probe separates its own training set
     for path in ("weights", "representation"):
         assert abs(result.curves[path][0]["iid"] - expected) <= ties + 1e-9, path
+
+
+def _vit_file(path, nan_bias: bool = False):
+    torch.manual_seed(3)
+    vit = VisionTransformer(**TINY_VIT, num_classes=3)
+    nn.init.normal_(vit.heads.head.weight)
+    if nan_bias:
+        with torch.no_grad():
+            vit.heads.head.bias[1] = float("nan")
+    torch.save(vit.state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("entry, value", [("weight", float("nan")), ("bias", float("inf")), ("weight", -float("inf"))])
+def test_a_head_file_with_non_finite_weights_is_refused(setting, entry, value, tmp_path):
+    """Refused when loaded, in one line naming the file and the parameter, before anything is written."""
+    _, iid, ood, *_ = setting
+    head = {"weight": torch.randn(3, 32), "bias": torch.randn(3)}
+    head[entry][1, ...] = value
+    torch.save(head, tmp_path / "head.pt")
+    config = CheckpointInterpolateConfig(backbone="vit-tiny", pretrained="none",
+                                         finetuned=str(_vit_file(tmp_path / "vit.pt")), alphas="0,1", device="cpu",
+                                         workers=0, pretrained_head=str(tmp_path / "head.pt"))
+    with refused("pretrained_head") as err:
+        interpolate_checkpoints(iid, [ood], config, out_dir=tmp_path / "out", progress=False)
+    assert str(tmp_path / "head.pt") in str(err.value) and entry in str(err.value)
+    assert not (tmp_path / "out").exists()
+    res = CliRunner().invoke(main, ["interpolate", "--backbone", "vit-tiny", "--pretrained", "none", "--finetuned",
+                                    str(tmp_path / "vit.pt"), "--iid", str(iid), "--ood", str(ood), "--alphas", "0,1",
+                                    "--device", "cpu", "--workers", "0", "--quiet", "--pretrained-head",
+                                    str(tmp_path / "head.pt"), "--out", str(tmp_path / "cli")])
+    assert_one_line_error(res, "--pretrained-head", str(tmp_path / "head.pt"))
+    assert not (tmp_path / "cli").exists()
+
+
+def test_nan_logits_give_figure1_points_without_accuracy(setting, tmp_path):
+    """A fine-tuned checkpoint whose head has a NaN: a point whose logits are not finite on a set has no accuracy
+    there (None, never a number), nor an o.o.d. mean; figure1.json stays valid JSON and the plot skips the point."""
+    _, iid, ood, *_ = setting
+    torch.save({"weight": torch.randn(3, 32), "bias": torch.randn(3)}, tmp_path / "head.pt")
+    config = CheckpointInterpolateConfig(backbone="vit-tiny", pretrained="none",
+                                         finetuned=str(_vit_file(tmp_path / "vit.pt", nan_bias=True)),
+                                         alphas="0,0.5,1", device="cpu", workers=0, linearity=True,
+                                         pretrained_head=str(tmp_path / "head.pt"))
+    result = interpolate_checkpoints(iid, [ood], config, out_dir=tmp_path / "out", progress=False)
+    for path, points in result.curves.items():
+        assert points[-1]["iid"] is None and points[-1]["ood"] is None, path  # α = 1: the NaN head
+        for p in points:
+            assert p["iid"] == p["sets"]["val"] and p["ood"] == p["sets"]["sketch"]
+            assert all(v is None or 0 <= v <= 1 for v in p["sets"].values())
+    saved = json.loads(result.summary.read_text(), parse_constant=lambda c: pytest.fail(f"{c} written as a number"))
+    assert saved["curves"] == result.curves
+    assert result.plot.is_file()

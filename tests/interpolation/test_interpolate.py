@@ -401,3 +401,36 @@ def test_a_reduced_precision_is_part_of_the_record_ids(shapes, perturbed_run):
     assert on_cpu.hparams["precision"] == fp32.hparams["precision"] == "float32"
     assert on_cuda.hparams["precision"] == "bfloat16"
     assert on_cpu.run_id == fp32.run_id != on_cuda.run_id
+
+
+def test_nan_logits_give_points_without_accuracy(shapes, perturbed_run, tmp_path):
+    """A fine-tuned head with a NaN bias: every point whose logits are not finite has no accuracy (None in the
+    curves and the summary, a diverged record without splits), never a number; the others are scored as usual, the
+    files stay valid JSON, a rerun reads the same curves back, and the report draws only the scored points."""
+    state, meta = torch.load(perturbed_run / "selected.pt", weights_only=True).values()
+    state = {**state, "fc.1.bias": torch.tensor([0.0, float("nan")])}
+    (tmp_path / "run").mkdir()
+    torch.save({"state_dict": state, "metadata": meta}, tmp_path / "run" / "selected.pt")
+    kw = dict(alphas="0,0.5,1", linearity=True, out_dir=tmp_path / "i", device="cpu", batch_size=16, workers=0,
+              progress=False)
+    result = interpolate(shapes, tmp_path / "run", **kw)
+    strict = {"parse_constant": lambda c: pytest.fail(f"{c} written as a number")}
+    records = [json.loads(line, **strict) for line in (tmp_path / "i" / "records.jsonl").read_text().splitlines()]
+    assert records == read_records([tmp_path / "i"])
+    by_id = {r["run_id"]: r for r in records}
+    for key in ("weights", "representation", "linearized"):
+        assert [p["iid"] for p in result.curves[key]][-1] is None  # α = 1: the NaN head
+    missing = 0
+    for key, points in result.curves.items():
+        for point in points:
+            if point["iid"] is None:
+                assert point["ood"] is None and point["splits"] is None
+                missing += 1
+            else:
+                assert 0 <= point["iid"] <= 1 and 0 <= point["ood"] <= 1
+    assert missing == sum(r["status"] == "diverged" and r["splits"] == {} for r in by_id.values()) >= 3
+    assert any(p["iid"] is not None for points in result.curves.values() for p in points)  # the φ-block probes
+    assert json.loads(result.summary.read_text(), **strict)["curves"] == result.curves
+    again = interpolate(shapes, tmp_path / "run", **kw)
+    assert again.records_written == 0 and again.curves == result.curves
+    assert write_report([tmp_path / "i"], tmp_path / "report")["interpolation_png"].is_file()

@@ -81,6 +81,21 @@ def test_every_record_built_from_a_header_has_the_schema_fields(tmp_path):
     assert (defaults["loss"], defaults["status"], defaults["final"]) == (None, "ok", False)
 
 
+def test_a_point_without_accuracy_is_a_diverged_record(tmp_path):
+    """splits None (non-finite logits, :func:`split_counts`) is a valid JSON record with no accuracy: status
+    diverged, no splits, no loss; the reader and the tables take it as a diverged run, never as a number."""
+    record = make_record(header("interpolation-weights"), 0, None, loss=float("nan"), final=True)
+    assert (record["splits"], record["status"], record["loss"], record["final"]) == ({}, "diverged", None, True)
+    assert record_problem(record) is None
+    with RecordWriter(tmp_path / "records.jsonl") as w:
+        w.write(record)
+    text = (tmp_path / "records.jsonl").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in a record"))
+    back = read_records([tmp_path])
+    assert back == [record]
+    assert [(r.status, r.iid != r.iid) for r in run_results(back)] == [("diverged", True)]
+
+
 @pytest.mark.parametrize("method", ["linear", "finetune-bogus", "soup", "linear-ft-soup-soup", ""])
 def test_make_record_refuses_an_unknown_method(method):
     with pytest.raises(LinftError, match=f"unknown record method '{method}'"):

@@ -4,10 +4,11 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from linft.errors import LinftError
-from linft.protocol.selection import (SELECTIONS, group_runs, iid_accuracy, mean_and_se, ood_accuracy, select_by_iid,
-                                      select_oracle, split_counts)
+from linft.protocol.selection import (SELECTIONS, group_runs, iid_accuracy, mean_and_se, ood_accuracy,
+                                      predicted_classes, select_by_iid, select_oracle, split_counts)
 
 from helpers import rec
 
@@ -28,6 +29,21 @@ def test_split_counts_by_hand():
             (1, "out"): np.array([5])}
     assert split_counts(predictions, labels, rows, ["x", "y"]) == {
         "x_in": [2, 2], "x_out": [0, 1], "y_in": [1, 2], "y_out": [1, 1]}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_logits_predict_no_class_and_have_no_accuracy(bad):
+    """A row with a NaN or inf logit has no predicted class (-1; torch's argmax would call a NaN the maximum), and
+    counts of such predictions are None (no accuracy, never a number), however few the rows."""
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 1.0, 0.0], [0.0, 1.0, 5.0], [1.0, 0.0, 0.0]])
+    assert predicted_classes(logits).tolist() == [1, 0, 2, 0]
+    logits[2, 0] = bad
+    assert predicted_classes(logits).tolist() == [1, 0, -1, 0]
+    assert predicted_classes(torch.stack([logits, logits.abs()])).tolist() == [[1, 0, -1, 0], [1, 0, -1, 0]]
+    rows = {(0, "in"): np.array([0, 1]), (0, "out"): np.array([2, 3])}
+    assert split_counts(predicted_classes(logits), [1, 0, 2, 1], rows, ["x"]) is None
+    logits[2, 0] = 0.0
+    assert split_counts(predicted_classes(logits), [1, 0, 2, 1], rows, ["x"]) == {"x_in": [2, 2], "x_out": [1, 2]}
 
 
 def test_selection_best_iid_earliest_on_ties_and_oracle():

@@ -28,6 +28,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import linft.train.finetune.model as finetune_model
+import linft.train.finetune.run as finetune_run
 from linft.analysis.aggregate import domainbed_table, run_results
 from linft.analysis.report import write_report
 from linft.cli.main import main
@@ -721,3 +722,27 @@ def test_a_checkpoint_left_beside_a_final_record_is_removed(reference, ds, pretr
     torch.save({"run_id": ref_result.run_id, "step": 4}, folder.checkpoint)
     again, idle = train(ds, tmp_path, pretrained)
     assert again.status == "done" and idle.steps == [] and not folder.checkpoint.exists()
+
+
+def test_nan_logits_with_a_finite_loss_mark_the_run_diverged(ds, pretrained, tmp_path, monkeypatch):
+    """Logits with a NaN at an evaluation (the loss finite) are not scored: the run and its trajectory are diverged
+    at that step, as for a non-finite loss, and no model is selected."""
+    real, calls = finetune_run.predict_logits, []
+
+    def nan_from_step_4(net, *args, **kw):
+        logits = real(net, *args, **kw)
+        calls.append(1)
+        if len(calls) > 1:  # step 0 is clean; from step 4 on, one image's logit is NaN
+            logits[3, 0] = float("nan")
+        return logits
+
+    monkeypatch.setattr(finetune_run, "predict_logits", nan_from_step_4)
+    result, observer = train(ds, tmp_path, pretrained)
+    assert result.status == "diverged"
+    records = records_of(result.run_dir)
+    last = {r["run_id"]: r for r in records}
+    assert len(last) == 3 and all((r["status"], r["splits"], r["final"], r["step"]) == ("diverged", {}, True, 4)
+                                  for r in last.values())
+    assert [r["step"] for r in records if r["run_id"] == result.run_id] == [0, 4]
+    assert RunFolder(result.run_dir).final_status() == "diverged" and sorted(observer.states) == [0]
+    assert load_selected(result.run_dir)[1]["step"] == 0  # the last model with an accuracy

@@ -18,7 +18,7 @@ from linft.data.folders import load_image_folder
 from linft.data.images import EvalImages
 from linft.data.splits import domain_split_rows
 from linft.errors import LinftError
-from linft.models.averaging import average_state_dicts
+from linft.models.averaging import average_state_dicts, soup_order
 from linft.models.demo_resnet import demo_resnet
 from linft.models.heads import build_classifier
 from linft.models.registry import load_backbone
@@ -28,7 +28,7 @@ from linft.train.finetune.across_runs import evaluate_across_runs
 from linft.train.finetune.run import run_identity, sweep_runs
 from linft.train.finetune.model import FineTuneConfig, FineTuneRun, predict_logits
 from linft.train.finetune.run_folder import RunFolder
-from linft.train.finetune.selected import load_selected
+from linft.train.finetune.selected import load_selected, save_selected
 from linft.train.sweeps.folder import SweepFolder
 from linft.train.sweeps.launch import LaunchOptions, launch_sweep
 from linft.train.sweeps.plan import read_plan_file
@@ -133,6 +133,35 @@ def test_ensembles_and_soups_across_runs(grid, ds):
     assert evaluate_across_runs(ds, out, [f.root for f in folders], config=CFG, device="cpu") == path
     assert path.read_bytes() == before
     assert write_report([out], out / "report")["table"].is_file()
+
+
+def test_ensembles_and_soups_of_nan_logits_are_diverged_records(grid, ds, tmp_path):
+    """A member whose selected model gives NaN logits: the ensemble and the soup have no accuracy (diverged records,
+    no splits); the greedy soup never keeps it (its trial has no accuracy) and is the best member alone."""
+    out, folders, _ = grid
+    for f in folders:
+        shutil.copytree(f.root, tmp_path / f.run_id)
+    members = [load_selected(tmp_path / f.run_id) for f in folders]
+    second = soup_order([meta["iid"] for _, meta in members])[1]
+    state, meta = members[second]
+    save_selected(tmp_path / folders[second].run_id, {**state, "fc.1.bias": torch.full_like(state["fc.1.bias"],
+                                                                                           float("nan"))}, meta)
+    path = evaluate_across_runs(ds, tmp_path, [tmp_path / f.run_id for f in folders], config=CFG, device="cpu")
+    by = {r["method"]: r for r in read_records([path])}
+    for method in ("finetune-ensemble", "finetune-soup"):
+        assert (by[method]["status"], by[method]["splits"], by[method]["final"]) == ("diverged", {}, True)
+    greedy = by["finetune-greedy-soup"]
+    assert greedy["status"] == "ok" and greedy["hparams"]["chosen"] == [0]
+    best = load_selected(folders[soup_order([meta["iid"] for _, meta in members])[0]].root)[0]
+    logits = predict_logits(_net(best), EvalImages(ds, 32, 64, 0), torch.device("cpu"), channels_last=False)
+    assert greedy["splits"] == split_counts(logits.argmax(1), ds.labels, domain_split_rows(ds.domain_ids, 3, RUN.seed),
+                                            ds.domains)
+
+
+def _net(state):
+    net = build_classifier(demo_resnet(2), 2, 0.0)
+    net.load_state_dict(state, strict=True)
+    return net
 
 
 def test_unfinished_runs_take_no_part_in_ensembles_across_runs(grid, ds, tmp_path):

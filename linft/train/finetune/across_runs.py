@@ -25,7 +25,7 @@ from linft.models.heads import build_classifier
 from linft.models.registry import load_backbone
 from linft.protocol.identity import RunHeader, run_header, run_id
 from linft.protocol.records import RecordWriter, derived, finished_run_ids, make_record
-from linft.protocol.selection import iid_accuracy, split_counts
+from linft.protocol.selection import iid_accuracy, predicted_classes, split_counts
 from linft.runtime import resolve_device
 from linft.train.finetune.ensembles import ensemble_scores
 from linft.train.finetune.model import FineTuneConfig, predict_logits
@@ -63,19 +63,23 @@ class _Scorer:
         self.net.load_state_dict(state, strict=True)
         return predict_logits(self.net, self.eval_images, self.dev, self.config.precision, False)
 
-    def counts(self, predictions: torch.Tensor) -> dict:
-        return split_counts(predictions, self.dataset.labels, self.split_rows, self.dataset.domains)
+    def counts(self, logits: torch.Tensor) -> dict | None:
+        """``[correct, total]`` per split of ``logits``; None when they are not all finite (a diverged record)."""
+        return split_counts(predicted_classes(logits), self.dataset.labels, self.split_rows, self.dataset.domains)
 
     def iid(self, state: dict) -> float:
-        return iid_accuracy({"splits": self.counts(self.logits(state).argmax(1)), "train_domains": self.train_domains})
+        """The i.i.d. accuracy of ``state``; -inf (never kept by the greedy soup) when its logits are not finite."""
+        splits = self.counts(self.logits(state))
+        return float("-inf") if splits is None else iid_accuracy({"splits": splits,
+                                                                  "train_domains": self.train_domains})
 
 
 def _results(scorer: _Scorer, states: list[dict], rule: str) -> tuple[dict, list[int]]:
     outputs = torch.stack([scorer.logits(s) for s in states])
-    results = {"ensemble": scorer.counts(ensemble_scores(outputs, rule).argmax(1)),
-               "soup": scorer.counts(scorer.logits(average_state_dicts(states)).argmax(1))}
+    results = {"ensemble": scorer.counts(ensemble_scores(outputs, rule)),
+               "soup": scorer.counts(scorer.logits(average_state_dicts(states)))}
     soup_state, chosen, _ = greedy_soup(states, scorer.iid)
-    results["greedy-soup"] = scorer.counts(scorer.logits(soup_state).argmax(1))
+    results["greedy-soup"] = scorer.counts(scorer.logits(soup_state))
     return results, chosen
 
 

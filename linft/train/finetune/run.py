@@ -45,7 +45,7 @@ from linft.protocol.grid import Grid
 from linft.protocol.identity import RunHeader, image_source, run_header
 from linft.protocol.records import RecordWriter, existing_records, make_record
 from linft.protocol.schedule import eval_steps
-from linft.protocol.selection import iid_accuracy, split_counts
+from linft.protocol.selection import iid_accuracy, predicted_classes, split_counts
 from linft.output import atomic_write_text, progress_bar
 from linft.runtime import atomic_save, resolve_device
 from linft.train.finetune.model import (FineTuneConfig, FineTuneRun, build_run_model, finetune_label,
@@ -100,11 +100,18 @@ class _Run:
     best_iid: float = -1.0
     start: int = 0
 
-    def evaluate(self, net: nn.Module) -> tuple[torch.Tensor, dict]:
-        """Logits of ``net`` on every image, and its ``[correct, total]`` on every split."""
+    def evaluate(self, net: nn.Module) -> tuple[torch.Tensor, dict | None]:
+        """Logits of ``net`` on every image, and its ``[correct, total]`` on every split (None: non-finite logits)."""
         dev = next(net.parameters()).device
         logits = predict_logits(net, self.eval_images, dev, self.config.precision, self.config.channels_last)
-        return logits, split_counts(logits.argmax(1), self.dataset.labels, self.split_rows, self.dataset.domains)
+        ds = self.dataset
+        return logits, split_counts(predicted_classes(logits), ds.labels, self.split_rows, ds.domains)
+
+    def diverged(self, writer: RecordWriter, step: int) -> None:
+        """The run's final ``diverged`` record at ``step`` (and its trajectory's): a non-finite loss or logits."""
+        if self.trajectory is not None:  # their checkpoints come from the same trajectory
+            self.trajectory.diverged(self, writer, step)
+        self.write(writer, self.header, step, {}, None, "diverged", True)
 
     def write(self, writer: RecordWriter, header: RunHeader, step: int, splits: dict, loss, status: str,
               final: bool) -> dict:
@@ -177,10 +184,13 @@ def _save_selected(r: _Run, step: int, iid: float) -> None:
                    "image_size": r.config.image_size, "linearized": r.run.linearized})
 
 
-def _evaluation(r: _Run, writer: RecordWriter, step: int, loss: torch.Tensor, hooks: RunHooks) -> None:
-    """Evaluate at ``step``: selected.pt, trajectory records, the run's record, the checkpoint (in that order)."""
+def _evaluation(r: _Run, writer: RecordWriter, step: int, loss: torch.Tensor, hooks: RunHooks) -> bool:
+    """Evaluate at ``step``: selected.pt, trajectory records, the run's record, the checkpoint (in that order).
+    Returns False, having written nothing, when the model's logits are not all finite (the run diverged)."""
     final = step == r.config.steps - 1
     logits, splits = r.evaluate(r.model)
+    if splits is None:
+        return False
     iid = iid_accuracy({"splits": splits, "train_domains": r.header.train_domains})
     if iid > r.best_iid:
         r.best_iid = iid
@@ -196,6 +206,7 @@ def _evaluation(r: _Run, writer: RecordWriter, step: int, loss: torch.Tensor, ho
                      **(r.trajectory.state_dict() if r.trajectory is not None else {})}, r.folder.checkpoint)
         if hooks.on_checkpoint is not None:
             hooks.on_checkpoint(step, r.folder.checkpoint)
+    return True
 
 
 def _train(r: _Run, progress: bool, hooks: RunHooks) -> tuple[int, bool]:
@@ -226,12 +237,9 @@ def _train(r: _Run, progress: bool, hooks: RunHooks) -> tuple[int, bool]:
                 hooks.on_step(step)
             if step not in evals:
                 continue
-            if bool(nonfinite):
-                if r.trajectory is not None:  # their checkpoints come from the same trajectory
-                    r.trajectory.diverged(r, writer, step)
-                r.write(writer, r.header, step, {}, None, "diverged", True)
+            if bool(nonfinite) or not _evaluation(r, writer, step, loss, hooks):  # a non-finite loss, or logits
+                r.diverged(writer, step)
                 return trained, True
-            _evaluation(r, writer, step, loss, hooks)
             set_train_mode(r.model, True, config.freeze_bn)
     return trained, False
 

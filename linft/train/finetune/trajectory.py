@@ -22,7 +22,7 @@ from linft.models.heads import build_classifier
 from linft.models.registry import load_backbone
 from linft.protocol.identity import run_id
 from linft.protocol.records import RecordWriter, derived
-from linft.protocol.selection import split_counts
+from linft.protocol.selection import predicted_classes, split_counts
 from linft.train.finetune.ensembles import RunningEnsemble
 from linft.train.finetune.model import FineTuneConfig, ordinary_state
 
@@ -56,7 +56,7 @@ class Trajectory:
             return
         ds = run.dataset
         self.ensemble.add(logits)
-        ens_splits = split_counts(self.ensemble.scores().argmax(1), ds.labels, run.split_rows, ds.domains)
+        ens_splits = split_counts(predicted_classes(self.ensemble.scores()), ds.labels, run.split_rows, ds.domains)
         run.write(writer, self.header(run, "ensemble"), step, ens_splits, None, "ok", final)
         if not self.config.average_every_step:
             self.average.update(ordinary_state(run.model))
