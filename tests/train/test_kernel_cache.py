@@ -193,8 +193,10 @@ def test_an_interrupted_build_leaves_no_temporary_file(sig, cache, tmp_path, goo
     or the process killed): no temporary file stays, at once or (SIGKILL) after the next build."""
     started = tmp_path / "started"
     cxx = stand_in_compiler(tmp_path, f': > "$out"; touch {started}; sleep 60')
+    # SIGINT back to its default in the child: a shell's background job (`... &`) inherits it ignored
     child = subprocess.Popen([sys.executable, "-c", BUILD_IN_CHILD, cxx], start_new_session=True,
-                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for _ in range(600):
             if started.exists() or child.poll() is not None:

@@ -126,7 +126,7 @@ def test_pretrain_bad_input(tiny_folder, tmp_path):
         pretrain(tiny_folder, tmp_path / "x.pt", progress=False, **{**TINY, "epochs": 0})
     existing = tmp_path / "exists.pt"
     existing.write_bytes(b"keep me")
-    with refused("out"):
+    with refused("force"):
         pretrain(tiny_folder, existing, progress=False, **TINY)
     assert existing.read_bytes() == b"keep me"
     assert not (tmp_path / "x.pt").exists()
