@@ -58,8 +58,18 @@ TORCHVISION_FAMILIES = ("resnet", "resnext", "wide_resnet")
 _EXTRA_BACKBONES: dict[str, tuple[Callable[..., nn.Module], str]] = {}
 
 
+def check_new_backbone_name(name: str) -> None:
+    """Refuse a ``name`` that a backbone already has (torchvision's, a family's or a registered one), as
+    torchvision's ``register_model`` does: registering never silently replaces a backbone."""
+    if name in _EXTRA_BACKBONES or _family(name) is not None or name in backbone_names():
+        raise LinftError(f"a backbone named {name!r} already exists; register yours under another name",
+                         param="name")
+
+
 def register_backbone(name: str, builder: Callable[..., nn.Module], default_weights: str = "none") -> None:
-    """Make ``builder(num_classes, **kwargs)`` available to :func:`load_backbone` under ``name``."""
+    """Make ``builder(num_classes, **kwargs)`` available to :func:`load_backbone` under ``name`` (a new name:
+    :func:`check_new_backbone_name`)."""
+    check_new_backbone_name(name)
     _EXTRA_BACKBONES[name] = (builder, default_weights)
 
 
@@ -79,7 +89,10 @@ _FAMILIES: list[BackboneFamily] = []
 
 
 def register_family(family: BackboneFamily) -> None:
-    """Make the architectures of ``family`` available to :func:`load_backbone` and :func:`build_backbone`."""
+    """Make the architectures of ``family`` available to :func:`load_backbone` and :func:`build_backbone`; none of
+    its names may be a backbone already (:func:`check_new_backbone_name`)."""
+    for name in family.names():
+        check_new_backbone_name(name)
     _FAMILIES.append(family)
 
 

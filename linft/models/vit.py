@@ -27,7 +27,8 @@ from linft.data.images import IMAGENET_MEAN, IMAGENET_STD, NORMALIZE
 from linft.errors import LinftError
 from linft.models.checkpoints import state_dict_sha256
 from linft.models.registry import (Backbone, BackboneFamily, file_classes, load_weights, read_backbone_state,
-                                   register_family, seeded, torchvision_state_dict, weights_file)
+                                   check_new_backbone_name, register_family, seeded, torchvision_state_dict,
+                                   weights_file)
 
 #: torchvision's Vision Transformers.
 VIT_NAMES = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14")
@@ -72,7 +73,8 @@ class ClassTokenViT(nn.Module):
 
 def register_vit_config(name: str, **config) -> None:
     """Make ``VisionTransformer(**config)`` (``image_size``, ``patch_size``, ``num_layers``, ...) a backbone
-    ``name``."""
+    ``name`` (a new name: :func:`~linft.models.registry.check_new_backbone_name`)."""
+    check_new_backbone_name(name)
     _CONFIGS[name] = dict(config)
 
 
