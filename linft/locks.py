@@ -100,7 +100,7 @@ def _try_lock(path: Path, owner: dict) -> bool:
         aside.unlink(missing_ok=True)
 
 
-def _take_over(path: Path, stale: dict | None) -> None:
+def take_over_stale(path: Path, stale: dict | None) -> None:
     """Remove a dead owner's lock, but only if the file still is that owner's: another process may have taken it
     over since it was read. The file is moved aside first and put back when it is someone else's."""
     aside = path.with_name(f".linft-lock.stale.{uuid.uuid4().hex}")
@@ -161,7 +161,7 @@ def output_lock(target: str | os.PathLike, *, folder: bool = False):
         if young:
             time.sleep(0.5)  # a lock file being written right now (O_EXCL locks); look again
             continue
-        _take_over(path, held)  # its owner is dead
+        take_over_stale(path, held)  # its owner is dead
     else:
         raise LinftError(f"cannot take the lock {path}; if no linft process writes {target}, delete it")
     _held_locks[key] = 1

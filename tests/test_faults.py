@@ -156,7 +156,7 @@ def test_a_terminated_command_releases_its_lock(tmp_path):
 
 def test_a_stale_lock_taken_over_by_one_process_is_not_taken_from_it(tmp_path):
     """Two processes saw the same dead owner; one took the lock over. The other must not remove that new lock."""
-    from linft.locks import _take_over
+    from linft.locks import take_over_stale
     out = tmp_path / "out"
     out.mkdir()
     lock = lock_path(out, folder=True)
@@ -164,7 +164,7 @@ def test_a_stale_lock_taken_over_by_one_process_is_not_taken_from_it(tmp_path):
     lock.write_text(json.dumps(dead))
     with output_lock(out, folder=True):  # took it over from the dead owner
         mine = json.loads(lock.read_text())
-        _take_over(lock, dead)  # the slower process, acting on what it read before
+        take_over_stale(lock, dead)  # the slower process, acting on what it read before
         assert json.loads(lock.read_text()) == mine
         proc = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
             from linft.locks import output_lock

@@ -213,3 +213,14 @@ def test_library_errors_name_parameters_not_flags():
 def test_the_rule_finds_a_flag_in_error_text():
     tree = ast.parse('raise LinftError(f"--workers must be >= 0, got {w}")\nwarnings.warn("use --force")')
     assert [n.value for n in _error_texts(tree) if "--" in n.value] == ["--workers must be >= 0, got ", "use --force"]
+
+
+def test_tests_import_no_private_names():
+    """Tests go through the public API: no ``from linft... import _name`` (a private helper is tested through the
+    public function that uses it, or made public with a docstring)."""
+    found = []
+    for path in sorted((PACKAGE.parent / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("linft"):
+                found += [f"{path.name}:{node.lineno} {a.name}" for a in node.names if a.name.startswith("_")]
+    assert not found, found

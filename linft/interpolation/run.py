@@ -126,7 +126,9 @@ class _Setup:
         return {"iid": iid_accuracy(rec), "ood": ood_accuracy(rec), "splits": splits}
 
 
-def _setup(dataset, finetuned, config: InterpolateConfig, data_root, progress: bool) -> _Setup:
+def prepare_interpolation(dataset, finetuned, config: InterpolateConfig, data_root, progress: bool) -> _Setup:
+    """What :func:`interpolate` settles before evaluating: the dataset, both ends, the α grid, the device and the
+    split rows of the fine-tuned run (its probe head is fitted on the training domains' "in" rows)."""
     alphas = config.check()
     ds = dataset if isinstance(dataset, MultiDomainDataset) else find_dataset(dataset, data_root)
     ends = load_endpoints(finetuned, ds, pretrained=config.pretrained, backbone=config.backbone)
@@ -155,7 +157,9 @@ def _labels(setup: _Setup, keys: list[str]) -> dict[str, str]:
     return labels
 
 
-def _header(setup: _Setup, key: str, alpha: float, label: str) -> RunHeader:
+def point_header(setup: _Setup, key: str, alpha: float, label: str) -> RunHeader:
+    """The record header of path ``key`` at ``alpha``: its run id holds everything the point's numbers depend on,
+    the computed precision included when it is not float32."""
     ends, meta, cfg = setup.ends, setup.ends.metadata, setup.config
     method = PATHS["block" if key.startswith("block:") else key][0]
     block = key[6:] if key.startswith("block:") else None
@@ -315,13 +319,13 @@ def interpolate(dataset, finetuned: str | os.PathLike, config: InterpolateConfig
     """
     config = replace(config, **settings)
     say = say or (lambda _line: None)
-    setup = _setup(dataset, finetuned, config, data_root, progress)
+    setup = prepare_interpolation(dataset, finetuned, config, data_root, progress)
     ends = setup.ends
     out = Path(out_dir) if out_dir else Path("runs") / "interpolate" / _safe_name(setup.dataset_name)
     stem = f"interpolation_{_safe_name(setup.test_domain)}_seed{setup.seed}_{_safe_name(ends.finetuned_id)[:16]}"
     check_output_apart(out, [setup.ds.root], param="out_dir")
     labels = _labels(setup, _path_keys(setup))
-    headers = {(key, a): _header(setup, key, a, labels[key]) for key in labels for a in setup.alphas}
+    headers = {(key, a): point_header(setup, key, a, labels[key]) for key in labels for a in setup.alphas}
     with output_lock(out, folder=True):  # a second identical command refuses instead of writing records twice
         return _interpolate_locked(setup, _Target(out, stem, labels, headers), progress, say)
 

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 import linft.models.registry as registry
 from linft.interpolation.endpoints import load_endpoints
-from linft.interpolation.run import InterpolateConfig, _header, _setup, interpolate
+from linft.interpolation.run import InterpolateConfig, interpolate, point_header, prepare_interpolation
 from linft.interpolation.paths import (first_order_outputs, iter_weight_path, parse_alphas,
                                                 pooled_features_and_logits, representation_logits)
 from linft.analysis.report import write_report
@@ -392,10 +392,11 @@ def test_cli_table_json_and_help(shapes, perturbed_run, endpoint_logits, tmp_pat
 def test_a_reduced_precision_is_part_of_the_record_ids(shapes, perturbed_run):
     """Records computed in bfloat16 on CUDA are other records than float32 ones (a float32 re-run must not be
     skipped as done), while float32 keeps the ids of earlier releases (no precision in them)."""
-    setup = _setup(shapes, perturbed_run, InterpolateConfig(alphas="0,1", precision="bfloat16"), None, False)
-    on_cpu = _header(setup, "weights", 1.0, "w")  # the CPU computes in float32 whatever the setting
-    on_cuda = _header(dc_replace(setup, dev=torch.device("cuda")), "weights", 1.0, "w")  # only its type is read
-    fp32 = _header(dc_replace(setup, dev=torch.device("cuda"), config=InterpolateConfig(alphas="0,1",
+    config = InterpolateConfig(alphas="0,1", precision="bfloat16")
+    setup = prepare_interpolation(shapes, perturbed_run, config, None, False)
+    on_cpu = point_header(setup, "weights", 1.0, "w")  # the CPU computes in float32 whatever the setting
+    on_cuda = point_header(dc_replace(setup, dev=torch.device("cuda")), "weights", 1.0, "w")  # only its type is read
+    fp32 = point_header(dc_replace(setup, dev=torch.device("cuda"), config=InterpolateConfig(alphas="0,1",
                                                                                         precision="float32")),
                    "weights", 1.0, "w")
     assert on_cpu.hparams["precision"] == fp32.hparams["precision"] == "float32"
