@@ -88,7 +88,8 @@ def test_commands_md_lists_exactly_the_options_of_help(path):
 
 
 def test_every_option_named_in_the_docs_exists():
-    """A ``--flag`` in any prose of README.md or docs/ is an option of some linft command (a renamed option is found)."""
+    """A ``--flag`` in any prose of README.md or docs/ is an option of some linft command (a renamed option is
+    found)."""
     known = set().union(*(all_flags(c) for c in COMMANDS.values())) | {"--version"}
     # flags of other programs the docs show in their own commands (pip, tensorboard)
     known |= {"--logdir"}
@@ -218,6 +219,7 @@ def test_every_example_names_a_command_and_its_options():
                 wrong.append(f"{path.name}: linft {' '.join(words)}: no such command")
                 continue
             flags = {w.split("=")[0] for w in words[len(command):] if w.startswith("--")}
-            wrong += [f"{path.name}: linft {' '.join(command)} {f}" for f in sorted(flags - all_flags(COMMANDS[command]))]
+            wrong += [f"{path.name}: linft {' '.join(command)} {f}"
+                      for f in sorted(flags - all_flags(COMMANDS[command]))]
     assert sum(len(example_commands(p)) for p in files) >= 30
     assert not wrong, wrong
