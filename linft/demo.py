@@ -112,8 +112,9 @@ def demo_notes(config: DemoConfig) -> list[str]:
         f"{config.linear_steps} steps instead of {PAPER.steps:,}.",
         f"Full fine-tuning: {config.finetune_steps} steps, evaluated every {config.finetune_eval_every} (lr ÷10 at "
         f"half), instead of {PAPER.steps:,} and {PAPER.eval_every}; lr {' and '.join(f'{lr:g}' for lr in ft['lrs'])} "
-        f"at weight decay {ft['weight_decays'][0]:g} instead of the paper's lr {_values(PAPER_GRID.lrs)} x weight decay "
-        f"{_values(PAPER_GRID.weight_decays)}; {_count(ft['seeds'], 'seed')} instead of {PAPER_GRID.seeds}; {augment}.",
+        f"at weight decay {ft['weight_decays'][0]:g} instead of the paper's lr {_values(PAPER_GRID.lrs)} x weight "
+        f"decay {_values(PAPER_GRID.weight_decays)}; {_count(ft['seeds'], 'seed')} instead of {PAPER_GRID.seeds}; "
+        f"{augment}.",
     ]
     if config.trajectory:
         notes.append("Trajectory ensembles and averages: over the evaluations after step 0 of each run.")

@@ -8,7 +8,8 @@ from linft.lazy import lazy_exports
 
 #: submodule -> the names this package re-exports from it (imported on first use)
 _EXPORTS = {
-    "aggregate": ["SelectedRun", "best_grid_points", "cloud_points", "cloud_tables", "domainbed_table", "missing_domains", "run_results", "table_markdown", "table_rows", "tie_counts"],
+    "aggregate": ["SelectedRun", "best_grid_points", "cloud_points", "cloud_tables", "domainbed_table",
+                  "missing_domains", "run_results", "table_markdown", "table_rows", "tie_counts"],
     "figures": ["FigurePoints", "dropout_points", "figure2_points", "figure9_points", "figure_role"],
     "plots": ["plot_clouds", "plot_dropout", "plot_figure1", "plot_figure9", "plot_interpolation", "save_figure"],
     "report": ["summary_tables", "write_report"],

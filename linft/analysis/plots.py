@@ -157,7 +157,8 @@ def clouds_figure(points: dict, title: str = "") -> Figure | None:
                 role = points[key].role
                 color = f"C{i % 10}" if role in shared or role not in ROLE_COLORS else ROLE_COLORS[role]
                 _draw_points(ax, points[key], color, key[2].removeprefix(f"{model}: "))
-            _label_axes(ax, (f"{title}: " if title else "") + f"{dataset or 'dataset'}" + (f"\n{model}" if model else ""))
+            heading = (f"{title}: " if title else "") + f"{dataset or 'dataset'}"
+            _label_axes(ax, heading + (f"\n{model}" if model else ""))
     return fig
 
 

@@ -3,10 +3,11 @@
 :func:`write_report` writes ``summary.md``, ``table.csv``, ``runs.csv``,
 ``clouds.csv`` and the figures that have something to draw, each as PNG and
 PDF (:data:`FIGURES`: the paper's Figures 2 to 10 whose records are there, and
-the interpolation curves), embedded in ``summary.md``, into one folder; every file is written atomically. Accuracies are fractions in [0, 1]
-in every CSV (columns named ``*_acc*``) and percent in the markdown tables and
-figures. :func:`summary_tables` is the short form the training commands print
-after a run.
+the interpolation curves), embedded in ``summary.md``, into one folder; every
+file is written atomically. Accuracies are fractions in [0, 1] in every CSV
+(columns named ``*_acc*``) and percent in the markdown tables and figures.
+:func:`summary_tables` is the short form the training commands print after a
+run.
 """
 
 from __future__ import annotations
@@ -66,40 +67,45 @@ def _curves_table(result, keys: list[str], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The main interpolation paths (linft.interpolation.run.PATHS) in the order the text shows them; the gap formula.
+_MAIN_PATHS = ("weights", "representation", "linearized")
+_GAP = "relative gap ‖f(θf) − f_lin(θf)‖ / ‖f(θf) − f(θ0)‖"
+
+
+def _paths_text(result, heading: str, middle: list[str], tail: str) -> str:
+    """The text both interpolation results share: heading, the paths' table, ``middle``, ``tail``, the plot."""
+    keys = [k for k in _MAIN_PATHS if k in result.curves]
+    out = [heading, _curves_table(result, keys, "interpolation paths"), *middle, tail]
+    return "\n".join(out + ([f"plot: {result.plot}"] if result.plot else []))
+
+
 def interpolation_text(result) -> str:
     """An :class:`~linft.interpolation.run.InterpolationResult` as text: accuracy per α and path, linearity."""
-    main = [k for k in ("weights", "representation", "linearized") if k in result.curves]
     blocks = [k for k in result.curves if k.startswith("block:")]
     suffix = f" [{result.finetuned_label}]" if result.finetuned_label else ""
-    out = [f"{result.dataset}, held out {result.test_domain}, seed {result.seed}{suffix}: accuracy (%) per α "
-           f"(α = share of the fine-tuned model)\n", _curves_table(result, main, "interpolation paths")]
+    middle = []
     if blocks:
-        out.append(_curves_table(result, blocks, "representation interpolation per φ block (probe heads on each model)"))
+        middle.append(_curves_table(result, blocks,
+                                    "representation interpolation per φ block (probe heads on each model)"))
     if result.linearity:
         lin = result.linearity
-        out.append("**post-hoc linearity** (θ0 = pretrained with probe head)\n")
-        out += [f"  {w:<10} iid {_pct(lin[w]['iid'])}  ood {_pct(lin[w]['ood'])}" for w in ("f(θf)", "f_lin(θf)", "f(θ0)")]
-        out.append(f"  relative gap ‖f(θf) − f_lin(θf)‖ / ‖f(θf) − f(θ0)‖ = {lin['gap']:.4f}\n")
-    out.append(f"records: {result.records} ({result.records_written} new)")
-    if result.plot:
-        out.append(f"plot: {result.plot}")
-    return "\n".join(out)
+        middle.append("**post-hoc linearity** (θ0 = pretrained with probe head)\n")
+        middle += [f"  {w:<10} iid {_pct(lin[w]['iid'])}  ood {_pct(lin[w]['ood'])}"
+                   for w in ("f(θf)", "f_lin(θf)", "f(θ0)")]
+        middle.append(f"  {_GAP} = {lin['gap']:.4f}\n")
+    return _paths_text(result, f"{result.dataset}, held out {result.test_domain}, seed {result.seed}{suffix}: "
+                               f"accuracy (%) per α (α = share of the fine-tuned model)\n", middle,
+                       f"records: {result.records} ({result.records_written} new)")
 
 
 def checkpoint_interpolation_text(result) -> str:
     """A :class:`~linft.interpolation.checkpoints.CheckpointInterpolation` as text (Figure 1's numbers)."""
-    keys = [k for k in ("weights", "representation", "linearized") if k in result.curves]
     ood = ", ".join(result.ood_sets) or "none"
-    out = [f"{result.backbone}: {result.pretrained} ({result.pretrained_head} head) → {result.finetuned}; "
-           f"i.i.d. = {result.iid_set}, o.o.d. = mean of {ood}; accuracy (%) per α (share of the fine-tuned model)\n",
-           _curves_table(result, keys, "interpolation paths")]
-    if result.linearity_gap:
-        gaps = ", ".join(f"{n} {g:.4f}" for n, g in result.linearity_gap.items())
-        out.append(f"relative gap ‖f(θf) − f_lin(θf)‖ / ‖f(θf) − f(θ0)‖: {gaps}\n")
-    out.append(f"summary: {result.summary}")
-    if result.plot:
-        out.append(f"plot: {result.plot}")
-    return "\n".join(out)
+    gaps = ", ".join(f"{n} {g:.4f}" for n, g in (result.linearity_gap or {}).items())
+    return _paths_text(result, f"{result.backbone}: {result.pretrained} ({result.pretrained_head} head) → "
+                               f"{result.finetuned}; i.i.d. = {result.iid_set}, o.o.d. = mean of {ood}; "
+                               f"accuracy (%) per α (share of the fine-tuned model)\n",
+                       [f"{_GAP}: {gaps}\n"] if gaps else [], f"summary: {result.summary}")
 
 
 def _csv(rows) -> str:

@@ -96,7 +96,8 @@ def test_cloud_figures_pick_their_series(results):
 
 
 def test_without_their_series_the_cloud_figures_are_empty(results):
-    plain = [r for r in results if r.dataset == "toy" and r.base_label in ("full FT, dropout 0", "full FT, dropout 0.9")]
+    labels = ("full FT, dropout 0", "full FT, dropout 0.9")
+    plain = [r for r in results if r.dataset == "toy" and r.base_label in labels]
     assert figure6_points(plain) == figure7_points(plain) == figure8_points(plain) == figure10_points(plain) == {}
 
 
