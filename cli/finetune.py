@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from linft.cli.options import precision_option, print_grid_outcome, repeatable, split_seed_option
+from linft.cli.options import grid_options, precision_option, print_grid_outcome, repeatable
 from linft.data import find_dataset
 from linft.output import say_line
 from linft.protocol.grid import Grid
@@ -50,14 +50,7 @@ GRID, CONFIG, RUN = Grid(), FineTuneConfig(), {f.name: f.default for f in fields
 @click.option("--lp-ft-cache", type=click.Path(exists=True, dir_okay=False, resolve_path=True), default=None,
               help="Fit the LP-FT probe on this feature cache (`linft extract` of the same data, weights and "
                    "--image-size) instead of one forward pass of the backbone; implies --lp-ft.")
-@click.option("--lr", "lrs", type=float, multiple=True, default=GRID.lrs, show_default=True,
-              help=repeatable("Learning rates of the grid.", "--lr 1e-3 --lr 5e-4"))
-@click.option("--weight-decay", "weight_decays", type=float, multiple=True, default=GRID.weight_decays,
-              show_default=True,
-              help=repeatable("Weight decays of the grid.", "--weight-decay 1e-4 --weight-decay 1e-5"))
-@click.option("--seeds", type=int, default=GRID.seeds, show_default=True,
-              help="Trial seeds 0..N-1 (split, batches, masks, head init).")
-@split_seed_option()
+@grid_options("Trial seeds 0..N-1 (split, batches, masks, head init).")
 @click.option("--steps", type=int, default=CONFIG.steps, show_default=True, help="SGD steps per run.")
 @click.option("--lr-milestones", "lr_milestones", type=float, multiple=True, default=CONFIG.lr_milestones,
               show_default=True,

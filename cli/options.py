@@ -10,6 +10,7 @@ from click.core import ParameterSource
 
 from linft.analysis.report import summary_tables
 from linft.output import json_text
+from linft.protocol.grid import Grid
 from linft.runtime import DEFAULT_PRECISION, PRECISIONS
 
 
@@ -35,6 +36,27 @@ def precision_option(note: str = ""):
                         show_default=True,
                         help="Autocast dtype of the forward passes on CUDA (float32: no autocast, as the official "
                              f"code); the CPU always computes in float32.{' ' + note if note else ''}")
+
+
+def grid_options(seeds_help: str):
+    """``--lr``, ``--weight-decay`` (repeatable, the paper's grid by default), ``--seeds`` and ``--split-seed``: the
+    grid flags train-linear and finetune share; ``seeds_help`` says what a trial seed draws in that command."""
+    grid = Grid()
+    options = [
+        click.option("--lr", "lrs", type=float, multiple=True, default=grid.lrs, show_default=True,
+                     help=repeatable("Learning rates of the grid.", "--lr 1e-3 --lr 5e-4")),
+        click.option("--weight-decay", "weight_decays", type=float, multiple=True, default=grid.weight_decays,
+                     show_default=True,
+                     help=repeatable("Weight decays of the grid.", "--weight-decay 1e-4 --weight-decay 1e-5")),
+        click.option("--seeds", type=int, default=grid.seeds, show_default=True, help=seeds_help),
+        split_seed_option(),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return decorate
 
 
 def split_seed_option():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from linft.cli.options import print_grid_outcome, repeatable, split_seed_option
+from linft.cli.options import grid_options, print_grid_outcome, repeatable
 from linft.output import say_line
 from linft.protocol.records import done_summary
 from linft.train.linear.driver import LinearGrid, default_linear_out, train_linear
@@ -23,14 +23,7 @@ GRID, CONFIG = LinearGrid(), LinearGridConfig()
               help=repeatable("Dropout rate on the adapted representation.", "--dropout 0 --dropout 0.9"))
 @click.option("--probe", is_flag=True, help="Also run linear probing (v fixed to the last block, only V, b trained).")
 @click.option("--probe-only", is_flag=True, help="Run only linear probing.")
-@click.option("--lr", "lrs", type=float, multiple=True, default=GRID.lrs, show_default=True,
-              help=repeatable("Learning rates of the grid.", "--lr 1e-3 --lr 5e-4"))
-@click.option("--weight-decay", "weight_decays", type=float, multiple=True, default=GRID.weight_decays,
-              show_default=True,
-              help=repeatable("Weight decays of the grid.", "--weight-decay 1e-4 --weight-decay 1e-5"))
-@click.option("--seeds", type=int, default=GRID.seeds, show_default=True,
-              help="Trial seeds 0..N-1 (split, batches, masks, init).")
-@split_seed_option()
+@grid_options("Trial seeds 0..N-1 (split, batches, masks, init).")
 @click.option("--steps", type=int, default=CONFIG.steps, show_default=True, help="SGD steps per run; lr ÷10 at half.")
 @click.option("--eval-every", type=int, default=CONFIG.eval_every, show_default=True)
 @click.option("--batch-size", type=int, default=CONFIG.batch_size, show_default=True,

@@ -72,6 +72,18 @@ def full_grid_records():
 K, D, C, NDOM = 3, 6, 3, 3
 
 
+def class_folder(root, classes, per_class: int, seed: int):
+    """``root/<class>/<i>.png``: ``per_class`` random 40x36 RGB images per class (an ImageFolder-style set)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
 def synthetic(n_per_domain=40, seed=0):
     """Features with a class signal that weakens across domains (so training has something to learn)."""
     rng = np.random.default_rng(seed)

@@ -11,7 +11,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
-from PIL import Image
 from torchvision import transforms
 from torchvision.models.vision_transformer import VisionTransformer
 
@@ -27,7 +26,7 @@ from linft.models.heads import LinearHead, fit_probe_head
 from linft.models.registry import load_backbone
 
 from conftest import TINY_CLIP, TINY_VIT, assert_one_line_error
-from helpers import NEAR_TIE, refused
+from helpers import NEAR_TIE, class_folder, refused
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -40,22 +39,13 @@ def _one_thread(one_thread):
     yield
 
 
-def _folder(root, classes, per_class, seed):
-    rng = np.random.default_rng(seed)
-    for c in classes:
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory):
     """An i.i.d. set of 3 classes, an o.o.d. set of 2 of them; a pretrained CLIP file and a model-soups checkpoint
     (its image tower perturbed, its head the zero-shot head plus noise)."""
     tmp = tmp_path_factory.mktemp("figure1")
-    iid = _folder(tmp / "val", CLASSES, 4, 0)
-    ood = _folder(tmp / "sketch", CLASSES[1:], 3, 1)
+    iid = class_folder(tmp / "val", CLASSES, 4, 0)
+    ood = class_folder(tmp / "sketch", CLASSES[1:], 3, 1)
     torch.manual_seed(0)
     clip = open_clip.create_model(TINY_CLIP[5:], force_quick_gelu=True).eval()
     pretrained = tmp / "clip.pt"
@@ -125,7 +115,7 @@ def test_cli_figure1_mode_and_errors(setting):
     assert res.exit_code == 0, res.output
     assert "i.i.d. = val, o.o.d. = mean of sketch" in res.output and (tmp / "cli" / "figure1.png").is_file()
     # an o.o.d. set with a class the head does not know
-    _folder(tmp / "other", ["tench", "zebra"], 1, 2)
+    class_folder(tmp / "other", ["tench", "zebra"], 1, 2)
     assert_one_line_error(runner.invoke(main, base[:-9] + ["--iid", str(iid), "--ood", str(tmp / "other"), "--quiet"]),
                           "classes the head does not know (zebra)")
     # the name without -quickgelu: both ends are built as named (the tiny model has no OpenAI weights to call for
@@ -178,7 +168,7 @@ def test_probe_and_file_heads_of_the_pretrained_end(setting, kind, tmp_path):
 def test_two_sets_of_one_name_are_refused_before_any_computation(setting, tmp_path):
     """`--iid ~/x/val --ood ~/y/val`: both sets would be named 'val' and one would overwrite the other."""
     _, iid, *_ = setting
-    other = _folder(tmp_path / "y" / "val", CLASSES, 1, 5)
+    other = class_folder(tmp_path / "y" / "val", CLASSES, 1, 5)
     config = CheckpointInterpolateConfig(backbone=TINY_CLIP, pretrained="none", finetuned=str(tmp_path / "absent.pt"),
                                          device="cpu", workers=0)  # never read: the names are checked first
     with pytest.raises(LinftError, match=None) as info:

@@ -12,11 +12,9 @@ import subprocess
 import sys
 from contextlib import contextmanager
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 from torchvision.models.vision_transformer import VisionTransformer
 
 from linft.cli.main import main
@@ -26,6 +24,7 @@ from linft.interpolation.checkpoints import CheckpointInterpolateConfig, interpo
 from linft.locks import LOCK_NAME, output_lock
 
 from conftest import TINY_VIT, assert_one_line_error
+from helpers import class_folder
 
 CLASSES = ("a", "b", "c")
 
@@ -35,19 +34,10 @@ def _one_thread(one_thread):
     yield
 
 
-def _folder(root, classes, per_class, seed):
-    rng = np.random.default_rng(seed)
-    for c in classes:
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("figure1_out")
-    iid, ood = _folder(tmp / "val", CLASSES, 2, 0), _folder(tmp / "sketch", CLASSES[1:], 2, 1)
+    iid, ood = class_folder(tmp / "val", CLASSES, 2, 0), class_folder(tmp / "sketch", CLASSES[1:], 2, 1)
     torch.manual_seed(3)
     finetuned = tmp / "vit.pt"
     torch.save(VisionTransformer(**TINY_VIT, num_classes=3).state_dict(), finetuned)
