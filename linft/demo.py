@@ -198,7 +198,8 @@ def run_demo(out: str | Path = "demo_out", config: DemoConfig = DemoConfig(), *,
     records = _stage_linear(out, cache, config, progress, say, took)
     ft = _stage_finetune(out, data, config, progress, say, took)
     _stage_interpolate(out, data, ft, progress, say, took)
-    paths = write_report([out / "runs"], out / "report", notes=demo_notes(config), force=True)
+    paths = write_report([out / "runs"], out / "report", notes=demo_notes(config), force=True,
+                         findings_title="What this demo shows")
     say(f"[{STAGES}/{STAGES}] report: {paths['summary']}{took()}")
     return DemoResult(out=out, data=data, cache=cache, records=[records, ft.out, out / "runs" / "interpolate"],
                       report=out / "report")

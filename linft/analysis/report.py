@@ -21,6 +21,7 @@ from pathlib import Path
 
 from linft.analysis.aggregate import (TIE_RULES, SelectedRun, domainbed_table, missing_domains, run_results,
                                       table_markdown, table_rows, tie_counts)
+from linft.analysis.findings import findings_text
 from linft.analysis.figures import (figure2_points, figure3_points, figure4_points, figure5_points, figure6_points,
                                     figure7_points, figure8_points, figure9_points, figure10_points)
 from linft.analysis.plots import (DPI, clouds_figure, dropout_figure, figure9_figure, interpolation_figure,
@@ -31,6 +32,11 @@ from linft.locks import output_lock
 from linft.protocol.records import read_records
 from linft.protocol.selection import SE_FORMULAS, check_se
 from linft.output import PARTIAL_SUFFIX, WriteError, atomic_write_text, remove_path, write_failure
+
+#: What summary.md says before its findings.
+FINDINGS_INTRO = ("The paper's claims on these records, computed from them: o.o.d. accuracy differences in "
+                  "percentage points, each the mean ± standard error of the differences paired by held-out domain "
+                  "and seed, at the grid points selection chose.")
 
 #: What summary.md says about units.
 UNITS_NOTE = ("Units: accuracies are fractions in [0, 1] in every CSV (columns named *_acc*) and percent in the "
@@ -252,7 +258,7 @@ REPORT_FILES = ("summary.md", "table.csv", "runs.csv", "clouds.csv",
 
 
 def _write_report(results: list[SelectedRun], record_paths, out: Path, selection: str, se: str,
-                  notes: list[str] = ()) -> dict:
+                  notes: list[str] = (), findings_title: str = "What these records show") -> dict:
     """Write every file into ``out`` (a staging folder); return their paths."""
     curves = [r for r in results if is_interpolation(r)]
     results = [r for r in results if not is_interpolation(r)]
@@ -266,6 +272,9 @@ def _write_report(results: list[SelectedRun], record_paths, out: Path, selection
     summary += _figures_markdown(paths)
     if notes:  # the caller's notes, e.g. the demo's differences from the paper's protocol
         summary += "\n**Notes**\n\n" + "".join(f"- {note}\n" for note in notes)
+    found = findings_text(results, selection, se)
+    if found:  # last: the paper's claims, checked on these records
+        summary += f"\n**{findings_title}**\n\n{FINDINGS_INTRO}\n\n" + "".join(f"- {line}\n" for line in found)
     paths["summary"] = atomic_write_text(out / "summary.md", summary)
     return paths
 
@@ -285,12 +294,15 @@ def _refuse_report(out: Path, force: bool) -> None:
 
 
 def write_report(record_paths, out_dir, selection: str = "iid", se: str = "sample",
-                 notes: list[str] | None = None, force: bool = False) -> dict:
+                 notes: list[str] | None = None, force: bool = False,
+                 findings_title: str = "What these records show") -> dict:
     """Write the report of the records in ``record_paths`` (files or folders) into ``out_dir``; return the paths.
 
     ``selection``: ``iid`` or ``oracle``; ``se``: the standard-error convention (``sample``: ddof=1, linft's
     default; ``domainbed``: ddof=0, as DomainBed's tables). ``notes``: lines appended to ``summary.md`` under
-    "Notes" (the demo states there how its protocol differs from the paper's).
+    "Notes" (the demo states there how its protocol differs from the paper's). ``summary.md`` ends with the
+    paper's claims checked on the records (:func:`~linft.analysis.findings.findings_text`) under the heading
+    ``findings_title``.
 
     A folder that already holds a report is refused unless ``force``; then the new report replaces the old one
     whole (its files are written aside first and moved in once all are written; old report files the new one
@@ -309,7 +321,7 @@ def write_report(record_paths, out_dir, selection: str = "iid", se: str = "sampl
         staging = out / f".report{PARTIAL_SUFFIX}"
         remove_path(staging)
         try:
-            staged = _write_report(results, record_paths, staging, selection, se, notes or [])
+            staged = _write_report(results, record_paths, staging, selection, se, notes or [], findings_title)
             new = {p.name for p in staged.values()}
             for name in existing_report(out):  # under the lock: what is there now
                 if name not in new:

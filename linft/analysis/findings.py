@@ -1,0 +1,131 @@
+"""The paper's claims, checked on a set of records: each a paired o.o.d. difference with its standard error.
+
+:func:`findings` compares, per dataset (and model), the labels the paper compares:
+
+* **dropout**: every plain label with a dropout rate above 0 against the same label at dropout 0 (full
+  fine-tuning, linear fine-tuning, from scratch: whatever the records hold);
+* **ensembles and weight averages**: every ensemble or weight average of the dropout-0 runs (trajectory or
+  across runs) against the same method at each dropout rate above 0 (the paper's Figure 2: very large dropout
+  against them);
+* **linear FT vs probe**: every plain linear fine-tuning label against linear probing.
+
+A difference is taken per (held-out domain, seed) that both labels have, between the grid points selection
+chose (:func:`~linft.analysis.aggregate.best_grid_points`), in o.o.d. accuracy; the reported difference is
+the mean of those pairs and its standard error is :func:`~linft.protocol.selection.mean_and_se` over them
+(pairing removes the between-domain spread both labels share). With one pair there is no standard error
+(``None``). :func:`findings_text` writes them as the sentences ``summary.md`` ends with. Pure functions of
+selected runs: nothing is trained or read here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from linft.analysis.aggregate import SelectedRun, best_grid_points
+from linft.analysis.figures import derived_kind
+from linft.protocol.records import DERIVED, METHODS
+from linft.protocol.selection import mean_and_se
+
+_DROPOUT = re.compile(r"\bdropout ([0-9.eE+-]+)")
+_LINEAR_FT = re.compile(rf"^{METHODS['linear-ft']}, dropout [0-9.eE+-]+")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """``label`` against ``other`` on ``dataset``: mean o.o.d. difference (``label`` − ``other``, a fraction)
+    over ``n`` paired (held-out domain, seed) results, its standard error (None for ``n`` = 1)."""
+
+    claim: str  # "dropout", "ensembles and weight averages" or "linear FT vs probe"
+    dataset: str
+    label: str
+    other: str
+    difference: float
+    se: float | None
+    n: int
+
+
+def paired_difference(results: list[SelectedRun], dataset: str, label: str, other: str,
+                      selection: str = "iid", se: str = "sample") -> tuple[float, float | None, int] | None:
+    """``(mean, standard error, n)`` of the o.o.d. accuracy of ``label`` minus ``other`` on ``dataset``, paired
+    over the (held-out domain, seed) both have, each at the grid point ``selection`` chose; None when they
+    share no pair. The standard error is None for a single pair."""
+    chosen = best_grid_points(results, selection)
+    a, b = chosen.get((dataset, label), {}), chosen.get((dataset, other), {})
+    diffs = [a[d][s].ood - b[d][s].ood for d in sorted(set(a) & set(b)) for s in sorted(set(a[d]) & set(b[d]))]
+    if not diffs:
+        return None
+    mean, err = mean_and_se(diffs, se)
+    return mean, (err if len(diffs) > 1 else None), len(diffs)
+
+
+def with_dropout(label: str, rate: float) -> str:
+    """``label`` with its ``dropout <p>`` written as ``dropout <rate>`` (unchanged when it names no rate)."""
+    return _DROPOUT.sub(f"dropout {rate:g}", label, count=1)
+
+
+def _pairs(results: list[SelectedRun]) -> list[tuple[str, str, str, str]]:
+    """``(claim, dataset, label, other)`` of every comparison the records allow, in a stable order."""
+    info = {(r.dataset, r.label): r for r in results if r.status == "ok"}
+    plain = {k: r for k, r in info.items() if derived_kind(r.method) is None and _DROPOUT.search(r.label)}
+    pairs = []
+    for (dataset, label), r in sorted(plain.items()):
+        base = (dataset, with_dropout(label, 0))
+        if r.dropout and base in plain:
+            pairs.append(("dropout", dataset, label, base[1]))
+    derived_suffixes = [f", {name}" for name in DERIVED.values()]
+    for (dataset, label), r in sorted(info.items()):
+        kind = derived_kind(r.method)
+        suffix = next((s for s in derived_suffixes if label.endswith(s)), None)
+        if kind is None or suffix is None:
+            continue
+        source = label[: -len(suffix)]
+        source_run = plain.get((dataset, source))
+        if source_run is None or source_run.dropout:
+            continue  # the paper compares ensembles and averages of dropout-0 runs with dropout
+        for (d, other), o in sorted(plain.items()):
+            if d == dataset and o.dropout and with_dropout(other, 0) == source:
+                pairs.append(("ensembles and weight averages", dataset, label, other))
+    for (dataset, label), r in sorted(plain.items()):
+        prefix = label[: len(label) - len(r.base_label)] if r.base_label else ""  # "<model>: " when models mix
+        probe, found = _LINEAR_FT.subn(METHODS["linear-probe"], label[len(prefix):], count=1)  # the same variant
+        if r.method == "linear-ft" and found and (dataset, prefix + probe) in info:
+            probe = prefix + probe
+            pairs.append(("linear FT vs probe", dataset, label, probe))
+    return pairs
+
+
+def findings(results: list[SelectedRun], selection: str = "iid", se: str = "sample") -> list[Finding]:
+    """Every comparison of the module docstring the records allow, each with its paired difference."""
+    out = []
+    for claim, dataset, label, other in _pairs(results):
+        diff = paired_difference(results, dataset, label, other, selection, se)
+        if diff is not None:
+            out.append(Finding(claim, dataset, label, other, *diff))
+    return out
+
+
+def _points(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def finding_sentence(f: Finding) -> str:
+    """One finding as a sentence: who beat whom o.o.d., by how much ± SE (percentage points), on how many pairs."""
+    if f.difference > 0:
+        verdict = f"{f.label} beat {f.other}"
+    elif f.difference < 0:
+        verdict = f"{f.label} did not beat {f.other}"
+    else:
+        verdict = f"{f.label} tied with {f.other}"
+    size = _points(f.difference) + (f" ± {100 * f.se:.1f}" if f.se is not None else " (one pair: no SE)")
+    resolved = "" if f.se is None or not f.difference or abs(f.difference) > 2 * f.se else \
+        "; within two standard errors"
+    return (f"{f.dataset}: {verdict} o.o.d. by {size} points (mean ± SE of the {f.n} paired held-out domain "
+            f"and seed differences{resolved}).")
+
+
+def findings_text(results: list[SelectedRun], selection: str = "iid", se: str = "sample") -> list[str]:
+    """The sentences of :func:`findings`, grouped by claim in the paper's order; empty when nothing compares."""
+    found = findings(results, selection, se)
+    order = ("dropout", "ensembles and weight averages", "linear FT vs probe")
+    return [finding_sentence(f) for claim in order for f in found if f.claim == claim]
