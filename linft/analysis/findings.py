@@ -106,22 +106,24 @@ def findings(results: list[SelectedRun], selection: str = "iid", se: str = "samp
 
 
 def _points(x: float) -> str:
-    return f"{100 * x:+.1f}"
+    """A difference in percentage points: one decimal, two when one would show a non-zero difference as 0.0."""
+    pts = 100 * x
+    return f"{pts:+.2f}" if pts and abs(pts) < 0.05 else f"{pts:+.1f}"
 
 
 def finding_sentence(f: Finding) -> str:
-    """One finding as a sentence: who beat whom o.o.d., by how much ± SE (percentage points), on how many pairs."""
-    if f.difference > 0:
-        verdict = f"{f.label} beat {f.other}"
-    elif f.difference < 0:
-        verdict = f"{f.label} did not beat {f.other}"
-    else:
-        verdict = f"{f.label} tied with {f.other}"
-    size = _points(f.difference) + (f" ± {100 * f.se:.1f}" if f.se is not None else " (one pair: no SE)")
-    resolved = "" if f.se is None or not f.difference or abs(f.difference) > 2 * f.se else \
-        "; within two standard errors"
-    return (f"{f.dataset}: {verdict} o.o.d. by {size} points (mean ± SE of the {f.n} paired held-out domain "
-            f"and seed differences{resolved}).")
+    """One finding as a sentence: who beat whom o.o.d., by how much ± SE (percentage points), on how many pairs,
+    and whether the difference is within two standard errors (not a clear win or loss)."""
+    size = _points(f.difference) + (f" ± {100 * f.se:.1f}" if f.se is not None else "")
+    pairs = (f"mean ± SE of {f.n} differences paired by held-out domain and seed" if f.se is not None else
+             "a single held-out domain and seed: no SE")
+    if not f.difference:
+        return f"{f.dataset}: {f.label} tied with {f.other} o.o.d. ({size} points; {pairs})."
+    verdict = "beat" if f.difference > 0 else "did not beat"
+    unclear = f.se is not None and abs(f.difference) <= 2 * f.se
+    outcome = "win" if f.difference > 0 else "loss"
+    return (f"{f.dataset}: {f.label} {verdict} {f.other} o.o.d.: {size} points ({pairs})"
+            + (f"; within two standard errors, not a clear {outcome}." if unclear else "."))
 
 
 def findings_text(results: list[SelectedRun], selection: str = "iid", se: str = "sample") -> list[str]:

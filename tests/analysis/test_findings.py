@@ -107,15 +107,18 @@ def test_the_comparisons_hold_when_labels_carry_their_model():
 
 
 def test_sentences_say_who_beat_whom_with_the_size_and_its_se():
-    beat = Finding("dropout", "toy", "A", "B", 0.05, 0.01, 4)
-    assert finding_sentence(beat) == ("toy: A beat B o.o.d. by +5.0 ± 1.0 points (mean ± SE of the 4 paired held-out "
-                                      "domain and seed differences).")
-    assert "A did not beat B o.o.d. by -1.0 ± 2.0 points" in finding_sentence(Finding("dropout", "toy", "A", "B",
-                                                                                      -0.01, 0.02, 4))
-    assert "within two standard errors" in finding_sentence(Finding("dropout", "toy", "A", "B", -0.01, 0.02, 4))
-    tied = finding_sentence(Finding("dropout", "toy", "A", "B", 0.0, 0.0, 4))
-    assert "A tied with B o.o.d. by +0.0 ± 0.0" in tied and "within" not in tied
-    assert "(one pair: no SE)" in finding_sentence(Finding("dropout", "toy", "A", "B", 0.02, None, 1))
+    def say(difference, se, n=4):
+        return finding_sentence(Finding("dropout", "toy", "A", "B", difference, se, n))
+
+    assert say(0.05, 0.01) == ("toy: A beat B o.o.d.: +5.0 ± 1.0 points (mean ± SE of 4 differences paired by "
+                               "held-out domain and seed).")
+    assert say(-0.05, 0.02).startswith("toy: A did not beat B o.o.d.: -5.0 ± 2.0 points (")
+    assert say(-0.01, 0.02).endswith("; within two standard errors, not a clear loss.")
+    assert say(0.04, 0.02).endswith("; within two standard errors, not a clear win.")  # exactly 2 SE: not clear
+    assert say(0.0, 0.0) == ("toy: A tied with B o.o.d. (+0.0 ± 0.0 points; mean ± SE of 4 differences paired by "
+                             "held-out domain and seed).")
+    assert say(0.02, None, 1) == ("toy: A beat B o.o.d.: +2.0 points (a single held-out domain and seed: no SE).")
+    assert say(0.0004, 0.0001).startswith("toy: A beat B o.o.d.: +0.04 ± 0.0 points")  # not shown as +0.0
 
 
 def test_findings_text_orders_claims_as_the_paper():
@@ -133,7 +136,7 @@ def test_summary_ends_with_the_findings_under_the_given_title(tmp_path):
     paths = write_report([tmp_path / "runs"], tmp_path / "report", findings_title="What this demo shows")
     text = paths["summary"].read_text()
     tail = text[text.index("**What this demo shows**"):]
-    assert tail.splitlines()[-1].startswith("- toy: linear FT, dropout 0.9 beat linear probe o.o.d. by +10.0 ± 2.0")
+    assert tail.splitlines()[-1].startswith("- toy: linear FT, dropout 0.9 beat linear probe o.o.d.: +10.0 ± 2.0")
     assert [line for line in tail.splitlines() if line.startswith("- ")] == [
         f"- {line}" for line in findings_text(_results(records))]
 
