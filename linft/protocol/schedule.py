@@ -34,6 +34,18 @@ def eval_steps(steps: int, eval_every: int) -> list[int]:
     return sorted(set(range(0, steps, eval_every)) | {steps - 1})
 
 
+def decay_shrinkage(schedule: "Schedule", lr: float, weight_decay: float) -> float:
+    """The fraction by which weight decay alone shrinks a weight over ``schedule`` at base ``lr``:
+    ``1 − Π_t (1 − lr_t · weight_decay / (1 − momentum))``, ``lr_t`` the lr of step ``t`` (:func:`lr_at`) and
+    ``lr_t / (1 − momentum)`` SGD's steady-state step with momentum. Its scale says whether the weight decays of
+    a grid can change a result: when it is far below one part in a thousand they give the same accuracies."""
+    milestones = schedule.milestone_steps()
+    kept = 1.0
+    for t in range(schedule.steps):
+        kept *= 1.0 - lr_at(t, lr, milestones) * weight_decay / (1.0 - schedule.momentum)
+    return 1.0 - kept
+
+
 @dataclass(frozen=True)
 class Schedule:
     """How long and how a run trains: SGD steps, examples per training domain per step, evaluation period,
