@@ -1,5 +1,7 @@
 """linft.demo: the whole pipeline on the built-in benchmark, end to end (tiny sizes), and its reuse of work."""
 
+from linft.analysis.aggregate import run_results
+from linft.analysis.findings import findings_text
 from linft.cache import open_cache
 from linft.demo import run_demo
 from linft.protocol.records import read_records
@@ -22,6 +24,14 @@ def test_demo_runs_end_to_end(tmp_path):
     for fragment in ("not the paper's protocol", "3 steps, evaluated every 2", "tensor augmentation",
                      "instead of DomainBed's PIL augmentation", "No ensembles or soups across runs"):
         assert fragment in notes
+    # the summary ends with the paper's claims on the demo's own numbers: one line per comparison, each recomputed
+    findings = summary[summary.index("**What this demo shows**"):].splitlines()
+    assert [line for line in findings if line.startswith("- ")] == [
+        f"- {line}" for line in findings_text(run_results(read_records([result.out / "runs"])))]
+    assert any("full FT, tensor augmentation, dropout 0.9" in line and "full FT, tensor augmentation, dropout 0 " in
+               line for line in findings)
+    assert any("linear probe o.o.d." in line for line in findings)
+    assert "Weight decay in linear fine-tuning" in notes
     assert (result.report / "clouds.png").stat().st_size > 0
     assert (result.report / "dropout.png").stat().st_size > 0
     assert (result.report / "interpolation.png").stat().st_size > 0
