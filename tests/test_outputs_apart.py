@@ -30,6 +30,20 @@ def test_a_dataset_is_found_around_any_path_inside_it(tmp_path):
     assert dataset_holding(tmp_path / "docs" / "out") is None
 
 
+def test_a_folder_of_reports_is_no_dataset(tmp_path):
+    """reports/<name>/ holds PNG figures, like a class folder holds images; its summary.md (or a sweep's records)
+    says it is linft's output, so the project folder around it is not taken for a one-domain dataset."""
+    project = tmp_path / "project"
+    for name in ("figure2", "figure6"):
+        (project / "reports" / name).mkdir(parents=True)
+        (project / "reports" / name / "clouds.png").write_bytes(b"\x89PNG")
+        (project / "reports" / name / "summary.md").write_text("# linft report\n")
+    assert dataset_holding(project / "runs" / "VLCS") is None
+    check_output_apart(project / "runs" / "VLCS", param="out_dir")
+    (project / "reports" / "figure6" / "summary.md").unlink()  # now figure6 is laid out as a class: still no
+    assert dataset_holding(project / "runs" / "VLCS") is None  # dataset, since figure2 is not one
+
+
 def test_outputs_and_named_datasets_must_be_apart(tmp_path):
     data = tmp_path / "empty-dataset"  # named: refused even before it holds images
     data.mkdir()

@@ -218,11 +218,25 @@ def _plain(r: SelectedRun) -> bool:
     return label_variant(r.base_label) == (1.0, 0.0)
 
 
+def members_dropout(r: SelectedRun, info: dict[tuple, SelectedRun]):
+    """The dropout rate of ``r``'s runs; for an ensemble or average whose records do not say (the across-run ones:
+    their members may differ in everything but the label), that of the label it was made from (``info``: one
+    result per (dataset, label)); None when neither says."""
+    kind = derived_kind(r.method)
+    if r.dropout is not None or kind is None:
+        return r.dropout
+    suffix = f", {DERIVED[kind]}"
+    source = info.get((r.dataset, r.label[: -len(suffix)])) if r.label.endswith(suffix) else None
+    return None if source is None else source.dropout
+
+
 def figure7_points(results: list[SelectedRun], fig2: dict | None = None) -> dict[tuple, FigurePoints]:
     """Figure 7: plain full fine-tuning's baseline and dropout clouds, and the ensembles and weight averages
-    made of models fine-tuned *with dropout* (dropout rate above 0). Empty without such an ensemble or average."""
-    derived = set(ROLE_OF_KIND.values())
-    points = _clouds_where(results, fig2, lambda r, fp: _plain(r) and (fp.role not in derived or bool(r.dropout)))
+    made of models fine-tuned *with dropout* (dropout rate above 0, :func:`members_dropout`). Empty without such
+    an ensemble or average."""
+    derived, info = set(ROLE_OF_KIND.values()), _label_info(results)
+    points = _clouds_where(results, fig2, lambda r, fp: _plain(r) and (fp.role not in derived
+                                                                     or bool(members_dropout(r, info))))
     return _single_series(points, derived)
 
 

@@ -316,9 +316,15 @@ def load_class_folder(folder: str | os.PathLike, name: str | None = None) -> Mul
 # --------------------------------------------------------------------------- outputs apart from datasets
 
 
+#: Files linft writes into its own output folders (a report's summary, a sweep's records and plan): a folder that
+#: holds one is linft's output, never a class folder, even when it holds images (a report's PNG figures).
+LINFT_OUTPUT_FILES = frozenset({"summary.md", "records.jsonl", "planned.json"})
+
+
 def _domain_classes(folder: str) -> frozenset | None:
     """The class folder names of ``folder`` when it is laid out as a domain (sub-folders, each with an image file
-    directly inside), else None. Reads one image name per class folder at most."""
+    directly inside and none of :data:`LINFT_OUTPUT_FILES`), else None. Reads each class folder's names until an
+    image is found."""
     try:
         with os.scandir(folder) as it:
             classes = [e.path for e in it if e.is_dir() and not e.name.startswith(".")]
@@ -327,8 +333,9 @@ def _domain_classes(folder: str) -> frozenset | None:
     for path in classes:
         try:
             with os.scandir(path) as it:
-                if not any(e.is_file() and _is_image(e.name) for e in it):
-                    return None
+                names = [e.name for e in it if e.is_file()]
+            if not any(_is_image(n) for n in names) or LINFT_OUTPUT_FILES.intersection(names):
+                return None
         except OSError:
             return None
     return frozenset(os.path.basename(p) for p in classes) or None

@@ -7,7 +7,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from linft.analysis.aggregate import run_results
 from linft.analysis.figures import (ROLE_STYLES, figure2_points, figure3_points, figure4_points, figure5_points,
-                                    figure6_points, figure7_points, figure8_points, figure10_points, label_variant)
+                                    figure6_points, figure7_points, figure8_points, figure10_points, label_variant,
+                                    members_dropout)
 from linft.analysis.plots import layout
 from linft.analysis.report import FIGURES, png_size, report_figures, write_report
 from linft.protocol.records import RecordWriter
@@ -150,3 +151,21 @@ def test_summary_embeds_each_figure_with_its_size(tmp_path):
         w, h = png_size(paths[f"{name}_png"])
         assert f"![{FIGURES[name]}]({name}.png)" in summary and f"{w}×{h} px" in summary
     assert "figure4" not in summary and "figure9" not in summary  # absent records: not drawn, not listed
+
+
+def test_figure7_takes_across_run_ensembles_of_dropout_models_by_their_source_label():
+    """Across-run records carry no dropout rate (their members' hparams may differ); Figure 7 reads it from the
+    label they were made from: the ensemble of dropout-0.9 runs is drawn, that of dropout-0 runs is not."""
+    records = [r for s in TOY[:2] for r in series(*s, 0)]
+    for label, shift in (("full FT, dropout 0", 1), ("full FT, dropout 0.9", 2)):
+        for test in "abc":
+            r = rec(0, 7, 7, 20 + shift, 0, label=f"{label}, ensemble of runs", method="finetune-ensemble", grid={},
+                    final=True, run_id=f"across|{label}", hparams={"members": 2, "rule": "probs"})
+            records.append(held_out(r, test))
+    results = run_results(records)
+    assert {r.dropout for r in results if r.method == "finetune-ensemble"} == {None}
+    assert members_dropout(next(r for r in results if r.label == "full FT, dropout 0.9, ensemble of runs"),
+                           {(r.dataset, r.label): r for r in results}) == 0.9
+    assert labels(figure7_points(results)) == {
+        ("toy", "full FT, dropout 0"): "baseline", ("toy", "full FT, dropout 0.9"): "dropout",
+        ("toy", "full FT, dropout 0.9, ensemble of runs"): "ensemble"}
