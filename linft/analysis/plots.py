@@ -284,11 +284,9 @@ def interpolation_figure(results: list[SelectedRun], title: str | None = None) -
                             ax.scatter([a], [y], s=110, marker="*" if a == 1.0 else "D", color=color,
                                        edgecolor="black", zorder=5)
                             ends.append((a, y))
-            for a, text in ((0.0, "pretrained\n(probe head)"), (1.0, "fine-tuned")):
-                ys = [y for x, y in ends if x == a]
-                if ys:
-                    ax.annotate(text, (a, max(ys)), textcoords="offset points", xytext=(0, 10), fontsize=8,
-                                ha="left" if a == 0.0 else "right")
+            for a, marker, text in ((0.0, "D", "α = 0: pretrained (probe head)"), (1.0, "*", "α = 1: fine-tuned")):
+                if any(x == a for x, _ in ends):  # said in the legend, never written over the curves or titles
+                    ax.scatter([], [], s=110, marker=marker, color="white", edgecolor="black", label=text)
             ax.set_xlabel("α: share of the fine-tuned model (0 = pretrained, 1 = fine-tuned)")
             ax.set_ylabel(("i.i.d." if metric == "iid" else "o.o.d.") + " accuracy (%)")
             heading = title or f"{dataset or 'dataset'}{' ' + common.strip() if common else ''}"

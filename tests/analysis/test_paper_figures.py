@@ -132,6 +132,12 @@ def test_no_legend_overlaps_a_panel_in_any_figure_the_report_draws(results):
         for legend in legends:
             box = legend.get_window_extent(renderer)
             assert not any(overlaps(box, p) for p in panels), name
+        for ax in fig.axes:  # a text written in a panel stays inside it (never over its title or a neighbour)
+            inside = ax.get_window_extent(renderer)
+            for text in ax.texts:
+                box = text.get_window_extent(renderer)
+                assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1, \
+                    (name, text.get_text())
         for i, a in enumerate(fig.axes):  # no panel (with its labels and title) over another
             for b in fig.axes[i + 1:]:
                 if a.axison and b.axison:
