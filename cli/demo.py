@@ -40,7 +40,7 @@ def demo_data(out_dir, seed, per_class, size, force):
               help="Also fine-tune with lr 5e-4 and record ensembles and soups across the two runs of each held-out "
                    "domain (about 4 more minutes on 2 CPU cores).")
 def demo(out, seed, quiet, across_runs):
-    """Run linft end to end on the built-in benchmark (CPU, a few minutes, no download).
+    """Run linft end to end on the built-in benchmark (CPU, under 4 minutes on 2 cores, no download).
 
     \b
     Examples:

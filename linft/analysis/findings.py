@@ -105,16 +105,16 @@ def findings(results: list[SelectedRun], selection: str = "iid", se: str = "samp
     return out
 
 
-def _points(x: float) -> str:
-    """A difference in percentage points: one decimal, two when one would show a non-zero difference as 0.0."""
-    pts = 100 * x
-    return f"{pts:+.2f}" if pts and abs(pts) < 0.05 else f"{pts:+.1f}"
+def _decimals(x: float) -> int:
+    """One decimal for a difference in percentage points, two when one would show a non-zero difference as 0.0."""
+    return 2 if x and abs(100 * x) < 0.05 else 1
 
 
 def finding_sentence(f: Finding) -> str:
     """One finding as a sentence: who beat whom o.o.d., by how much ± SE (percentage points), on how many pairs,
     and whether the difference is within two standard errors (not a clear win or loss)."""
-    size = _points(f.difference) + (f" ± {100 * f.se:.1f}" if f.se is not None else "")
+    places = _decimals(f.difference)
+    size = f"{100 * f.difference:+.{places}f}" + (f" ± {100 * f.se:.{places}f}" if f.se is not None else "")
     pairs = (f"mean ± SE of {f.n} differences paired by held-out domain and seed" if f.se is not None else
              "a single held-out domain and seed: no SE")
     if not f.difference:

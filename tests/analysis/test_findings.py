@@ -118,7 +118,7 @@ def test_sentences_say_who_beat_whom_with_the_size_and_its_se():
     assert say(0.0, 0.0) == ("toy: A tied with B o.o.d. (+0.0 ± 0.0 points; mean ± SE of 4 differences paired by "
                              "held-out domain and seed).")
     assert say(0.02, None, 1) == ("toy: A beat B o.o.d.: +2.0 points (a single held-out domain and seed: no SE).")
-    assert say(0.0004, 0.0001).startswith("toy: A beat B o.o.d.: +0.04 ± 0.0 points")  # not shown as +0.0
+    assert say(0.0004, 0.0001).startswith("toy: A beat B o.o.d.: +0.04 ± 0.01 points")  # not shown as +0.0 ± 0.0
 
 
 def test_findings_text_orders_claims_as_the_paper():
