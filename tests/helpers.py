@@ -11,6 +11,7 @@ from itertools import product
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from linft.cache.format import FeatureCache
 from linft.errors import LinftError
@@ -74,8 +75,6 @@ K, D, C, NDOM = 3, 6, 3, 3
 
 def class_folder(root, classes, per_class: int, seed: int):
     """``root/<class>/<i>.png``: ``per_class`` random 40x36 RGB images per class (an ImageFolder-style set)."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     for c in classes:
         (root / c).mkdir(parents=True)

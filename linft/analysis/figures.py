@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from linft.analysis.aggregate import SelectedRun, cloud_points, cloud_tables, domainbed_table
-from linft.protocol.records import DERIVED
+from linft.protocol.records import DERIVED, derived_from
 
 #: Figure 2's series: role -> (marker, drawn as one point). The paper's markers: baseline ● (o), very large
 #: dropout ◆ (D), ensembles ▲ (^), weight averages ★ (*); the across-run ensemble and soup are single ▲ and ☆
@@ -225,8 +225,7 @@ def members_dropout(r: SelectedRun, info: dict[tuple, SelectedRun]):
     kind = derived_kind(r.method)
     if r.dropout is not None or kind is None:
         return r.dropout
-    suffix = f", {DERIVED[kind]}"
-    source = info.get((r.dataset, r.label[: -len(suffix)])) if r.label.endswith(suffix) else None
+    source = info.get((r.dataset, derived_from(r.label, kind)))
     return None if source is None else source.dropout
 
 

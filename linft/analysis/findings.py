@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from linft.analysis.aggregate import SelectedRun, best_grid_points
 from linft.analysis.figures import derived_kind
-from linft.protocol.records import DERIVED, METHODS
+from linft.protocol.records import METHODS, derived_from
 from linft.protocol.selection import mean_and_se
 
 _DROPOUT = re.compile(r"\bdropout ([0-9.eE+-]+)")
@@ -50,7 +50,11 @@ def paired_difference(results: list[SelectedRun], dataset: str, label: str, othe
     """``(mean, standard error, n)`` of the o.o.d. accuracy of ``label`` minus ``other`` on ``dataset``, paired
     over the (held-out domain, seed) both have, each at the grid point ``selection`` chose; None when they
     share no pair. The standard error is None for a single pair."""
-    chosen = best_grid_points(results, selection)
+    return _paired(best_grid_points(results, selection), dataset, label, other, se)
+
+
+def _paired(chosen: dict, dataset: str, label: str, other: str, se: str) -> tuple[float, float | None, int] | None:
+    """:func:`paired_difference` on ``chosen``, the :func:`~linft.analysis.aggregate.best_grid_points` of the runs."""
     a, b = chosen.get((dataset, label), {}), chosen.get((dataset, other), {})
     diffs = [a[d][s].ood - b[d][s].ood for d in sorted(set(a) & set(b)) for s in sorted(set(a[d]) & set(b[d]))]
     if not diffs:
@@ -68,38 +72,28 @@ def _pairs(results: list[SelectedRun]) -> list[tuple[str, str, str, str]]:
     """``(claim, dataset, label, other)`` of every comparison the records allow, in a stable order."""
     info = {(r.dataset, r.label): r for r in results if r.status == "ok"}
     plain = {k: r for k, r in info.items() if derived_kind(r.method) is None and _DROPOUT.search(r.label)}
-    pairs = []
-    for (dataset, label), r in sorted(plain.items()):
-        base = (dataset, with_dropout(label, 0))
-        if r.dropout and base in plain:
-            pairs.append(("dropout", dataset, label, base[1]))
-    derived_suffixes = [f", {name}" for name in DERIVED.values()]
+    with_rate = sorted(k for k, r in plain.items() if r.dropout)  # plain labels with a dropout rate above 0
+    pairs = [("dropout", dataset, label, with_dropout(label, 0)) for dataset, label in with_rate
+             if (dataset, with_dropout(label, 0)) in plain]
     for (dataset, label), r in sorted(info.items()):
         kind = derived_kind(r.method)
-        suffix = next((s for s in derived_suffixes if label.endswith(s)), None)
-        if kind is None or suffix is None:
-            continue
-        source = label[: -len(suffix)]
-        source_run = plain.get((dataset, source))
-        if source_run is None or source_run.dropout:
-            continue  # the paper compares ensembles and averages of dropout-0 runs with dropout
-        for (d, other), o in sorted(plain.items()):
-            if d == dataset and o.dropout and with_dropout(other, 0) == source:
-                pairs.append(("ensembles and weight averages", dataset, label, other))
+        source = plain.get((dataset, derived_from(label, kind))) if kind else None
+        if source is not None and not source.dropout:  # the paper: ensembles and averages of dropout-0 runs
+            pairs += [("ensembles and weight averages", dataset, label, other) for d, other in with_rate
+                      if d == dataset and with_dropout(other, 0) == source.label]
     for (dataset, label), r in sorted(plain.items()):
         prefix = label[: len(label) - len(r.base_label)] if r.base_label else ""  # "<model>: " when models mix
         probe, found = _LINEAR_FT.subn(METHODS["linear-probe"], label[len(prefix):], count=1)  # the same variant
         if r.method == "linear-ft" and found and (dataset, prefix + probe) in info:
-            probe = prefix + probe
-            pairs.append(("linear FT vs probe", dataset, label, probe))
+            pairs.append(("linear FT vs probe", dataset, label, prefix + probe))
     return pairs
 
 
 def findings(results: list[SelectedRun], selection: str = "iid", se: str = "sample") -> list[Finding]:
     """Every comparison of the module docstring the records allow, each with its paired difference."""
-    out = []
+    chosen, out = best_grid_points(results, selection), []
     for claim, dataset, label, other in _pairs(results):
-        diff = paired_difference(results, dataset, label, other, selection, se)
+        diff = _paired(chosen, dataset, label, other, se)
         if diff is not None:
             out.append(Finding(claim, dataset, label, other, *diff))
     return out

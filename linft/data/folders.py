@@ -323,8 +323,8 @@ LINFT_OUTPUT_FILES = frozenset({"summary.md", "records.jsonl", "planned.json"})
 
 def _domain_classes(folder: str) -> frozenset | None:
     """The class folder names of ``folder`` when it is laid out as a domain (sub-folders, each with an image file
-    directly inside and none of :data:`LINFT_OUTPUT_FILES`), else None. Reads each class folder's names until an
-    image is found."""
+    directly inside and none of :data:`LINFT_OUTPUT_FILES`), else None. Reads one image name per class folder at
+    most, and looks up the output files by name."""
     try:
         with os.scandir(folder) as it:
             classes = [e.path for e in it if e.is_dir() and not e.name.startswith(".")]
@@ -332,10 +332,11 @@ def _domain_classes(folder: str) -> frozenset | None:
         return None
     for path in classes:
         try:
-            with os.scandir(path) as it:
-                names = [e.name for e in it if e.is_file()]
-            if not any(_is_image(n) for n in names) or LINFT_OUTPUT_FILES.intersection(names):
+            if any(os.path.isfile(os.path.join(path, name)) for name in LINFT_OUTPUT_FILES):
                 return None
+            with os.scandir(path) as it:
+                if not any(e.is_file() and _is_image(e.name) for e in it):
+                    return None
         except OSError:
             return None
     return frozenset(os.path.basename(p) for p in classes) or None

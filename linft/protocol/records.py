@@ -73,6 +73,13 @@ def derived(method: str, label: str, kind: str) -> tuple[str, str]:
     return f"{method}-{kind}", f"{label}, {DERIVED[kind]}"
 
 
+def derived_from(label: str, kind: str) -> str | None:
+    """The label of the runs a record of kind ``kind`` with label ``label`` was made from (the inverse of
+    :func:`derived`'s label), or None when ``label`` does not end as :func:`derived` writes it."""
+    suffix = f", {DERIVED[kind]}" if kind in DERIVED else None
+    return label[: -len(suffix)] if suffix and label.endswith(suffix) else None
+
+
 def is_known_method(method: str) -> bool:
     """Whether ``method`` is in the vocabulary: a method of :data:`METHODS`, or one with a :data:`DERIVED` suffix."""
     return method in METHODS or any(method == f"{m}-{k}" for m in METHODS for k in DERIVED)

@@ -38,7 +38,7 @@ def decay_shrinkage(schedule: "Schedule", lr: float, weight_decay: float) -> flo
     """The fraction by which weight decay alone shrinks a weight over ``schedule`` at base ``lr``:
     ``1 − Π_t (1 − lr_t · weight_decay / (1 − momentum))``, ``lr_t`` the lr of step ``t`` (:func:`lr_at`) and
     ``lr_t / (1 − momentum)`` SGD's steady-state step with momentum. Its scale says whether the weight decays of
-    a grid can change a result: when it is far below one part in a thousand they give the same accuracies."""
+    a grid can change a result: far below one part in a thousand, they can hardly change a prediction."""
     milestones = schedule.milestone_steps()
     kept = 1.0
     for t in range(schedule.steps):

@@ -24,14 +24,10 @@ def _run(label, method, dropout, seed, c_total, grid=1, iid=8):
                run_id=f"{label}-{seed}-{grid}", final=True)
 
 
-def _results(records):
-    return run_results(records)
-
-
 def test_paired_difference_is_the_mean_and_sample_se_of_the_per_seed_differences():
     records = [_run("linear FT, dropout 0.9", "linear-ft", 0.9, s, c) for s, c in ((0, 30), (1, 40), (2, 45))]
     records += [_run("linear FT, dropout 0", "linear-ft", 0.0, s, c) for s, c in ((0, 25), (1, 30))]
-    mean, se, n = paired_difference(_results(records), "toy", "linear FT, dropout 0.9", "linear FT, dropout 0")
+    mean, se, n = paired_difference(run_results(records), "toy", "linear FT, dropout 0.9", "linear FT, dropout 0")
     diffs = [(30 - 25) / 50, (40 - 30) / 50]  # seed 2 has no partner: left out
     assert n == 2
     assert mean == pytest.approx(sum(diffs) / 2, abs=1e-12)
@@ -44,16 +40,16 @@ def test_the_difference_is_taken_at_the_grid_point_selection_chose():
     records = [_run("full FT, dropout 0.9", "finetune", 0.9, 0, 45, grid=1, iid=5),
                _run("full FT, dropout 0.9", "finetune", 0.9, 0, 20, grid=2, iid=9),
                _run("full FT, dropout 0", "finetune", 0.0, 0, 30)]
-    mean, se, n = paired_difference(_results(records), "toy", "full FT, dropout 0.9", "full FT, dropout 0")
+    mean, se, n = paired_difference(run_results(records), "toy", "full FT, dropout 0.9", "full FT, dropout 0")
     assert (mean, se, n) == (pytest.approx((20 - 30) / 50, abs=1e-12), None, 1)
-    oracle = paired_difference(_results(records), "toy", "full FT, dropout 0.9", "full FT, dropout 0", "oracle")
+    oracle = paired_difference(run_results(records), "toy", "full FT, dropout 0.9", "full FT, dropout 0", "oracle")
     assert oracle[0] == pytest.approx((45 - 30) / 50, abs=1e-12)
 
 
 def test_no_shared_pair_gives_none():
     records = [_run("linear FT, dropout 0.9", "linear-ft", 0.9, 0, 30),
                _run("linear probe", "linear-probe", 0.0, 1, 30)]
-    assert paired_difference(_results(records), "toy", "linear FT, dropout 0.9", "linear probe") is None
+    assert paired_difference(run_results(records), "toy", "linear FT, dropout 0.9", "linear probe") is None
 
 
 def test_with_dropout_rewrites_the_rate_only():
@@ -75,7 +71,7 @@ def _paper_records():
 
 
 def test_the_comparisons_are_the_papers():
-    found = {(f.claim, f.label, f.other) for f in findings(_results(_paper_records()))}
+    found = {(f.claim, f.label, f.other) for f in findings(run_results(_paper_records()))}
     assert found == {
         ("dropout", "full FT, dropout 0.9", "full FT, dropout 0"),
         ("dropout", "linear FT, dropout 0.9", "linear FT, dropout 0"),
@@ -91,7 +87,7 @@ def test_a_label_the_paper_does_not_name_is_compared_with_nothing():
     in particular never a label with itself."""
     records = [_run("m", "linear-ft", 0.0, s, 30) for s in (0, 1)]
     records += [_run("m, dropout 0.9", "linear-ft", 0.9, s, 35) for s in (0, 1)]
-    assert findings(_results(records)) == []
+    assert findings(run_results(records)) == []
 
 
 def test_the_comparisons_hold_when_labels_carry_their_model():
@@ -102,7 +98,7 @@ def test_the_comparisons_hold_when_labels_carry_their_model():
         for r in pair:
             records.append({**r, "backbone": "resnet50", "weights": weights, "source": weights,
                             "run_id": r["run_id"] + weights})
-    probes = [f for f in findings(_results(records)) if f.claim == "linear FT vs probe"]
+    probes = [f for f in findings(run_results(records)) if f.claim == "linear FT vs probe"]
     assert len(probes) == 2 and all(f.other.endswith(": linear probe") and f.label[:3] == f.other[:3] for f in probes)
 
 
@@ -123,7 +119,7 @@ def test_sentences_say_who_beat_whom_with_the_size_and_its_se():
 
 def test_findings_text_orders_claims_as_the_paper():
     claims = [re.split(" beat | did not beat | tied with ", line.split(": ", 1)[1])[0]
-              for line in findings_text(_results(_paper_records()))]
+              for line in findings_text(run_results(_paper_records()))]
     assert claims[:2] == ["full FT, dropout 0.9", "linear FT, dropout 0.9"]
     assert claims[2] == "full FT, dropout 0, trajectory ensemble"
     assert claims[3:] == ["linear FT, dropout 0", "linear FT, dropout 0.9"]
@@ -138,7 +134,7 @@ def test_summary_ends_with_the_findings_under_the_given_title(tmp_path):
     tail = text[text.index("**What this demo shows**"):]
     assert tail.splitlines()[-1].startswith("- toy: linear FT, dropout 0.9 beat linear probe o.o.d.: +10.0 ± 2.0")
     assert [line for line in tail.splitlines() if line.startswith("- ")] == [
-        f"- {line}" for line in findings_text(_results(records))]
+        f"- {line}" for line in findings_text(run_results(records))]
 
 
 def test_summary_has_no_findings_section_when_nothing_compares(tmp_path):

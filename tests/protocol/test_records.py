@@ -12,6 +12,7 @@ from linft.analysis.report import write_report
 from linft.cli.main import main
 from linft.errors import LinftError
 from linft.protocol.records import (DERIVED, METHODS, REQUIRED_FIELDS, RecordWriter, RunHeader, derived,
+                                    derived_from,
                                     finished_run_ids, make_record, read_records, record_problem)
 
 from conftest import assert_one_line_error
@@ -100,6 +101,14 @@ def test_a_point_without_accuracy_is_a_diverged_record(tmp_path):
 def test_make_record_refuses_an_unknown_method(method):
     with pytest.raises(LinftError, match=f"unknown record method '{method}'"):
         make_record(header(method), 0, {})
+
+
+def test_derived_from_inverts_derived_labels():
+    for kind in DERIVED:
+        assert derived_from(derived("finetune", "full FT, dropout 0.9", kind)[1], kind) == "full FT, dropout 0.9"
+    assert derived_from("full FT, dropout 0.9, trajectory average", "ensemble") is None  # another kind's label
+    assert derived_from("full FT, dropout 0.9", "soup") is None
+    assert derived_from("full FT, weight average of runs", "stew") is None
 
 
 def test_derived_refuses_an_unknown_kind():
